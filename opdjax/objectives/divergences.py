@@ -1,0 +1,251 @@
+"""Token-level divergences between student and teacher next-token distributions.
+
+THEORY.md §1. Every function maps logits `[..., V]` to a per-position value `[...]`,
+computing in float32 from `log_softmax` (never from probabilities that can underflow).
+`p` is the student (`softmax(student_logits / temperature)`, differentiated) and `q` the
+teacher (stop-gradiented inside). `0·log 0 = 0`; logits may be `-inf` (masked vocabulary
+entries) and values and gradients stay finite wherever the divergence is finite.
+
+Interpolating families share one knob convention: 0 = forward (teacher-weighted),
+1 = reverse (student-weighted).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from opdjax.objectives import _checks
+
+Divergence = Callable[..., jax.Array]
+
+
+def log_probs_pair(student_logits, teacher_logits, *, temperature: float = 1.0):
+  """Float32 `(log p, log q)` at `temperature`, teacher stop-gradiented. Shapes `[..., V]`."""
+  temperature = _checks.positive("temperature", temperature)
+  student_logits, teacher_logits = _checks.logits_pair(student_logits, teacher_logits)
+  teacher_logits = jax.lax.stop_gradient(teacher_logits)
+  log_p = jax.nn.log_softmax(student_logits / temperature, axis=-1)
+  log_q = jax.nn.log_softmax(teacher_logits / temperature, axis=-1)
+  return log_p, log_q
+
+
+def kl_from_log_probs(log_a: jax.Array, log_b: jax.Array) -> jax.Array:
+  """`KL(a‖b) = Σ_v a_v (log a_v − log b_v)` over the last axis, with `0·log 0 = 0`.
+
+  Entries with `a_v = 0` are dropped with both operands replaced by 0 *before* the
+  subtraction, so `−inf − (−inf)` never appears, not even in the backward pass. Infinite
+  (`a_v > 0 = b_v`) stays `+inf`.
+  """
+  a = jnp.exp(log_a)
+  live = a > 0
+  diff = jnp.where(live, log_a, 0.0) - jnp.where(live, log_b, 0.0)
+  return jnp.sum(jnp.where(live, a * diff, 0.0), axis=-1)
+
+
+def log_mixture(log_a: jax.Array, log_b: jax.Array, weight_a: float) -> jax.Array:
+  """`log(w·a + (1−w)·b)` elementwise for `0 < w < 1`, finite-gradient where both are 0."""
+  both_zero = jnp.isneginf(log_a) & jnp.isneginf(log_b)
+  log_a = jnp.where(both_zero, 0.0, log_a)
+  log_b = jnp.where(both_zero, 0.0, log_b)
+  mixed = jnp.logaddexp(math.log(weight_a) + log_a, math.log1p(-weight_a) + log_b)
+  return jnp.where(both_zero, -jnp.inf, mixed)
+
+
+def forward_kl(student_logits, teacher_logits, *, temperature: float = 1.0) -> jax.Array:
+  """Forward KL `KL(q‖p) = Σ_v q_v (log q_v − log p_v)` (mode covering).
+
+  Equals the teacher-weighted cross-entropy minus the teacher entropy; its logit
+  gradient is `∂/∂z_j = p_j − q_j` (times `1/temperature`).
+
+  Args:
+    student_logits: `[..., V]` student logits `z` (differentiated).
+    teacher_logits: `[..., V]` teacher logits (stop-gradiented).
+    temperature: divides both logits before the softmax.
+
+  Returns:
+    `[...]` float32 divergence per position.
+  """
+  log_p, log_q = log_probs_pair(student_logits, teacher_logits, temperature=temperature)
+  return kl_from_log_probs(log_q, log_p)
+
+
+def reverse_kl(student_logits, teacher_logits, *, temperature: float = 1.0) -> jax.Array:
+  """Reverse KL `KL(p‖q) = Σ_v p_v (log p_v − log q_v)` (mode seeking; the OPD objective).
+
+  Logit gradient `∂/∂z_j = p_j (log(p_j/q_j) − KL(p‖q))` (times `1/temperature`).
+
+  Args:
+    student_logits: `[..., V]` student logits (differentiated).
+    teacher_logits: `[..., V]` teacher logits (stop-gradiented).
+    temperature: divides both logits before the softmax.
+
+  Returns:
+    `[...]` float32 divergence per position.
+  """
+  log_p, log_q = log_probs_pair(student_logits, teacher_logits, temperature=temperature)
+  return kl_from_log_probs(log_p, log_q)
+
+
+def generalized_jsd(student_logits, teacher_logits, *, beta: float = 0.5,
+                    scaled: bool = False, temperature: float = 1.0) -> jax.Array:
+  """Generalized Jensen–Shannon divergence (GKD, Agarwal et al. 2024; TRL's convention).
+
+  `M = β q + (1−β) p`,  `JSD(β) = β KL(q‖M) + (1−β) KL(p‖M)`.
+
+  β = 0 returns exactly `forward_kl` and β = 1 exactly `reverse_kl`. Inside (0, 1) the
+  value tends to 0 at both ends (`≈ β KL(q‖p)` as β→0, `≈ (1−β) KL(p‖q)` as β→1), so the
+  plain family jumps at the endpoints. `scaled=True` divides by `β(1−β)`, which makes
+  the family continuous on [0, 1] with the KLs as its endpoint values.
+
+  Args:
+    student_logits: `[..., V]` (differentiated).
+    teacher_logits: `[..., V]` (stop-gradiented).
+    beta: teacher weight of the mixture, in [0, 1].
+    scaled: divide by `β(1−β)` for a family continuous at β ∈ {0, 1}.
+    temperature: divides both logits before the softmax.
+
+  Returns:
+    `[...]` float32 divergence per position.
+  """
+  beta = _checks.in_range("beta", beta, 0.0, 1.0)
+  if beta == 0.0:
+    return forward_kl(student_logits, teacher_logits, temperature=temperature)
+  if beta == 1.0:
+    return reverse_kl(student_logits, teacher_logits, temperature=temperature)
+  log_p, log_q = log_probs_pair(student_logits, teacher_logits, temperature=temperature)
+  log_m = log_mixture(log_q, log_p, beta)
+  value = beta * kl_from_log_probs(log_q, log_m) + (1.0 - beta) * kl_from_log_probs(log_p, log_m)
+  return value / (beta * (1.0 - beta)) if scaled else value
+
+
+def alpha_divergence(student_logits, teacher_logits, *, alpha: float = 0.5,
+                     temperature: float = 1.0) -> jax.Array:
+  """Alpha divergence `D_α = (Σ_v p_v^α q_v^(1−α) − 1) / (α(α−1))`, p student, q teacher.
+
+  α → 0 is `forward_kl`, α → 1 is `reverse_kl` (both returned exactly at the endpoints),
+  α = ½ is `4(1 − Σ√(pq))` (four times the squared Hellinger distance); any real α is
+  allowed (α = 2, −1: χ²-type). `Σ p^α q^(1−α) − 1` is computed as
+  `Σ q·expm1(α log(p/q))` for α < ½ and `Σ p·expm1((1−α) log(q/p))` otherwise, which stays
+  accurate near both endpoints. AlphaNet's α is `1 − α` here; Amari's is `2α − 1`.
+
+  Args:
+    student_logits: `[..., V]` (differentiated).
+    teacher_logits: `[..., V]` (stop-gradiented).
+    alpha: any real number.
+    temperature: divides both logits before the softmax.
+
+  Returns:
+    `[...]` float32 divergence per position (`+inf` where the support makes it infinite).
+  """
+  alpha = _checks.static_float("alpha", alpha)
+  if math.isinf(alpha):
+    raise ValueError(f"alpha must be finite, got {alpha}")
+  if alpha == 0.0:
+    return forward_kl(student_logits, teacher_logits, temperature=temperature)
+  if alpha == 1.0:
+    return reverse_kl(student_logits, teacher_logits, temperature=temperature)
+  log_p, log_q = log_probs_pair(student_logits, teacher_logits, temperature=temperature)
+  if alpha < 0.5:  # expand around q: Σ q (e^{α log(p/q)} − 1)
+    base_log, other_log, exponent = log_q, log_p, alpha
+  else:            # expand around p: Σ p (e^{(1−α) log(q/p)} − 1)
+    base_log, other_log, exponent = log_p, log_q, 1.0 - alpha
+  base = jnp.exp(base_log)
+  live = base > 0
+  log_ratio = other_log - jnp.where(live, base_log, 0.0)
+  terms = jnp.where(live, base * jnp.expm1(exponent * jnp.where(live, log_ratio, 0.0)), 0.0)
+  return jnp.sum(terms, axis=-1) / (alpha * (alpha - 1.0))
+
+
+def skew_forward_kl(student_logits, teacher_logits, *, alpha: float = 0.1,
+                    temperature: float = 1.0) -> jax.Array:
+  """Skew forward KL `KL(q ‖ α q + (1−α) p)` (DistiLLM, Ko et al. 2024; α = 0.1 there).
+
+  α = 0 is `forward_kl`; α = 1 is identically 0.
+
+  Args:
+    student_logits: `[..., V]` (differentiated).
+    teacher_logits: `[..., V]` (stop-gradiented).
+    alpha: teacher weight in the mixture, in [0, 1].
+    temperature: divides both logits before the softmax.
+
+  Returns:
+    `[...]` float32 divergence per position.
+  """
+  alpha = _checks.in_range("alpha", alpha, 0.0, 1.0)
+  if alpha == 0.0:
+    return forward_kl(student_logits, teacher_logits, temperature=temperature)
+  log_p, log_q = log_probs_pair(student_logits, teacher_logits, temperature=temperature)
+  if alpha == 1.0:
+    return jnp.zeros(log_p.shape[:-1], log_p.dtype)
+  return kl_from_log_probs(log_q, log_mixture(log_q, log_p, alpha))
+
+
+def skew_reverse_kl(student_logits, teacher_logits, *, alpha: float = 0.1,
+                    temperature: float = 1.0) -> jax.Array:
+  """Skew reverse KL `KL(p ‖ α p + (1−α) q)` (DistiLLM, Ko et al. 2024).
+
+  α = 0 is `reverse_kl`; α = 1 is identically 0.
+
+  Args:
+    student_logits: `[..., V]` (differentiated).
+    teacher_logits: `[..., V]` (stop-gradiented).
+    alpha: student weight in the mixture, in [0, 1].
+    temperature: divides both logits before the softmax.
+
+  Returns:
+    `[...]` float32 divergence per position.
+  """
+  alpha = _checks.in_range("alpha", alpha, 0.0, 1.0)
+  if alpha == 0.0:
+    return reverse_kl(student_logits, teacher_logits, temperature=temperature)
+  log_p, log_q = log_probs_pair(student_logits, teacher_logits, temperature=temperature)
+  if alpha == 1.0:
+    return jnp.zeros(log_p.shape[:-1], log_p.dtype)
+  return kl_from_log_probs(log_p, log_mixture(log_p, log_q, alpha))
+
+
+def total_variation(student_logits, teacher_logits, *, temperature: float = 1.0) -> jax.Array:
+  """Total variation distance `½ Σ_v |p_v − q_v|`, in [0, 1].
+
+  Args:
+    student_logits: `[..., V]` (differentiated).
+    teacher_logits: `[..., V]` (stop-gradiented).
+    temperature: divides both logits before the softmax.
+
+  Returns:
+    `[...]` float32 distance per position.
+  """
+  log_p, log_q = log_probs_pair(student_logits, teacher_logits, temperature=temperature)
+  return 0.5 * jnp.sum(jnp.abs(jnp.exp(log_p) - jnp.exp(log_q)), axis=-1)
+
+
+DIVERGENCES: dict[str, Divergence] = {
+    "forward_kl": forward_kl,
+    "reverse_kl": reverse_kl,
+    "generalized_jsd": generalized_jsd,
+    "alpha_divergence": alpha_divergence,
+    "skew_forward_kl": skew_forward_kl,
+    "skew_reverse_kl": skew_reverse_kl,
+    "total_variation": total_variation,
+}
+
+
+def get_divergence(name: str, **hyperparameters) -> Divergence:
+  """The divergence called `name` with its hyperparameters bound (for configs).
+
+  Example: `get_divergence("generalized_jsd", beta=0.5)(student_logits, teacher_logits)`.
+  """
+  if name not in DIVERGENCES:
+    raise ValueError(f"unknown divergence {name!r}; valid: {sorted(DIVERGENCES)}")
+  fn = DIVERGENCES[name]
+
+  def bound(student_logits, teacher_logits, **kwargs):
+    return fn(student_logits, teacher_logits, **{**hyperparameters, **kwargs})
+
+  bound.__name__ = name
+  bound.__doc__ = fn.__doc__
+  return bound
