@@ -24,12 +24,13 @@ from opdjax.objectives import _checks
 
 
 class RestrictedLogits(NamedTuple):
-  """Log-probabilities of student and teacher on a per-position support.
+  """Student and teacher logits on a per-position support (softmax = renormalised on S).
 
   Attributes:
-    student: `[..., C]` student log-probs on the support (C = K, K+1 with the sampled token,
-      plus 1 with a tail bucket); `-inf` marks an unused slot.
-    teacher: `[..., C]` teacher log-probs on the same categories (stop-gradiented).
+    student: `[..., C]` student logits on the support (C = K, K+1 with the sampled token,
+      plus 1 with a tail bucket, in which case they are normalised log-probs); `-inf`
+      marks an unused slot.
+    teacher: `[..., C]` teacher logits on the same categories (stop-gradiented).
     token_ids: `[..., K or K+1]` vocabulary ids of the support (without the tail bucket).
   """
 
@@ -76,11 +77,15 @@ def restrict_to_topk(student_logits, teacher_logits, *, k: int,
   student_logits, teacher_logits = _checks.logits_pair(student_logits, teacher_logits)
   vocab = student_logits.shape[-1]
   _check_topk(k, vocab, source)
-  teacher_logits = jax.lax.stop_gradient(teacher_logits)
-  log_p = jax.nn.log_softmax(student_logits / temperature, axis=-1)
-  log_q = jax.nn.log_softmax(teacher_logits / temperature, axis=-1)
+  student_scaled = student_logits / temperature
+  teacher_scaled = jax.lax.stop_gradient(teacher_logits) / temperature
+  if tail_bucket:  # the tail's mass needs the full normaliser
+    student_scaled = jax.nn.log_softmax(student_scaled, axis=-1)
+    teacher_scaled = jax.nn.log_softmax(teacher_scaled, axis=-1)
+  # Otherwise gather raw logits: the divergence's softmax renormalises on S exactly, and
+  # no gradient (not even rounding residue) reaches tokens outside S.
 
-  ranking = log_q if source == "teacher" else jax.lax.stop_gradient(log_p)
+  ranking = teacher_scaled if source == "teacher" else jax.lax.stop_gradient(student_scaled)
   _, token_ids = jax.lax.top_k(ranking, k)
   duplicate = None
   if sampled_tokens is not None:
@@ -93,8 +98,8 @@ def restrict_to_topk(student_logits, teacher_logits, *, k: int,
     duplicate = jnp.any(token_ids == sampled_tokens, axis=-1, keepdims=True)
     token_ids = jnp.concatenate([token_ids, sampled_tokens], axis=-1)
 
-  student = jnp.take_along_axis(log_p, token_ids, axis=-1)
-  teacher = jnp.take_along_axis(log_q, token_ids, axis=-1)
+  student = jnp.take_along_axis(student_scaled, token_ids, axis=-1)
+  teacher = jnp.take_along_axis(teacher_scaled, token_ids, axis=-1)
   if duplicate is not None:
     # The sampled token is already in the top K: blank the extra slot so it is not counted twice.
     blank = jnp.concatenate([jnp.zeros_like(duplicate).repeat(k, axis=-1), duplicate], axis=-1)
