@@ -1,0 +1,275 @@
+"""A Flax NNX decoder for the Qwen3, Qwen2 and Llama families, with a KV cache.
+
+Shapes: `B` batch, `T` new tokens, `S` cache slots, `D` model width, `H`/`K` query/key-value
+heads, `Dh` head dim, `V` vocabulary.
+
+Padding scheme (exact for left- and right-padded batches): every row writes its tokens
+into the same cache *slots* (slot = step index, shared by the batch), while RoPE uses each
+row's own *positions*. A boolean `valid[B, S]` records which slots hold real tokens, so
+a query attends exactly the real tokens at or before its slot. Padded slots cost memory
+but never change a real token's output.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from opdjax.models.config import ModelConfig
+
+_NEG_INF = float(jnp.finfo(jnp.float32).min)
+
+
+class KVCache(NamedTuple):
+  """Per-layer key/value buffers plus the bookkeeping that makes padding exact.
+
+  Attributes:
+    keys: tuple over layers of `[B, S, K, Dh]`.
+    values: tuple over layers of `[B, S, K, Dh]`.
+    valid: `[B, S]` bool, True where a slot holds a real token.
+    index: int32 scalar, the next slot to write.
+  """
+
+  keys: tuple[jax.Array, ...]
+  values: tuple[jax.Array, ...]
+  valid: jax.Array
+  index: jax.Array
+
+  @classmethod
+  def create(cls, config: ModelConfig, batch_size: int, max_length: int,
+             dtype=jnp.float32) -> "KVCache":
+    shape = (batch_size, max_length, config.num_kv_heads, config.head_dim)
+    return cls(keys=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+               values=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+               valid=jnp.zeros((batch_size, max_length), bool),
+               index=jnp.zeros((), jnp.int32))
+
+  @property
+  def max_length(self) -> int:
+    return self.valid.shape[1]
+
+
+class RMSNorm(nnx.Module):
+  """`x / sqrt(mean(x²) + ε) · w`, statistics in float32, as Hugging Face computes it."""
+
+  def __init__(self, dim: int, *, eps: float, dtype):
+    self.scale = nnx.Param(jnp.ones((dim,), dtype))
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return self.scale[...] * x32.astype(x.dtype)
+
+
+def rope_tables(config: ModelConfig, positions: jax.Array, dtype):
+  """`(cos, sin)` of shape `[B, T, Dh]` for integer `positions [B, T]`."""
+  inv_freq = jnp.asarray(config.inverse_frequencies())
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq
+  angles = jnp.concatenate([angles, angles], axis=-1)
+  return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotates `x [B, T, heads, Dh]` (the "rotate half" layout of HF checkpoints)."""
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+def _linear(din: int, dout: int, *, bias: bool, dtype, rngs: nnx.Rngs) -> nnx.Linear:
+  return nnx.Linear(din, dout, use_bias=bias, dtype=dtype, param_dtype=dtype,
+                    kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+
+
+class Attention(nnx.Module):
+  """Grouped-query attention with RoPE and optional q/k RMSNorm (Qwen3)."""
+
+  def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs):
+    c = config
+    self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+    self.q_proj = _linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.qkv_bias, dtype=dtype, rngs=rngs)
+    self.k_proj = _linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias, dtype=dtype, rngs=rngs)
+    self.v_proj = _linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias, dtype=dtype, rngs=rngs)
+    self.o_proj = _linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.o_bias, dtype=dtype, rngs=rngs)
+    if c.qk_norm:
+      self.q_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps, dtype=dtype)
+      self.k_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps, dtype=dtype)
+    else:
+      self.q_norm = self.k_norm = None
+
+  def __call__(self, x, cos, sin, mask, kv=None, index=None):
+    """x `[B, T, D]`, mask `[B, T, S]`; kv = (keys, values) `[B, S, K, Dh]` to write at `index`."""
+    batch, length, _ = x.shape
+    q = self.q_proj(x).reshape(batch, length, self.num_heads, self.head_dim)
+    k = self.k_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if kv is not None:
+      keys, values = kv
+      k = jax.lax.dynamic_update_slice_in_dim(keys, k.astype(keys.dtype), index, axis=1)
+      v = jax.lax.dynamic_update_slice_in_dim(values, v.astype(values.dtype), index, axis=1)
+      kv = (k, v)
+    groups = self.num_heads // self.num_kv_heads
+    q = q.reshape(batch, length, self.num_kv_heads, groups, self.head_dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype),
+                        preferred_element_type=jnp.float32) * (self.head_dim ** -0.5)
+    scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return self.o_proj(out.reshape(batch, length, -1).astype(x.dtype)), kv
+
+
+class MLP(nnx.Module):
+  """SwiGLU: `down(silu(gate(x)) · up(x))`."""
+
+  def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs):
+    c = config
+    self.gate_proj = _linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias, dtype=dtype, rngs=rngs)
+    self.up_proj = _linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias, dtype=dtype, rngs=rngs)
+    self.down_proj = _linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x):
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+  """Pre-norm residual block: attention then MLP."""
+
+  def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs):
+    self.input_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
+    self.attn = Attention(config, dtype=dtype, rngs=rngs)
+    self.post_attention_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
+    self.mlp = MLP(config, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x, cos, sin, mask, kv=None, index=None):
+    attn_out, kv = self.attn(self.input_norm(x), cos, sin, mask, kv, index)
+    x = x + attn_out
+    return x + self.mlp(self.post_attention_norm(x)), kv
+
+
+class Decoder(nnx.Module):
+  """Causal language model: embeddings, `num_layers` blocks, final norm, LM head.
+
+  `model(tokens, positions=None, attention_mask=None) -> logits [B, T, V]` (float32).
+  For padded batches pass `attention_mask [B, T]` (True/1 on real tokens); positions then
+  default to each row's count of real tokens before it, which is exact for left and right
+  padding. `hidden_states` + `logits_from_hidden` split the call for losses computed from
+  hidden states; `prefill` + `decode` run the same weights through a `KVCache`.
+  """
+
+  def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.config = config
+    self.dtype = dtype
+    self.embed = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=dtype,
+                           embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+    self.layers = nnx.List([DecoderLayer(config, dtype=dtype, rngs=rngs)
+                            for _ in range(config.num_layers)])
+    self.final_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
+    self.lm_head = None if config.tie_word_embeddings else _linear(
+        config.hidden_size, config.vocab_size, bias=False, dtype=dtype, rngs=rngs)
+
+  # ------------------------------------------------------------ full-sequence path
+
+  def __call__(self, tokens, *, positions=None, attention_mask=None) -> jax.Array:
+    return self.logits_from_hidden(
+        self.hidden_states(tokens, positions=positions, attention_mask=attention_mask))
+
+  def hidden_states(self, tokens, *, positions=None, attention_mask=None) -> jax.Array:
+    """Final (normed) hidden states `[B, T, D]` without the LM head."""
+    tokens, attention_mask, positions = _prepare(tokens, attention_mask, positions)
+    length = tokens.shape[1]
+    causal = jnp.tril(jnp.ones((length, length), bool))
+    mask = causal[None] & attention_mask[:, None, :]
+    return self._run(tokens, positions, mask)
+
+  def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
+    """LM head: `[..., D] -> [..., V]` float32 logits (tied or untied)."""
+    if self.lm_head is None:
+      weight = self.embed.embedding[...]
+      return jnp.einsum("...d,vd->...v", hidden, weight, preferred_element_type=jnp.float32)
+    return jnp.einsum("...d,dv->...v", hidden, self.lm_head.kernel[...],
+                      preferred_element_type=jnp.float32)
+
+  # ------------------------------------------------------------ cached path
+
+  def init_cache(self, batch_size: int, max_length: int) -> KVCache:
+    return KVCache.create(self.config, batch_size, max_length, self.dtype)
+
+  def prefill(self, tokens, positions, cache: KVCache, *, token_mask=None):
+    """Runs `tokens [B, T]` through the model, writing slots `[index, index+T)` of `cache`.
+
+    Args:
+      tokens: `[B, T]` ids.
+      positions: `[B, T]` RoPE positions of each token in its own row.
+      cache: the cache to extend (`cache.index + T ≤ cache.max_length`).
+      token_mask: `[B, T]` True on real tokens (padding is written but never attended).
+
+    Returns:
+      `(logits [B, T, V] float32, updated cache)`.
+    """
+    tokens = jnp.asarray(tokens)
+    token_mask = jnp.ones(tokens.shape, bool) if token_mask is None else jnp.asarray(token_mask, bool)
+    length = tokens.shape[1]
+    valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, token_mask, cache.index, axis=1)
+    query_slots = cache.index + jnp.arange(length)
+    causal = jnp.arange(cache.max_length)[None, :] <= query_slots[:, None]      # [T, S]
+    mask = causal[None] & valid[:, None, :]
+    hidden, keys, values = self._run(tokens, jnp.asarray(positions), mask,
+                                     kv=(cache.keys, cache.values), index=cache.index)
+    cache = KVCache(keys=keys, values=values, valid=valid, index=cache.index + length)
+    return self.logits_from_hidden(hidden), cache
+
+  def decode(self, tokens, positions, cache: KVCache, *, active=None):
+    """One step: `tokens [B]` at `positions [B]` -> `(logits [B, V], cache)`.
+
+    `active [B]` False marks rows whose token is padding (finished rows).
+    """
+    tokens = jnp.asarray(tokens)[:, None]
+    token_mask = None if active is None else jnp.asarray(active, bool)[:, None]
+    logits, cache = self.prefill(tokens, jnp.asarray(positions)[:, None], cache,
+                                 token_mask=token_mask)
+    return logits[:, 0], cache
+
+  # ------------------------------------------------------------ shared body
+
+  def _run(self, tokens, positions, mask, kv=None, index=None):
+    x = self.embed(tokens)
+    cos, sin = rope_tables(self.config, positions, x.dtype)
+    new_keys, new_values = [], []
+    for i, layer in enumerate(self.layers):
+      layer_kv = None if kv is None else (kv[0][i], kv[1][i])
+      x, layer_kv = layer(x, cos, sin, mask, layer_kv, index)
+      if layer_kv is not None:
+        new_keys.append(layer_kv[0])
+        new_values.append(layer_kv[1])
+    hidden = self.final_norm(x)
+    return hidden if kv is None else (hidden, tuple(new_keys), tuple(new_values))
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+  """Per-row positions `[B, T]`: the number of real tokens before each slot (0 on padding)."""
+  attention_mask = jnp.asarray(attention_mask, bool)
+  return jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0).astype(jnp.int32)
+
+
+def _prepare(tokens, attention_mask, positions):
+  tokens = jnp.asarray(tokens)
+  if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise ValueError(f"tokens must be integer ids of shape [B, T], got {tokens.dtype} {tokens.shape}")
+  if attention_mask is None:
+    attention_mask = jnp.ones(tokens.shape, bool)
+  attention_mask = jnp.asarray(attention_mask, bool)
+  if attention_mask.shape != tokens.shape:
+    raise ValueError(f"attention_mask {attention_mask.shape} must match tokens {tokens.shape}")
+  if positions is None:
+    positions = positions_from_mask(attention_mask)
+  positions = jnp.asarray(positions)
+  if positions.shape != tokens.shape:
+    raise ValueError(f"positions {positions.shape} must match tokens {tokens.shape}")
+  return tokens, attention_mask, positions

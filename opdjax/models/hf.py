@@ -1,0 +1,261 @@
+"""Hugging Face interop: load a local checkpoint directory into a `Decoder`, save one back.
+
+Names and layouts are mapped by one explicit table (`NAME_TABLE`): a Hugging Face tensor
+name template, the opdjax parameter path template, and whether the matrix is transposed
+(PyTorch `Linear.weight` is `[out, in]`, Flax `kernel` is `[in, out]`). Every tensor is
+checked against the architecture's expected names and shapes before anything is built.
+
+With a `mesh`, every device reads only its own slice of each tensor from the
+memory-mapped safetensors file (`jax.make_array_from_callback`), so no process ever holds
+a full host copy of a large model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+from safetensors import SafetensorError, safe_open
+from safetensors.flax import save_file
+
+from opdjax import sharding as sharding_lib
+from opdjax.models.config import ModelConfig
+from opdjax.models.decoder import Decoder
+
+# (Hugging Face name, opdjax path, transposed). {i} is a layer index, {p} a projection name.
+NAME_TABLE: tuple[tuple[str, str, bool], ...] = (
+    ("model.embed_tokens.weight", "embed/embedding", False),
+    ("model.norm.weight", "final_norm/scale", False),
+    ("lm_head.weight", "lm_head/kernel", True),
+    ("model.layers.{i}.input_layernorm.weight", "layers/{i}/input_norm/scale", False),
+    ("model.layers.{i}.post_attention_layernorm.weight", "layers/{i}/post_attention_norm/scale", False),
+    ("model.layers.{i}.self_attn.{p}_proj.weight", "layers/{i}/attn/{p}_proj/kernel", True),
+    ("model.layers.{i}.self_attn.{p}_proj.bias", "layers/{i}/attn/{p}_proj/bias", False),
+    ("model.layers.{i}.self_attn.{p}_norm.weight", "layers/{i}/attn/{p}_norm/scale", False),
+    ("model.layers.{i}.mlp.{p}_proj.weight", "layers/{i}/mlp/{p}_proj/kernel", True),
+    ("model.layers.{i}.mlp.{p}_proj.bias", "layers/{i}/mlp/{p}_proj/bias", False),
+)
+# Buffers some checkpoints carry that are derived, not learned.
+IGNORED_HF_NAMES = re.compile(r"(rotary_emb\.inv_freq|\.masked_bias|\.attn\.bias)$")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _template_regex(template: str) -> re.Pattern:
+  pattern = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>[a-z]+)")
+  return re.compile(f"^{pattern}$")
+
+
+_OPDJAX_TO_HF = [(_template_regex(path), name, t) for name, path, t in NAME_TABLE]
+
+
+def hf_name(path: str) -> tuple[str, bool]:
+  """The Hugging Face tensor name of an opdjax parameter path, and whether it is transposed."""
+  for regex, name, transposed in _OPDJAX_TO_HF:
+    match = regex.match(path)
+    if match:
+      return name.format(**match.groupdict()), transposed
+  raise KeyError(f"no Hugging Face name for opdjax parameter {path!r}; extend NAME_TABLE")
+
+
+# ---------------------------------------------------------------- loading
+
+def _weight_files(directory: Path) -> list[Path]:
+  index = directory / "model.safetensors.index.json"
+  if index.exists():
+    weight_map = json.loads(index.read_text())["weight_map"]
+    files = sorted({directory / f for f in weight_map.values()})
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+      raise FileNotFoundError(f"{index} lists weight files that do not exist: {missing}")
+    return files
+  files = sorted(directory.glob("*.safetensors"))
+  if not files:
+    others = sorted(p.name for p in directory.glob("*.bin")) + sorted(p.name for p in directory.glob("*.pt"))
+    hint = f" (found {others}: convert them to safetensors first)" if others else ""
+    raise FileNotFoundError(f"no *.safetensors weights in {directory}{hint}")
+  return files
+
+
+def read_config(path: str | os.PathLike) -> ModelConfig:
+  """`ModelConfig` of a Hugging Face checkpoint directory."""
+  config_file = Path(path) / "config.json"
+  if not config_file.exists():
+    raise FileNotFoundError(f"no config.json in {path}")
+  try:
+    hf = json.loads(config_file.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{config_file} is not valid JSON: {e}") from None
+  return ModelConfig.from_hf(hf, source=str(config_file))
+
+
+def abstract_model(config: ModelConfig, dtype) -> Decoder:
+  """The model's structure with `ShapeDtypeStruct` leaves (allocates no parameters)."""
+  return nnx.eval_shape(lambda: Decoder(config, dtype=dtype, rngs=nnx.Rngs(0)))
+
+
+def load_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, mesh: Mesh | None = None,
+                    rules: Sequence = sharding_lib.DEFAULT_RULES, with_tokenizer: bool = True):
+  """Loads a local Hugging Face directory (`config.json` + `*.safetensors`, sharded or not).
+
+  Args:
+    path: directory holding `config.json`, `model.safetensors` or
+      `model.safetensors.index.json` + shards, and optionally tokenizer files.
+    dtype: parameter (and activation) dtype, e.g. `jnp.float32` or `jnp.bfloat16`.
+    mesh: if given, parameters are placed with `opdjax.sharding` `rules` on it and each
+      device reads only its slice.
+    rules: partition rules for `mesh`.
+    with_tokenizer: also load the tokenizer (`transformers.AutoTokenizer`) if present.
+
+  Returns:
+    `(model, tokenizer)`; tokenizer is None when the directory has no tokenizer files.
+  """
+  directory = Path(path)
+  if not directory.is_dir():
+    raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+  config = read_config(directory)
+  graphdef, abstract_state = nnx.split(abstract_model(config, dtype))
+  expected = {}  # hf name -> (opdjax path tuple, shape, transposed)
+  for path_tuple, variable in nnx.to_flat_state(abstract_state):
+    name, transposed = hf_name(sharding_lib.path_string(path_tuple))
+    expected[name] = (path_tuple, variable.get_value().shape, transposed)
+
+  handles = {}
+  key_file = {}
+  try:
+    for file in _weight_files(directory):
+      try:
+        handle = safe_open(str(file), framework="flax")
+      except SafetensorError as e:
+        raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+      handles[file] = handle
+      for key in handle.keys():
+        key_file[key] = file
+    unexpected = sorted(k for k in key_file if k not in expected and not IGNORED_HF_NAMES.search(k)
+                        and not (k == "lm_head.weight" and config.tie_word_embeddings))
+    missing = sorted(k for k in expected if k not in key_file)
+    if missing or unexpected:
+      raise ValueError(
+          f"checkpoint {directory} does not match its config.json ({config.model_type}, "
+          f"{config.num_layers} layers, tie_word_embeddings={config.tie_word_embeddings}): "
+          f"missing keys {missing[:8]}{'...' if len(missing) > 8 else ''}, unexpected keys "
+          f"{unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
+
+    leaves = {}
+    for name, (path_tuple, shape, transposed) in expected.items():
+      file = key_file[name]
+      tensor = handles[file].get_slice(name)
+      stored = tuple(tensor.get_shape())
+      want = tuple(reversed(shape)) if transposed else tuple(shape)
+      if stored != want:
+        raise ValueError(f"{file}: tensor {name!r} has shape {stored}, but config.json implies "
+                         f"{want}")
+      leaves[path_tuple] = _read(tensor, shape, transposed, dtype,
+                                 None if mesh is None else sharding_lib.sharding_for(
+                                     sharding_lib.path_string(path_tuple), shape, mesh, rules))
+  finally:
+    handles.clear()
+
+  state = nnx.from_flat_state(
+      [(p, v.replace(leaves[p])) for p, v in nnx.to_flat_state(abstract_state)])
+  model = nnx.merge(graphdef, state)
+  tokenizer = load_tokenizer(directory, config) if with_tokenizer else None
+  return model, tokenizer
+
+
+def _read(tensor, shape, transposed: bool, dtype, sharding):
+  if sharding is None:
+    array = tensor[:]
+    return (array.T if transposed else array).astype(dtype)
+
+  def read_slice(index):
+    index = tuple(reversed(index)) if transposed else index
+    part = tensor[index]
+    return (part.T if transposed else part).astype(dtype)
+
+  return jax.make_array_from_callback(tuple(shape), sharding, read_slice)
+
+
+def load_tokenizer(path: str | os.PathLike, config: ModelConfig | None = None):
+  """`transformers.AutoTokenizer` of a directory (None if it has no tokenizer files).
+
+  Raises ValueError if the tokenizer has more tokens than the model's vocabulary.
+  """
+  directory = Path(path)
+  if not any((directory / f).exists() for f in TOKENIZER_FILES):
+    return None
+  from transformers import AutoTokenizer  # heavy import, only when needed
+  tokenizer = AutoTokenizer.from_pretrained(str(directory))
+  if config is not None and len(tokenizer) > config.vocab_size:
+    raise ValueError(
+        f"tokenizer in {directory} has {len(tokenizer)} tokens but config.json has "
+        f"vocab_size={config.vocab_size}: the tokenizer does not belong to this model")
+  return tokenizer
+
+
+# ---------------------------------------------------------------- saving
+
+def _to_host(array: jax.Array) -> jax.Array:
+  if isinstance(array, jax.Array) and not array.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    array = multihost_utils.process_allgather(array, tiled=True)
+  return jnp.asarray(jax.device_get(array))
+
+
+def save_pretrained(model: Decoder, path: str | os.PathLike, *, tokenizer=None,
+                    max_shard_bytes: int = 5 * 2**30) -> Path:
+  """Writes `model` as a Hugging Face directory that `transformers` loads directly.
+
+  Produces `config.json` and `model.safetensors` (or `model-0000k-of-0000n.safetensors`
+  plus `model.safetensors.index.json` above `max_shard_bytes`), and the tokenizer if
+  given. In a multi-host run every process must call this; only process 0 writes.
+
+  Returns:
+    The directory.
+  """
+  directory = Path(path)
+  tensors: dict[str, Any] = {}
+  dtype = None
+  for path_tuple, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    name, transposed = hf_name(sharding_lib.path_string(path_tuple))
+    array = _to_host(variable.get_value())
+    dtype = array.dtype
+    tensors[name] = jnp.asarray(array.T if transposed else array)
+  if jax.process_index() != 0:
+    return directory
+  directory.mkdir(parents=True, exist_ok=True)
+
+  shards: list[dict[str, Any]] = [{}]
+  size = 0
+  for name in sorted(tensors):
+    nbytes = tensors[name].size * tensors[name].dtype.itemsize
+    if shards[-1] and size + nbytes > max_shard_bytes:
+      shards.append({})
+      size = 0
+    shards[-1][name] = tensors[name]
+    size += nbytes
+  for stale in list(directory.glob("model*.safetensors")) + list(directory.glob("model.safetensors.index.json")):
+    stale.unlink()
+  if len(shards) == 1:
+    save_file(shards[0], str(directory / "model.safetensors"), metadata={"format": "pt"})
+  else:
+    weight_map = {}
+    for k, shard in enumerate(shards, start=1):
+      filename = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+      save_file(shard, str(directory / filename), metadata={"format": "pt"})
+      weight_map.update({name: filename for name in shard})
+    total = sum(t.size * t.dtype.itemsize for t in tensors.values())
+    (directory / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": int(total)}, "weight_map": weight_map}, indent=2))
+  hf_config = model.config.to_hf(dtype=jnp.dtype(dtype).name)
+  (directory / "config.json").write_text(json.dumps(hf_config, indent=2))
+  if tokenizer is not None:
+    tokenizer.save_pretrained(str(directory))
+  return directory

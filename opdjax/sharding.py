@@ -1,0 +1,75 @@
+"""Meshes and partition rules: which parameter lives where.
+
+Rules are data: an ordered list of `(regex on the parameter path, PartitionSpec)`; the
+first match wins. A path is the parameter's NNX path joined with '/', e.g.
+`layers/3/attn/q_proj/kernel`. Mesh axis names a rule uses but the mesh lacks, and
+dimensions a mesh axis does not divide, are replicated, so one rule set serves one CPU,
+simulated devices, a GPU and a TPU pod slice.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+# FSDP over the "fsdp" axis, tensor parallelism over "tensor" (Megatron layout: column-
+# parallel q/k/v/gate/up, row-parallel o/down, vocabulary-parallel embeddings and head).
+DEFAULT_RULES: tuple[tuple[str, P], ...] = (
+    (r"embed/embedding$", P("tensor", "fsdp")),
+    (r"lm_head/kernel$", P("fsdp", "tensor")),
+    (r"attn/(q|k|v)_proj/kernel$", P("fsdp", "tensor")),
+    (r"attn/(q|k|v)_proj/bias$", P("tensor")),
+    (r"attn/o_proj/kernel$", P("tensor", "fsdp")),
+    (r"mlp/(gate|up)_proj/kernel$", P("fsdp", "tensor")),
+    (r"mlp/(gate|up)_proj/bias$", P("tensor")),
+    (r"mlp/down_proj/kernel$", P("tensor", "fsdp")),
+    (r".*", P()),
+)
+
+
+def make_mesh(shape: Sequence[int] = (-1,), axis_names: Sequence[str] = ("data",),
+              devices=None) -> Mesh:
+  """A device mesh; one `-1` in `shape` takes the remaining devices."""
+  devices = jax.devices() if devices is None else devices
+  shape = list(shape)
+  if len(shape) != len(axis_names):
+    raise ValueError(f"mesh shape {shape} and axis names {list(axis_names)} differ in length")
+  known = int(np.prod([s for s in shape if s != -1]))
+  if shape.count(-1) > 1 or len(devices) % known:
+    raise ValueError(f"mesh shape {shape} does not fit {len(devices)} devices")
+  shape = [len(devices) // known if s == -1 else s for s in shape]
+  if int(np.prod(shape)) != len(devices):
+    raise ValueError(f"mesh shape {shape} needs {int(np.prod(shape))} devices, have {len(devices)}")
+  # Auto axes: XLA propagates shardings from the annotated parameters and batches.
+  return jax.make_mesh(tuple(shape), tuple(axis_names), devices=devices,
+                       axis_types=(AxisType.Auto,) * len(shape))
+
+
+def path_string(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def spec_for(path: str, shape: Sequence[int], mesh: Mesh,
+             rules: Sequence[tuple[str, P]] = DEFAULT_RULES) -> P:
+  """The PartitionSpec of the first rule matching `path`, fitted to `shape` and `mesh`."""
+  for pattern, spec in rules:
+    if re.search(pattern, path):
+      break
+  else:
+    return P()
+  fitted = []
+  for dim, axis in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    axes = (axis,) if isinstance(axis, str) else tuple(axis or ())
+    axes = tuple(a for a in axes if a in mesh.shape and mesh.shape[a] > 1)
+    size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    fitted.append(None if not axes or dim % size else (axes[0] if len(axes) == 1 else axes))
+  return P(*fitted)
+
+
+def sharding_for(path: str, shape: Sequence[int], mesh: Mesh,
+                 rules: Sequence[tuple[str, P]] = DEFAULT_RULES) -> NamedSharding:
+  return NamedSharding(mesh, spec_for(path, shape, mesh, rules))

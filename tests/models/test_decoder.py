@@ -1,0 +1,121 @@
+"""Decoder: KV-cache path equals the full forward on padded batches; head split; config."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from opdjax.models import Decoder, ModelConfig, positions_from_mask, tiny_config
+
+
+def make_model(kind="qwen3", **overrides):
+  return Decoder(tiny_config(kind, **overrides), rngs=nnx.Rngs(0))
+
+
+def padded_prompts(vocab, seed=0):
+  rng = np.random.RandomState(seed)
+  prompts = rng.randint(0, vocab, (4, 6))
+  mask = np.ones((4, 6), bool)
+  mask[1, :2] = False   # left padded
+  mask[2, 3:] = False   # right padded
+  mask[3, :1] = False   # padded on both sides
+  mask[3, 4:] = False
+  completion = rng.randint(0, vocab, (4, 5))
+  return jnp.asarray(prompts), jnp.asarray(mask), jnp.asarray(completion)
+
+
+@pytest.mark.parametrize("kind,overrides", [("qwen3", {}), ("llama", dict(tie_word_embeddings=True)),
+                                            ("qwen2", dict(num_kv_heads=1))])
+def test_prefill_and_decode_equal_full_forward(kind, overrides):
+  model = make_model(kind, **overrides)
+  prompts, prompt_mask, completion = padded_prompts(model.config.vocab_size)
+  batch, prompt_len = prompts.shape
+  steps = completion.shape[1]
+  full_tokens = jnp.concatenate([prompts, completion], axis=1)
+  full_mask = jnp.concatenate([prompt_mask, jnp.ones(completion.shape, bool)], axis=1)
+  full = model(full_tokens, attention_mask=full_mask)
+
+  cache = model.init_cache(batch, prompt_len + steps)
+  logits, cache = model.prefill(prompts, positions_from_mask(prompt_mask), cache,
+                                token_mask=prompt_mask)
+  np.testing.assert_allclose(logits[prompt_mask], full[:, :prompt_len][prompt_mask], atol=1e-5)
+  lengths = jnp.sum(prompt_mask, axis=1)
+  decode = nnx.jit(lambda m, t, p, c: m.decode(t, p, c))
+  for step in range(steps):
+    step_logits, cache = decode(model, completion[:, step], lengths + step, cache)
+    np.testing.assert_allclose(step_logits, full[:, prompt_len + step], atol=1e-5,
+                               err_msg=f"step {step}")
+  assert int(cache.index) == prompt_len + steps
+
+
+def test_chunked_prefill_equals_single_prefill():
+  model = make_model()
+  prompts, prompt_mask, _ = padded_prompts(model.config.vocab_size, seed=1)
+  positions = positions_from_mask(prompt_mask)
+  one, _ = model.prefill(prompts, positions, model.init_cache(4, 8), token_mask=prompt_mask)
+  cache = model.init_cache(4, 8)
+  first, cache = model.prefill(prompts[:, :4], positions[:, :4], cache, token_mask=prompt_mask[:, :4])
+  second, cache = model.prefill(prompts[:, 4:], positions[:, 4:], cache, token_mask=prompt_mask[:, 4:])
+  np.testing.assert_allclose(jnp.concatenate([first, second], 1)[prompt_mask], one[prompt_mask],
+                             atol=1e-5)
+
+
+def test_padding_never_changes_real_tokens():
+  model = make_model("llama")
+  tokens = jnp.array([[5, 6, 7, 8]])
+  alone = model(tokens)
+  for pad in ([[0, 0, 5, 6, 7, 8]], [[5, 6, 7, 8, 0, 0]]):
+    padded = jnp.array(pad)
+    mask = padded != 0
+    out = model(padded, attention_mask=mask)
+    np.testing.assert_allclose(out[mask], alone[0], atol=1e-5)
+
+
+def test_hidden_states_and_head_split():
+  for tied in (True, False):
+    model = make_model(tie_word_embeddings=tied)
+    tokens = jnp.array([[1, 2, 3], [4, 5, 6]])
+    hidden = model.hidden_states(tokens)
+    assert hidden.shape == (2, 3, model.config.hidden_size)
+    np.testing.assert_array_equal(model.logits_from_hidden(hidden), model(tokens))
+  assert make_model(tie_word_embeddings=True).lm_head is None
+
+
+def test_bfloat16_model_returns_float32_logits():
+  model = Decoder(tiny_config(), dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  logits = model(jnp.array([[1, 2, 3]]))
+  assert logits.dtype == jnp.float32
+  assert model.layers[0].attn.q_proj.kernel.get_value().dtype == jnp.bfloat16
+
+
+def test_model_bad_input():
+  model = make_model()
+  with pytest.raises(ValueError, match=r"tokens must be integer ids of shape \[B, T\]"):
+    model(jnp.zeros((2, 3)))
+  with pytest.raises(ValueError, match=r"tokens must be integer ids of shape \[B, T\]"):
+    model(jnp.zeros((3,), jnp.int32))
+  with pytest.raises(ValueError, match=r"attention_mask \(2, 4\) must match tokens \(2, 3\)"):
+    model(jnp.zeros((2, 3), jnp.int32), attention_mask=jnp.ones((2, 4)))
+
+
+def test_config_validation_and_hf_round_trip():
+  with pytest.raises(ValueError, match=r"num_heads \(6\) must be a multiple of num_kv_heads \(4\)"):
+    tiny_config(num_heads=6, num_kv_heads=4)
+  with pytest.raises(ValueError, match="unsupported model_type 'mistral'"):
+    tiny_config("mistral")
+  config = tiny_config("llama", rope_type="llama3", rope_factor=8.0, eos_token_ids=(1, 2))
+  assert ModelConfig.from_hf(config.to_hf()) == config
+  # transformers v4 spelling: rope_theta + rope_scaling.
+  v4 = dict(config.to_hf())
+  del v4["rope_parameters"]
+  v4.update(rope_theta=5e5, rope_scaling={"type": "linear", "factor": 2.0})
+  linear = ModelConfig.from_hf(v4)
+  assert linear.rope_type == "linear" and linear.rope_theta == 5e5
+  np.testing.assert_allclose(linear.inverse_frequencies() * 2.0,
+                             ModelConfig.from_hf({**v4, "rope_scaling": None}).inverse_frequencies(),
+                             rtol=1e-6)
+  with pytest.raises(ValueError, match="use_sliding_window=true is not supported"):
+    ModelConfig.from_hf({**config.to_hf(), "model_type": "qwen2", "use_sliding_window": True})
+  with pytest.raises(ValueError, match="hidden_act='gelu' is not supported"):
+    ModelConfig.from_hf({**config.to_hf(), "hidden_act": "gelu"})
