@@ -1,0 +1,247 @@
+"""Autoregressive sampling with a KV cache: prefill once, then decode inside `jax.jit`.
+
+`generate` pads the prompt length and the number of new tokens up to power-of-two buckets
+(at least 16), so a run compiles once per (batch, bucket) pair rather than per batch; the
+real `max_new_tokens` is a traced value. Decoding is a `lax.while_loop` over fixed-size
+`lax.scan` chunks that exits once every row has finished; step `s` always draws with
+`fold_in(key, s)`, so early exit and bucketing never change the samples. The KV cache lives
+inside the jitted computation (the loop carry), so XLA updates it in place.
+
+Prompts may be left- or right-padded (or have holes): `prompt_mask` marks real tokens,
+each row continues from its own last real token, and RoPE positions are per row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+_CHUNK = 16      # decode steps per scan chunk between early-exit checks
+_MIN_BUCKET = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  """How the next token is drawn (hashable: it is a static argument of the compiled loop).
+
+  Attributes:
+    temperature: divides the logits; 0 means greedy.
+    top_k: keep the k most likely tokens (0 = off).
+    top_p: keep the smallest set of tokens whose probability reaches `top_p` (1 = off).
+    min_p: keep tokens with probability ≥ `min_p` × the top probability (0 = off).
+    greedy: take the argmax (same as temperature 0).
+    eos_ids: tokens that end a row; None uses the model config's `eos_token_ids`.
+  """
+
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  min_p: float = 0.0
+  greedy: bool = False
+  eos_ids: tuple[int, ...] | None = None
+
+  def __post_init__(self):
+    if not self.temperature >= 0:
+      raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+    if not 0 <= self.min_p < 1:
+      raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
+    if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+      raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+    if self.eos_ids is not None:
+      object.__setattr__(self, "eos_ids", tuple(int(i) for i in self.eos_ids))
+
+  @property
+  def is_greedy(self) -> bool:
+    return self.greedy or self.temperature == 0
+
+
+class Generation(NamedTuple):
+  """What `generate` returns; every array has batch size B and N = max_new_tokens.
+
+  Attributes:
+    tokens: `[B, N]` int32 completion ids (0 after a row's end).
+    mask: `[B, N]` bool, True on real completion tokens (the EOS token included).
+    lengths: `[B]` int32 number of real completion tokens.
+    truncated: `[B]` bool, True where the row hit `max_new_tokens` without an EOS.
+    sample_logprobs: `[B, N]` float32 log-prob of each token under the distribution it was
+      drawn from (after temperature/top-k/top-p/min-p; 0 for greedy); 0 where masked.
+    model_logprobs: `[B, N]` float32 log-prob under the untruncated model at temperature 1;
+      0 where masked.
+    logits: `[B, N, V]` float32 model logits per step, only if `return_logits=True`.
+  """
+
+  tokens: jax.Array
+  mask: jax.Array
+  lengths: jax.Array
+  truncated: jax.Array
+  sample_logprobs: jax.Array
+  model_logprobs: jax.Array
+  logits: jax.Array | None = None
+
+
+def bucket_size(n: int, minimum: int = _MIN_BUCKET) -> int:
+  """The compile bucket of a length: the next power of two, at least `minimum`."""
+  return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+def sampling_distribution(logits: jax.Array, sampling: SamplingParams) -> jax.Array:
+  """Log-probabilities `[..., V]` the sampler draws from (processed, renormalised).
+
+  Temperature first, then top-k, top-p and min-p masks (each keeps at least one token).
+  """
+  logits = logits.astype(jnp.float32) / (sampling.temperature if not sampling.is_greedy else 1.0)
+  vocab = logits.shape[-1]
+  if sampling.top_k and sampling.top_k < vocab:
+    _, keep = jax.lax.top_k(logits, sampling.top_k)
+    kept = jnp.zeros(logits.shape, bool)
+    kept = jnp.put_along_axis(kept, keep, True, axis=-1, inplace=False)
+    logits = jnp.where(kept, logits, -jnp.inf)
+  if sampling.top_p < 1.0:
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_probs = jnp.take_along_axis(jax.nn.softmax(logits, axis=-1), order, axis=-1)
+    mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
+    keep_sorted = mass_before < sampling.top_p          # the first token always stays
+    kept = jnp.put_along_axis(jnp.zeros(logits.shape, bool), order, keep_sorted, axis=-1,
+                              inplace=False)
+    logits = jnp.where(kept, logits, -jnp.inf)
+  if sampling.min_p > 0.0:
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    threshold = jnp.max(log_probs, axis=-1, keepdims=True) + jnp.log(sampling.min_p)
+    logits = jnp.where(log_probs >= threshold, logits, -jnp.inf)
+  return jax.nn.log_softmax(logits, axis=-1)
+
+
+def _draw(logits, key, sampling: SamplingParams):
+  """One token per row `[B]`, with its sampling and model log-probs."""
+  model_log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  if sampling.is_greedy:
+    token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    sample_log_prob = jnp.zeros(token.shape, jnp.float32)
+  else:
+    sample_log_probs = sampling_distribution(logits, sampling)
+    token = jax.random.categorical(key, sample_log_probs, axis=-1).astype(jnp.int32)
+    sample_log_prob = jnp.take_along_axis(sample_log_probs, token[:, None], axis=-1)[:, 0]
+  model_log_prob = jnp.take_along_axis(model_log_probs, token[:, None], axis=-1)[:, 0]
+  return token, sample_log_prob, model_log_prob
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "eos_ids", "steps",
+                                             "return_logits"))
+def _generate_jit(graphdef, state, prompt_tokens, prompt_mask, key, max_new_tokens, *,
+                  sampling: SamplingParams, eos_ids: tuple[int, ...], steps: int,
+                  return_logits: bool):
+  model = nnx.merge(graphdef, state)
+  batch, prompt_len = prompt_tokens.shape
+  positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0).astype(jnp.int32)
+  cache = model.init_cache(batch, prompt_len + steps)
+  logits, cache = model.prefill(prompt_tokens, positions, cache, token_mask=prompt_mask)
+  last_real = prompt_len - 1 - jnp.argmax(prompt_mask[:, ::-1], axis=1)
+  next_logits = jnp.take_along_axis(logits, last_real[:, None, None], axis=1)[:, 0]
+  next_position = jnp.sum(prompt_mask, axis=1).astype(jnp.int32)
+  eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+
+  buffers = dict(tokens=jnp.zeros((batch, steps), jnp.int32),
+                 mask=jnp.zeros((batch, steps), bool),
+                 sample_logprobs=jnp.zeros((batch, steps), jnp.float32),
+                 model_logprobs=jnp.zeros((batch, steps), jnp.float32))
+  if return_logits:
+    buffers["logits"] = jnp.zeros((batch, steps, next_logits.shape[-1]), jnp.float32)
+
+  def step_fn(carry, _):
+    step, cache, next_logits, next_position, done, buffers = carry
+    active = ~done & (step < max_new_tokens)
+    token, sample_lp, model_lp = _draw(next_logits, jax.random.fold_in(key, step), sampling)
+    token = jnp.where(active, token, 0)
+    updates = dict(tokens=token, mask=active, sample_logprobs=jnp.where(active, sample_lp, 0.0),
+                   model_logprobs=jnp.where(active, model_lp, 0.0))
+    if return_logits:
+      updates["logits"] = next_logits.astype(jnp.float32)
+    buffers = {name: jax.lax.dynamic_update_slice_in_dim(buf, updates[name][:, None], step, axis=1)
+               for name, buf in buffers.items()}
+    done = done | ~active | jnp.isin(token, eos)
+    new_logits, cache = model.decode(token, next_position, cache, active=active)
+    next_position = next_position + active.astype(jnp.int32)
+    return (step + 1, cache, new_logits, next_position, done, buffers), None
+
+  def chunk(carry):
+    carry, _ = jax.lax.scan(step_fn, carry, None, length=min(_CHUNK, steps))
+    return carry
+
+  def keep_going(carry):
+    step, _, _, _, done, _ = carry
+    return (step < jnp.minimum(max_new_tokens, steps)) & ~jnp.all(done)
+
+  carry = (jnp.zeros((), jnp.int32), cache, next_logits, next_position,
+           jnp.zeros((batch,), bool), buffers)
+  _, _, _, _, _, buffers = jax.lax.while_loop(keep_going, chunk, carry)
+  return buffers
+
+
+def generate(model, prompt_tokens, prompt_mask, *, key: jax.Array, max_new_tokens: int,
+             sampling: SamplingParams = SamplingParams(), return_logits: bool = False,
+             max_cache_length: int | None = None) -> Generation:
+  """Samples up to `max_new_tokens` completion tokens for every prompt row.
+
+  Args:
+    model: an `opdjax.models.Decoder` (any dtype; logits and log-probs are float32).
+    prompt_tokens: `[B, P]` int ids, left- or right-padded (or with holes).
+    prompt_mask: `[B, P]` bool/0-1, True on real prompt tokens; every row needs at least one.
+    key: a `jax.random` key; the same key gives the same output.
+    max_new_tokens: N ≥ 1.
+    sampling: `SamplingParams`.
+    return_logits: also return the `[B, N, V]` model logits of every step.
+    max_cache_length: the KV cache size limit (default the model's
+      `max_position_embeddings`); `P + N` must fit.
+
+  Returns:
+    A `Generation`.
+  """
+  prompt_tokens = jnp.asarray(prompt_tokens)
+  prompt_mask = jnp.asarray(prompt_mask).astype(bool)
+  if prompt_tokens.ndim != 2 or not jnp.issubdtype(prompt_tokens.dtype, jnp.integer):
+    raise ValueError(f"prompt_tokens must be int ids [B, P], got {prompt_tokens.dtype} "
+                     f"{prompt_tokens.shape}")
+  if prompt_mask.shape != prompt_tokens.shape:
+    raise ValueError(f"prompt_mask {prompt_mask.shape} must match prompt_tokens {prompt_tokens.shape}")
+  batch, prompt_len = prompt_tokens.shape
+  if batch == 0 or prompt_len == 0:
+    raise ValueError(f"empty prompt batch: prompt_tokens has shape {prompt_tokens.shape}")
+  if not isinstance(prompt_mask, jax.core.Tracer):
+    empty_rows = np.flatnonzero(~np.asarray(prompt_mask).any(axis=1))
+    if empty_rows.size:
+      raise ValueError(f"prompt rows {empty_rows.tolist()} have no real tokens (all-False prompt_mask)")
+  if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+  limit = max_cache_length or model.config.max_position_embeddings
+  if prompt_len + max_new_tokens > limit:
+    raise ValueError(f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} = "
+                     f"{prompt_len + max_new_tokens} exceeds the KV cache limit of {limit} "
+                     "(max_cache_length / the model's max_position_embeddings)")
+
+  padded_len = bucket_size(prompt_len)
+  steps = bucket_size(max_new_tokens)
+  if padded_len > prompt_len:  # padding is masked out, so it changes nothing
+    extra = padded_len - prompt_len
+    prompt_tokens = jnp.pad(prompt_tokens, ((0, 0), (0, extra)))
+    prompt_mask = jnp.pad(prompt_mask, ((0, 0), (0, extra)))
+  eos_ids = sampling.eos_ids if sampling.eos_ids is not None else tuple(model.config.eos_token_ids)
+  graphdef, state = nnx.split(model)
+  out = _generate_jit(graphdef, state, prompt_tokens.astype(jnp.int32), prompt_mask, key,
+                      jnp.int32(max_new_tokens), sampling=sampling, eos_ids=tuple(eos_ids),
+                      steps=steps, return_logits=return_logits)
+  out = {name: value[:, :max_new_tokens] for name, value in out.items()}
+  lengths = jnp.sum(out["mask"], axis=1).astype(jnp.int32)
+  last = jnp.take_along_axis(out["tokens"], jnp.maximum(lengths - 1, 0)[:, None], axis=1)[:, 0]
+  ended = jnp.isin(last, jnp.asarray(eos_ids if eos_ids else (-1,)))
+  return Generation(tokens=out["tokens"], mask=out["mask"], lengths=lengths,
+                    truncated=(lengths == max_new_tokens) & ~ended,
+                    sample_logprobs=out["sample_logprobs"], model_logprobs=out["model_logprobs"],
+                    logits=out.get("logits"))

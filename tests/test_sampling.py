@@ -1,0 +1,206 @@
+"""Sampler: greedy equals a naive re-run loop, log-probs equal teacher forcing, samples
+follow the model's distribution (chi-square), truncation settings, EOS, keys, bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from scipy import stats
+
+from opdjax.models import Decoder, tiny_config
+from opdjax.sampling import SamplingParams, bucket_size, generate, sampling_distribution
+
+GREEDY = SamplingParams(greedy=True)
+
+
+@pytest.fixture(scope="module", name="model")
+def fixture_model():
+  # A larger init scale than the default makes next-token distributions peaked, so the
+  # greedy, top-k and top-p checks are not decided by near-ties.
+  model = Decoder(tiny_config("qwen3", vocab_size=24), rngs=nnx.Rngs(1))
+  for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    value = var.get_value()
+    if value.ndim == 2:
+      var.set_value(value * 6.0)
+  return model
+
+
+def mixed_prompts():
+  tokens = jnp.array([[5, 6, 7, 8, 9, 10],
+                      [0, 0, 0, 11, 12, 13],   # left padded
+                      [14, 15, 0, 0, 0, 0],    # right padded
+                      [0, 16, 17, 18, 0, 0]])  # both
+  return tokens, tokens != 0
+
+
+def naive_greedy(model, tokens, mask, steps):
+  """Re-runs the full model on the growing (padded) sequence; argmax at the last real slot."""
+  seq, seq_mask, out = tokens, mask, []
+  forward = nnx.jit(lambda m, t, a: m(t, attention_mask=a))
+  for _ in range(steps):
+    logits = forward(model, seq, seq_mask)
+    last = seq.shape[1] - 1 - jnp.argmax(seq_mask[:, ::-1], axis=1)
+    nxt = jnp.argmax(jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0], axis=-1)
+    out.append(nxt)
+    seq = jnp.concatenate([seq, nxt[:, None]], axis=1)
+    seq_mask = jnp.concatenate([seq_mask, jnp.ones((seq.shape[0], 1), bool)], axis=1)
+  return jnp.stack(out, axis=1)
+
+
+def test_greedy_equals_naive_loop(model):
+  tokens, mask = mixed_prompts()
+  gen = generate(model, tokens, mask, key=jax.random.key(0), max_new_tokens=7, sampling=GREEDY)
+  np.testing.assert_array_equal(gen.tokens, naive_greedy(model, tokens, mask, 7))
+  assert gen.mask.all() and (gen.lengths == 7).all() and gen.truncated.all()
+  np.testing.assert_array_equal(gen.sample_logprobs, 0.0)
+
+
+def test_logprobs_equal_teacher_forcing(model):
+  tokens, mask = mixed_prompts()
+  sampling = SamplingParams(temperature=0.7, top_k=10)
+  gen = generate(model, tokens, mask, key=jax.random.key(1), max_new_tokens=6, sampling=sampling,
+                 return_logits=True)
+  full = jnp.concatenate([tokens, gen.tokens], axis=1)
+  full_mask = jnp.concatenate([mask, gen.mask], axis=1)
+  logits = model(full, attention_mask=full_mask)
+  # The logits that predict completion token n sit at the previous real slot.
+  prompt_len = tokens.shape[1]
+  last_prompt = prompt_len - 1 - jnp.argmax(mask[:, ::-1], axis=1)
+  predictors = jnp.concatenate([logits[jnp.arange(4), last_prompt][:, None],
+                                logits[:, prompt_len:-1]], axis=1)
+  np.testing.assert_allclose(gen.logits, predictors, atol=1e-5)
+  model_lp = jnp.take_along_axis(jax.nn.log_softmax(predictors), gen.tokens[..., None], -1)[..., 0]
+  np.testing.assert_allclose(gen.model_logprobs, model_lp, atol=1e-5)
+  sample_lp = jnp.take_along_axis(sampling_distribution(predictors, sampling),
+                                  gen.tokens[..., None], -1)[..., 0]
+  np.testing.assert_allclose(gen.sample_logprobs, sample_lp, atol=1e-5)
+  # The two differ (truncation and temperature change the distribution).
+  assert float(jnp.max(jnp.abs(gen.sample_logprobs - gen.model_logprobs))) > 0.1
+
+
+def first_step_distribution(model, prompt, sampling):
+  logits = model(prompt[None])[0, -1]
+  return np.asarray(jnp.exp(sampling_distribution(logits[None], sampling)[0]), np.float64)
+
+
+@pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=1.5),
+                                      SamplingParams(top_k=5), SamplingParams(top_p=0.8),
+                                      SamplingParams(min_p=0.05)])
+def test_samples_follow_the_distribution(model, sampling):
+  prompt = jnp.array([3, 9, 4])
+  rows = 4000
+  gen = generate(model, jnp.tile(prompt, (rows, 1)), jnp.ones((rows, 3), bool),
+                 key=jax.random.key(2), max_new_tokens=1, sampling=sampling)
+  expected = first_step_distribution(model, prompt, sampling)
+  expected /= expected.sum()
+  counts = np.bincount(np.asarray(gen.tokens[:, 0]), minlength=expected.size)
+  support = expected > 0
+  assert counts[~support].sum() == 0, "a token outside the truncated support was emitted"
+  # Pool rare categories so every expected count is >= 5 (chi-square validity).
+  order = np.argsort(expected[support])
+  exp_counts, obs_counts = rows * expected[support][order], counts[support][order]
+  pooled_exp, pooled_obs, acc_e, acc_o = [], [], 0.0, 0
+  for e, o in zip(exp_counts, obs_counts):
+    acc_e, acc_o = acc_e + e, acc_o + o
+    if acc_e >= 5:
+      pooled_exp.append(acc_e); pooled_obs.append(acc_o); acc_e, acc_o = 0.0, 0
+  pooled_exp[-1] += acc_e; pooled_obs[-1] += acc_o
+  if len(pooled_exp) > 1:
+    _, p_value = stats.chisquare(pooled_obs, pooled_exp)
+    assert p_value > 1e-3, (p_value, pooled_obs, pooled_exp)
+  if sampling.top_k:
+    assert support.sum() == sampling.top_k
+  if sampling.top_p < 1:
+    assert support.sum() < expected.size
+
+
+def test_truncation_never_emits_excluded_tokens(model):
+  tokens, mask = mixed_prompts()
+  for sampling in (SamplingParams(top_k=2), SamplingParams(top_p=0.5)):
+    gen = generate(model, tokens, mask, key=jax.random.key(3), max_new_tokens=8,
+                   sampling=sampling, return_logits=True)
+    allowed = jnp.isfinite(sampling_distribution(gen.logits, sampling))
+    assert bool(jnp.all(jnp.take_along_axis(allowed, gen.tokens[..., None], -1)[..., 0] | ~gen.mask))
+
+
+def test_low_temperature_equals_greedy(model):
+  tokens, mask = mixed_prompts()
+  greedy = generate(model, tokens, mask, key=jax.random.key(0), max_new_tokens=6, sampling=GREEDY)
+  cold = generate(model, tokens, mask, key=jax.random.key(4), max_new_tokens=6,
+                  sampling=SamplingParams(temperature=1e-4))
+  np.testing.assert_array_equal(cold.tokens, greedy.tokens)
+  zero = generate(model, tokens, mask, key=jax.random.key(4), max_new_tokens=6,
+                  sampling=SamplingParams(temperature=0.0))
+  np.testing.assert_array_equal(zero.tokens, greedy.tokens)
+
+
+def test_eos_stops_rows_independently(model):
+  tokens, mask = mixed_prompts()
+  free = generate(model, tokens, mask, key=jax.random.key(0), max_new_tokens=9, sampling=GREEDY)
+  row0 = [int(t) for t in free.tokens[0]]
+  stop_at = next(i for i in range(1, 9) if row0[i] not in row0[:i])  # a mid-sequence first hit
+  eos = row0[stop_at]
+  gen = generate(model, tokens, mask, key=jax.random.key(0), max_new_tokens=9,
+                 sampling=SamplingParams(greedy=True, eos_ids=(eos, 999)))
+  for row in range(4):
+    seq = np.asarray(free.tokens[row])
+    hits = np.flatnonzero(seq == eos)
+    length = hits[0] + 1 if hits.size else 9
+    assert int(gen.lengths[row]) == length
+    assert bool(gen.truncated[row]) == (not hits.size)
+    np.testing.assert_array_equal(gen.mask[row], np.arange(9) < length)
+    np.testing.assert_array_equal(gen.tokens[row, :length], seq[:length])
+    np.testing.assert_array_equal(gen.tokens[row, length:], 0)
+    np.testing.assert_array_equal(gen.model_logprobs[row, length:], 0.0)
+  assert int(gen.lengths[0]) == stop_at + 1 < 9
+
+
+def test_keys_and_bucketing(model):
+  tokens, mask = mixed_prompts()
+  sampling = SamplingParams(temperature=1.0)
+  a = generate(model, tokens, mask, key=jax.random.key(5), max_new_tokens=10, sampling=sampling)
+  b = generate(model, tokens, mask, key=jax.random.key(5), max_new_tokens=10, sampling=sampling)
+  c = generate(model, tokens, mask, key=jax.random.key(6), max_new_tokens=10, sampling=sampling)
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  assert (np.asarray(a.tokens) != np.asarray(c.tokens)).any()
+  # A longer request (another bucket) reproduces the shorter one as its prefix, and an
+  # extra padding column in the prompt changes nothing.
+  longer = generate(model, tokens, mask, key=jax.random.key(5), max_new_tokens=20, sampling=sampling)
+  np.testing.assert_array_equal(longer.tokens[:, :10], a.tokens)
+  padded = generate(model, jnp.pad(tokens, ((0, 0), (0, 1))), jnp.pad(mask, ((0, 0), (0, 1))),
+                    key=jax.random.key(5), max_new_tokens=10, sampling=sampling)
+  np.testing.assert_array_equal(padded.tokens, a.tokens)
+  assert [bucket_size(n) for n in (1, 16, 17, 100)] == [16, 16, 32, 128]
+
+
+def test_one_compilation_per_bucket(model):
+  from opdjax import sampling as sampling_lib
+  before = sampling_lib._generate_jit._cache_size()
+  for prompt_len, new in ((3, 5), (7, 9), (12, 16), (5, 2)):
+    generate(model, jnp.ones((2, prompt_len), jnp.int32), jnp.ones((2, prompt_len), bool),
+             key=jax.random.key(0), max_new_tokens=new, sampling=SamplingParams(top_k=3))
+  assert sampling_lib._generate_jit._cache_size() - before == 1
+
+
+def test_bad_input(model):
+  tokens, mask = mixed_prompts()
+  with pytest.raises(ValueError, match=r"exceeds the KV cache limit of 12"):
+    generate(model, tokens, mask, key=jax.random.key(0), max_new_tokens=8, max_cache_length=12)
+  with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\], got 1.5"):
+    SamplingParams(top_p=1.5)
+  with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\], got 0"):
+    SamplingParams(top_p=0)
+  with pytest.raises(ValueError, match="temperature must be >= 0"):
+    SamplingParams(temperature=-1.0)
+  with pytest.raises(ValueError, match="top_k must be an integer >= 0"):
+    SamplingParams(top_k=-3)
+  with pytest.raises(ValueError, match=r"empty prompt batch"):
+    generate(model, jnp.zeros((2, 0), jnp.int32), jnp.zeros((2, 0), bool), key=jax.random.key(0),
+             max_new_tokens=4)
+  with pytest.raises(ValueError, match=r"prompt rows \[1\] have no real tokens"):
+    generate(model, tokens, mask.at[1].set(False), key=jax.random.key(0), max_new_tokens=4)
+  with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1, got 0"):
+    generate(model, tokens, mask, key=jax.random.key(0), max_new_tokens=0)
+  with pytest.raises(ValueError, match=r"prompt_mask \(4, 5\) must match"):
+    generate(model, tokens, mask[:, :5], key=jax.random.key(0), max_new_tokens=4)
