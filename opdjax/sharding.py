@@ -73,3 +73,21 @@ def spec_for(path: str, shape: Sequence[int], mesh: Mesh,
 def sharding_for(path: str, shape: Sequence[int], mesh: Mesh,
                  rules: Sequence[tuple[str, P]] = DEFAULT_RULES) -> NamedSharding:
   return NamedSharding(mesh, spec_for(path, shape, mesh, rules))
+
+
+def place_state(state, mesh: Mesh, rules: Sequence[tuple[str, P]] = DEFAULT_RULES):
+  """Puts an NNX state on `mesh` by the partition `rules`; returns `(state, shardings)`."""
+  from flax import nnx
+  flat = nnx.to_flat_state(state)
+  shardings = [(path, sharding_for(path_string(path), v.get_value().shape, mesh, rules))
+               for path, v in flat]
+  placed = [(path, v.replace(jax.device_put(v.get_value(), s)))
+            for (path, v), (_, s) in zip(flat, shardings)]
+  sharding_state = nnx.from_flat_state([(p, v.replace(s)) for (p, v), (_, s) in zip(flat, shardings)])
+  return nnx.from_flat_state(placed), sharding_state
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Batch dimension split over every data-parallel axis the mesh has ("data", "fsdp")."""
+  axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
+  return NamedSharding(mesh, P(axes if axes else None))

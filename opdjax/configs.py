@@ -1,0 +1,79 @@
+"""The default experiment configuration; every `experiments/NAME.py` starts from it."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """All settings with their defaults (an OPD run on synthetic addition, ~1 minute on CPU)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.task = ml_collections.ConfigDict()
+  c.task.name = "addition"          # synthetic task: addition | modular_chain
+  c.task.difficulty = 2             # digits (addition) or steps (modular_chain)
+  c.task.seed = 0                   # which problems (the train/held-out split is fixed by hash)
+  c.task.train_size = 4000
+  c.task.eval_size = 128
+  c.task.prompt_length = 8          # prompt tokens (left-padded)
+  c.task.completion_length = 8      # answer tokens incl. EOS; also the sampler's max_new_tokens
+  c.task.train_jsonl = ""           # JSONL prompts instead of a synthetic task
+  c.task.eval_jsonl = ""
+
+  c.student = ml_collections.ConfigDict()
+  c.student.preset = "student-tiny"  # opdjax.trainer.MODEL_PRESETS, when not loading weights
+  c.student.hf_path = ""            # a local Hugging Face directory
+  c.student.init_from = ""          # warm start from an earlier run's workdir
+  c.student.dtype = "float32"
+
+  c.teacher = ml_collections.ConfigDict()
+  c.teacher.preset = "teacher-small"
+  c.teacher.hf_path = ""
+  c.teacher.checkpoint = ""         # an earlier run's workdir (read-only)
+  c.teacher.dtype = "float32"
+
+  c.recipe = ml_collections.ConfigDict()
+  c.recipe.name = "opd"             # sft | seqkd | supervised_kd | gkd | opd
+  c.recipe.estimator = "full"       # opd: full | topk | sampled
+  c.recipe.divergence = "reverse_kl"
+  c.recipe.divergence_kwargs = ml_collections.ConfigDict()
+  c.recipe.top_k = 0
+  c.recipe.tail_bucket = False
+  c.recipe.gamma = 0.0              # sampled: reward-to-go discount
+  c.recipe.correction = "none"      # sampled: none | plain | truncated | ppo_clip
+  c.recipe.clip_epsilon = 0.2
+  c.recipe.truncation = 2.0
+  c.recipe.lambda_on = 0.5          # gkd: probability of on-policy student samples
+
+  c.sampling = ml_collections.ConfigDict()
+  c.sampling.temperature = 1.0
+  c.sampling.top_k = 0
+  c.sampling.top_p = 1.0
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.learning_rate = 1e-3
+  c.optimizer.warmup_steps = 10
+  c.optimizer.schedule = "cosine"   # cosine | constant
+  c.optimizer.final_lr_fraction = 0.1
+  c.optimizer.weight_decay = 0.0
+  c.optimizer.grad_clip = 1.0
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 100
+  c.train.batch_size = 32
+  c.train.updates_per_rollout = 1
+  c.train.log_every = 10
+  c.train.save_every = 50
+  c.train.keep_checkpoints = 2
+  c.train.tensorboard = True
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every = 50                 # 0 = no held-out evaluation
+  c.eval.at_start = True
+  c.eval.temperature = 1.0
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = (-1,)              # -1: all remaining devices
+  c.mesh.axes = ("data",)           # data | fsdp | tensor
+  return c

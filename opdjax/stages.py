@@ -1,0 +1,43 @@
+"""Multi-stage experiments: run named configs in order inside one workdir.
+
+A stage's string settings may name an earlier stage as `@name`, which becomes that
+stage's workdir (for `teacher.checkpoint` or `student.init_from`). A stage whose final
+checkpoint already exists is not retrained: rerunning an experiment reuses (or resumes)
+what is in its workdir.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ml_collections
+
+from opdjax import trainer
+
+
+def resolve_references(config: ml_collections.ConfigDict, workdirs: dict[str, Path]):
+  """Replaces `@stage` strings in `config` by that stage's workdir (in place)."""
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      resolve_references(value, workdirs)
+    elif isinstance(value, str) and value.startswith("@"):
+      stage = value[1:]
+      if stage not in workdirs:
+        raise trainer.ConfigError(f"{key}={value!r} names stage {stage!r}, which does not run "
+                                  f"before it; earlier stages: {sorted(workdirs)}")
+      config[key] = str(workdirs[stage])
+  return config
+
+
+def run_stages(stages: ml_collections.ConfigDict, workdir: str | Path, *, quiet: bool = False):
+  """Runs every stage config in order; returns `{stage name: RunResult}`."""
+  workdir = Path(workdir)
+  results, workdirs = {}, {}
+  for name, config in stages.items():
+    config = resolve_references(ml_collections.ConfigDict(config.to_dict()), workdirs)
+    if not quiet:
+      print(f"== stage {name}: {config.recipe.name} for {config.train.steps} steps "
+            f"-> {workdir / name}", flush=True)
+    results[name] = trainer.run(config, workdir / name, quiet=quiet)
+    workdirs[name] = workdir / name
+  return results

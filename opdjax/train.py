@@ -1,0 +1,154 @@
+"""`python -m opdjax.train --exp NAME[:ARG] [--exp.key=value ...] [--workdir DIR]`.
+
+`--list` prints every experiment with its one-line description; `--dry_run` prints the
+resolved config and exits. Experiments live in `experiments/NAME.py` and define
+`get_config(arg) -> ConfigDict` and optionally `main(config, workdir)` (multi-stage
+experiments); otherwise the config is one `opdjax.trainer.run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import sys
+from pathlib import Path
+
+import ml_collections
+
+EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
+
+
+class CLIError(ValueError):
+  pass
+
+
+def experiment_names() -> list[str]:
+  return sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.py") if not p.stem.startswith("_"))
+
+
+def load_experiment(name: str):
+  path = EXPERIMENTS_DIR / f"{name}.py"
+  if not path.exists():
+    raise CLIError(f"unknown experiment {name!r}; valid: {', '.join(experiment_names())}")
+  spec = importlib.util.spec_from_file_location(f"opdjax_experiments.{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def describe(module) -> str:
+  return (module.__doc__ or "").strip().splitlines()[0] if module.__doc__ else ""
+
+
+def _parse_value(key: str, raw: str, current):
+  expected = type(current).__name__
+  if isinstance(current, bool):
+    lowered = raw.lower()
+    if lowered in ("true", "1", "yes"):
+      return True
+    if lowered in ("false", "0", "no"):
+      return False
+    raise CLIError(f"--exp.{key}: expected a bool (true/false), got {raw!r}")
+  if isinstance(current, int):
+    try:
+      return int(raw)
+    except ValueError:
+      raise CLIError(f"--exp.{key}: expected an int, got {raw!r}") from None
+  if isinstance(current, float):
+    try:
+      return float(raw)
+    except ValueError:
+      raise CLIError(f"--exp.{key}: expected a float, got {raw!r}") from None
+  if isinstance(current, str):
+    return raw
+  if isinstance(current, (tuple, list)):
+    try:
+      value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+      raise CLIError(f"--exp.{key}: expected a tuple like (2, 4), got {raw!r}") from None
+    if not isinstance(value, (tuple, list)):
+      value = (value,)
+    return tuple(value)
+  if isinstance(current, ml_collections.ConfigDict):
+    try:
+      value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+      value = None
+    if not isinstance(value, dict):
+      raise CLIError(f"--exp.{key}: expected a dict like {{'beta': 0.5}}, got {raw!r}")
+    return ml_collections.ConfigDict(value)
+  raise CLIError(f"--exp.{key}: cannot override a value of type {expected}")
+
+
+def apply_override(config: ml_collections.ConfigDict, key: str, raw: str) -> None:
+  """Sets `config.<key>` from a command-line string, with the existing value's type."""
+  node, parts = config, key.split(".")
+  for depth, part in enumerate(parts):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      where = ".".join(parts[:depth]) or "the top level"
+      valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+      raise CLIError(f"unknown override key {key!r}: no {part!r} at {where}; valid: {valid}")
+    if depth < len(parts) - 1:
+      node = node[part]
+  node[parts[-1]] = _parse_value(key, raw, node[parts[-1]])
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(prog="python -m opdjax.train", description=__doc__.splitlines()[0])
+  parser.add_argument("--exp", help="experiment name, optionally NAME:ARG")
+  parser.add_argument("--workdir", default=None, help="output directory (default workdirs/NAME)")
+  parser.add_argument("--list", action="store_true", help="list the experiments and exit")
+  parser.add_argument("--dry_run", action="store_true", help="print the resolved config and exit")
+  parser.add_argument("--debug", action="store_true", help="show tracebacks for config errors")
+  args, rest = parser.parse_known_args(argv)
+  overrides = []
+  for item in rest:
+    if not item.startswith("--exp.") or "=" not in item:
+      raise CLIError(f"unrecognised argument {item!r}; overrides look like --exp.train.steps=100")
+    key, raw = item[len("--exp."):].split("=", 1)
+    overrides.append((key, raw))
+  return args, overrides
+
+
+def main(argv=None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  try:
+    args, overrides = parse_args(argv)
+    if args.list:
+      for name in experiment_names():
+        print(f"{name:24s} {describe(load_experiment(name))}")
+      return 0
+    if not args.exp:
+      raise CLIError(f"--exp is required; experiments: {', '.join(experiment_names())}")
+    name, _, arg = args.exp.partition(":")
+    module = load_experiment(name)
+    config = module.get_config(arg or None)
+    for key, raw in overrides:
+      apply_override(config, key, raw)
+    if args.dry_run:
+      print(config)
+      return 0
+    workdir = Path(args.workdir or Path("workdirs") / (name + (f"_{arg}" if arg else "")))
+    from opdjax import trainer  # heavy imports only when training
+    try:
+      if hasattr(module, "main"):
+        module.main(config, workdir)
+      else:
+        trainer.run(config, workdir)
+    except trainer.NonFiniteLossError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 3
+    except (trainer.ConfigError, ValueError, FileNotFoundError) as e:
+      if args.debug:
+        raise
+      print(f"error: {e}", file=sys.stderr)
+      return 2
+  except CLIError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,313 @@
+"""The training loop every recipe plugs into: build, validate, (resume,) train, evaluate, save.
+
+One step: take a prompt batch (grain), produce completions (dataset answers, teacher or
+student samples, per the recipe), score them with the teacher (no gradient), update the
+student with the recipe's loss (one jitted step with explicit shardings), log, evaluate
+and checkpoint. Rollouts are reused for `train.updates_per_rollout` updates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm.auto import tqdm
+
+from opdjax import checkpoint, metrics, recipes, sharding
+from opdjax.data import PromptSet, batches, char_tokenizer, encode, load_jsonl, synthetic_records
+from opdjax.evaluation import evaluate, forward_logits
+from opdjax.models import Decoder, ModelConfig, load_pretrained, load_tokenizer, read_config
+from opdjax.recipes.base import join
+from opdjax.sampling import SamplingParams, generate
+
+# Model shapes for the synthetic experiments (vocabulary and special ids come from the
+# tokenizer). Width, depth and heads only: a Qwen3-style decoder.
+MODEL_PRESETS = {
+    "student-tiny": dict(hidden_size=64, intermediate_size=192, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=16),
+    "teacher-small": dict(hidden_size=128, intermediate_size=384, num_layers=3, num_heads=4,
+                          num_kv_heads=2, head_dim=32),
+}
+
+
+class ConfigError(ValueError):
+  """A setting that cannot work; raised before anything is compiled."""
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss or gradient became NaN/inf; the run stopped without saving."""
+
+
+@dataclasses.dataclass
+class RunResult:
+  workdir: Path
+  steps: int
+  history: list[dict]
+  final_eval: dict[str, float]
+  plot: Path | None
+
+
+# ---------------------------------------------------------------- building blocks
+
+def _dtype(name: str):
+  if name not in ("float32", "bfloat16"):
+    raise ConfigError(f"dtype must be 'float32' or 'bfloat16', got {name!r}")
+  return jnp.dtype(name)
+
+
+def build_tokenizer(config):
+  if config.student.hf_path:
+    tokenizer = load_tokenizer(config.student.hf_path)
+    if tokenizer is None:
+      raise ConfigError(f"student.hf_path {config.student.hf_path} has no tokenizer files")
+    return tokenizer
+  return char_tokenizer()
+
+
+def build_data(config, tokenizer) -> tuple[PromptSet, PromptSet]:
+  task = config.task
+  length = dict(prompt_length=task.prompt_length, answer_length=task.completion_length)
+  if task.train_jsonl:
+    train = encode(load_jsonl(task.train_jsonl, tokenizer), tokenizer, source=task.train_jsonl, **length)
+    eval_path = task.eval_jsonl or task.train_jsonl
+    held_out = encode(load_jsonl(eval_path, tokenizer)[:task.eval_size], tokenizer,
+                      source=eval_path, **length)
+    return train, held_out
+  make = lambda size, held_out: synthetic_records(task.name, difficulty=task.difficulty, size=size,
+                                                  held_out=held_out, seed=task.seed)
+  return (encode(make(task.train_size, False), tokenizer, source=f"{task.name}/train", **length),
+          encode(make(task.eval_size, True), tokenizer, source=f"{task.name}/held_out", **length))
+
+
+def model_config_of(model_config, tokenizer) -> ModelConfig:
+  """The `ModelConfig` a `student`/`teacher` config section describes (no parameters)."""
+  if model_config.hf_path:
+    return read_config(model_config.hf_path)
+  if model_config.get("checkpoint"):
+    return checkpoint.read_model_config(model_config.checkpoint)
+  if model_config.get("init_from"):
+    return checkpoint.read_model_config(model_config.init_from)
+  if model_config.preset not in MODEL_PRESETS:
+    raise ConfigError(f"unknown model preset {model_config.preset!r}; valid: {sorted(MODEL_PRESETS)}")
+  return ModelConfig(vocab_size=len(tokenizer), model_type="qwen3",
+                     eos_token_ids=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id,
+                     max_position_embeddings=512, **MODEL_PRESETS[model_config.preset])
+
+
+def build_model(model_config, config_of: ModelConfig, *, seed: int, mesh):
+  """A model on `mesh`: from a HF directory, an earlier run's checkpoint, or a fresh init."""
+  dtype = _dtype(model_config.dtype)
+  if model_config.hf_path:
+    model, _ = load_pretrained(model_config.hf_path, dtype=dtype, mesh=mesh, with_tokenizer=False)
+    return model
+  model = Decoder(config_of, dtype=dtype, rngs=nnx.Rngs(seed))
+  graphdef, state = nnx.split(model)
+  state, _ = sharding.place_state(state, mesh)
+  source = model_config.get("checkpoint") or model_config.get("init_from")
+  if source:
+    state = checkpoint.restore_params(source, state)
+  return nnx.merge(graphdef, state)
+
+
+def build_mesh(config):
+  shape, axes = tuple(config.mesh.shape), tuple(config.mesh.axes)
+  unknown = [a for a in axes if a not in ("data", "fsdp", "tensor")]
+  if unknown:
+    raise ConfigError(f"mesh.axes {axes} has unknown names {unknown}; valid: data, fsdp, tensor")
+  try:
+    return sharding.make_mesh(shape, axes)
+  except ValueError as e:
+    raise ConfigError(f"mesh: {e}") from None
+
+
+def validate(config, recipe, mesh, student_cfg: ModelConfig, teacher_cfg: ModelConfig | None):
+  train = config.train
+  if recipe.needs_teacher or recipe.source == "teacher":
+    if teacher_cfg is None:
+      raise ConfigError(f"recipe {recipe.name!r} needs a teacher: set teacher.checkpoint "
+                        "(an earlier run's workdir) or teacher.hf_path")
+  if teacher_cfg is not None and teacher_cfg.vocab_size != student_cfg.vocab_size:
+    raise ConfigError(f"student and teacher vocabularies differ: student vocab_size="
+                      f"{student_cfg.vocab_size}, teacher vocab_size={teacher_cfg.vocab_size}")
+  data_devices = int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
+  if train.batch_size % data_devices:
+    raise ConfigError(f"train.batch_size={train.batch_size} is not divisible by the "
+                      f"{data_devices} data-parallel devices of mesh {dict(mesh.shape)}")
+  if config.task.eval_size % data_devices:
+    raise ConfigError(f"task.eval_size={config.task.eval_size} is not divisible by the "
+                      f"{data_devices} data-parallel devices of mesh {dict(mesh.shape)}")
+  for name in ("steps", "batch_size", "updates_per_rollout", "save_every", "log_every"):
+    if train[name] < 1:
+      raise ConfigError(f"train.{name} must be >= 1, got {train[name]}")
+  if train.save_every % train.updates_per_rollout:
+    raise ConfigError(f"train.save_every={train.save_every} must be a multiple of "
+                      f"train.updates_per_rollout={train.updates_per_rollout} (a checkpoint "
+                      "must not fall in the middle of a reused rollout)")
+  if config.task.prompt_length + config.task.completion_length > student_cfg.max_position_embeddings:
+    raise ConfigError(f"task.prompt_length + task.completion_length exceeds the student's "
+                      f"max_position_embeddings={student_cfg.max_position_embeddings}")
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  opt = config.optimizer
+  if opt.schedule == "cosine":
+    lr = optax.warmup_cosine_decay_schedule(0.0, opt.learning_rate, max(opt.warmup_steps, 1),
+                                            max(config.train.steps, opt.warmup_steps + 1),
+                                            end_value=opt.learning_rate * opt.final_lr_fraction)
+  elif opt.schedule == "constant":
+    lr = optax.linear_schedule(0.0, opt.learning_rate, max(opt.warmup_steps, 1))
+  else:
+    raise ConfigError(f"optimizer.schedule must be 'cosine' or 'constant', got {opt.schedule!r}")
+  return optax.chain(optax.clip_by_global_norm(opt.grad_clip),
+                     optax.adamw(lr, b1=0.9, b2=0.98, weight_decay=opt.weight_decay))
+
+
+def make_train_step(graphdef, recipe, tx, param_shardings, opt_shardings):
+  """`(params, opt_state, seq, teacher_logits) -> (params, opt_state, metrics)`, jitted."""
+  def step(params, opt_state, seq, teacher_logits):
+    tokens, mask = recipes.inputs_of(seq)
+    targets = recipes.targets_of(seq)
+
+    def loss_fn(params):
+      logits = nnx.merge(graphdef, params)(tokens, attention_mask=mask)
+      return recipe.loss(logits, teacher_logits, targets)
+
+    (loss, step_metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    step_metrics = dict(step_metrics, loss=(loss, jnp.float32(1)),
+                        grad_norm=(optax.global_norm(grads), jnp.float32(1)),
+                        completion_tokens=(jnp.sum(targets.mask), jnp.float32(seq.tokens.shape[0])))
+    return params, opt_state, step_metrics
+
+  return jax.jit(step, donate_argnums=(0, 1), out_shardings=(param_shardings, opt_shardings, None))
+
+
+# ---------------------------------------------------------------- the run
+
+def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
+  """Trains (or resumes, or returns a finished run from) `workdir`. See `experiments/`."""
+  workdir = Path(workdir)
+  recipe = recipes.build(config.recipe)
+  tokenizer = build_tokenizer(config)
+  mesh = build_mesh(config)
+  student_cfg = model_config_of(config.student, tokenizer)
+  has_teacher = bool(config.teacher.hf_path or config.teacher.checkpoint)
+  teacher_cfg = model_config_of(config.teacher, tokenizer) if has_teacher else None
+  validate(config, recipe, mesh, student_cfg, teacher_cfg)
+  train_set, eval_set = build_data(config, tokenizer)
+  if config.train.batch_size > len(train_set):
+    raise ConfigError(f"train.batch_size={config.train.batch_size} exceeds the "
+                      f"{len(train_set)} training prompts")
+
+  student = build_model(config.student, student_cfg, seed=config.seed, mesh=mesh)
+  teacher = build_model(config.teacher, teacher_cfg, seed=config.seed + 1, mesh=mesh) if has_teacher else None
+  checkpoint.write_model_config(workdir, student.config)
+  graphdef, params = nnx.split(student)
+  _, param_shardings = sharding.place_state(params, mesh)
+  tx = make_optimizer(config)
+  opt_state = jax.jit(tx.init)(params)
+  opt_shardings = jax.tree.map(lambda x: x.sharding, opt_state)
+  train_step = make_train_step(graphdef, recipe, tx, param_shardings, opt_shardings)
+  batch_sharding = sharding.batch_sharding(mesh)
+  teacher_graphdef, teacher_state = nnx.split(teacher) if teacher is not None else (None, None)
+
+  data = iter(batches(train_set, batch_size=config.train.batch_size, seed=config.seed))
+  ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+  writer = metrics.Writer(workdir, tensorboard=config.train.tensorboard)
+  start = ckpt.latest_step() or 0
+  if start:
+    params, opt_state, meta = ckpt.restore(start, params, opt_state)
+    data.set_state(meta["data_state"])
+    writer.truncate_after(start)
+  total = config.train.steps
+  base_key = jax.random.key(config.seed)
+  eval_key = jax.random.key(config.seed + 1_000_003)
+  sampling = SamplingParams(temperature=config.sampling.temperature, top_k=config.sampling.top_k,
+                            top_p=config.sampling.top_p)
+  completion_length = config.task.completion_length
+  put = lambda tree: jax.device_put(tree, batch_sharding)
+
+  def run_eval(step):
+    results = evaluate(nnx.merge(graphdef, params), eval_set, tokenizer, key=eval_key,
+                       max_new_tokens=completion_length, teacher=teacher,
+                       temperature=config.eval.temperature)
+    writer.write(step, "eval", results)
+    return results
+
+  def rollout(key, batch):
+    source = recipe.source
+    if source == "mixed":
+      source = "student" if float(jax.random.uniform(jax.random.fold_in(key, 1))) < recipe.lambda_on else "dataset"
+    prompts, prompt_mask = jnp.asarray(batch["prompt_tokens"]), jnp.asarray(batch["prompt_mask"])
+    if source == "dataset":
+      return join(prompts, prompt_mask, jnp.asarray(batch["answer_tokens"]), jnp.asarray(batch["answer_mask"]))
+    model = teacher if source == "teacher" else nnx.merge(graphdef, params)
+    gen = generate(model, prompts, prompt_mask, key=key, max_new_tokens=completion_length,
+                   sampling=sampling)
+    return join(prompts, prompt_mask, gen.tokens, gen.mask, gen.sample_logprobs, gen.model_logprobs)
+
+  if start == 0 and config.eval.every and config.eval.at_start:
+    run_eval(0)
+  accumulator = metrics.Accumulator()
+  progress = tqdm(total=total, initial=start, desc=f"{recipe.name}", disable=quiet,
+                  dynamic_ncols=True, mininterval=0.5)
+  last_eval = {}
+  seq = teacher_logits = None
+  started = time.perf_counter()
+  for step in range(start, total):
+    key = jax.random.fold_in(base_key, step)
+    if step % config.train.updates_per_rollout == 0 or seq is None:
+      seq = put(rollout(key, next(data)))
+      teacher_logits = None
+      if recipe.needs_teacher:
+        tokens, mask = recipes.inputs_of(seq)
+        teacher_logits = forward_logits(teacher_graphdef, teacher_state, tokens, mask)
+    params, opt_state, step_metrics = train_step(params, opt_state, seq, teacher_logits)
+    step_metrics = jax.device_get(step_metrics)
+    loss, grad_norm = float(step_metrics["loss"][0]), float(step_metrics["grad_norm"][0])
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+      progress.close()
+      raise NonFiniteLossError(
+          f"non-finite loss={loss} / grad_norm={grad_norm} at step {step + 1}; stopped without "
+          f"saving, the last good checkpoint (step {ckpt.latest_step()}) in {ckpt.directory} is kept")
+    accumulator.add(step_metrics)
+    done = step + 1
+    progress.update(1)
+    if done % config.train.log_every == 0 or done == total:
+      means = accumulator.means()
+      means["steps_per_s"] = config.train.log_every / max(time.perf_counter() - started, 1e-9)
+      started = time.perf_counter()
+      writer.write(done, "train", means)
+      accumulator.reset()
+      progress.set_postfix({k: f"{means[k]:.3g}" for k in ("loss", "token_reverse_kl", "nll")
+                            if k in means} | ({"acc": f"{last_eval['accuracy_greedy']:.2f}"}
+                                              if "accuracy_greedy" in last_eval else {}))
+    if config.eval.every and (done % config.eval.every == 0 or done == total):
+      last_eval = run_eval(done)
+    if done % config.train.save_every == 0 or done == total:
+      ckpt.save(done, params, opt_state, {"step": done, "data_state": data.get_state(),
+                                          "seed": config.seed})
+  progress.close()
+  ckpt.close()
+  writer.close()
+
+  history = metrics.read_history(writer.path)
+  evals = [r for r in history if r["split"] == "eval"]
+  final_eval = {k: v for k, v in evals[-1].items() if k not in ("step", "split")} if evals else {}
+  plot = None
+  if evals:
+    keys = [k for k in ("accuracy_greedy", "sequence_reverse_kl", "token_reverse_kl") if k in evals[-1]]
+    plot = metrics.plot_curves({recipe.name: history}, keys, workdir / "curves.png",
+                               title=f"{recipe.name}: held-out metrics")
+  if not quiet and final_eval:
+    print(metrics.format_table([{"metric": k, "value": v} for k, v in final_eval.items()],
+                               ["metric", "value"]))
+  return RunResult(workdir=workdir, steps=total, history=history, final_eval=final_eval, plot=plot)
