@@ -31,10 +31,12 @@ def get_config(arg=None):
   del arg
   warmstart = base_config()
   warmstart.recipe.name = "sft"
-  warmstart.train.steps = 150
-  warmstart.train.batch_size = 32
-  warmstart.train.save_every = 150
-  warmstart.eval.every = 150
+  warmstart.student.preset = "student-small"
+  warmstart.optimizer.learning_rate = 2e-3
+  warmstart.train.batch_size = 64
+  warmstart.train.steps = 400
+  warmstart.train.save_every = 400
+  warmstart.eval.every = 400
   warmstart.eval.at_start = False
 
   opd = base_config()
@@ -43,21 +45,23 @@ def get_config(arg=None):
   opd.recipe.name = "opd"
   opd.recipe.estimator = "full"
   opd.recipe.divergence = "reverse_kl"
-  opd.optimizer.learning_rate = 5e-4
-  opd.train.steps = 200
-  opd.train.save_every = 50
-  opd.eval.every = 50
+  opd.optimizer.learning_rate = 1e-3
+  opd.train.steps = 400
+  opd.train.batch_size = 64
+  opd.train.save_every = 100
+  opd.eval.every = 100
 
   c = ml_collections.ConfigDict()
   c.stages = ml_collections.ConfigDict()
   c.stages.teacher = _teacher_config()
   c.stages.warmstart = warmstart
   c.stages.opd = opd
+  c.stage_order = ("teacher", "warmstart", "opd")
   return c
 
 
 def main(config, workdir):
-  results = run_stages(config.stages, workdir)
+  results = run_stages(config.stages, config.stage_order, workdir)
   opd = results["opd"]
   evals = [r for r in opd.history if r["split"] == "eval"]
   before, after = evals[0], evals[-1]

@@ -33,9 +33,14 @@ DEFAULT_RULES: tuple[tuple[str, P], ...] = (
 
 def make_mesh(shape: Sequence[int] = (-1,), axis_names: Sequence[str] = ("data",),
               devices=None) -> Mesh:
-  """A device mesh; one `-1` in `shape` takes the remaining devices."""
+  """A device mesh; one `-1` in `shape` takes the remaining devices.
+
+  Without a `-1`, the mesh uses the first `prod(shape)` devices (so `(1,)` is one device).
+  """
   devices = jax.devices() if devices is None else devices
   shape = list(shape)
+  if -1 not in shape and 0 < int(np.prod(shape)) <= len(devices):
+    devices = devices[:int(np.prod(shape))]
   if len(shape) != len(axis_names):
     raise ValueError(f"mesh shape {shape} and axis names {list(axis_names)} differ in length")
   known = int(np.prod([s for s in shape if s != -1]))
@@ -91,3 +96,14 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Batch dimension split over every data-parallel axis the mesh has ("data", "fsdp")."""
   axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
   return NamedSharding(mesh, P(axes if axes else None))
+
+
+def onto_mesh(tree, mesh: Mesh):
+  """Replicates over `mesh` every leaf not already laid out on all of its devices.
+
+  (`jax.jit(tx.init)` leaves scalars such as Adam's step count on one device.)
+  """
+  devices = set(mesh.devices.flat)
+  replicated = NamedSharding(mesh, P())
+  return jax.tree.map(
+      lambda x: x if set(x.sharding.device_set) == devices else jax.device_put(x, replicated), tree)

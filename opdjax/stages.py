@@ -29,11 +29,20 @@ def resolve_references(config: ml_collections.ConfigDict, workdirs: dict[str, Pa
   return config
 
 
-def run_stages(stages: ml_collections.ConfigDict, workdir: str | Path, *, quiet: bool = False):
-  """Runs every stage config in order; returns `{stage name: RunResult}`."""
+def run_stages(stages: ml_collections.ConfigDict, order, workdir: str | Path, *,
+               quiet: bool = False):
+  """Runs the stage configs named in `order` (ConfigDict keys are unordered).
+
+  Returns:
+    `{stage name: RunResult}`.
+  """
   workdir = Path(workdir)
+  missing = [name for name in order if name not in stages]
+  if missing:
+    raise trainer.ConfigError(f"stage order names unknown stages {missing}; stages: {sorted(stages)}")
   results, workdirs = {}, {}
-  for name, config in stages.items():
+  for name in order:
+    config = stages[name]
     config = resolve_references(ml_collections.ConfigDict(config.to_dict()), workdirs)
     if not quiet:
       print(f"== stage {name}: {config.recipe.name} for {config.train.steps} steps "

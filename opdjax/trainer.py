@@ -32,6 +32,8 @@ from opdjax.sampling import SamplingParams, generate
 MODEL_PRESETS = {
     "student-tiny": dict(hidden_size=64, intermediate_size=192, num_layers=2, num_heads=4,
                          num_kv_heads=2, head_dim=16),
+    "student-small": dict(hidden_size=96, intermediate_size=288, num_layers=2, num_heads=4,
+                          num_kv_heads=2, head_dim=24),
     "teacher-small": dict(hidden_size=128, intermediate_size=384, num_layers=3, num_heads=4,
                           num_kv_heads=2, head_dim=32),
 }
@@ -213,7 +215,7 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
   graphdef, params = nnx.split(student)
   _, param_shardings = sharding.place_state(params, mesh)
   tx = make_optimizer(config)
-  opt_state = jax.jit(tx.init)(params)
+  opt_state = sharding.onto_mesh(jax.jit(tx.init)(params), mesh)
   opt_shardings = jax.tree.map(lambda x: x.sharding, opt_state)
   train_step = make_train_step(graphdef, recipe, tx, param_shardings, opt_shardings)
   batch_sharding = sharding.batch_sharding(mesh)

@@ -1,0 +1,119 @@
+"""Data pipeline (tasks, tokenizer, JSONL, grain determinism) and metric reductions."""
+
+import json
+
+import numpy as np
+import pytest
+
+from opdjax import metrics
+from opdjax.data import batches, char_tokenizer, encode, load_jsonl, synthetic_records, verify
+from opdjax.data import tasks
+
+
+def test_tasks_are_deterministic_verifiable_and_split():
+  a = tasks.make_problem("addition", 7, difficulty=3)
+  assert a == tasks.make_problem("addition", 7, difficulty=3)
+  x, y = map(int, a.prompt.rstrip("=").split("+"))
+  assert a.answer == str(x + y)
+  chain = tasks.make_problem("modular_chain", 3, difficulty=4)
+  start, ops = chain.prompt.rstrip("=").split(":")
+  value = int(start)
+  for op, expected in zip(ops.split(","), chain.answer.split(",")):
+    value = eval(f"{value}{op}") % 10  # noqa: S307 (our own arithmetic strings)
+    assert value == int(expected)
+  train = {p.prompt for p in tasks.split("addition", difficulty=2, size=500, held_out=False)}
+  held = {p.prompt for p in tasks.split("addition", difficulty=2, size=100, held_out=True)}
+  assert not train & held and len(train) == 500 and len(held) == 100
+  assert verify(" 42 ", "42") and not verify("420", "42")
+  with pytest.raises(ValueError, match="unknown task 'sorting'"):
+    tasks.make_problem("sorting", 0, difficulty=1)
+  with pytest.raises(ValueError, match="difficulty must be >= 1, got 0"):
+    tasks.make_problem("addition", 0, difficulty=0)
+  with pytest.raises(ValueError, match="fewer than 500 distinct"):
+    tasks.split("addition", difficulty=1, size=500, held_out=True)
+
+
+def test_tokenizer_round_trip_and_encoding():
+  tok = char_tokenizer()
+  ids = tok("12+34=", add_special_tokens=False)["input_ids"]
+  assert tok.decode(ids) == "12+34=" and len(ids) == 6
+  prompts = encode(synthetic_records("addition", difficulty=2, size=10, held_out=False), tok,
+                   prompt_length=8, answer_length=5)
+  assert prompts.prompt_tokens.shape == (10, 8)
+  # Left-padded prompts, right-padded answers ending in EOS.
+  assert prompts.prompt_mask[:, -1].all()
+  lengths = prompts.answer_mask.sum(1)
+  assert (prompts.answer_tokens[np.arange(10), lengths - 1] == tok.eos_token_id).all()
+  with pytest.raises(ValueError, match=r"addition\[0\]: prompt has 6 tokens, more than prompt_length=3"):
+    encode([tasks.Problem("12+34=", "46")], tok, prompt_length=3, answer_length=5, source="addition")
+
+
+def test_jsonl_prompts_and_errors(tmp_path):
+  tok = char_tokenizer()
+  good = tmp_path / "good.jsonl"
+  good.write_text('{"prompt": "1+2=", "answer": "3"}\n\n'
+                  '{"messages": [{"role": "user", "content": "2+2="}], "answer": "4"}\n')
+  records = load_jsonl(good, tok)
+  assert [(r.prompt, r.answer) for r in records] == [("1+2=", "3"), ("2+2=", "4")]
+  cases = {
+      '{"prompt": "1+2=", "answer": "3"}\n{"prompt": oops}\n': r"bad.jsonl:2: not valid JSON",
+      '[1, 2]\n': r"bad.jsonl:1: expected a JSON object, got list",
+      '{"question": "1+1="}\n': r"bad.jsonl:1: needs a 'prompt' or a 'messages' field, got keys \['question'\]",
+      '{"prompt": "", "answer": "1"}\n': r"bad.jsonl:1: 'prompt' must be a non-empty string",
+      '{"prompt": "1+1=", "answer": 2}\n': r"bad.jsonl:1: 'answer' must be a string",
+      '{"messages": [{"content": "x"}]}\n': r"bad.jsonl:1: 'messages' must be a non-empty list",
+  }
+  for text, message in cases.items():
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(text)
+    with pytest.raises(ValueError, match=message):
+      load_jsonl(bad, tok)
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    load_jsonl(tmp_path / "missing.jsonl")
+
+
+def test_batches_are_deterministic_and_resumable():
+  tok = char_tokenizer()
+  prompts = encode(synthetic_records("addition", difficulty=2, size=40, held_out=False), tok,
+                   prompt_length=8, answer_length=5)
+  first = [b["index"].tolist() for _, b in zip(range(12), iter(batches(prompts, batch_size=8, seed=1)))]
+  again = [b["index"].tolist() for _, b in zip(range(12), iter(batches(prompts, batch_size=8, seed=1)))]
+  other = [b["index"].tolist() for _, b in zip(range(12), iter(batches(prompts, batch_size=8, seed=2)))]
+  assert first == again and first != other
+  assert sorted(sum(first[:5], [])) == list(range(40))  # one epoch covers every row once
+  it = iter(batches(prompts, batch_size=8, seed=1))
+  for _ in range(7):
+    next(it)
+  state = it.get_state()
+  resumed = iter(batches(prompts, batch_size=8, seed=1))
+  resumed.set_state(json.loads(json.dumps(state)))  # survives the JSON checkpoint
+  assert next(resumed)["index"].tolist() == first[7]
+  with pytest.raises(ValueError, match="batch_size 64 is larger than the dataset"):
+    batches(prompts, batch_size=64, seed=0)
+
+
+def test_accumulator_is_token_weighted():
+  acc = metrics.Accumulator()
+  acc.add({"kl": (6.0, 3.0)})     # 3 tokens averaging 2
+  acc.add({"kl": (1.0, 1.0)})     # 1 token of 1
+  acc.add({"empty": (0.0, 0.0)})  # no tokens: no value rather than NaN
+  assert acc.means() == {"kl": 7.0 / 4.0}
+  acc.reset()
+  assert acc.means() == {}
+
+
+def test_writer_truncates_after_resume_and_table(tmp_path):
+  writer = metrics.Writer(tmp_path, tensorboard=True)
+  for step in (1, 2, 3):
+    writer.write(step, "train", {"loss": float(step)})
+  writer.truncate_after(2)
+  writer.write(3, "train", {"loss": 30.0})
+  writer.close()
+  history = metrics.read_history(tmp_path / "metrics.jsonl")
+  assert [(r["step"], r["loss"]) for r in history] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+  assert any((tmp_path / "tensorboard").iterdir())
+  table = metrics.format_table([{"a": 1.23456, "b": "x"}], ["a", "b"])
+  assert "1.235" in table and "x" in table
+  path = metrics.plot_curves({"run": [{"step": 1, "split": "eval", "acc": 0.5}]}, ["acc"],
+                             tmp_path / "plot.png")
+  assert path.stat().st_size > 1000

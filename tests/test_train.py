@@ -1,0 +1,232 @@
+"""The training system end to end: every recipe for a few steps, CLI errors, resume after
+SIGKILL, sharded equals unsharded, non-finite loss handling, multi-stage experiments."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from opdjax import checkpoint, configs, trainer
+from opdjax.models import Decoder, save_pretrained, tiny_config
+from opdjax.train import main as cli_main
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny(recipe="sft", **recipe_kwargs):
+  """A config that trains in seconds: tiny model, 8-row batches, short completions."""
+  c = configs.base_config()
+  c.task.train_size = 64
+  c.task.eval_size = 8
+  c.task.completion_length = 4
+  c.task.difficulty = 1
+  c.task.prompt_length = 6
+  c.recipe.name = recipe
+  c.recipe.update(recipe_kwargs)
+  c.train.steps = 4
+  c.train.batch_size = 8
+  c.train.log_every = 2
+  c.train.save_every = 2
+  c.train.tensorboard = False
+  c.eval.every = 4
+  c.eval.at_start = False
+  c.mesh.shape = (1,)
+  return c
+
+
+@pytest.fixture(scope="module", name="teacher_dir")
+def fixture_teacher_dir(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("teacher")
+  config = tiny("sft")
+  config.train.steps = 6
+  config.eval.every = 0
+  trainer.run(config, workdir, quiet=True)
+  return workdir
+
+
+RECIPES = {
+    "sft": {},
+    "seqkd": {},
+    "supervised_kd": dict(divergence="forward_kl"),
+    "gkd": dict(divergence="generalized_jsd", divergence_kwargs={"beta": 0.5}, lambda_on=0.5),
+    "opd_full": dict(name="opd", estimator="full", divergence="reverse_kl"),
+    "opd_topk": dict(name="opd", estimator="topk", divergence="reverse_kl", top_k=4, tail_bucket=True),
+    "opd_sampled": dict(name="opd", estimator="sampled", gamma=1.0, correction="ppo_clip"),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(RECIPES))
+def test_every_recipe_runs(variant, teacher_dir, tmp_path):
+  kwargs = dict(RECIPES[variant])
+  config = tiny(kwargs.pop("name", variant), **kwargs)
+  config.teacher.checkpoint = str(teacher_dir)
+  config.teacher.preset = "student-tiny"
+  if variant == "opd_sampled":
+    config.train.updates_per_rollout = 2   # reuse each rollout: exercises the IS correction
+  result = trainer.run(config, tmp_path, quiet=True)
+  train_rows = [r for r in result.history if r["split"] == "train"]
+  assert [r["step"] for r in train_rows] == [2, 4]
+  assert all(np.isfinite(r["loss"]) for r in train_rows)
+  for key in ("accuracy_greedy", "accuracy_sampled", "sequence_reverse_kl", "sequence_forward_kl",
+              "token_reverse_kl", "token_forward_kl", "student_entropy", "completion_length",
+              "truncation_rate"):
+    assert key in result.final_eval, key
+  assert checkpoint.Checkpointer(tmp_path).latest_step() == 4
+  assert result.plot is not None and result.plot.exists()
+  if variant.startswith("opd") or variant == "gkd" or variant == "supervised_kd":
+    assert "token_reverse_kl" in train_rows[-1]
+  if variant == "opd_topk":
+    assert 0 < train_rows[-1]["topk_teacher_mass"] <= 1
+  if variant == "opd_sampled":
+    assert 0 < train_rows[-1]["importance_ratio"] < 10
+  # A finished run is returned as it is, without training again.
+  again = trainer.run(config, tmp_path, quiet=True)
+  assert again.history == result.history
+
+
+def test_sharded_equals_unsharded(teacher_dir, tmp_path):
+  def run(shape, axes, workdir):
+    config = tiny("supervised_kd", divergence="forward_kl")
+    config.teacher.checkpoint = str(teacher_dir)
+    config.train.steps = 3
+    config.train.log_every = 1
+    config.train.save_every = 3
+    config.eval.every = 0
+    config.mesh.shape, config.mesh.axes = shape, axes
+    result = trainer.run(config, workdir, quiet=True)
+    model_config = checkpoint.read_model_config(workdir)
+    abstract = nnx.state(Decoder(model_config, rngs=nnx.Rngs(0)))
+    params = checkpoint.restore_params(workdir, abstract)
+    return [r["loss"] for r in result.history if r["split"] == "train"], params
+
+  losses_1, params_1 = run((1,), ("data",), tmp_path / "one")
+  losses_8, params_8 = run((4, 2), ("data", "fsdp"), tmp_path / "eight")
+  np.testing.assert_allclose(losses_8, losses_1, rtol=1e-5)
+  for (path, a), (_, b) in zip(nnx.to_flat_state(params_1), nnx.to_flat_state(params_8)):
+    np.testing.assert_allclose(np.asarray(b.get_value()), np.asarray(a.get_value()), atol=1e-5,
+                               err_msg=str(path))
+
+
+def test_non_finite_loss_stops_without_overwriting(tmp_path):
+  config = tiny("sft")
+  config.train.steps = 10
+  config.train.save_every = 1
+  config.eval.every = 0
+  config.optimizer.learning_rate = 1e30
+  config.optimizer.warmup_steps = 1
+  config.optimizer.schedule = "constant"
+  with pytest.raises(trainer.NonFiniteLossError, match=r"non-finite loss.*last good checkpoint"):
+    trainer.run(config, tmp_path, quiet=True)
+  last = checkpoint.Checkpointer(tmp_path).latest_step()
+  abstract = nnx.state(Decoder(checkpoint.read_model_config(tmp_path), rngs=nnx.Rngs(0)))
+  if last is not None:
+    params = checkpoint.restore_params(tmp_path, abstract)
+    assert all(np.isfinite(np.asarray(v.get_value())).all() for _, v in nnx.to_flat_state(params))
+
+
+def _child_command(workdir, steps):
+  return [sys.executable, "-m", "opdjax.train", "--exp", "teacher", "--workdir", str(workdir),
+          "--exp.student.preset=student-tiny", f"--exp.train.steps={steps}",
+          "--exp.train.batch_size=8", "--exp.train.save_every=5", "--exp.train.log_every=5",
+          "--exp.task.train_size=64", "--exp.task.eval_size=8", "--exp.task.difficulty=1",
+          "--exp.task.completion_length=4", "--exp.eval.every=0", "--exp.mesh.shape=(1,)",
+          "--exp.train.tensorboard=false"]
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  steps = 60
+  reference = subprocess.run(_child_command(tmp_path / "reference", steps), cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=600)
+  assert reference.returncode == 0, reference.stderr[-2000:]
+
+  killed_dir = tmp_path / "killed"
+  child = subprocess.Popen(_child_command(killed_dir, steps), cwd=REPO, env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  ckpt_dir = killed_dir / "checkpoints"
+  while time.time() < deadline and child.poll() is None:
+    if ckpt_dir.exists() and any(p.name.isdigit() for p in ckpt_dir.iterdir()):
+      break
+    time.sleep(0.05)
+  child.send_signal(signal.SIGKILL)
+  child.wait()
+  latest = checkpoint.Checkpointer(killed_dir).latest_step()
+  assert latest is not None and latest < steps, f"the run was not interrupted (latest={latest})"
+
+  resumed = subprocess.run(_child_command(killed_dir, steps), cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  abstract = nnx.state(Decoder(checkpoint.read_model_config(killed_dir), rngs=nnx.Rngs(0)))
+  a = checkpoint.restore_params(tmp_path / "reference", abstract)
+  b = checkpoint.restore_params(killed_dir, abstract)
+  for (path, x), (_, y) in zip(nnx.to_flat_state(a), nnx.to_flat_state(b)):
+    np.testing.assert_array_equal(np.asarray(x.get_value()), np.asarray(y.get_value()),
+                                  err_msg=str(path))
+  # The metrics log has each step once, as if nothing had happened.
+  steps_logged = [json.loads(l)["step"] for l in (killed_dir / "metrics.jsonl").read_text().splitlines()]
+  assert steps_logged == sorted(set(steps_logged))
+
+
+# ---------------------------------------------------------------- command line
+
+def run_cli(capsys, *argv):
+  code = cli_main(list(argv))
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+def test_cli_list_and_dry_run(capsys):
+  code, out, _ = run_cli(capsys, "--list")
+  assert code == 0
+  for name in ("quickstart", "compare_objectives", "teacher"):
+    assert name in out
+  code, out, _ = run_cli(capsys, "--exp", "teacher", "--exp.train.steps=7", "--dry_run")
+  assert code == 0 and "steps: 7" in out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (("--exp", "nope"), "unknown experiment 'nope'; valid: "),
+    (("--exp", "teacher", "--exp.train.stepz=3"), "unknown override key 'train.stepz': no 'stepz' at train; valid: ["),
+    (("--exp", "teacher", "--exp.train.steps=many"), "--exp.train.steps: expected an int, got 'many'"),
+    (("--exp", "teacher", "--exp.train.tensorboard=maybe"), "expected a bool"),
+    (("--exp", "teacher", "--train.steps=3"), "unrecognised argument '--train.steps=3'"),
+    (("--exp", "teacher", "--exp.recipe.name=ppo"), "unknown recipe 'ppo'; valid: "),
+    (("--exp", "teacher", "--exp.train.batch_size=12", "--exp.mesh.shape=(8,)"),
+     "train.batch_size=12 is not divisible by the 8 data-parallel devices"),
+    (("--exp", "teacher", "--exp.recipe.name=opd"), "recipe 'opd' needs a teacher"),
+    (("--exp", "teacher", "--exp.task.name=sorting"), "unknown task 'sorting'; valid: "),
+])
+def test_cli_errors_are_one_clear_line(capsys, tmp_path, argv, message):
+  code, _, err = run_cli(capsys, *argv, "--workdir", str(tmp_path))
+  assert code == 2
+  assert err.startswith("error: ") and err.count("\n") == 1, err
+  assert message in err, err
+
+
+def test_vocabulary_mismatch_is_reported_before_compiling(capsys, tmp_path):
+  teacher = Decoder(tiny_config("qwen3", vocab_size=40), rngs=nnx.Rngs(0))
+  save_pretrained(teacher, tmp_path / "hf_teacher")
+  code, _, err = run_cli(capsys, "--exp", "teacher", "--exp.recipe.name=opd",
+                         f"--exp.teacher.hf_path={tmp_path / 'hf_teacher'}",
+                         "--workdir", str(tmp_path / "run"))
+  assert code == 2
+  assert "student and teacher vocabularies differ: student vocab_size=51, teacher vocab_size=40" in err
+
+
+def test_compare_objectives_tiny(capsys, tmp_path):
+  code, out, err = run_cli(capsys, "--exp", "compare_objectives:tiny", "--workdir", str(tmp_path),
+                           "--exp.methods=sft,gkd_jsd,opd_reverse_kl,opd_sampled_g0")
+  assert code == 0, err
+  assert "opd_reverse_kl" in out and "teacher held-out greedy accuracy" in out
+  summary = json.loads((tmp_path / "compare_objectives.json").read_text())
+  assert set(summary["methods"]) == {"sft", "gkd_jsd", "opd_reverse_kl", "opd_sampled_g0"}
+  assert (tmp_path / "compare_objectives.png").exists()
