@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 
 from opdjax import metrics
-from opdjax.configs import base_config
+from opdjax.configs import distill_config, teacher_config, warmstart_config
 from opdjax.stages import run_stages
 
 METHODS = {
@@ -38,14 +38,6 @@ REPORTED = ("accuracy_greedy", "accuracy_sampled", "sequence_reverse_kl", "seque
             "token_reverse_kl", "completion_length")
 
 
-def _teacher_config():
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("teacher_experiment", Path(__file__).with_name("teacher.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config("addition")
-
-
 def get_config(arg=None):
   tiny = arg == "tiny"
   if arg not in (None, "tiny", "full"):
@@ -54,18 +46,9 @@ def get_config(arg=None):
   c.seeds = 1 if tiny else 3
   c.methods = ",".join(METHODS)
   c.stages = ml_collections.ConfigDict()
-  teacher = _teacher_config()
-  warmstart = base_config()
-  warmstart.recipe.name = "sft"
-  warmstart.student.preset = "student-small"
-  warmstart.optimizer.learning_rate = 2e-3
-  warmstart.train.batch_size = 64
-  warmstart.train.steps = 400
+  teacher, warmstart = teacher_config("addition"), warmstart_config()
   warmstart.eval.every = 0
-  method = base_config()
-  method.student.init_from = "@warmstart"
-  method.teacher.checkpoint = "@teacher"
-  method.optimizer.learning_rate = 1e-3
+  method = distill_config({})
   method.train.steps = 200
   method.train.save_every = 200
   method.eval.every = 50

@@ -16,36 +16,13 @@ from pathlib import Path
 import ml_collections
 
 from opdjax import metrics
-from opdjax.configs import base_config
+from opdjax.configs import distill_config, teacher_config, warmstart_config
 from opdjax.stages import run_stages
-
-def _teacher_config():
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("teacher_experiment", Path(__file__).with_name("teacher.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config("addition")
 
 
 def get_config(arg=None):
   del arg
-  warmstart = base_config()
-  warmstart.recipe.name = "sft"
-  warmstart.student.preset = "student-small"
-  warmstart.optimizer.learning_rate = 2e-3
-  warmstart.train.batch_size = 64
-  warmstart.train.steps = 400
-  warmstart.train.save_every = 400
-  warmstart.eval.every = 400
-  warmstart.eval.at_start = False
-
-  opd = base_config()
-  opd.student.init_from = "@warmstart"
-  opd.teacher.checkpoint = "@teacher"
-  opd.recipe.name = "opd"
-  opd.recipe.estimator = "full"
-  opd.recipe.divergence = "reverse_kl"
-  opd.optimizer.learning_rate = 1e-3
+  opd = distill_config(dict(name="opd", estimator="full", divergence="reverse_kl"))
   opd.train.steps = 400
   opd.train.batch_size = 64
   opd.train.save_every = 100
@@ -53,8 +30,8 @@ def get_config(arg=None):
 
   c = ml_collections.ConfigDict()
   c.stages = ml_collections.ConfigDict()
-  c.stages.teacher = _teacher_config()
-  c.stages.warmstart = warmstart
+  c.stages.teacher = teacher_config("addition")
+  c.stages.warmstart = warmstart_config()
   c.stages.opd = opd
   c.stage_order = ("teacher", "warmstart", "opd")
   return c

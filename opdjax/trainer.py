@@ -185,7 +185,7 @@ def make_train_step(graphdef, recipe, tx, param_shardings, opt_shardings):
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     step_metrics = dict(step_metrics, loss=(loss, jnp.float32(1)),
-                        grad_norm=(optax.global_norm(grads), jnp.float32(1)),
+                        grad_norm=(optax.tree.norm(grads), jnp.float32(1)),
                         completion_tokens=(jnp.sum(targets.mask), jnp.float32(seq.tokens.shape[0])))
     return params, opt_state, step_metrics
 

@@ -9,7 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -230,3 +229,26 @@ def test_compare_objectives_tiny(capsys, tmp_path):
   summary = json.loads((tmp_path / "compare_objectives.json").read_text())
   assert set(summary["methods"]) == {"sft", "gkd_jsd", "opd_reverse_kl", "opd_sampled_g0"}
   assert (tmp_path / "compare_objectives.png").exists()
+
+
+def test_hf_teacher_and_jsonl_prompts(tmp_path):
+  from opdjax.data import char_tokenizer
+  tok = char_tokenizer()
+  teacher = Decoder(tiny_config("llama", vocab_size=len(tok), eos_token_ids=(tok.eos_token_id,)),
+                    rngs=nnx.Rngs(0))
+  save_pretrained(teacher, tmp_path / "hf_teacher")
+  lines = [json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}) for a in range(4) for b in range(4)]
+  (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+  config = tiny("opd", estimator="full", divergence="reverse_kl")
+  config.teacher.hf_path = str(tmp_path / "hf_teacher")
+  config.task.train_jsonl = str(tmp_path / "train.jsonl")
+  config.task.eval_size = 8
+  config.train.steps = 2
+  config.eval.every = 2
+  result = trainer.run(config, tmp_path / "run", quiet=True)
+  assert "sequence_reverse_kl" in result.final_eval
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text(lines[0] + "\n{broken\n")
+  config.task.train_jsonl = str(bad)
+  with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
+    trainer.run(config, tmp_path / "run_bad", quiet=True)

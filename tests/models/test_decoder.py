@@ -1,6 +1,5 @@
 """Decoder: KV-cache path equals the full forward on padded batches; head split; config."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -3,7 +3,6 @@ clear errors for broken checkpoints. Needs the `parity` extra (PyTorch CPU); nev
 
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -1,7 +1,6 @@
 """§1 divergences: worked example, analytic and finite-difference gradients, limits,
 invariants, numerics, bad input, jit/vmap."""
 
-import functools
 
 import chex
 import jax

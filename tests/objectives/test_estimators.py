@@ -1,7 +1,6 @@
 """§2 and §5 sampled-token estimators: worked example, exact expectations by enumerating
 the vocabulary, importance-sampling variants, bad input, jit/vmap."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
