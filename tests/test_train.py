@@ -132,7 +132,7 @@ def test_non_finite_loss_stops_without_overwriting(tmp_path):
 
 
 def _child_command(workdir, steps):
-  return [sys.executable, "-m", "opdjax.train", "--exp", "teacher", "--workdir", str(workdir),
+  return [sys.executable, "-m", "opdjax.train", "--exp", "teacher_sft", "--workdir", str(workdir),
           "--exp.student.preset=student-tiny", f"--exp.train.steps={steps}",
           "--exp.train.batch_size=8", "--exp.train.save_every=5", "--exp.train.log_every=5",
           "--exp.task.train_size=64", "--exp.task.eval_size=8", "--exp.task.difficulty=1",
@@ -186,23 +186,23 @@ def run_cli(capsys, *argv):
 def test_cli_list_and_dry_run(capsys):
   code, out, _ = run_cli(capsys, "--list")
   assert code == 0
-  for name in ("quickstart", "compare_objectives", "teacher"):
+  for name in ("quickstart", "compare_objectives", "teacher_sft"):
     assert name in out
-  code, out, _ = run_cli(capsys, "--exp", "teacher", "--exp.train.steps=7", "--dry_run")
+  code, out, _ = run_cli(capsys, "--exp", "teacher_sft", "--exp.train.steps=7", "--dry_run")
   assert code == 0 and "steps: 7" in out
 
 
 @pytest.mark.parametrize("argv,message", [
     (("--exp", "nope"), "unknown experiment 'nope'; valid: "),
-    (("--exp", "teacher", "--exp.train.stepz=3"), "unknown override key 'train.stepz': no 'stepz' at train; valid: ["),
-    (("--exp", "teacher", "--exp.train.steps=many"), "--exp.train.steps: expected an int, got 'many'"),
-    (("--exp", "teacher", "--exp.train.tensorboard=maybe"), "expected a bool"),
-    (("--exp", "teacher", "--train.steps=3"), "unrecognised argument '--train.steps=3'"),
-    (("--exp", "teacher", "--exp.recipe.name=ppo"), "unknown recipe 'ppo'; valid: "),
-    (("--exp", "teacher", "--exp.train.batch_size=12", "--exp.mesh.shape=(8,)"),
+    (("--exp", "teacher_sft", "--exp.train.stepz=3"), "unknown override key 'train.stepz': no 'stepz' at train; valid: ["),
+    (("--exp", "teacher_sft", "--exp.train.steps=many"), "--exp.train.steps: expected an int, got 'many'"),
+    (("--exp", "teacher_sft", "--exp.train.tensorboard=maybe"), "expected a bool"),
+    (("--exp", "teacher_sft", "--train.steps=3"), "unrecognised argument '--train.steps=3'"),
+    (("--exp", "teacher_sft", "--exp.recipe.name=ppo"), "unknown recipe 'ppo'; valid: "),
+    (("--exp", "teacher_sft", "--exp.train.batch_size=12", "--exp.mesh.shape=(8,)"),
      "train.batch_size=12 is not divisible by the 8 data-parallel devices"),
-    (("--exp", "teacher", "--exp.recipe.name=opd"), "recipe 'opd' needs a teacher"),
-    (("--exp", "teacher", "--exp.task.name=sorting"), "unknown task 'sorting'; valid: "),
+    (("--exp", "teacher_sft", "--exp.recipe.name=opd"), "recipe 'opd' needs a teacher"),
+    (("--exp", "teacher_sft", "--exp.task.name=sorting"), "unknown task 'sorting'; valid: "),
 ])
 def test_cli_errors_are_one_clear_line(capsys, tmp_path, argv, message):
   code, _, err = run_cli(capsys, *argv, "--workdir", str(tmp_path))
@@ -214,7 +214,7 @@ def test_cli_errors_are_one_clear_line(capsys, tmp_path, argv, message):
 def test_vocabulary_mismatch_is_reported_before_compiling(capsys, tmp_path):
   teacher = Decoder(tiny_config("qwen3", vocab_size=40), rngs=nnx.Rngs(0))
   save_pretrained(teacher, tmp_path / "hf_teacher")
-  code, _, err = run_cli(capsys, "--exp", "teacher", "--exp.recipe.name=opd",
+  code, _, err = run_cli(capsys, "--exp", "teacher_sft", "--exp.recipe.name=opd",
                          f"--exp.teacher.hf_path={tmp_path / 'hf_teacher'}",
                          "--workdir", str(tmp_path / "run"))
   assert code == 2

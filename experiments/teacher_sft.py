@@ -5,8 +5,8 @@ on the task's training split; the held-out greedy accuracy is printed at the end
 (0.96 on 2-digit addition).
 Time on a 2-core CPU: about 1 minute (addition, 600 steps).
 
-    python -m opdjax.train --exp teacher                 # addition, 2 digits
-    python -m opdjax.train --exp teacher:modular_chain --exp.task.difficulty=3
+    python -m opdjax.train --exp teacher_sft                 # addition, 2 digits
+    python -m opdjax.train --exp teacher_sft:modular_chain --exp.task.difficulty=3
 """
 
 from opdjax.configs import teacher_config
