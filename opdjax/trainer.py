@@ -192,6 +192,11 @@ def make_train_step(graphdef, recipe, tx, param_shardings, opt_shardings):
   return jax.jit(step, donate_argnums=(0, 1), out_shardings=(param_shardings, opt_shardings, None))
 
 
+@jax.jit
+def all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
 # ---------------------------------------------------------------- the run
 
 def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
@@ -244,10 +249,11 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
     writer.write(step, "eval", results)
     return results
 
-  def rollout(key, batch):
+  def rollout(step, key, batch):
     source = recipe.source
-    if source == "mixed":
-      source = "student" if float(jax.random.uniform(jax.random.fold_in(key, 1))) < recipe.lambda_on else "dataset"
+    if source == "mixed":  # GKD's per-batch coin, drawn on the host from (seed, step)
+      coin = np.random.default_rng([config.seed, step]).random()
+      source = "student" if coin < recipe.lambda_on else "dataset"
     prompts, prompt_mask = jnp.asarray(batch["prompt_tokens"]), jnp.asarray(batch["prompt_mask"])
     if source == "dataset":
       return join(prompts, prompt_mask, jnp.asarray(batch["answer_tokens"]), jnp.asarray(batch["answer_mask"]))
@@ -262,28 +268,41 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
   progress = tqdm(total=total, initial=start, desc=f"{recipe.name}", disable=quiet,
                   dynamic_ncols=True, mininterval=0.5)
   last_eval = {}
+  pending = []  # (step, on-device metrics) not yet read back: the host syncs only below
   seq = teacher_logits = None
   started = time.perf_counter()
+
+  def fail(message):
+    progress.close()
+    raise NonFiniteLossError(f"{message}; stopped without saving, the last good checkpoint "
+                             f"(step {ckpt.latest_step()}) in {ckpt.directory} is kept")
+
+  def read_back():
+    for done_step, values in jax.device_get(pending):
+      loss, grad_norm = float(values["loss"][0]), float(values["grad_norm"][0])
+      if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        fail(f"non-finite loss={loss} / grad_norm={grad_norm} at step {done_step}")
+      accumulator.add(values)
+    pending.clear()
+
   for step in range(start, total):
     key = jax.random.fold_in(base_key, step)
     if step % config.train.updates_per_rollout == 0 or seq is None:
-      seq = put(rollout(key, next(data)))
+      seq = put(rollout(step, key, next(data)))
       teacher_logits = None
       if recipe.needs_teacher:
         tokens, mask = recipes.inputs_of(seq)
         teacher_logits = forward_logits(teacher_graphdef, teacher_state, tokens, mask)
     params, opt_state, step_metrics = train_step(params, opt_state, seq, teacher_logits)
-    step_metrics = jax.device_get(step_metrics)
-    loss, grad_norm = float(step_metrics["loss"][0]), float(step_metrics["grad_norm"][0])
-    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-      progress.close()
-      raise NonFiniteLossError(
-          f"non-finite loss={loss} / grad_norm={grad_norm} at step {step + 1}; stopped without "
-          f"saving, the last good checkpoint (step {ckpt.latest_step()}) in {ckpt.directory} is kept")
-    accumulator.add(step_metrics)
     done = step + 1
+    pending.append((done, step_metrics))
     progress.update(1)
-    if done % config.train.log_every == 0 or done == total:
+    log_now = done % config.train.log_every == 0 or done == total
+    eval_now = bool(config.eval.every) and (done % config.eval.every == 0 or done == total)
+    save_now = done % config.train.save_every == 0 or done == total
+    if log_now or eval_now or save_now:
+      read_back()
+    if log_now:
       means = accumulator.means()
       means["steps_per_s"] = config.train.log_every / max(time.perf_counter() - started, 1e-9)
       started = time.perf_counter()
@@ -292,9 +311,11 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
       progress.set_postfix({k: f"{means[k]:.3g}" for k in ("loss", "token_reverse_kl", "nll")
                             if k in means} | ({"acc": f"{last_eval['accuracy_greedy']:.2f}"}
                                               if "accuracy_greedy" in last_eval else {}))
-    if config.eval.every and (done % config.eval.every == 0 or done == total):
+    if eval_now:
       last_eval = run_eval(done)
-    if done % config.train.save_every == 0 or done == total:
+    if save_now:
+      if not all_finite(params):
+        fail(f"non-finite parameters after step {done}")
       ckpt.save(done, params, opt_state, {"step": done, "data_state": data.get_state(),
                                           "seed": config.seed})
   progress.close()
