@@ -19,8 +19,8 @@ at lr 1e-4 (mean ± std over 3 seeds):
 
   method           greedy acc      seq. reverse KL   seq. forward KL
   sft              0.846 ± 0.010   2.02 ± 0.18       0.93 ± 0.08
-  gkd_jsd          0.844 ± 0.017   2.16 ± 0.12       0.95 ± 0.08
   supervised_kd    0.836 ± 0.006   2.13 ± 0.05       0.92 ± 0.07
+  gkd_jsd          0.831 ± 0.021   2.13 ± 0.07       0.94 ± 0.08
   seqkd            0.826 ± 0.010   2.18 ± 0.13       0.92 ± 0.07
   opd_top8         0.776 ± 0.010   2.31 ± 0.12       0.95 ± 0.09
   opd_reverse_kl   0.773 ± 0.011   2.22 ± 0.10       0.97 ± 0.07
