@@ -80,16 +80,24 @@ def sharding_for(path: str, shape: Sequence[int], mesh: Mesh,
   return NamedSharding(mesh, spec_for(path, shape, mesh, rules))
 
 
-def place_state(state, mesh: Mesh, rules: Sequence[tuple[str, P]] = DEFAULT_RULES):
-  """Puts an NNX state on `mesh` by the partition `rules`; returns `(state, shardings)`."""
+def state_shardings(state, mesh: Mesh, rules: Sequence[tuple[str, P]] = DEFAULT_RULES):
+  """The `NamedSharding` of every leaf of an NNX state (concrete or abstract), by `rules`."""
   from flax import nnx
-  flat = nnx.to_flat_state(state)
-  shardings = [(path, sharding_for(path_string(path), v.get_value().shape, mesh, rules))
-               for path, v in flat]
-  placed = [(path, v.replace(jax.device_put(v.get_value(), s)))
-            for (path, v), (_, s) in zip(flat, shardings)]
-  sharding_state = nnx.from_flat_state([(p, v.replace(s)) for (p, v), (_, s) in zip(flat, shardings)])
-  return nnx.from_flat_state(placed), sharding_state
+  return nnx.from_flat_state(
+      [(path, v.replace(sharding_for(path_string(path), v.get_value().shape, mesh, rules)))
+       for path, v in nnx.to_flat_state(state)])
+
+
+def place_state(state, mesh: Mesh, rules: Sequence[tuple[str, P]] = DEFAULT_RULES):
+  """Puts an NNX state on `mesh` by the partition `rules`."""
+  return jax.device_put(state, state_shardings(state, mesh, rules))
+
+
+def abstract_state(state, mesh: Mesh, rules: Sequence[tuple[str, P]] = DEFAULT_RULES):
+  """`ShapeDtypeStruct`s of an (abstract) NNX state with their shardings on `mesh`: a
+  restore target that allocates nothing."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      state, state_shardings(state, mesh, rules))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -24,6 +24,7 @@ from opdjax import checkpoint, metrics, recipes, sharding
 from opdjax.data import PromptSet, batches, char_tokenizer, encode, load_jsonl, synthetic_records
 from opdjax.evaluation import evaluate, forward_logits
 from opdjax.models import Decoder, ModelConfig, load_pretrained, load_tokenizer, read_config
+from opdjax.models.hf import abstract_model
 from opdjax.recipes.base import join
 from opdjax.sampling import SamplingParams, generate
 
@@ -109,13 +110,13 @@ def build_model(model_config, config_of: ModelConfig, *, seed: int, mesh):
   if model_config.hf_path:
     model, _ = load_pretrained(model_config.hf_path, dtype=dtype, mesh=mesh, with_tokenizer=False)
     return model
-  model = Decoder(config_of, dtype=dtype, rngs=nnx.Rngs(seed))
-  graphdef, state = nnx.split(model)
-  state, _ = sharding.place_state(state, mesh)
   source = model_config.get("checkpoint") or model_config.get("init_from")
-  if source:
-    state = checkpoint.restore_params(source, state)
-  return nnx.merge(graphdef, state)
+  if source:  # restore straight into the shardings; no throw-away random init
+    graphdef, abstract = nnx.split(abstract_model(config_of, dtype))
+    return nnx.merge(graphdef, checkpoint.restore_params(
+        source, sharding.abstract_state(abstract, mesh)))
+  graphdef, state = nnx.split(Decoder(config_of, dtype=dtype, rngs=nnx.Rngs(seed)))
+  return nnx.merge(graphdef, sharding.place_state(state, mesh))
 
 
 def build_mesh(config):
@@ -218,7 +219,7 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
   teacher = build_model(config.teacher, teacher_cfg, seed=config.seed + 1, mesh=mesh) if has_teacher else None
   checkpoint.write_model_config(workdir, student.config)
   graphdef, params = nnx.split(student)
-  _, param_shardings = sharding.place_state(params, mesh)
+  param_shardings = sharding.state_shardings(params, mesh)
   tx = make_optimizer(config)
   opt_state = sharding.onto_mesh(jax.jit(tx.init)(params), mesh)
   opt_shardings = jax.tree.map(lambda x: x.sharding, opt_state)

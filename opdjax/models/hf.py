@@ -201,11 +201,12 @@ def load_tokenizer(path: str | os.PathLike, config: ModelConfig | None = None):
 
 # ---------------------------------------------------------------- saving
 
-def _to_host(array: jax.Array) -> jax.Array:
+def _gathered(array: jax.Array) -> jax.Array:
+  """The whole array on this process (gathered across hosts when it is not addressable)."""
   if isinstance(array, jax.Array) and not array.is_fully_addressable:
     from jax.experimental import multihost_utils
     array = multihost_utils.process_allgather(array, tiled=True)
-  return jnp.asarray(jax.device_get(array))
+  return array
 
 
 def save_pretrained(model: Decoder, path: str | os.PathLike, *, tokenizer=None,
@@ -224,7 +225,7 @@ def save_pretrained(model: Decoder, path: str | os.PathLike, *, tokenizer=None,
   dtype = None
   for path_tuple, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     name, transposed = hf_name(sharding_lib.path_string(path_tuple))
-    array = _to_host(variable.get_value())
+    array = _gathered(variable.get_value())
     dtype = array.dtype
     tensors[name] = jnp.asarray(array.T if transposed else array)
   if jax.process_index() != 0:
