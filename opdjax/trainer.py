@@ -51,7 +51,6 @@ class NonFiniteLossError(RuntimeError):
 @dataclasses.dataclass
 class RunResult:
   workdir: Path
-  steps: int
   history: list[dict]
   final_eval: dict[str, float]
   plot: Path | None
@@ -334,4 +333,4 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
   if not quiet and final_eval:
     print(metrics.format_table([{"metric": k, "value": v} for k, v in final_eval.items()],
                                ["metric", "value"]))
-  return RunResult(workdir=workdir, steps=total, history=history, final_eval=final_eval, plot=plot)
+  return RunResult(workdir=workdir, history=history, final_eval=final_eval, plot=plot)

@@ -44,12 +44,6 @@ class PromptSet:
                 answer_tokens=self.answer_tokens[index], answer_mask=self.answer_mask[index],
                 index=np.int32(index))
 
-  def take(self, indices) -> dict[str, np.ndarray]:
-    indices = np.asarray(indices)
-    return dict(prompt_tokens=self.prompt_tokens[indices], prompt_mask=self.prompt_mask[indices],
-                answer_tokens=self.answer_tokens[indices], answer_mask=self.answer_mask[indices],
-                index=indices.astype(np.int32))
-
 
 def encode(records: Sequence[Record], tokenizer, *, prompt_length: int,
            answer_length: int, source: str = "records") -> PromptSet:
