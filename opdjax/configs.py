@@ -63,6 +63,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.steps = 100
   c.train.batch_size = 32
   c.train.updates_per_rollout = 1
+  c.train.microbatches = 1          # row blocks per step, gradients summed (same update)
+  c.train.loss_chunk_size = 0       # tokens per fused-loss chunk; 0 = auto (~16M logits)
   c.train.log_every = 10
   c.train.save_every = 50
   c.train.keep_checkpoints = 2
@@ -72,6 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.every = 50                 # 0 = no held-out evaluation
   c.eval.at_start = True
   c.eval.temperature = 1.0
+  c.eval.batch_size = 128           # rows generated and scored at once
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1,)              # -1: all remaining devices

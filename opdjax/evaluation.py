@@ -1,4 +1,8 @@
-"""Held-out evaluation: task accuracy and distances to the teacher (THEORY.md §9)."""
+"""Held-out evaluation: task accuracy and distances to the teacher (docs/theory.md §9).
+
+Rows are generated and scored `batch_size` at a time, and scores come from hidden states
+in token chunks, so evaluation memory does not grow with the eval set or the vocabulary.
+"""
 
 from __future__ import annotations
 
@@ -11,19 +15,14 @@ from flax import nnx
 
 from opdjax import objectives as obj
 from opdjax.data import PromptSet, verify
-from opdjax.recipes.base import distribution_metrics, inputs_of, join, targets_of
+from opdjax.recipes.base import inputs_of, join, metric_pairs, sampled_token_values, targets_of
 from opdjax.sampling import Generation, SamplingParams, generate
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def forward_logits(graphdef, state, tokens, attention_mask):
-  """Logits `[B, T, V]` of a model given as `(graphdef, state)`; one compile per shape."""
-  return nnx.merge(graphdef, state)(tokens, attention_mask=attention_mask)
-
-
-def model_logits(model, tokens, attention_mask):
-  graphdef, state = nnx.split(model)
-  return forward_logits(graphdef, state, tokens, attention_mask)
+def forward_hidden(graphdef, state, tokens, attention_mask):
+  """Final hidden states `[B, T, D]` of a model given as `(graphdef, state)`."""
+  return nnx.merge(graphdef, state).hidden_states(tokens, attention_mask=attention_mask)
 
 
 def decode_completions(tokenizer, gen: Generation) -> list[str]:
@@ -31,49 +30,79 @@ def decode_completions(tokenizer, gen: Generation) -> list[str]:
   return [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(tokens, lengths)]
 
 
+def verified(tokenizer, gen: Generation, answers) -> list[bool]:
+  return [verify(c, a) for c, a in zip(decode_completions(tokenizer, gen), answers)]
+
+
 def accuracy(tokenizer, gen: Generation, answers) -> float:
-  return float(np.mean([verify(c, a) for c, a in zip(decode_completions(tokenizer, gen), answers)]))
+  return float(np.mean(verified(tokenizer, gen, answers)))
 
 
-def _sequence_scores(student, teacher, prompts: PromptSet, gen: Generation):
-  """Per-row Σ_t log p(a_t) − log q(a_t) on `gen`'s completions, plus token metrics."""
-  seq = join(jnp.asarray(prompts.prompt_tokens), jnp.asarray(prompts.prompt_mask),
-             gen.tokens, gen.mask)
+@functools.partial(jax.jit, static_argnames=("student_graphdef", "teacher_graphdef", "chunk_size"))
+def _sequence_scores(student_graphdef, student_state, teacher_graphdef, teacher_state,
+                     seq, chunk_size):
+  """Per-row `Σ_t log p(a_t) − log q(a_t)` on `seq`'s completions, plus token metrics."""
   tokens, mask = inputs_of(seq)
   targets = targets_of(seq)
-  student_logits = model_logits(student, tokens, mask)
-  teacher_logits = model_logits(teacher, tokens, mask)
-  log_ratio = (obj.token_log_probs(student_logits, targets.tokens) -
-               obj.token_log_probs(teacher_logits, targets.tokens))
+  heads = []
+  for graphdef, state in ((student_graphdef, student_state), (teacher_graphdef, teacher_state)):
+    model = nnx.merge(graphdef, state)
+    heads.append(obj.Head(model.hidden_states(tokens, attention_mask=mask), model.head_kernel()))
+  values = obj.token_values(sampled_token_values, heads[0], targets.tokens, teacher=heads[1],
+                            chunk_size=chunk_size)
+  log_ratio = values["log_p"] - values["log_q"]
   per_row = jnp.sum(jnp.where(targets.mask, log_ratio, 0.0), axis=1)
-  return per_row, distribution_metrics(student_logits, teacher_logits, targets.mask)
+  return per_row, metric_pairs(values, targets.mask)
 
 
 def evaluate(student, prompts: PromptSet, tokenizer, *, key, max_new_tokens: int,
-             teacher=None, temperature: float = 1.0) -> dict[str, float]:
+             teacher=None, temperature: float = 1.0, batch_size: int = 128,
+             chunk_size: int = 0) -> dict[str, float]:
   """Greedy and sampled accuracy, lengths, truncation; with a teacher, KLs to it.
 
   `sequence_reverse_kl` is `E_{y~student}[Σ_t log p/q]` and `sequence_forward_kl`
   `E_{y~teacher}[Σ_t log q/p]` (Monte Carlo over the held-out prompts); the `token_*` KLs
-  are full-vocabulary per-token values at the student's sampled prefixes.
+  are full-vocabulary per-token values at the student's sampled prefixes. Rows go
+  `batch_size` at a time; block i samples with `fold_in(key, i)`.
   """
-  prompt_tokens, prompt_mask = jnp.asarray(prompts.prompt_tokens), jnp.asarray(prompts.prompt_mask)
-  run = lambda model, params, k: generate(model, prompt_tokens, prompt_mask, key=k,
-                                          max_new_tokens=max_new_tokens, sampling=params)
-  greedy = run(student, SamplingParams(greedy=True), key)
-  sampled = run(student, SamplingParams(temperature=temperature), jax.random.fold_in(key, 1))
+  greedy_ok, sampled_ok, lengths, truncated, reverse, forward = [], [], [], [], [], []
+  token_sums: dict[str, list] = {}
+  sample = SamplingParams(temperature=temperature)
+  for block, start in enumerate(range(0, len(prompts.answers), batch_size)):
+    rows = slice(start, start + batch_size)
+    prompt_tokens = jnp.asarray(prompts.prompt_tokens[rows])
+    prompt_mask = jnp.asarray(prompts.prompt_mask[rows])
+    answers = prompts.answers[rows]
+    block_key = jax.random.fold_in(key, block)
+    run = lambda model, params, k: generate(model, prompt_tokens, prompt_mask, key=k,
+                                            max_new_tokens=max_new_tokens, sampling=params)
+    greedy = run(student, SamplingParams(greedy=True), block_key)
+    sampled = run(student, sample, jax.random.fold_in(block_key, 1))
+    greedy_ok += verified(tokenizer, greedy, answers)
+    sampled_ok += verified(tokenizer, sampled, answers)
+    lengths += np.asarray(sampled.lengths).tolist()
+    truncated += np.asarray(sampled.truncated).tolist()
+    if teacher is None:
+      continue
+    score = lambda gen: _sequence_scores(
+        *nnx.split(student), *nnx.split(teacher),
+        join(prompt_tokens, prompt_mask, gen.tokens, gen.mask), chunk_size)
+    per_row, token_metrics = score(sampled)
+    reverse += np.asarray(per_row).tolist()
+    for name, (total, count) in token_metrics.items():
+      token_sums.setdefault(name, []).append((float(total), float(count)))
+    per_row_teacher, _ = score(run(teacher, sample, jax.random.fold_in(block_key, 2)))
+    forward += (-np.asarray(per_row_teacher)).tolist()
   results = {
-      "accuracy_greedy": accuracy(tokenizer, greedy, prompts.answers),
-      "accuracy_sampled": accuracy(tokenizer, sampled, prompts.answers),
-      "completion_length": float(jnp.mean(sampled.lengths)),
-      "truncation_rate": float(jnp.mean(sampled.truncated)),
+      "accuracy_greedy": float(np.mean(greedy_ok)),
+      "accuracy_sampled": float(np.mean(sampled_ok)),
+      "completion_length": float(np.mean(lengths)),
+      "truncation_rate": float(np.mean(truncated)),
   }
   if teacher is not None:
-    per_row, token_metrics = _sequence_scores(student, teacher, prompts, sampled)
-    results["sequence_reverse_kl"] = float(jnp.mean(per_row))
-    for name, (total, count) in token_metrics.items():
+    results["sequence_reverse_kl"] = float(np.mean(reverse))
+    results["sequence_forward_kl"] = float(np.mean(forward))
+    for name, pairs in token_sums.items():
+      total, count = np.sum(pairs, axis=0)
       results[name] = float(total) / max(float(count), 1.0)
-    teacher_samples = run(teacher, SamplingParams(temperature=temperature), jax.random.fold_in(key, 2))
-    per_row_teacher, _ = _sequence_scores(student, teacher, prompts, teacher_samples)
-    results["sequence_forward_kl"] = float(jnp.mean(-per_row_teacher))
   return results

@@ -142,9 +142,9 @@ def _generate_jit(graphdef, state, prompt_tokens, prompt_mask, key, max_new_toke
   batch, prompt_len = prompt_tokens.shape
   positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0).astype(jnp.int32)
   cache = model.init_cache(batch, prompt_len + steps)
-  logits, cache = model.prefill(prompt_tokens, positions, cache, token_mask=prompt_mask)
   last_real = prompt_len - 1 - jnp.argmax(prompt_mask[:, ::-1], axis=1)
-  next_logits = jnp.take_along_axis(logits, last_real[:, None, None], axis=1)[:, 0]
+  next_logits, cache = model.prefill(prompt_tokens, positions, cache, token_mask=prompt_mask,
+                                     logits_at=last_real)
   next_position = jnp.sum(prompt_mask, axis=1).astype(jnp.int32)
   eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
 

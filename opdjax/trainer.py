@@ -21,11 +21,12 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from opdjax import checkpoint, metrics, recipes, sharding
+from opdjax import objectives as obj
 from opdjax.data import PromptSet, batches, char_tokenizer, encode, load_jsonl, synthetic_records
-from opdjax.evaluation import evaluate, forward_logits
+from opdjax.evaluation import evaluate, forward_hidden
 from opdjax.models import Decoder, ModelConfig, load_pretrained, load_tokenizer, read_config
 from opdjax.models.hf import abstract_model
-from opdjax.recipes.base import join
+from opdjax.recipes.base import join, loss_from_hidden
 from opdjax.sampling import SamplingParams, generate
 
 # Model shapes for the synthetic experiments (vocabulary and special ids come from the
@@ -145,9 +146,17 @@ def validate(config, recipe, mesh, student_cfg: ModelConfig, teacher_cfg: ModelC
   if config.task.eval_size % data_devices:
     raise ConfigError(f"task.eval_size={config.task.eval_size} is not divisible by the "
                       f"{data_devices} data-parallel devices of mesh {dict(mesh.shape)}")
-  for name in ("steps", "batch_size", "updates_per_rollout", "save_every", "log_every"):
+  for name in ("steps", "batch_size", "updates_per_rollout", "save_every", "log_every",
+               "microbatches"):
     if train[name] < 1:
       raise ConfigError(f"train.{name} must be >= 1, got {train[name]}")
+  if train.batch_size % train.microbatches:
+    raise ConfigError(f"train.batch_size={train.batch_size} is not divisible by "
+                      f"train.microbatches={train.microbatches}")
+  if train.loss_chunk_size < 0:
+    raise ConfigError(f"train.loss_chunk_size must be >= 0 (0 = auto), got {train.loss_chunk_size}")
+  if config.eval.batch_size < 1:
+    raise ConfigError(f"eval.batch_size must be >= 1, got {config.eval.batch_size}")
   if train.save_every % train.updates_per_rollout:
     raise ConfigError(f"train.save_every={train.save_every} must be a multiple of "
                       f"train.updates_per_rollout={train.updates_per_rollout} (a checkpoint "
@@ -171,17 +180,50 @@ def make_optimizer(config) -> optax.GradientTransformation:
                      optax.adamw(lr, b1=0.9, b2=0.98, weight_decay=opt.weight_decay))
 
 
-def make_train_step(graphdef, recipe, tx, param_shardings, opt_shardings):
-  """`(params, opt_state, seq, teacher_logits) -> (params, opt_state, metrics)`, jitted."""
-  def step(params, opt_state, seq, teacher_logits):
+def make_train_step(graphdef, recipe, tx, param_shardings, opt_shardings, *,
+                    microbatches: int = 1, chunk_size: int = 0):
+  """`(params, opt_state, seq, teacher: Head | None) -> (params, opt_state, metrics)`, jitted.
+
+  The student runs to its final hidden states and the loss is computed from them in
+  token chunks (`opdjax.objectives.token_values`), so no `[B, T, V]` array is formed. With
+  `microbatches = M` the batch is split into M row blocks whose gradients are summed in a
+  `lax.scan`; the loss is normalised by the whole batch's completion tokens, so the update
+  equals the whole-batch one.
+  """
+  def grads_of(params, seq, teacher_hidden, teacher_kernel, num_tokens):
     tokens, mask = recipes.inputs_of(seq)
     targets = recipes.targets_of(seq)
 
     def loss_fn(params):
-      logits = nnx.merge(graphdef, params)(tokens, attention_mask=mask)
-      return recipe.loss(logits, teacher_logits, targets)
+      model = nnx.merge(graphdef, params)
+      student = obj.Head(model.hidden_states(tokens, attention_mask=mask), model.head_kernel())
+      teacher = None if teacher_hidden is None else obj.Head(teacher_hidden, teacher_kernel)
+      per_token, metrics = loss_from_hidden(recipe, student, teacher, targets,
+                                            chunk_size=chunk_size)
+      return obj.masked_sum(per_token, targets.mask) / num_tokens, metrics
 
-    (loss, step_metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return loss, metrics, grads
+
+  def step(params, opt_state, seq, teacher):
+    teacher_hidden, teacher_kernel = (None, None) if teacher is None else teacher
+    targets = recipes.targets_of(seq)
+    num_tokens = jnp.maximum(jnp.sum(targets.mask), 1).astype(jnp.float32)
+    if microbatches == 1:
+      loss, step_metrics, grads = grads_of(params, seq, teacher_hidden, teacher_kernel, num_tokens)
+    else:
+      split = lambda x: x.reshape((microbatches, x.shape[0] // microbatches) + x.shape[1:])
+      blocks = jax.tree.map(split, (seq, teacher_hidden))
+
+      def accumulate(total, block):
+        seq_block, hidden_block = block
+        out = grads_of(params, seq_block, hidden_block, teacher_kernel, num_tokens)
+        return jax.tree.map(jnp.add, total, out), None
+
+      first = jax.tree.map(lambda x: x[0], blocks)
+      zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(
+          grads_of, params, first[0], first[1], teacher_kernel, num_tokens))
+      (loss, step_metrics, grads), _ = jax.lax.scan(accumulate, zeros, blocks)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     step_metrics = dict(step_metrics, loss=(loss, jnp.float32(1)),
@@ -222,9 +264,12 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
   tx = make_optimizer(config)
   opt_state = sharding.onto_mesh(jax.jit(tx.init)(params), mesh)
   opt_shardings = jax.tree.map(lambda x: x.sharding, opt_state)
-  train_step = make_train_step(graphdef, recipe, tx, param_shardings, opt_shardings)
+  train_step = make_train_step(graphdef, recipe, tx, param_shardings, opt_shardings,
+                               microbatches=config.train.microbatches,
+                               chunk_size=config.train.loss_chunk_size)
   batch_sharding = sharding.batch_sharding(mesh)
   teacher_graphdef, teacher_state = nnx.split(teacher) if teacher is not None else (None, None)
+  teacher_kernel = teacher.head_kernel() if teacher is not None else None
 
   data = iter(batches(train_set, batch_size=config.train.batch_size, seed=config.seed))
   ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
@@ -245,7 +290,8 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
   def run_eval(step):
     results = evaluate(nnx.merge(graphdef, params), eval_set, tokenizer, key=eval_key,
                        max_new_tokens=completion_length, teacher=teacher,
-                       temperature=config.eval.temperature)
+                       temperature=config.eval.temperature, batch_size=config.eval.batch_size,
+                       chunk_size=config.train.loss_chunk_size)
     writer.write(step, "eval", results)
     return results
 
@@ -269,7 +315,7 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
                   dynamic_ncols=True, mininterval=0.5)
   last_eval = {}
   pending = []  # (step, on-device metrics) not yet read back: the host syncs only below
-  seq = teacher_logits = None
+  seq = teacher_head = None
   started = time.perf_counter()
 
   def fail(message):
@@ -289,11 +335,12 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
     key = jax.random.fold_in(base_key, step)
     if step % config.train.updates_per_rollout == 0 or seq is None:
       seq = put(rollout(step, key, next(data)))
-      teacher_logits = None
+      teacher_head = None  # a reused rollout keeps the teacher's [B, T, H], never [B, T, V]
       if recipe.needs_teacher:
         tokens, mask = recipes.inputs_of(seq)
-        teacher_logits = forward_logits(teacher_graphdef, teacher_state, tokens, mask)
-    params, opt_state, step_metrics = train_step(params, opt_state, seq, teacher_logits)
+        teacher_head = obj.Head(forward_hidden(teacher_graphdef, teacher_state, tokens, mask),
+                                teacher_kernel)
+    params, opt_state, step_metrics = train_step(params, opt_state, seq, teacher_head)
     done = step + 1
     pending.append((done, step_metrics))
     progress.update(1)

@@ -188,12 +188,15 @@ class Decoder(nnx.Module):
     mask = causal[None] & attention_mask[:, None, :]
     return self._run(tokens, positions, mask)
 
+  def head_kernel(self) -> jax.Array:
+    """The LM head as a `[D, V]` matrix (the embedding transposed when tied)."""
+    if self.lm_head is None:
+      return self.embed.embedding[...].T
+    return self.lm_head.kernel[...]
+
   def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
     """LM head: `[..., D] -> [..., V]` float32 logits (tied or untied)."""
-    if self.lm_head is None:
-      weight = self.embed.embedding[...]
-      return jnp.einsum("...d,vd->...v", hidden, weight, preferred_element_type=jnp.float32)
-    return jnp.einsum("...d,dv->...v", hidden, self.lm_head.kernel[...],
+    return jnp.einsum("...d,dv->...v", hidden, self.head_kernel(),
                       preferred_element_type=jnp.float32)
 
   # ------------------------------------------------------------ cached path
@@ -201,7 +204,7 @@ class Decoder(nnx.Module):
   def init_cache(self, batch_size: int, max_length: int) -> KVCache:
     return KVCache.create(self.config, batch_size, max_length, self.dtype)
 
-  def prefill(self, tokens, positions, cache: KVCache, *, token_mask=None):
+  def prefill(self, tokens, positions, cache: KVCache, *, token_mask=None, logits_at=None):
     """Runs `tokens [B, T]` through the model, writing slots `[index, index+T)` of `cache`.
 
     Args:
@@ -209,9 +212,12 @@ class Decoder(nnx.Module):
       positions: `[B, T]` RoPE positions of each token in its own row.
       cache: the cache to extend (`cache.index + T ≤ cache.max_length`).
       token_mask: `[B, T]` True on real tokens (padding is written but never attended).
+      logits_at: optional `[B]` int, the one position (in `[0, T)`) of each row whose
+        logits are wanted, such as each row's last real prompt token. The LM head then runs
+        on B positions instead of B·T.
 
     Returns:
-      `(logits [B, T, V] float32, updated cache)`.
+      `(logits, updated cache)`: logits `[B, T, V]` float32, or `[B, V]` with `logits_at`.
     """
     tokens = jnp.asarray(tokens)
     token_mask = jnp.ones(tokens.shape, bool) if token_mask is None else jnp.asarray(token_mask, bool)
@@ -223,6 +229,8 @@ class Decoder(nnx.Module):
     hidden, keys, values = self._run(tokens, jnp.asarray(positions), mask,
                                      kv=(cache.keys, cache.values), index=cache.index)
     cache = KVCache(keys=keys, values=values, valid=valid, index=cache.index + length)
+    if logits_at is not None:
+      hidden = jnp.take_along_axis(hidden, jnp.asarray(logits_at)[:, None, None], axis=1)[:, 0]
     return self.logits_from_hidden(hidden), cache
 
   def decode(self, tokens, positions, cache: KVCache, *, active=None):
@@ -232,9 +240,8 @@ class Decoder(nnx.Module):
     """
     tokens = jnp.asarray(tokens)[:, None]
     token_mask = None if active is None else jnp.asarray(active, bool)[:, None]
-    logits, cache = self.prefill(tokens, jnp.asarray(positions)[:, None], cache,
-                                 token_mask=token_mask)
-    return logits[:, 0], cache
+    return self.prefill(tokens, jnp.asarray(positions)[:, None], cache, token_mask=token_mask,
+                        logits_at=jnp.zeros(tokens.shape[:1], jnp.int32))
 
   # ------------------------------------------------------------ shared body
 

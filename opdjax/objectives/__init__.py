@@ -22,6 +22,8 @@ from opdjax.objectives.estimators import log_ratio
 from opdjax.objectives.estimators import policy_gradient_loss
 from opdjax.objectives.estimators import sampled_reverse_kl_loss
 from opdjax.objectives.estimators import token_log_probs
+from opdjax.objectives.fused import Head
+from opdjax.objectives.fused import token_values
 from opdjax.objectives.reductions import masked_sum
 from opdjax.objectives.reductions import sequence_mean
 from opdjax.objectives.reductions import token_mean

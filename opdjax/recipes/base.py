@@ -2,9 +2,10 @@
 
 A training sequence is `[pad…, prompt, completion, pad…]` (prompts left-padded,
 completions right-padded), so real tokens are contiguous and logits at slot t predict
-the token at slot t+1. `Targets` holds that shifted view; a recipe's loss maps
-`(student_logits, teacher_logits, targets)` to a scalar and a dict of metrics, each a
-token-weighted `(sum, count)` pair so they reduce exactly across steps and devices.
+the token at slot t+1. `Targets` holds that shifted view. A `Recipe`'s loss is a per-token
+function of logits plus a step over the resulting `[B, T]` values (see `Recipe`), and its
+metrics are token-weighted `(sum, count)` pairs so they reduce exactly across steps,
+micro-batches and devices.
 """
 
 from __future__ import annotations
@@ -69,39 +70,86 @@ def pair(values, mask):
   return obj.masked_sum(values, mask), jnp.sum(mask)
 
 
-def distribution_metrics(student_logits, teacher_logits, mask) -> dict:
-  """Per-token full-vocabulary KLs to the teacher and the student's entropy."""
+def distribution_values(student_logits, teacher_logits) -> dict:
+  """Per-token metric values (no gradient): the student's entropy and, with a teacher, the
+  full-vocabulary token reverse and forward KLs. Shapes `[..., V] -> [...]`."""
   student_logits = jax.lax.stop_gradient(student_logits)
   log_p = jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1)
-  entropy = -jnp.sum(jnp.where(log_p > -jnp.inf, jnp.exp(log_p) * log_p, 0.0), axis=-1)
-  metrics = {"student_entropy": pair(entropy, mask)}
+  values = {"student_entropy": -jnp.sum(jnp.where(log_p > -jnp.inf, jnp.exp(log_p) * log_p, 0.0),
+                                        axis=-1)}
   if teacher_logits is not None:
-    metrics["token_reverse_kl"] = pair(obj.reverse_kl(student_logits, teacher_logits), mask)
-    metrics["token_forward_kl"] = pair(obj.forward_kl(student_logits, teacher_logits), mask)
-  return metrics
+    values["token_reverse_kl"] = obj.reverse_kl(student_logits, teacher_logits)
+    values["token_forward_kl"] = obj.forward_kl(student_logits, teacher_logits)
+  return values
 
 
-def nll_loss(student_logits, targets: Targets):
-  """`−log p(y_t)` token mean over the completion (SFT and SeqKD)."""
-  nll = -obj.token_log_probs(student_logits, targets.tokens)
-  return obj.token_mean(nll, targets.mask), {"nll": pair(nll, targets.mask)}
+METRIC_VALUES = ("student_entropy", "token_reverse_kl", "token_forward_kl")
+
+
+def metric_pairs(values: dict, mask, names=METRIC_VALUES) -> dict:
+  """`(sum, count)` pairs over `mask` for the per-token values named in `names`."""
+  return {name: pair(values[name], mask) for name in names if name in values}
+
+
+def sampled_token_values(student_logits, teacher_logits, tokens) -> dict:
+  """Per token: `log p(a_t)` (differentiated), `log q(a_t)` and the distribution metrics."""
+  return dict(distribution_values(student_logits, teacher_logits),
+              log_p=obj.token_log_probs(student_logits, tokens),
+              log_q=obj.token_log_probs(teacher_logits, tokens))
+
+
+def nll_token_values(student_logits, teacher_logits, tokens) -> dict:
+  """Per token: `log p(y_t)` and the distribution metrics (SFT and SeqKD)."""
+  return dict(distribution_values(student_logits, teacher_logits),
+              log_p=obj.token_log_probs(student_logits, tokens))
+
+
+def nll_loss(values: dict, targets: Targets):
+  """`−log p(y_t)` on the completion (SFT and SeqKD)."""
+  nll = -values["log_p"]
+  return nll, dict(metric_pairs(values, targets.mask), nll=pair(nll, targets.mask))
 
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-  """How one algorithm gets its data and turns logits into a loss.
+  """How one algorithm gets its data and turns a model's outputs into a loss.
+
+  The loss is split in two so that it runs from hidden states in token chunks
+  (`opdjax.objectives.token_values`) or from full logits with the same numbers:
+
+  * `token_values(student_logits [..., V], teacher_logits [..., V] | None, tokens [...])`
+    returns a dict of per-position values `[...]` (it reduces only the vocabulary axis);
+  * `loss(values: {name: [B, T]}, targets)` returns `(per_token_loss [B, T], metrics)`,
+    where metrics are token-weighted `(sum, count)` pairs. It may mix positions of a row
+    (reward-to-go) but never rows of different micro-batches. The trainer minimises
+    `Σ_t mask·per_token_loss / Σ mask` over the whole batch (the completion token mean).
 
   Attributes:
     name: registry name.
     source: where completions come from each rollout: "dataset", "teacher", "student", or
       "mixed" (student with probability `lambda_on`, else dataset: GKD).
-    needs_teacher: whether the loss reads teacher logits.
-    loss: `(student_logits, teacher_logits | None, targets) -> (scalar, metrics)`.
+    needs_teacher: whether `token_values` reads teacher logits.
+    token_values: see above.
+    loss: see above.
     lambda_on: the on-policy probability for source "mixed".
   """
 
   name: str
   source: str
   needs_teacher: bool
+  token_values: Callable
   loss: Callable
   lambda_on: float = 1.0
+
+
+def loss_from_hidden(recipe: Recipe, student: obj.Head, teacher: obj.Head | None,
+                     targets: Targets, *, chunk_size: int = 0):
+  """`recipe`'s `(per-token loss [B, T], metrics)` from hidden states, in token chunks."""
+  values = obj.token_values(recipe.token_values, student, targets.tokens, teacher=teacher,
+                            chunk_size=chunk_size)
+  return recipe.loss(values, targets)
+
+
+def loss_from_logits(recipe: Recipe, student_logits, teacher_logits, targets: Targets):
+  """The unfused reference: `recipe` on full `[B, T, V]` logits -> `(per-token loss, metrics)`."""
+  return recipe.loss(recipe.token_values(student_logits, teacher_logits, targets.tokens), targets)

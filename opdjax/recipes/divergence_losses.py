@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from opdjax import objectives as obj
-from opdjax.recipes.base import distribution_metrics, pair
+from opdjax.recipes.base import distribution_values, metric_pairs, pair
+
+TOPK_METRICS = ("topk_teacher_mass", "topk_student_mass", "topk_overlap")
 
 
 def divergence_from_config(config):
@@ -12,25 +14,31 @@ def divergence_from_config(config):
   return obj.get_divergence(config.divergence, **kwargs)
 
 
-def divergence_loss(config):
-  """Per-token divergence to the teacher on completion tokens (top-K if `config.top_k`)."""
+def divergence_token_values(config):
+  """Per token: the divergence to the teacher (top-K if `config.top_k`) and the metrics."""
   divergence = divergence_from_config(config)
   top_k = int(config.get("top_k", 0) or 0)
   tail_bucket = bool(config.get("tail_bucket", False))
 
-  def loss(student_logits, teacher_logits, targets):
+  def token_values(student_logits, teacher_logits, tokens):
+    del tokens
+    values = distribution_values(student_logits, teacher_logits)
     if top_k:
-      values = obj.topk_divergence(divergence, student_logits, teacher_logits, k=top_k,
-                                   tail_bucket=tail_bucket)
-    else:
-      values = divergence(student_logits, teacher_logits)
-    metrics = distribution_metrics(student_logits, teacher_logits, targets.mask)
-    metrics["divergence"] = pair(values, targets.mask)
-    if top_k:
+      values["divergence"] = obj.topk_divergence(divergence, student_logits, teacher_logits,
+                                                 k=top_k, tail_bucket=tail_bucket)
       diag = obj.support_diagnostics(student_logits, teacher_logits, k=top_k)
-      metrics["topk_teacher_mass"] = pair(diag.teacher_mass, targets.mask)
-      metrics["topk_student_mass"] = pair(diag.student_mass, targets.mask)
-      metrics["topk_overlap"] = pair(diag.overlap, targets.mask)
-    return obj.token_mean(values, targets.mask), metrics
+      values.update(topk_teacher_mass=diag.teacher_mass, topk_student_mass=diag.student_mass,
+                    topk_overlap=diag.overlap)
+    else:
+      values["divergence"] = divergence(student_logits, teacher_logits)
+    return values
 
-  return loss
+  return token_values
+
+
+def divergence_loss(values, targets):
+  """The per-token divergence is the loss; everything else is logged."""
+  metrics = metric_pairs(values, targets.mask, names=("student_entropy", "token_reverse_kl",
+                                                       "token_forward_kl") + TOPK_METRICS)
+  metrics["divergence"] = pair(values["divergence"], targets.mask)
+  return values["divergence"], metrics

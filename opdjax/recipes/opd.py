@@ -1,4 +1,4 @@
-"""On-policy distillation: the student's own samples, scored by the teacher (§1–§5).
+"""On-policy distillation: the student's own samples, scored by the teacher (docs/theory.md §1–§5).
 
 `estimator`:
   * "full":    any §1 divergence on the full vocabulary at every visited prefix;
@@ -14,8 +14,8 @@ from __future__ import annotations
 import jax
 
 from opdjax import objectives as obj
-from opdjax.recipes.base import Recipe, distribution_metrics, pair
-from opdjax.recipes.divergence_losses import divergence_loss
+from opdjax.recipes.base import Recipe, metric_pairs, pair, sampled_token_values
+from opdjax.recipes.divergence_losses import divergence_loss, divergence_token_values
 
 ESTIMATORS = ("full", "topk", "sampled")
 CORRECTIONS = ("none", "plain", "truncated", "ppo_clip")
@@ -23,15 +23,16 @@ CORRECTIONS = ("none", "plain", "truncated", "ppo_clip")
 
 def sampled_token_loss(*, gamma: float, correction: str, clip_epsilon: float,
                        truncation: float):
+  """The policy-gradient surrogate with rewards `log q(a_t) − log p_old(a_t)`."""
   if correction not in CORRECTIONS:
     raise ValueError(f"recipe.correction must be one of {CORRECTIONS}, got {correction!r}")
   if not 0.0 <= gamma <= 1.0:
     raise ValueError(f"recipe.gamma must be in [0, 1], got {gamma}")
 
-  def loss(student_logits, teacher_logits, targets):
+  def loss(values, targets):
     mask = targets.mask
-    log_p = obj.token_log_probs(student_logits, targets.tokens)
-    log_q = jax.lax.stop_gradient(obj.token_log_probs(teacher_logits, targets.tokens))
+    log_p = values["log_p"]
+    log_q = jax.lax.stop_gradient(values["log_q"])
     rewards = obj.opd_rewards(targets.model_logprobs, log_q)
     advantages = obj.reward_to_go(rewards, mask, gamma=gamma)
     if correction == "none":
@@ -41,11 +42,11 @@ def sampled_token_loss(*, gamma: float, correction: str, clip_epsilon: float,
           log_p, targets.behaviour_logprobs, advantages, correction=correction,
           clip_epsilon=clip_epsilon, truncation=truncation)
     ratio = obj.importance_ratio(jax.lax.stop_gradient(log_p), targets.behaviour_logprobs)
-    metrics = distribution_metrics(student_logits, teacher_logits, mask)
+    metrics = metric_pairs(values, mask)
     metrics["sampled_log_ratio"] = pair(-rewards, mask)
     metrics["positive_advantage_fraction"] = pair((advantages > 0).astype("float32"), mask)
     metrics["importance_ratio"] = pair(ratio, mask)
-    return obj.token_mean(per_token, mask), metrics
+    return per_token, metrics
 
   return loss
 
@@ -55,6 +56,7 @@ def build(config) -> Recipe:
   if estimator not in ESTIMATORS:
     raise ValueError(f"recipe.estimator must be one of {ESTIMATORS}, got {estimator!r}")
   if estimator == "sampled":
+    token_values = sampled_token_values
     loss = sampled_token_loss(gamma=float(config.gamma), correction=config.correction,
                               clip_epsilon=float(config.clip_epsilon),
                               truncation=float(config.truncation))
@@ -63,5 +65,6 @@ def build(config) -> Recipe:
       raise ValueError("recipe.estimator='topk' needs recipe.top_k >= 1")
     if estimator == "full" and int(config.get("top_k", 0) or 0):
       raise ValueError("recipe.top_k is set but recipe.estimator='full'; use estimator='topk'")
-    loss = divergence_loss(config)
-  return Recipe(name="opd", source="student", needs_teacher=True, loss=loss)
+    token_values, loss = divergence_token_values(config), divergence_loss
+  return Recipe(name="opd", source="student", needs_teacher=True, token_values=token_values,
+                loss=loss)

@@ -1,9 +1,9 @@
-"""SeqKD: maximum likelihood on the teacher's own samples, as hard labels (§7)."""
+"""SeqKD: maximum likelihood on the teacher's own samples, as hard labels (docs/theory.md §7)."""
 
-from opdjax.recipes.base import Recipe, nll_loss
+from opdjax.recipes.base import Recipe, nll_loss, nll_token_values
 
 
 def build(config) -> Recipe:
   del config
   return Recipe(name="seqkd", source="teacher", needs_teacher=False,
-                loss=lambda student_logits, teacher_logits, targets: nll_loss(student_logits, targets))
+                token_values=nll_token_values, loss=nll_loss)

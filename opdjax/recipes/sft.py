@@ -1,9 +1,9 @@
-"""SFT: maximum likelihood on the dataset's reference answers (THEORY.md §7)."""
+"""SFT: maximum likelihood on the dataset's reference answers (docs/theory.md §7)."""
 
-from opdjax.recipes.base import Recipe, nll_loss
+from opdjax.recipes.base import Recipe, nll_loss, nll_token_values
 
 
 def build(config) -> Recipe:
   del config
   return Recipe(name="sft", source="dataset", needs_teacher=False,
-                loss=lambda student_logits, teacher_logits, targets: nll_loss(student_logits, targets))
+                token_values=nll_token_values, loss=nll_loss)

@@ -1,9 +1,9 @@
 """Supervised KD: a divergence to the teacher on fixed dataset answers (soft labels, §7)."""
 
 from opdjax.recipes.base import Recipe
-from opdjax.recipes.divergence_losses import divergence_loss
+from opdjax.recipes.divergence_losses import divergence_loss, divergence_token_values
 
 
 def build(config) -> Recipe:
   return Recipe(name="supervised_kd", source="dataset", needs_teacher=True,
-                loss=divergence_loss(config))
+                token_values=divergence_token_values(config), loss=divergence_loss)

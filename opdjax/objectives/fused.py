@@ -1,0 +1,134 @@
+"""Hidden states → per-token values in token chunks, never holding `[B, T, V]` logits.
+
+Every training loss and logged metric in opdjax is a function of the logits at one
+position and the token that follows (a divergence to the teacher, `log p(a_t)`, an
+entropy, a top-K overlap). Anything that mixes positions (reward-to-go, group advantages,
+reductions) acts on the resulting `[B, T]` values, which are small. So one routine serves
+every objective: `token_values(fn, student, tokens, teacher=...)` flattens the `B·T`
+positions, pads them to a multiple of `chunk_size`, and `lax.scan`s over chunks; each chunk
+computes `hidden @ kernel` for the student (and the teacher), applies `fn`, and keeps only
+`fn`'s per-token outputs. The chunk body is wrapped in `jax.checkpoint`, so the backward
+pass recomputes one chunk's logits at a time: peak memory is O(chunk · V) whatever B·T is,
+and the gradient reaches the hidden states and the head kernel through the same scan.
+
+`fn` is exactly the function one would apply to full logits (it only reduces the last
+axis), so `fn(full_student_logits, full_teacher_logits, tokens)` is the unfused reference
+that the tests compare against.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> from opdjax import objectives as obj
+  >>> h = jax.random.normal(jax.random.key(0), (2, 5, 8))
+  >>> w = jax.random.normal(jax.random.key(1), (8, 11))
+  >>> tokens = jnp.zeros((2, 5), jnp.int32)
+  >>> fn = lambda s, t, a: {"log_p": obj.token_log_probs(s, a)}
+  >>> fused = obj.token_values(fn, obj.Head(h, w), tokens, chunk_size=4)
+  >>> full = fn(h @ w, None, tokens)
+  >>> bool(jnp.allclose(fused["log_p"], full["log_p"], atol=1e-5))
+  True
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+# A per-token function of `(student_logits [C, V], teacher_logits [C, V] | None,
+# tokens [C])` returning a dict of `[C]` arrays. It must not mix positions.
+TokenFn = Callable[[jax.Array, "jax.Array | None", jax.Array], dict]
+
+# Elements of one chunk's `[C, V]` logits when `chunk_size` is 0 ("auto"): 2**24 float32
+# values (64 MiB per buffer; a divergence's chunk holds a handful of them).
+AUTO_CHUNK_ELEMENTS = 1 << 24
+
+
+class Head(NamedTuple):
+  """A model's final hidden states and its LM head: `logits = hidden @ kernel`.
+
+  Attributes:
+    hidden: `[B, T, D]` final (normed) hidden states, any float dtype.
+    kernel: `[D, V]` head weights (for tied embeddings, the embedding matrix transposed).
+  """
+
+  hidden: jax.Array
+  kernel: jax.Array
+
+
+def logits_of(hidden: jax.Array, kernel: jax.Array) -> jax.Array:
+  """`hidden [..., D] @ kernel [D, V]` accumulated in float32."""
+  return jnp.einsum("...d,dv->...v", hidden, kernel, preferred_element_type=jnp.float32)
+
+
+def auto_chunk_size(vocab_size: int, num_tokens: int) -> int:
+  """Tokens per chunk so that one chunk's logits hold about `AUTO_CHUNK_ELEMENTS` values."""
+  size = max(8, (AUTO_CHUNK_ELEMENTS // max(vocab_size, 1)) // 8 * 8)
+  return min(size, max(num_tokens, 1))
+
+
+def token_values(fn: TokenFn, student: Head, tokens: jax.Array, *,
+                 teacher: Head | None = None, vocab_mask: jax.Array | None = None,
+                 chunk_size: int = 0) -> dict:
+  """Applies the per-token function `fn` to chunks of `B·T` positions.
+
+  Args:
+    fn: `(student_logits [C, V], teacher_logits [C, V] | None, tokens [C]) -> {name: [C]}`.
+      The student's logits are differentiated; the teacher's are stop-gradiented here.
+    student: the student's `Head` (`hidden [B, T, D]`, `kernel [D, V]`).
+    tokens: `[B, T]` integer targets (the token that follows each position).
+    teacher: the teacher's `Head` (`hidden [B, T, D']`, `kernel [D', V]`), or None.
+    vocab_mask: optional `[V]` bool; False entries get `-inf` logits for both models
+      (for example the padded rows of a checkpoint's embedding).
+    chunk_size: positions per chunk; 0 picks `auto_chunk_size(V, B·T)`.
+
+  Returns:
+    `{name: [B, T]}`: `fn`'s outputs at every position, equal to `fn` on full logits.
+  """
+  hidden, kernel = student
+  if hidden.ndim != 3 or kernel.ndim != 2 or hidden.shape[-1] != kernel.shape[0]:
+    raise ValueError(f"student hidden must be [B, T, D] and kernel [D, V]; got {hidden.shape} "
+                     f"and {kernel.shape}")
+  batch, length, _ = hidden.shape
+  vocab = kernel.shape[1]
+  if tokens.shape != (batch, length):
+    raise ValueError(f"tokens {tokens.shape} must be [B, T] = {(batch, length)}")
+  if teacher is not None:
+    if teacher.hidden.shape[:2] != (batch, length) or teacher.kernel.shape[1] != vocab:
+      raise ValueError(f"teacher hidden {teacher.hidden.shape} / kernel {teacher.kernel.shape} "
+                       f"do not match the student's [B, T] = {(batch, length)} and V = {vocab}")
+  if vocab_mask is not None and vocab_mask.shape != (vocab,):
+    raise ValueError(f"vocab_mask must have shape ({vocab},), got {vocab_mask.shape}")
+  if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 0:
+    raise ValueError(f"chunk_size must be an integer >= 0 (0 = auto), got {chunk_size!r}")
+
+  num = batch * length
+  size = chunk_size or auto_chunk_size(vocab, num)
+  chunks = -(-num // size)
+
+  def split(x):  # [B, T, ...] -> [chunks, size, ...], zero-padded at the end
+    x = x.reshape((num,) + x.shape[2:])
+    x = jnp.pad(x, [(0, chunks * size - num)] + [(0, 0)] * (x.ndim - 1))
+    return x.reshape((chunks, size) + x.shape[1:])
+
+  def masked(logits):
+    return logits if vocab_mask is None else jnp.where(vocab_mask, logits, -jnp.inf)
+
+  @jax.checkpoint
+  def chunk_fn(kernel, teacher_kernel, hidden_c, teacher_hidden_c, tokens_c):
+    student_logits = masked(logits_of(hidden_c, kernel))
+    teacher_logits = None
+    if teacher_hidden_c is not None:
+      teacher_logits = jax.lax.stop_gradient(masked(logits_of(teacher_hidden_c, teacher_kernel)))
+    return fn(student_logits, teacher_logits, tokens_c)
+
+  teacher_kernel = None if teacher is None else jax.lax.stop_gradient(teacher.kernel)
+  xs = (split(hidden), None if teacher is None else split(jax.lax.stop_gradient(teacher.hidden)),
+        split(tokens))
+
+  def body(carry, x):
+    return carry, chunk_fn(kernel, teacher_kernel, *x)
+
+  _, out = jax.lax.scan(body, None, xs)
+  return jax.tree.map(lambda v: v.reshape((chunks * size,) + v.shape[2:])[:num]
+                      .reshape((batch, length) + v.shape[2:]), out)
