@@ -1,0 +1,194 @@
+"""The chunked hidden → loss path equals the full-logits path (values and gradients), and
+its compiled train step holds no `[B·T, V]` buffer."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from opdjax import objectives as obj
+from opdjax import recipes
+from opdjax.recipes.base import Targets, loss_from_hidden, loss_from_logits
+
+B, T, D, DT, V = 3, 7, 8, 12, 19   # B·T = 21 positions: not a multiple of the chunk (4)
+CHUNK = 4
+
+
+def _problem(seed=0):
+  ks = jax.random.split(jax.random.key(seed), 8)
+  hidden = jax.random.normal(ks[0], (B, T, D))
+  kernel = 0.7 * jax.random.normal(ks[1], (D, V))
+  teacher_hidden = jax.random.normal(ks[2], (B, T, DT))
+  teacher_kernel = 0.7 * jax.random.normal(ks[3], (DT, V))
+  vocab_mask = jnp.ones((V,), bool).at[jnp.array([2, 11])].set(False)   # two -inf entries
+  tokens = jax.random.randint(ks[4], (B, T), 0, V)
+  tokens = jnp.where(vocab_mask[tokens], tokens, 0)                       # targets are allowed
+  mask = jax.random.bernoulli(ks[5], 0.6, (B, T)).at[1].set(False)        # row 1 fully masked
+  behaviour = -jax.random.uniform(ks[6], (B, T), minval=0.5, maxval=3.0)
+  old = -jax.random.uniform(ks[7], (B, T), minval=0.5, maxval=3.0)
+  targets = Targets(tokens=tokens, mask=mask, behaviour_logprobs=behaviour, model_logprobs=old)
+  return hidden, kernel, teacher_hidden, teacher_kernel, vocab_mask, targets
+
+
+def _full_logits(hidden, kernel, vocab_mask):
+  return jnp.where(vocab_mask, obj.fused.logits_of(hidden, kernel), -jnp.inf)
+
+
+DIVERGENCES = [
+    ("forward_kl", {}), ("reverse_kl", {}), ("reverse_kl", {"temperature": 2.0}),
+    ("generalized_jsd", {"beta": 0.5}), ("generalized_jsd", {"beta": 0.1, "temperature": 0.7}),
+    ("alpha_divergence", {"alpha": 0.3}), ("skew_forward_kl", {"alpha": 0.1}),
+    ("skew_reverse_kl", {"alpha": 0.2}), ("total_variation", {}),
+]
+
+
+@pytest.mark.parametrize("name,kwargs", DIVERGENCES, ids=lambda x: str(x))
+def test_every_divergence_fused_equals_full(name, kwargs):
+  hidden, kernel, t_hidden, t_kernel, vocab_mask, targets = _problem()
+  divergence = obj.get_divergence(name, **kwargs)
+  fn = lambda s, t, a: {"d": divergence(s, t)}
+
+  def fused(hidden, kernel):
+    values = obj.token_values(fn, obj.Head(hidden, kernel), targets.tokens,
+                              teacher=obj.Head(t_hidden, t_kernel), vocab_mask=vocab_mask,
+                              chunk_size=CHUNK)["d"]
+    return obj.token_mean(values, targets.mask), values
+
+  def full(hidden, kernel):
+    values = divergence(_full_logits(hidden, kernel, vocab_mask),
+                        _full_logits(t_hidden, t_kernel, vocab_mask))
+    return obj.token_mean(values, targets.mask), values
+
+  (loss_f, values_f), grads_f = jax.value_and_grad(fused, argnums=(0, 1), has_aux=True)(hidden, kernel)
+  (loss_u, values_u), grads_u = jax.value_and_grad(full, argnums=(0, 1), has_aux=True)(hidden, kernel)
+  np.testing.assert_allclose(values_f, values_u, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(loss_f, loss_u, rtol=1e-5, atol=1e-6)
+  for g_f, g_u in zip(grads_f, grads_u):
+    assert np.all(np.isfinite(g_f))
+    np.testing.assert_allclose(g_f, g_u, rtol=1e-5, atol=1e-6)
+  # The -inf vocabulary entries get exactly no gradient through the head.
+  np.testing.assert_array_equal(grads_f[1][:, ~np.asarray(vocab_mask)], 0.0)
+
+
+RECIPE_CONFIGS = {
+    "sft_nll": dict(name="sft"),
+    "opd_full_jsd": dict(name="opd", estimator="full", divergence="generalized_jsd",
+                         divergence_kwargs={"beta": 0.5, "temperature": 1.5}),
+    "opd_topk": dict(name="opd", estimator="topk", divergence="reverse_kl", top_k=5),
+    "opd_topk_tail": dict(name="opd", estimator="topk", divergence="forward_kl", top_k=5,
+                          tail_bucket=True),
+    "opd_sampled": dict(name="opd", estimator="sampled", gamma=0.5, correction="ppo_clip"),
+}
+
+
+def _recipe(kwargs):
+  c = ml_collections.ConfigDict(dict(
+      name="opd", estimator="full", divergence="reverse_kl", divergence_kwargs={}, top_k=0,
+      tail_bucket=False, gamma=0.0, correction="none", clip_epsilon=0.2, truncation=2.0,
+      lambda_on=0.5))
+  c.update(kwargs)
+  return recipes.build(c)
+
+
+@pytest.mark.parametrize("variant", sorted(RECIPE_CONFIGS))
+def test_recipe_loss_and_metrics_fused_equal_full(variant):
+  """NLL, top-K with and without the tail, the sampled estimator and every logged metric."""
+  recipe = _recipe(RECIPE_CONFIGS[variant])
+  hidden, kernel, t_hidden, t_kernel, vocab_mask, targets = _problem(1)
+  vocab_mask = jnp.ones_like(vocab_mask)   # top-K over -inf entries is covered above
+
+  def fused(hidden, kernel):
+    per_token, metrics = loss_from_hidden(recipe, obj.Head(hidden, kernel),
+                                          obj.Head(t_hidden, t_kernel), targets,
+                                          chunk_size=CHUNK)
+    return obj.token_mean(per_token, targets.mask), metrics
+
+  def full(hidden, kernel):
+    per_token, metrics = loss_from_logits(recipe, obj.fused.logits_of(hidden, kernel),
+                                          obj.fused.logits_of(t_hidden, t_kernel), targets)
+    return obj.token_mean(per_token, targets.mask), metrics
+
+  (loss_f, metrics_f), grads_f = jax.value_and_grad(fused, argnums=(0, 1), has_aux=True)(hidden, kernel)
+  (loss_u, metrics_u), grads_u = jax.value_and_grad(full, argnums=(0, 1), has_aux=True)(hidden, kernel)
+  np.testing.assert_allclose(loss_f, loss_u, rtol=1e-5, atol=1e-6)
+  assert sorted(metrics_f) == sorted(metrics_u)
+  expected = {"student_entropy"} | ({"nll"} if variant == "sft_nll" else {"token_reverse_kl"})
+  assert expected <= set(metrics_f), sorted(metrics_f)
+  if variant.startswith("opd_topk"):
+    assert {"topk_teacher_mass", "topk_student_mass", "topk_overlap"} <= set(metrics_f)
+  for name in metrics_f:
+    np.testing.assert_allclose(metrics_f[name], metrics_u[name], rtol=1e-5, atol=1e-6,
+                               err_msg=name)
+  for g_f, g_u in zip(grads_f, grads_u):
+    assert np.abs(g_u).max() > 0
+    np.testing.assert_allclose(g_f, g_u, rtol=1e-5, atol=1e-6)
+
+
+def test_chunk_size_does_not_change_values():
+  hidden, kernel, t_hidden, t_kernel, _, targets = _problem(2)
+  fn = lambda s, t, a: {"lp": obj.token_log_probs(s, a), "kl": obj.reverse_kl(s, t)}
+  outs = [obj.token_values(fn, obj.Head(hidden, kernel), targets.tokens,
+                           teacher=obj.Head(t_hidden, t_kernel), chunk_size=c)
+          for c in (1, 5, B * T, 64, 0)]
+  for out in outs[1:]:
+    for name in ("lp", "kl"):
+      np.testing.assert_allclose(out[name], outs[0][name], rtol=1e-6, atol=1e-6)
+
+
+def test_bad_input_names_the_value():
+  hidden, kernel, t_hidden, t_kernel, _, targets = _problem()
+  fn = lambda s, t, a: {"lp": obj.token_log_probs(s, a)}
+  with pytest.raises(ValueError, match="chunk_size must be an integer >= 0"):
+    obj.token_values(fn, obj.Head(hidden, kernel), targets.tokens, chunk_size=-1)
+  with pytest.raises(ValueError, match=r"tokens \(3, 6\) must be \[B, T\]"):
+    obj.token_values(fn, obj.Head(hidden, kernel), targets.tokens[:, :6])
+  with pytest.raises(ValueError, match="teacher hidden"):
+    obj.token_values(fn, obj.Head(hidden, kernel), targets.tokens,
+                     teacher=obj.Head(t_hidden, t_kernel[:, :5]))
+  with pytest.raises(ValueError, match="kernel"):
+    obj.token_values(fn, obj.Head(hidden, kernel.T), targets.tokens)
+
+
+def test_teacher_gets_no_gradient():
+  hidden, kernel, t_hidden, t_kernel, _, targets = _problem()
+  fn = lambda s, t, a: {"d": obj.generalized_jsd(s, t, beta=0.5)}
+
+  def loss(t_hidden, t_kernel):
+    values = obj.token_values(fn, obj.Head(hidden, kernel), targets.tokens,
+                              teacher=obj.Head(t_hidden, t_kernel), chunk_size=CHUNK)
+    return jnp.sum(values["d"])
+
+  for grad in jax.grad(loss, argnums=(0, 1))(t_hidden, t_kernel):
+    np.testing.assert_array_equal(grad, 0.0)
+
+
+def test_compiled_opd_step_at_qwen3_vocabulary_holds_no_full_logits():
+  """V = 151,936, hidden 64, B·T = 4096: one [B·T, V] float32 buffer would be 2.5 GB."""
+  vocab, width, batch, length = 151_936, 64, 16, 256
+  recipe = _recipe(dict(name="opd", estimator="full", divergence="generalized_jsd",
+                        divergence_kwargs={"beta": 0.5}))
+  shapes = dict(hidden=(batch, length, width), kernel=(width, vocab))
+
+  @jax.jit
+  def step(hidden, kernel, t_hidden, t_kernel, tokens, mask):
+    targets = Targets(tokens=tokens, mask=mask, behaviour_logprobs=jnp.zeros(tokens.shape),
+                      model_logprobs=jnp.zeros(tokens.shape))
+
+    def loss(hidden, kernel):
+      per_token, metrics = loss_from_hidden(recipe, obj.Head(hidden, kernel),
+                                            obj.Head(t_hidden, t_kernel), targets)
+      return obj.token_mean(per_token, mask), metrics
+
+    return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(hidden, kernel)
+
+  f32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.float32)
+  compiled = step.lower(f32(shapes["hidden"]), f32(shapes["kernel"]), f32(shapes["hidden"]),
+                        f32(shapes["kernel"]), jax.ShapeDtypeStruct((batch, length), jnp.int32),
+                        jax.ShapeDtypeStruct((batch, length), bool)).compile()
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  full_logits = batch * length * vocab * 4
+  assert full_logits > 2.4e9
+  assert temp < 1e9, f"temporaries {temp / 1e9:.2f} GB"
