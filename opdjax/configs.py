@@ -1,4 +1,4 @@
-"""The default experiment configuration; every `experiments/NAME.py` starts from it."""
+"""The default experiment configuration; every `opdjax/experiments/NAME.py` starts from it."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """`python -m opdjax.train --exp NAME[:ARG] [--exp.key=value ...] [--workdir DIR]`.
 
 `--list` prints every experiment with its one-line description; `--dry_run` prints the
-resolved config and exits. Experiments live in `experiments/NAME.py` and define
+resolved config and exits. Experiments are the modules of `opdjax.experiments` (they ship
+in the wheel), or any file given as `--exp path/to/my_exp.py[:ARG]`. Each defines
 `get_config(arg) -> ConfigDict` and optionally `main(config, workdir)` (multi-stage
 experiments); otherwise the config is one `opdjax.trainer.run`.
 """
@@ -10,13 +11,15 @@ from __future__ import annotations
 
 import argparse
 import ast
+import importlib
 import importlib.util
+import pkgutil
 import sys
 from pathlib import Path
 
 import ml_collections
 
-EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
+from opdjax import experiments
 
 
 class CLIError(ValueError):
@@ -24,16 +27,26 @@ class CLIError(ValueError):
 
 
 def experiment_names() -> list[str]:
-  return sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.py") if not p.stem.startswith("_"))
+  return sorted(m.name for m in pkgutil.iter_modules(experiments.__path__)
+                if not m.name.startswith("_"))
 
 
 def load_experiment(name: str):
-  path = EXPERIMENTS_DIR / f"{name}.py"
-  if not path.exists():
-    raise CLIError(f"unknown experiment {name!r}; valid: {', '.join(experiment_names())}")
-  spec = importlib.util.spec_from_file_location(f"opdjax_experiments.{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  """`opdjax.experiments.NAME`, or the module in the file `NAME` if it ends in `.py`."""
+  if name.endswith(".py"):
+    path = Path(name)
+    if not path.is_file():
+      raise CLIError(f"experiment file {name!r} does not exist")
+    spec = importlib.util.spec_from_file_location(f"opdjax_user_experiment.{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+  elif name in experiment_names():
+    module = importlib.import_module(f"opdjax.experiments.{name}")
+  else:
+    raise CLIError(f"unknown experiment {name!r}; valid: {', '.join(experiment_names())} "
+                   "(or a path ending in .py)")
+  if not callable(getattr(module, "get_config", None)):
+    raise CLIError(f"experiment {name!r} defines no get_config(arg)")
   return module
 
 
@@ -96,7 +109,7 @@ def apply_override(config: ml_collections.ConfigDict, key: str, raw: str) -> Non
 
 def parse_args(argv):
   parser = argparse.ArgumentParser(prog="python -m opdjax.train", description=__doc__.splitlines()[0])
-  parser.add_argument("--exp", help="experiment name, optionally NAME:ARG")
+  parser.add_argument("--exp", help="experiment name or path/to/file.py, optionally with :ARG")
   parser.add_argument("--workdir", default=None, help="output directory (default workdirs/NAME)")
   parser.add_argument("--list", action="store_true", help="list the experiments and exit")
   parser.add_argument("--dry_run", action="store_true", help="print the resolved config and exit")
@@ -123,6 +136,7 @@ def main(argv=None) -> int:
       raise CLIError(f"--exp is required; experiments: {', '.join(experiment_names())}")
     name, _, arg = args.exp.partition(":")
     module = load_experiment(name)
+    name = Path(name).stem
     config = module.get_config(arg or None)
     for key, raw in overrides:
       apply_override(config, key, raw)

@@ -242,7 +242,7 @@ def all_finite(tree) -> jax.Array:
 # ---------------------------------------------------------------- the run
 
 def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
-  """Trains (or resumes, or returns a finished run from) `workdir`. See `experiments/`."""
+  """Trains (or resumes, or returns a finished run from) `workdir`. See `opdjax/experiments/`."""
   workdir = Path(workdir)
   recipe = recipes.build(config.recipe)
   tokenizer = build_tokenizer(config)

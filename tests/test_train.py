@@ -192,6 +192,17 @@ def test_cli_list_and_dry_run(capsys):
   assert code == 0 and "steps: 7" in out
 
 
+def test_cli_runs_a_users_own_experiment_file(capsys, tmp_path):
+  path = tmp_path / "my_exp.py"
+  path.write_text('"""My experiment."""\nfrom opdjax import configs\n\n'
+                  'def get_config(arg=None):\n  c = configs.base_config()\n'
+                  '  c.train.steps = int(arg or 5)\n  return c\n')
+  code, out, _ = run_cli(capsys, "--exp", f"{path}:9", "--dry_run")
+  assert code == 0 and "steps: 9" in out
+  code, _, err = run_cli(capsys, "--exp", str(tmp_path / "missing.py"))
+  assert code == 2 and "missing.py' does not exist" in err
+
+
 @pytest.mark.parametrize("argv,message", [
     (("--exp", "nope"), "unknown experiment 'nope'; valid: "),
     (("--exp", "teacher_sft", "--exp.train.stepz=3"), "unknown override key 'train.stepz': no 'stepz' at train; valid: ["),

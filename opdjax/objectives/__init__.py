@@ -1,6 +1,6 @@
 """opdjax objectives: the mathematics of on-policy distillation as pure functions.
 
-See ../shared/THEORY.md for definitions and sign conventions. Per-token functions return
+See docs/theory.md for definitions and sign conventions. Per-token functions return
 `[...]`; reduce them with `token_mean`, `sequence_mean` or `masked_sum`.
 """
 

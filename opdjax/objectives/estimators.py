@@ -1,4 +1,4 @@
-"""Sampled-token ("PG-style") estimators and off-policy corrections (THEORY.md §2, §5).
+"""Sampled-token ("PG-style") estimators and off-policy corrections (docs/theory.md §2, §5).
 
 Inputs are per-token log-probabilities `[...]` of the *sampled* tokens `a_t` (see
 `token_log_probs`): `log p(a_t)` from the student (differentiated), `log q(a_t)` from the
@@ -31,6 +31,15 @@ def token_log_probs(logits, tokens, *, temperature: float = 1.0) -> jax.Array:
 
   Returns:
     `[...]` float32 log-probabilities (differentiable w.r.t. `logits`).
+
+  References:
+    docs/theory.md §2.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> logits = jnp.log(jnp.array([[0.2, 0.3, 0.5]]))
+    >>> print(jnp.round(token_log_probs(logits, jnp.array([2])), 4))
+    [-0.6931]
   """
   temperature = _checks.positive("temperature", temperature)
   logits = jnp.asarray(logits)
@@ -69,6 +78,15 @@ def kl_estimate_k3(student_log_probs, teacher_log_probs) -> jax.Array:
 
   As a loss back-propagated directly its expected gradient is `forward_kl`'s, not
   `reverse_kl`'s.
+
+  References:
+    J. Schulman, *Approximating KL Divergence* (2020), joschu.net/blog/kl-approx.html.
+
+  References:
+    J. Schulman, *Approximating KL Divergence* (2020), joschu.net/blog/kl-approx.html.
+
+  References:
+    J. Schulman, *Approximating KL Divergence* (2020), joschu.net/blog/kl-approx.html.
   """
   c = log_ratio(student_log_probs, teacher_log_probs)
   return jnp.expm1(-c) + c
@@ -80,6 +98,9 @@ def policy_gradient_loss(log_probs, advantages) -> jax.Array:
   Args:
     log_probs: `[...]` student log-probs of the sampled tokens.
     advantages: `[...]` advantages (higher is better; stop-gradiented).
+
+  References:
+    Williams (1992), REINFORCE; Gu et al., MiniLLM, arXiv:2306.08543; docs/theory.md §2.
   """
   log_probs, advantages = _checks.same_shape(log_probs=log_probs, advantages=advantages)
   return -_checks.as_float(sg(advantages)) * _checks.as_float(log_probs)
@@ -91,6 +112,9 @@ def sampled_reverse_kl_loss(student_log_probs, teacher_log_probs) -> jax.Array:
   Logit gradient `c_t (δ_{a_t j} − p_j)`; its expectation over `a_t ~ p` is the
   `reverse_kl` gradient at that prefix. For reward-to-go, feed
   `reward_to_go(opd_rewards(...))` to `policy_gradient_loss` instead.
+
+  References:
+    Gu et al., MiniLLM, arXiv:2306.08543; docs/theory.md §2.
   """
   c = sg(log_ratio(student_log_probs, teacher_log_probs))
   return policy_gradient_loss(student_log_probs, -c)
@@ -108,7 +132,7 @@ def importance_weighted_pg_loss(
     correction: Literal["plain", "truncated", "ppo_clip"] = "ppo_clip",
     truncation: float = 2.0, clip_epsilon: float = 0.2,
     clip_epsilon_high: float | None = None) -> jax.Array:
-  """Policy-gradient loss for tokens sampled by a behaviour policy μ ≠ p (THEORY.md §5).
+  """Policy-gradient loss for tokens sampled by a behaviour policy μ ≠ p (docs/theory.md §5).
 
   With `w = exp(log p − sg(log μ))` and `A = sg(advantages)`:
     * "plain":     `L = −A·w`; gradient `−A·w·∇log p` (unbiased, unbounded variance).
@@ -128,6 +152,9 @@ def importance_weighted_pg_loss(
 
   Returns:
     `[...]` float32 per-token loss.
+
+  References:
+    Schulman et al., PPO, arXiv:1707.06347; docs/theory.md §5.
   """
   log_probs, behaviour_log_probs, advantages = _checks.same_shape(
       log_probs=log_probs, behaviour_log_probs=behaviour_log_probs, advantages=advantages)

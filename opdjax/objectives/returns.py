@@ -1,4 +1,4 @@
-"""Rewards, returns and advantages for sampled-token training (THEORY.md §3–§5).
+"""Rewards, returns and advantages for sampled-token training (docs/theory.md §3–§5).
 
 Everything here is a *signal*, not a loss: outputs are stop-gradiented, higher is better,
 and they are turned into a loss by `policy_gradient_loss` or
@@ -38,6 +38,15 @@ def reward_to_go(rewards, mask, *, gamma: float) -> jax.Array:
 
   Returns:
     `[B, T]` float32 returns, stop-gradiented, 0 at masked positions.
+
+  References:
+    docs/theory.md §3.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> rewards, mask = jnp.array([[1.0, 2.0, 4.0]]), jnp.array([[True, True, True]])
+    >>> print(reward_to_go(rewards, mask, gamma=0.5))
+    [[3. 4. 4.]]
   """
   gamma = _checks.in_range("gamma", gamma, 0.0, 1.0)
   rewards, mask = _sequence_pair("rewards", rewards, mask)
@@ -75,6 +84,13 @@ def gopd_rewards(student_log_probs, teacher_log_probs, reference_log_probs, *,
 
   Returns:
     `[...]` float32 rewards, stop-gradiented.
+
+  References:
+    Agarwal et al., GKD, arXiv:2306.13649; docs/theory.md §2.
+
+  References:
+    *Learning beyond Teacher: Generalized On-Policy Distillation with Reward
+    Extrapolation*, arXiv:2602.12125; docs/theory.md §4.
   """
   lam = _checks.static_float("reward_scale", reward_scale)
   if lam < 0:
@@ -99,6 +115,10 @@ def grpo_advantages(rewards, *, normalize_std: bool = True,
 
   Returns:
     `[..., G]` float32 advantages (stop-gradiented). A group with equal rewards gets 0.
+
+  References:
+    Shao et al., DeepSeekMath (GRPO), arXiv:2402.03300; Liu et al., Dr. GRPO,
+    arXiv:2503.20783; docs/theory.md §5.
   """
   epsilon = _checks.positive("epsilon", epsilon)
   rewards = _checks.as_float(jnp.asarray(rewards))
@@ -123,6 +143,9 @@ def mix_opd_rl_advantages(opd_advantages, sequence_advantages, mask, *,
 
   Returns:
     `[B, T]` float32 advantages, stop-gradiented.
+
+  References:
+    docs/theory.md §5.
   """
   rl_weight = _checks.static_float("rl_weight", rl_weight)
   if rl_weight < 0:

@@ -1,4 +1,4 @@
-"""Support restriction: divergences on a top-K subset of the vocabulary (THEORY.md §6).
+"""Support restriction: divergences on a top-K subset of the vocabulary (docs/theory.md §6).
 
 `restrict_to_topk` gathers the student's and teacher's log-probabilities on a support `S`
 of K token ids per position (the teacher's or the student's top K, optionally with the
@@ -72,6 +72,9 @@ def restrict_to_topk(student_logits, teacher_logits, *, k: int,
 
   Returns:
     `RestrictedLogits`; feed `.student` and `.teacher` to any divergence.
+
+  References:
+    docs/theory.md §6.
   """
   temperature = _checks.positive("temperature", temperature)
   student_logits, teacher_logits = _checks.logits_pair(student_logits, teacher_logits)
@@ -125,6 +128,9 @@ def topk_divergence(divergence, student_logits, teacher_logits, *, k: int,
 
   Returns:
     `[...]` float32 divergence per position.
+
+  References:
+    docs/theory.md §6.
   """
   restricted = restrict_to_topk(
       student_logits, teacher_logits, k=k, source=source, sampled_tokens=sampled_tokens,

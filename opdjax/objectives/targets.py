@@ -1,4 +1,4 @@
-"""Full-vocabulary targets built from several models (THEORY.md §4, §8)."""
+"""Full-vocabulary targets built from several models (docs/theory.md §4, §8)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,9 @@ def tilted_teacher_logits(teacher_logits, reference_logits, *, reward_scale: flo
 
   Returns:
     `[..., V]` float32 normalised log-probabilities, usable as `teacher_logits`.
+
+  References:
+    arXiv:2602.12125 (G-OPD); docs/theory.md §4.
   """
   lam = _checks.static_float("reward_scale", reward_scale)
   if lam < 0:

@@ -8,7 +8,7 @@ import numpy as np
 
 from opdjax import objectives as obj
 
-# THEORY.md's worked example.
+# docs/theory.md's worked example.
 P_EXAMPLE = np.array([0.2, 0.3, 0.5])
 Q_EXAMPLE = np.array([0.7, 0.2, 0.1])
 

@@ -15,7 +15,7 @@ from tests.objectives.helpers import DIVERGENCE_CASES, P_EXAMPLE, Q_EXAMPLE, np_
 SHAPES = [(3,), (4, 7), (2, 3, 11)]
 
 
-# ---------------------------------------------------------------- worked example (THEORY.md)
+# ---------------------------------------------------------------- worked example (docs/theory.md)
 
 def test_worked_example_values():
   z, y = jnp.log(P_EXAMPLE), jnp.log(Q_EXAMPLE)
