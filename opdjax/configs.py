@@ -26,12 +26,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.student.hf_path = ""            # a local Hugging Face directory
   c.student.init_from = ""          # warm start from an earlier run's workdir
   c.student.dtype = "float32"
+  c.student.attention = "auto"      # auto (cuDNN on GPU for 16-bit, else XLA) | xla | cudnn
 
   c.teacher = ml_collections.ConfigDict()
   c.teacher.preset = "teacher-small"
   c.teacher.hf_path = ""
   c.teacher.checkpoint = ""         # an earlier run's workdir (read-only)
   c.teacher.dtype = "float32"
+  c.teacher.attention = "auto"
 
   c.recipe = ml_collections.ConfigDict()
   c.recipe.name = "opd"             # sft | seqkd | supervised_kd | gkd | opd

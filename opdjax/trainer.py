@@ -25,6 +25,7 @@ from opdjax import objectives as obj
 from opdjax.data import PromptSet, batches, char_tokenizer, encode, load_jsonl, synthetic_records
 from opdjax.evaluation import evaluate, forward_hidden
 from opdjax.models import Decoder, ModelConfig, load_pretrained, load_tokenizer, read_config
+from opdjax.models.decoder import ATTENTION_IMPLEMENTATIONS
 from opdjax.models.hf import abstract_model
 from opdjax.recipes.base import join, loss_from_hidden
 from opdjax.sampling import SamplingParams, generate
@@ -107,15 +108,18 @@ def model_config_of(model_config, tokenizer) -> ModelConfig:
 def build_model(model_config, config_of: ModelConfig, *, seed: int, mesh):
   """A model on `mesh`: from a HF directory, an earlier run's checkpoint, or a fresh init."""
   dtype = _dtype(model_config.dtype)
+  attention = model_config.attention
   if model_config.hf_path:
-    model, _ = load_pretrained(model_config.hf_path, dtype=dtype, mesh=mesh, with_tokenizer=False)
+    model, _ = load_pretrained(model_config.hf_path, dtype=dtype, mesh=mesh, with_tokenizer=False,
+                               attention=attention)
     return model
   source = model_config.get("checkpoint") or model_config.get("init_from")
   if source:  # restore straight into the shardings; no throw-away random init
-    graphdef, abstract = nnx.split(abstract_model(config_of, dtype))
+    graphdef, abstract = nnx.split(abstract_model(config_of, dtype, attention=attention))
     return nnx.merge(graphdef, checkpoint.restore_params(
         source, sharding.abstract_state(abstract, mesh)))
-  graphdef, state = nnx.split(Decoder(config_of, dtype=dtype, rngs=nnx.Rngs(seed)))
+  graphdef, state = nnx.split(Decoder(config_of, dtype=dtype, rngs=nnx.Rngs(seed),
+                                      attention=attention))
   return nnx.merge(graphdef, sharding.place_state(state, mesh))
 
 
@@ -132,6 +136,10 @@ def build_mesh(config):
 
 def validate(config, recipe, mesh, student_cfg: ModelConfig, teacher_cfg: ModelConfig | None):
   train = config.train
+  for role in ("student", "teacher"):
+    if config[role].attention not in ATTENTION_IMPLEMENTATIONS:
+      raise ConfigError(f"{role}.attention must be one of {ATTENTION_IMPLEMENTATIONS}, got "
+                        f"{config[role].attention!r}")
   if recipe.needs_teacher or recipe.source == "teacher":
     if teacher_cfg is None:
       raise ConfigError(f"recipe {recipe.name!r} needs a teacher: set teacher.checkpoint "

@@ -20,9 +20,6 @@ from flax import nnx
 
 from opdjax.models.config import ModelConfig
 
-_NEG_INF = float(jnp.finfo(jnp.float32).min)
-
-
 class KVCache(NamedTuple):
   """Per-layer key/value buffers plus the bookkeeping that makes padding exact.
 
@@ -85,11 +82,35 @@ def _linear(din: int, dout: int, *, bias: bool, dtype, rngs: nnx.Rngs) -> nnx.Li
                     kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
 
 
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+
+
+def attend(q, k, v, mask, *, implementation: str = "auto") -> jax.Array:
+  """Softmax attention `[B, T, H, Dh]` over keys `[B, S, K, Dh]` (GQA: H a multiple of K).
+
+  `mask [B, T, S]` is True where a query may attend a key. Runs `jax.nn.dot_product_attention`
+  (float32 softmax): "xla" everywhere, "cudnn" (flash attention) on GPUs, "auto" = cuDNN on
+  a GPU for 16-bit inputs, XLA otherwise. A fully masked query row attends uniformly (it is
+  padding whose output is never read) rather than producing NaN.
+  """
+  if implementation not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, "
+                     f"got {implementation!r}")
+  if implementation == "auto":
+    implementation = ("cudnn" if jax.default_backend() == "gpu"
+                      and q.dtype in (jnp.bfloat16, jnp.float16) else "xla")
+  return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=implementation)
+
+
 class Attention(nnx.Module):
   """Grouped-query attention with RoPE and optional q/k RMSNorm (Qwen3)."""
 
-  def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs):
+  def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs, implementation: str = "auto"):
     c = config
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, "
+                       f"got {implementation!r}")
+    self.implementation = implementation
     self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
     self.q_proj = _linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.qkv_bias, dtype=dtype, rngs=rngs)
     self.k_proj = _linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias, dtype=dtype, rngs=rngs)
@@ -115,13 +136,7 @@ class Attention(nnx.Module):
       k = jax.lax.dynamic_update_slice_in_dim(keys, k.astype(keys.dtype), index, axis=1)
       v = jax.lax.dynamic_update_slice_in_dim(values, v.astype(values.dtype), index, axis=1)
       kv = (k, v)
-    groups = self.num_heads // self.num_kv_heads
-    q = q.reshape(batch, length, self.num_kv_heads, groups, self.head_dim)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype),
-                        preferred_element_type=jnp.float32) * (self.head_dim ** -0.5)
-    scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, implementation=self.implementation)
     return self.o_proj(out.reshape(batch, length, -1).astype(x.dtype)), kv
 
 
@@ -141,9 +156,9 @@ class MLP(nnx.Module):
 class DecoderLayer(nnx.Module):
   """Pre-norm residual block: attention then MLP."""
 
-  def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs):
+  def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs, attention: str = "auto"):
     self.input_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
-    self.attn = Attention(config, dtype=dtype, rngs=rngs)
+    self.attn = Attention(config, dtype=dtype, rngs=rngs, implementation=attention)
     self.post_attention_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
     self.mlp = MLP(config, dtype=dtype, rngs=rngs)
 
@@ -161,14 +176,16 @@ class Decoder(nnx.Module):
   default to each row's count of real tokens before it, which is exact for left and right
   padding. `hidden_states` + `logits_from_hidden` split the call for losses computed from
   hidden states; `prefill` + `decode` run the same weights through a `KVCache`.
+  `attention` picks the attention kernel (`attend`: "auto", "xla" or "cudnn").
   """
 
-  def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs,
+               attention: str = "auto"):
     self.config = config
     self.dtype = dtype
     self.embed = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=dtype,
                            embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
-    self.layers = nnx.List([DecoderLayer(config, dtype=dtype, rngs=rngs)
+    self.layers = nnx.List([DecoderLayer(config, dtype=dtype, rngs=rngs, attention=attention)
                             for _ in range(config.num_layers)])
     self.final_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
     self.lm_head = None if config.tie_word_embeddings else _linear(

@@ -95,13 +95,14 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
   return ModelConfig.from_hf(hf, source=str(config_file))
 
 
-def abstract_model(config: ModelConfig, dtype) -> Decoder:
+def abstract_model(config: ModelConfig, dtype, *, attention: str = "auto") -> Decoder:
   """The model's structure with `ShapeDtypeStruct` leaves (allocates no parameters)."""
-  return nnx.eval_shape(lambda: Decoder(config, dtype=dtype, rngs=nnx.Rngs(0)))
+  return nnx.eval_shape(lambda: Decoder(config, dtype=dtype, rngs=nnx.Rngs(0), attention=attention))
 
 
 def load_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, mesh: Mesh | None = None,
-                    rules: Sequence = sharding_lib.DEFAULT_RULES, with_tokenizer: bool = True):
+                    rules: Sequence = sharding_lib.DEFAULT_RULES, with_tokenizer: bool = True,
+                    attention: str = "auto"):
   """Loads a local Hugging Face directory (`config.json` + `*.safetensors`, sharded or not).
 
   Args:
@@ -112,6 +113,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, mesh: Mesh | 
       device reads only its slice.
     rules: partition rules for `mesh`.
     with_tokenizer: also load the tokenizer (`transformers.AutoTokenizer`) if present.
+    attention: the attention kernel (`opdjax.models.decoder.attend`).
 
   Returns:
     `(model, tokenizer)`; tokenizer is None when the directory has no tokenizer files.
@@ -120,7 +122,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, mesh: Mesh | 
   if not directory.is_dir():
     raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
   config = read_config(directory)
-  graphdef, abstract_state = nnx.split(abstract_model(config, dtype))
+  graphdef, abstract_state = nnx.split(abstract_model(config, dtype, attention=attention))
   expected = {}  # hf name -> (opdjax path tuple, shape, transposed)
   for path_tuple, variable in nnx.to_flat_state(abstract_state):
     name, transposed = hf_name(sharding_lib.path_string(path_tuple))

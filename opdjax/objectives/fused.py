@@ -67,8 +67,12 @@ def auto_chunk_size(vocab_size: int, num_tokens: int) -> int:
   return min(size, max(num_tokens, 1))
 
 
+def _is_head(x) -> bool:
+  return isinstance(x, Head)
+
+
 def token_values(fn: TokenFn, student: Head, tokens: jax.Array, *,
-                 teacher: Head | None = None, vocab_mask: jax.Array | None = None,
+                 teacher=None, vocab_mask: jax.Array | None = None,
                  chunk_size: int = 0) -> dict:
   """Applies the per-token function `fn` to chunks of `B·T` positions.
 
@@ -77,7 +81,9 @@ def token_values(fn: TokenFn, student: Head, tokens: jax.Array, *,
       The student's logits are differentiated; the teacher's are stop-gradiented here.
     student: the student's `Head` (`hidden [B, T, D]`, `kernel [D, V]`).
     tokens: `[B, T]` integer targets (the token that follows each position).
-    teacher: the teacher's `Head` (`hidden [B, T, D']`, `kernel [D', V]`), or None.
+    teacher: the teacher's `Head` (`hidden [B, T, D']`, `kernel [D', V]`), None, or any
+      pytree of `Head`s (say `{"teacher": ..., "reference": ...}`), in which case `fn`
+      receives the same pytree of `[C, V]` logits. All are stop-gradiented.
     vocab_mask: optional `[V]` bool; False entries get `-inf` logits for both models
       (for example the padded rows of a checkpoint's embedding).
     chunk_size: positions per chunk; 0 picks `auto_chunk_size(V, B·T)`.
@@ -93,9 +99,11 @@ def token_values(fn: TokenFn, student: Head, tokens: jax.Array, *,
   vocab = kernel.shape[1]
   if tokens.shape != (batch, length):
     raise ValueError(f"tokens {tokens.shape} must be [B, T] = {(batch, length)}")
-  if teacher is not None:
-    if teacher.hidden.shape[:2] != (batch, length) or teacher.kernel.shape[1] != vocab:
-      raise ValueError(f"teacher hidden {teacher.hidden.shape} / kernel {teacher.kernel.shape} "
+  for head in jax.tree.leaves(teacher, is_leaf=_is_head):
+    if not _is_head(head):
+      raise ValueError(f"teacher must be a Head or a pytree of Heads, got a leaf {type(head)}")
+    if head.hidden.shape[:2] != (batch, length) or head.kernel.shape[1] != vocab:
+      raise ValueError(f"teacher hidden {head.hidden.shape} / kernel {head.kernel.shape} "
                        f"do not match the student's [B, T] = {(batch, length)} and V = {vocab}")
   if vocab_mask is not None and vocab_mask.shape != (vocab,):
     raise ValueError(f"vocab_mask must have shape ({vocab},), got {vocab_mask.shape}")
@@ -115,19 +123,19 @@ def token_values(fn: TokenFn, student: Head, tokens: jax.Array, *,
     return logits if vocab_mask is None else jnp.where(vocab_mask, logits, -jnp.inf)
 
   @jax.checkpoint
-  def chunk_fn(kernel, teacher_kernel, hidden_c, teacher_hidden_c, tokens_c):
+  def chunk_fn(kernel, teacher_kernels, hidden_c, teacher_hidden_c, tokens_c):
     student_logits = masked(logits_of(hidden_c, kernel))
-    teacher_logits = None
-    if teacher_hidden_c is not None:
-      teacher_logits = jax.lax.stop_gradient(masked(logits_of(teacher_hidden_c, teacher_kernel)))
+    teacher_logits = jax.tree.map(lambda h, w: masked(logits_of(h, w)), teacher_hidden_c,
+                                  teacher_kernels)
     return fn(student_logits, teacher_logits, tokens_c)
 
-  teacher_kernel = None if teacher is None else jax.lax.stop_gradient(teacher.kernel)
-  xs = (split(hidden), None if teacher is None else split(jax.lax.stop_gradient(teacher.hidden)),
-        split(tokens))
+  teacher = jax.lax.stop_gradient(teacher)
+  teacher_kernels = jax.tree.map(lambda h: h.kernel, teacher, is_leaf=_is_head)
+  teacher_hidden = jax.tree.map(lambda h: split(h.hidden), teacher, is_leaf=_is_head)
+  xs = (split(hidden), teacher_hidden, split(tokens))
 
   def body(carry, x):
-    return carry, chunk_fn(kernel, teacher_kernel, *x)
+    return carry, chunk_fn(kernel, teacher_kernels, *x)
 
   _, out = jax.lax.scan(body, None, xs)
   return jax.tree.map(lambda v: v.reshape((chunks * size,) + v.shape[2:])[:num]

@@ -118,3 +118,28 @@ def test_config_validation_and_hf_round_trip():
     ModelConfig.from_hf({**config.to_hf(), "model_type": "qwen2", "use_sliding_window": True})
   with pytest.raises(ValueError, match="hidden_act='gelu' is not supported"):
     ModelConfig.from_hf({**config.to_hf(), "hidden_act": "gelu"})
+
+
+def test_dot_product_attention_equals_the_einsum_reference():
+  """`attend` (jax.nn.dot_product_attention) against a plain float32 einsum softmax, with GQA,
+  padded keys and a query row that sees no key at all."""
+  import jax
+  from opdjax.models.decoder import attend
+  ks = jax.random.split(jax.random.key(0), 3)
+  batch, length, slots, heads, kv_heads, dim = 2, 5, 7, 4, 2, 8
+  q = jax.random.normal(ks[0], (batch, length, heads, dim))
+  k = jax.random.normal(ks[1], (batch, slots, kv_heads, dim))
+  v = jax.random.normal(ks[2], (batch, slots, kv_heads, dim))
+  mask = np.tril(np.ones((length, slots), bool), k=2)[None].repeat(batch, 0)
+  mask[1, :, 0] = False
+  mask[0, 3, :] = False                       # a padding query: no key
+  groups = heads // kv_heads
+  qg = q.reshape(batch, length, kv_heads, groups, dim)
+  scores = jnp.einsum("btkgd,bskd->bkgts", qg, k) * dim ** -0.5
+  scores = jnp.where(jnp.asarray(mask)[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  expected = jnp.einsum("bkgts,bskd->btkgd", jax.nn.softmax(scores, -1), v).reshape(q.shape)
+  np.testing.assert_allclose(attend(q, k, v, jnp.asarray(mask)), expected, atol=2e-6)
+  np.testing.assert_allclose(attend(q, k, v, jnp.asarray(mask), implementation="xla"), expected,
+                             atol=2e-6)
+  with pytest.raises(ValueError, match="one of .*'auto', 'xla', 'cudnn'.*got 'flash'"):
+    attend(q, k, v, jnp.asarray(mask), implementation="flash")
