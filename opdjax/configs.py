@@ -35,9 +35,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.teacher.dtype = "float32"
   c.teacher.attention = "auto"
 
+  c.reference = ml_collections.ConfigDict()   # gopd: default the student's initial weights
+  c.reference.preset = ""
+  c.reference.hf_path = ""
+  c.reference.checkpoint = ""       # an earlier run's workdir, e.g. the teacher's base model
+  c.reference.dtype = "float32"
+  c.reference.attention = "auto"
+
   c.recipe = ml_collections.ConfigDict()
-  c.recipe.name = "opd"             # sft | seqkd | supervised_kd | gkd | opd
-  c.recipe.estimator = "full"       # opd: full | topk | sampled
+  c.recipe.name = "opd"             # sft | seqkd | supervised_kd | gkd | opd | gopd
+  c.recipe.estimator = "full"       # opd: full | topk | sampled; gopd: sampled | full
   c.recipe.divergence = "reverse_kl"
   c.recipe.divergence_kwargs = ml_collections.ConfigDict()
   c.recipe.top_k = 0
@@ -47,6 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.recipe.clip_epsilon = 0.2
   c.recipe.truncation = 2.0
   c.recipe.lambda_on = 0.5          # gkd: probability of on-policy student samples
+  c.recipe.reward_scale = 1.0       # gopd: λ (1 = opd, > 1 = ExOPD)
 
   c.sampling = ml_collections.ConfigDict()
   c.sampling.temperature = 1.0

@@ -20,10 +20,11 @@ from pathlib import Path
 import ml_collections
 
 from opdjax import experiments
+from opdjax.errors import ConfigError
 
 
-class CLIError(ValueError):
-  pass
+class CLIError(ConfigError):
+  """A bad command line."""
 
 
 def experiment_names() -> list[str]:
@@ -153,7 +154,7 @@ def main(argv=None) -> int:
     except trainer.NonFiniteLossError as e:
       print(f"error: {e}", file=sys.stderr)
       return 3
-    except (trainer.ConfigError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError) as e:   # anything else is a bug: traceback
       if args.debug:
         raise
       print(f"error: {e}", file=sys.stderr)

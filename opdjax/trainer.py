@@ -23,11 +23,12 @@ from tqdm.auto import tqdm
 from opdjax import checkpoint, metrics, recipes, sharding
 from opdjax import objectives as obj
 from opdjax.data import PromptSet, batches, char_tokenizer, encode, load_jsonl, synthetic_records
+from opdjax.errors import ConfigError
 from opdjax.evaluation import evaluate, forward_hidden
 from opdjax.models import Decoder, ModelConfig, load_pretrained, load_tokenizer, read_config
 from opdjax.models.decoder import ATTENTION_IMPLEMENTATIONS
 from opdjax.models.hf import abstract_model
-from opdjax.recipes.base import join, loss_from_hidden
+from opdjax.recipes.base import frozen_argument, join, loss_from_hidden
 from opdjax.sampling import SamplingParams, generate
 
 # Model shapes for the synthetic experiments (vocabulary and special ids come from the
@@ -40,10 +41,6 @@ MODEL_PRESETS = {
     "teacher-small": dict(hidden_size=128, intermediate_size=384, num_layers=3, num_heads=4,
                           num_kv_heads=2, head_dim=32),
 }
-
-
-class ConfigError(ValueError):
-  """A setting that cannot work; raised before anything is compiled."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -134,9 +131,22 @@ def build_mesh(config):
     raise ConfigError(f"mesh: {e}") from None
 
 
-def validate(config, recipe, mesh, student_cfg: ModelConfig, teacher_cfg: ModelConfig | None):
+def validate(config, recipe, mesh, student_cfg: ModelConfig, teacher_cfg: ModelConfig | None,
+             reference_cfg: ModelConfig | None = None):
   train = config.train
-  for role in ("student", "teacher"):
+  sampled = config.recipe.name in ("opd", "gopd") and config.recipe.estimator == "sampled"
+  sampler = config.sampling
+  off_policy = [why for why, on in (
+      (f"sampling.temperature={sampler.temperature}", sampler.temperature != 1.0),
+      (f"sampling.top_k={sampler.top_k}", bool(sampler.top_k)),
+      (f"sampling.top_p={sampler.top_p}", sampler.top_p < 1.0),
+      (f"train.updates_per_rollout={train.updates_per_rollout}", train.updates_per_rollout > 1))
+      if on]
+  if sampled and config.recipe.correction == "none" and off_policy:
+    raise ConfigError(f"the sampled estimator is off-policy here ({', '.join(off_policy)}): the "
+                      "sampler's distribution is not the learner's, so recipe.correction='none' "
+                      "would train biased; set recipe.correction to plain, truncated or ppo_clip")
+  for role in ("student", "teacher", "reference"):
     if config[role].attention not in ATTENTION_IMPLEMENTATIONS:
       raise ConfigError(f"{role}.attention must be one of {ATTENTION_IMPLEMENTATIONS}, got "
                         f"{config[role].attention!r}")
@@ -144,9 +154,10 @@ def validate(config, recipe, mesh, student_cfg: ModelConfig, teacher_cfg: ModelC
     if teacher_cfg is None:
       raise ConfigError(f"recipe {recipe.name!r} needs a teacher: set teacher.checkpoint "
                         "(an earlier run's workdir) or teacher.hf_path")
-  if teacher_cfg is not None and teacher_cfg.vocab_size != student_cfg.vocab_size:
-    raise ConfigError(f"student and teacher vocabularies differ: student vocab_size="
-                      f"{student_cfg.vocab_size}, teacher vocab_size={teacher_cfg.vocab_size}")
+  for role, other in (("teacher", teacher_cfg), ("reference", reference_cfg)):
+    if other is not None and other.vocab_size != student_cfg.vocab_size:
+      raise ConfigError(f"student and {role} vocabularies differ: student vocab_size="
+                        f"{student_cfg.vocab_size}, {role} vocab_size={other.vocab_size}")
   data_devices = int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
   if train.batch_size % data_devices:
     raise ConfigError(f"train.batch_size={train.batch_size} is not divisible by the "
@@ -190,47 +201,49 @@ def make_optimizer(config) -> optax.GradientTransformation:
 
 def make_train_step(graphdef, recipe, tx, param_shardings, opt_shardings, *,
                     microbatches: int = 1, chunk_size: int = 0):
-  """`(params, opt_state, seq, teacher: Head | None) -> (params, opt_state, metrics)`, jitted.
+  """`(params, opt_state, seq, frozen) -> (params, opt_state, metrics)`, jitted.
 
-  The student runs to its final hidden states and the loss is computed from them in
-  token chunks (`opdjax.objectives.token_values`), so no `[B, T, V]` array is formed. With
-  `microbatches = M` the batch is split into M row blocks whose gradients are summed in a
-  `lax.scan`; the loss is normalised by the whole batch's completion tokens, so the update
-  equals the whole-batch one.
+  `frozen` is `{role: Head}` for the recipe's roles (their hidden states and heads, computed
+  once per rollout), or None. The student runs to its final hidden states and the loss is
+  computed from them in token chunks (`opdjax.objectives.token_values`), so no
+  `[B, T, V]` array is formed. With `microbatches = M` the batch is split into M row
+  blocks whose gradients are summed in a `lax.scan`; the loss is normalised by the whole
+  batch's completion tokens, so the update equals the whole-batch one.
   """
-  def grads_of(params, seq, teacher_hidden, teacher_kernel, num_tokens):
+  def grads_of(params, seq, frozen_hidden, frozen_kernels, num_tokens):
     tokens, mask = recipes.inputs_of(seq)
     targets = recipes.targets_of(seq)
+    frozen = {role: obj.Head(frozen_hidden[role], frozen_kernels[role]) for role in recipe.roles}
 
     def loss_fn(params):
       model = nnx.merge(graphdef, params)
       student = obj.Head(model.hidden_states(tokens, attention_mask=mask), model.head_kernel())
-      teacher = None if teacher_hidden is None else obj.Head(teacher_hidden, teacher_kernel)
-      per_token, metrics = loss_from_hidden(recipe, student, teacher, targets,
-                                            chunk_size=chunk_size)
+      per_token, metrics = loss_from_hidden(recipe, student, frozen_argument(recipe, frozen),
+                                            targets, chunk_size=chunk_size)
       return obj.masked_sum(per_token, targets.mask) / num_tokens, metrics
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     return loss, metrics, grads
 
-  def step(params, opt_state, seq, teacher):
-    teacher_hidden, teacher_kernel = (None, None) if teacher is None else teacher
+  def step(params, opt_state, seq, frozen):
+    frozen = frozen or {}
+    hidden = {role: head.hidden for role, head in frozen.items()}
+    kernels = {role: head.kernel for role, head in frozen.items()}
     targets = recipes.targets_of(seq)
     num_tokens = jnp.maximum(jnp.sum(targets.mask), 1).astype(jnp.float32)
     if microbatches == 1:
-      loss, step_metrics, grads = grads_of(params, seq, teacher_hidden, teacher_kernel, num_tokens)
+      loss, step_metrics, grads = grads_of(params, seq, hidden, kernels, num_tokens)
     else:
       split = lambda x: x.reshape((microbatches, x.shape[0] // microbatches) + x.shape[1:])
-      blocks = jax.tree.map(split, (seq, teacher_hidden))
+      blocks = jax.tree.map(split, (seq, hidden))
 
       def accumulate(total, block):
-        seq_block, hidden_block = block
-        out = grads_of(params, seq_block, hidden_block, teacher_kernel, num_tokens)
+        out = grads_of(params, *block, kernels, num_tokens)
         return jax.tree.map(jnp.add, total, out), None
 
       first = jax.tree.map(lambda x: x[0], blocks)
-      zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(
-          grads_of, params, first[0], first[1], teacher_kernel, num_tokens))
+      zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
+                           jax.eval_shape(grads_of, params, *first, kernels, num_tokens))
       (loss, step_metrics, grads), _ = jax.lax.scan(accumulate, zeros, blocks)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
@@ -258,7 +271,12 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
   student_cfg = model_config_of(config.student, tokenizer)
   has_teacher = bool(config.teacher.hf_path or config.teacher.checkpoint)
   teacher_cfg = model_config_of(config.teacher, tokenizer) if has_teacher else None
-  validate(config, recipe, mesh, student_cfg, teacher_cfg)
+  # The reference (G-OPD) is the section's model, or else the student's initial weights.
+  own_reference = bool(config.reference.hf_path or config.reference.checkpoint)
+  reference_section = config.reference if own_reference else config.student
+  reference_cfg = (model_config_of(reference_section, tokenizer)
+                   if "reference" in recipe.roles else None)
+  validate(config, recipe, mesh, student_cfg, teacher_cfg, reference_cfg)
   train_set, eval_set = build_data(config, tokenizer)
   if config.train.batch_size > len(train_set):
     raise ConfigError(f"train.batch_size={config.train.batch_size} exceeds the "
@@ -266,6 +284,10 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
 
   student = build_model(config.student, student_cfg, seed=config.seed, mesh=mesh)
   teacher = build_model(config.teacher, teacher_cfg, seed=config.seed + 1, mesh=mesh) if has_teacher else None
+  frozen_models = {"teacher": teacher} if recipe.needs_teacher else {}
+  if reference_cfg is not None:  # same seed: a fresh copy of the student's initial weights
+    frozen_models["reference"] = build_model(reference_section, reference_cfg, seed=config.seed,
+                                             mesh=mesh)
   checkpoint.write_model_config(workdir, student.config)
   graphdef, params = nnx.split(student)
   param_shardings = sharding.state_shardings(params, mesh)
@@ -276,8 +298,8 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
                                microbatches=config.train.microbatches,
                                chunk_size=config.train.loss_chunk_size)
   batch_sharding = sharding.batch_sharding(mesh)
-  teacher_graphdef, teacher_state = nnx.split(teacher) if teacher is not None else (None, None)
-  teacher_kernel = teacher.head_kernel() if teacher is not None else None
+  frozen_parts = {role: (*nnx.split(model), model.head_kernel())
+                  for role, model in frozen_models.items()}
 
   data = iter(batches(train_set, batch_size=config.train.batch_size, seed=config.seed))
   ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
@@ -304,10 +326,7 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
     return results
 
   def rollout(step, key, batch):
-    source = recipe.source
-    if source == "mixed":  # GKD's per-batch coin, drawn on the host from (seed, step)
-      coin = np.random.default_rng([config.seed, step]).random()
-      source = "student" if coin < recipe.lambda_on else "dataset"
+    source = recipe.source_at(config.seed, step)
     prompts, prompt_mask = jnp.asarray(batch["prompt_tokens"]), jnp.asarray(batch["prompt_mask"])
     if source == "dataset":
       return join(prompts, prompt_mask, jnp.asarray(batch["answer_tokens"]), jnp.asarray(batch["answer_mask"]))
@@ -323,7 +342,7 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
                   dynamic_ncols=True, mininterval=0.5)
   last_eval = {}
   pending = []  # (step, on-device metrics) not yet read back: the host syncs only below
-  seq = teacher_head = None
+  seq = frozen = None
   started = time.perf_counter()
 
   def fail(message):
@@ -343,12 +362,11 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
     key = jax.random.fold_in(base_key, step)
     if step % config.train.updates_per_rollout == 0 or seq is None:
       seq = put(rollout(step, key, next(data)))
-      teacher_head = None  # a reused rollout keeps the teacher's [B, T, H], never [B, T, V]
-      if recipe.needs_teacher:
-        tokens, mask = recipes.inputs_of(seq)
-        teacher_head = obj.Head(forward_hidden(teacher_graphdef, teacher_state, tokens, mask),
-                                teacher_kernel)
-    params, opt_state, step_metrics = train_step(params, opt_state, seq, teacher_head)
+      # A reused rollout keeps each frozen model's [B, T, H], never [B, T, V].
+      tokens, mask = recipes.inputs_of(seq)
+      frozen = {role: obj.Head(forward_hidden(g, state, tokens, mask), kernel)
+                for role, (g, state, kernel) in frozen_parts.items()} or None
+    params, opt_state, step_metrics = train_step(params, opt_state, seq, frozen)
     done = step + 1
     pending.append((done, step_metrics))
     progress.update(1)

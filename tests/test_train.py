@@ -59,6 +59,7 @@ RECIPES = {
     "opd_full": dict(name="opd", estimator="full", divergence="reverse_kl"),
     "opd_topk": dict(name="opd", estimator="topk", divergence="reverse_kl", top_k=4, tail_bucket=True),
     "opd_sampled": dict(name="opd", estimator="sampled", gamma=1.0, correction="ppo_clip"),
+    "gopd_sampled": dict(name="gopd", estimator="sampled", reward_scale=1.25),
 }
 
 
@@ -214,12 +215,24 @@ def test_cli_runs_a_users_own_experiment_file(capsys, tmp_path):
      "train.batch_size=12 is not divisible by the 8 data-parallel devices"),
     (("--exp", "teacher_sft", "--exp.recipe.name=opd"), "recipe 'opd' needs a teacher"),
     (("--exp", "teacher_sft", "--exp.task.name=sorting"), "unknown task 'sorting'; valid: "),
+    (("--exp", "teacher_sft", "--exp.recipe.name=opd", "--exp.recipe.estimator=sampled",
+      "--exp.sampling.temperature=0.7"),
+     "the sampled estimator is off-policy here (sampling.temperature=0.7)"),
 ])
 def test_cli_errors_are_one_clear_line(capsys, tmp_path, argv, message):
   code, _, err = run_cli(capsys, *argv, "--workdir", str(tmp_path))
   assert code == 2
   assert err.startswith("error: ") and err.count("\n") == 1, err
   assert message in err, err
+
+
+def test_a_bugs_value_error_keeps_its_traceback(capsys, tmp_path, monkeypatch):
+  """Only configuration errors become one line; a ValueError from a bug propagates."""
+  def broken(config, workdir, **kwargs):
+    raise ValueError("an internal shape bug")
+  monkeypatch.setattr(trainer, "run", broken)
+  with pytest.raises(ValueError, match="an internal shape bug"):
+    run_cli(capsys, "--exp", "teacher_sft", "--workdir", str(tmp_path))
 
 
 def test_vocabulary_mismatch_is_reported_before_compiling(capsys, tmp_path):

@@ -22,7 +22,7 @@ def recipe_of(**kwargs):
   c = ml_collections.ConfigDict(dict(
       name="opd", estimator="full", divergence="reverse_kl", divergence_kwargs={}, top_k=0,
       tail_bucket=False, gamma=0.0, correction="none", clip_epsilon=0.2, truncation=2.0,
-      lambda_on=0.5))
+      lambda_on=0.5, reward_scale=1.0))
   c.update(kwargs)
   return recipes.build(c)
 
@@ -49,7 +49,7 @@ def teacher_head(teacher, seq):
   return obj.Head(teacher.hidden_states(tokens, attention_mask=mask), teacher.head_kernel())
 
 
-def one_step(student, teacher, seq, recipe, *, microbatches=1, tx=None):
+def one_step(student, teacher, seq, recipe, *, microbatches=1, tx=None, reference=None):
   mesh = sharding.make_mesh((1,), ("data",))
   graphdef, params = nnx.split(student)
   params = jax.tree.map(jnp.copy, params)
@@ -58,14 +58,16 @@ def one_step(student, teacher, seq, recipe, *, microbatches=1, tx=None):
   step = trainer.make_train_step(graphdef, recipe, tx, sharding.state_shardings(params, mesh),
                                  jax.tree.map(lambda _: None, opt_state),
                                  microbatches=microbatches, chunk_size=7)
-  head = teacher_head(teacher, seq) if recipe.needs_teacher else None
-  params, _, metrics = step(params, opt_state, seq, head)
+  models = {"teacher": teacher, "reference": reference if reference is not None else student}
+  frozen = {role: teacher_head(models[role], seq) for role in recipe.roles} or None
+  params, _, metrics = step(params, opt_state, seq, frozen)
   return nnx.merge(graphdef, params), jax.device_get(metrics)
 
 
 @pytest.mark.parametrize("recipe_kwargs", [dict(name="sft"), dict(estimator="full"),
-                                           dict(estimator="sampled", gamma=1.0)],
-                         ids=["sft", "opd_full", "opd_sampled"])
+                                           dict(estimator="sampled", gamma=1.0),
+                                           dict(name="gopd", estimator="sampled", reward_scale=1.25)],
+                         ids=["sft", "opd_full", "opd_sampled", "gopd_sampled"])
 def test_four_microbatches_equal_the_whole_batch(setup, recipe_kwargs):
   student, teacher, seq = setup
   recipe = recipe_of(**recipe_kwargs)
@@ -144,3 +146,61 @@ def test_sampled_loss_gradient_is_minus_reward_times_score(setup):
   gain = np.asarray(obj.token_log_probs(logits + step, targets.tokens) - targets.model_logprobs)
   on = np.asarray(targets.mask)
   assert np.corrcoef(reward[on], gain[on])[0, 1] > 0.5
+
+
+def test_gkd_coin_is_on_policy_with_probability_lambda_on():
+  from opdjax.recipes.gkd import on_policy_coin
+  steps = 4000
+  for lambda_on in (0.0, 0.3, 1.0):
+    on = sum(on_policy_coin(7, step, lambda_on=lambda_on) == "student" for step in range(steps))
+    if lambda_on in (0.0, 1.0):
+      assert on == lambda_on * steps
+    else:   # 5 standard deviations of a binomial(4000, 0.3) is ±145
+      assert abs(on - lambda_on * steps) < 5 * np.sqrt(steps * lambda_on * (1 - lambda_on))
+  recipe = recipe_of(name="gkd", lambda_on=0.3)
+  assert {recipe.source_at(0, s) for s in range(50)} == {"student", "dataset"}
+  assert recipe.source_at(3, 11) == on_policy_coin(3, 11, lambda_on=0.3)   # the trainer's draw
+
+
+def test_gopd_with_lambda_one_is_opd_bitwise(setup):
+  """Whatever the reference (here a third model), λ = 1 gives opd's update exactly."""
+  student, teacher, seq = setup
+  reference = Decoder(tiny_config("qwen3", vocab_size=23, eos_token_ids=(1,)), rngs=nnx.Rngs(9))
+  opd, _ = one_step(student, teacher, seq, recipe_of(estimator="sampled", gamma=0.5))
+  gopd, _ = one_step(student, teacher, seq, recipe_of(name="gopd", estimator="sampled",
+                                                      gamma=0.5, reward_scale=1.0),
+                     reference=reference)
+  for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(opd)), nnx.to_flat_state(nnx.state(gopd))):
+    np.testing.assert_array_equal(b.get_value(), a.get_value(), err_msg=str(path))
+  # λ ≠ 1 with that reference is a different update.
+  other, _ = one_step(student, teacher, seq, recipe_of(name="gopd", estimator="sampled",
+                                                       gamma=0.5, reward_scale=0.5),
+                      reference=reference)
+  assert max(np.abs(a.get_value() - b.get_value()).max() for (_, a), (_, b) in zip(
+      nnx.to_flat_state(nnx.state(opd)), nnx.to_flat_state(nnx.state(other)))) > 1e-6
+
+
+@pytest.mark.parametrize("estimator", ["full", "sampled"])
+def test_gopd_with_lambda_zero_pulls_toward_the_reference(setup, estimator):
+  student, teacher, seq = setup
+  reference = Decoder(tiny_config("qwen3", vocab_size=23, eos_token_ids=(1,)), rngs=nnx.Rngs(9))
+  tokens, mask = recipes.inputs_of(seq)
+  targets = recipes.targets_of(seq)
+
+  def kl_to(model, target):
+    values = obj.reverse_kl(model(tokens, attention_mask=mask), target(tokens, attention_mask=mask))
+    return float(obj.token_mean(values, targets.mask))
+
+  recipe = recipe_of(name="gopd", estimator=estimator, reward_scale=0.0)
+  if estimator == "full":
+    updated, _ = one_step(student, teacher, seq, recipe, reference=reference)
+    assert kl_to(updated, reference) < kl_to(student, reference) - 1e-4
+  else:   # a sampled estimate: the reward is log r − log p_old, so log p moves toward log r
+    updated, metrics = one_step(student, teacher, seq, recipe, reference=reference,
+                                tx=optax.sgd(0.1))
+    log_p = lambda m: obj.token_log_probs(m(tokens, attention_mask=mask), targets.tokens)
+    log_r = obj.token_log_probs(reference(tokens, attention_mask=mask), targets.tokens)
+    on = np.asarray(targets.mask)
+    gap_before = np.abs(np.asarray(log_r - log_p(student)))[on].mean()
+    gap_after = np.abs(np.asarray(log_r - log_p(updated)))[on].mean()
+    assert gap_after < gap_before

@@ -18,6 +18,7 @@ import grain
 import numpy as np
 
 from opdjax.data import tasks
+from opdjax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,12 +60,12 @@ def encode(records: Sequence[Record], tokenizer, *, prompt_length: int,
     prompt = tokenizer(record.prompt, add_special_tokens=False)["input_ids"]
     answer = tokenizer(record.answer, add_special_tokens=False)["input_ids"] + [eos]
     if not prompt:
-      raise ValueError(f"{source}[{i}]: empty prompt")
+      raise ConfigError(f"{source}[{i}]: empty prompt")
     if len(prompt) > prompt_length:
-      raise ValueError(f"{source}[{i}]: prompt has {len(prompt)} tokens, more than "
+      raise ConfigError(f"{source}[{i}]: prompt has {len(prompt)} tokens, more than "
                        f"prompt_length={prompt_length}")
     if len(answer) > answer_length:
-      raise ValueError(f"{source}[{i}]: answer has {len(answer)} tokens with EOS, more than "
+      raise ConfigError(f"{source}[{i}]: answer has {len(answer)} tokens with EOS, more than "
                        f"answer_length={answer_length}")
     prompt_tokens[i, prompt_length - len(prompt):] = prompt
     prompt_mask[i, prompt_length - len(prompt):] = True
@@ -98,36 +99,36 @@ def load_jsonl(path: str | Path, tokenizer=None) -> list[Record]:
       try:
         item = json.loads(line)
       except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+        raise ConfigError(f"{where}: not valid JSON ({e.msg})") from None
       if not isinstance(item, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(item).__name__}")
+        raise ConfigError(f"{where}: expected a JSON object, got {type(item).__name__}")
       answer = item.get("answer", "")
       if not isinstance(answer, str):
-        raise ValueError(f"{where}: 'answer' must be a string, got {type(answer).__name__}")
+        raise ConfigError(f"{where}: 'answer' must be a string, got {type(answer).__name__}")
       if "prompt" in item:
         if not isinstance(item["prompt"], str) or not item["prompt"]:
-          raise ValueError(f"{where}: 'prompt' must be a non-empty string")
+          raise ConfigError(f"{where}: 'prompt' must be a non-empty string")
         prompt = item["prompt"]
       elif "messages" in item:
         messages = item["messages"]
         if (not isinstance(messages, list) or not messages or
             not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)):
-          raise ValueError(f"{where}: 'messages' must be a non-empty list of "
+          raise ConfigError(f"{where}: 'messages' must be a non-empty list of "
                            "{'role': ..., 'content': ...} objects")
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-          raise ValueError(f"{where}: chat messages need a tokenizer with a chat template")
+          raise ConfigError(f"{where}: chat messages need a tokenizer with a chat template")
         prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
       else:
-        raise ValueError(f"{where}: needs a 'prompt' or a 'messages' field, got keys {sorted(item)}")
+        raise ConfigError(f"{where}: needs a 'prompt' or a 'messages' field, got keys {sorted(item)}")
       records.append(Record(prompt, answer))
   if not records:
-    raise ValueError(f"{path} holds no records")
+    raise ConfigError(f"{path} holds no records")
   return records
 
 
 def batches(prompts: PromptSet, *, batch_size: int, seed: int) -> grain.MapDataset:
   """Shuffled (per epoch, by `seed`), repeated, batched stream of `PromptSet` rows."""
   if batch_size > len(prompts):
-    raise ValueError(f"batch_size {batch_size} is larger than the dataset ({len(prompts)} rows)")
+    raise ConfigError(f"batch_size {batch_size} is larger than the dataset ({len(prompts)} rows)")
   return (grain.MapDataset.source(prompts).shuffle(seed=seed).repeat()
           .batch(batch_size, drop_remainder=True))

@@ -13,6 +13,8 @@ from typing import Callable
 
 import numpy as np
 
+from opdjax.errors import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
@@ -53,9 +55,9 @@ TASKS: dict[str, tuple[Callable[..., Problem], str]] = {
 def make_problem(task: str, index: int, *, difficulty: int, seed: int = 0) -> Problem:
   """The problem with this index (deterministic in task, index, difficulty and seed)."""
   if task not in TASKS:
-    raise ValueError(f"unknown task {task!r}; valid: {sorted(TASKS)}")
+    raise ConfigError(f"unknown task {task!r}; valid: {sorted(TASKS)}")
   if difficulty < 1:
-    raise ValueError(f"difficulty must be >= 1, got {difficulty}")
+    raise ConfigError(f"difficulty must be >= 1, got {difficulty}")
   fn, knob = TASKS[task]
   rng = np.random.default_rng([seed, index, difficulty])
   return fn(rng, **{knob: difficulty})
@@ -78,7 +80,7 @@ def split(task: str, *, difficulty: int, size: int, held_out: bool, seed: int = 
       seen.add(problem.prompt)
       problems.append(problem)
     if index > 50 * size + 10_000:
-      raise ValueError(f"task {task!r} at difficulty {difficulty} has fewer than {size} "
+      raise ConfigError(f"task {task!r} at difficulty {difficulty} has fewer than {size} "
                        f"distinct {'held-out' if held_out else 'training'} problems")
   return problems
 

@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from opdjax.errors import ConfigError
+
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama")
 _ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM",
                   "llama": "LlamaForCausalLM"}
@@ -50,20 +52,20 @@ class ModelConfig:
 
   def __post_init__(self):
     if self.model_type not in SUPPORTED_MODEL_TYPES:
-      raise ValueError(
+      raise ConfigError(
           f"unsupported model_type {self.model_type!r}; supported: {SUPPORTED_MODEL_TYPES}")
     if self.rope_type not in SUPPORTED_ROPE_TYPES:
-      raise ValueError(
+      raise ConfigError(
           f"unsupported rope_type {self.rope_type!r}; supported: {SUPPORTED_ROPE_TYPES}")
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                  "num_kv_heads", "head_dim"):
       if getattr(self, name) < 1:
-        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
     if self.num_heads % self.num_kv_heads:
-      raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+      raise ConfigError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
                        f"({self.num_kv_heads}) for grouped-query attention")
     if self.head_dim % 2:
-      raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+      raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
 
   def inverse_frequencies(self) -> np.ndarray:
     """RoPE inverse frequencies `[head_dim // 2]` (float32), with the config's scaling."""
@@ -91,13 +93,13 @@ class ModelConfig:
     """Builds a config from a Hugging Face `config.json` dict (transformers v4 or v5 keys)."""
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
-      raise ValueError(f"{source}: unsupported architecture model_type={model_type!r} "
+      raise ConfigError(f"{source}: unsupported architecture model_type={model_type!r} "
                        f"(architectures={hf.get('architectures')}); supported: "
                        f"{SUPPORTED_MODEL_TYPES}")
     if hf.get("hidden_act", "silu") != "silu":
-      raise ValueError(f"{source}: hidden_act={hf['hidden_act']!r} is not supported (only silu)")
+      raise ConfigError(f"{source}: hidden_act={hf['hidden_act']!r} is not supported (only silu)")
     if hf.get("use_sliding_window"):
-      raise ValueError(f"{source}: use_sliding_window=true is not supported")
+      raise ConfigError(f"{source}: use_sliding_window=true is not supported")
     # v5 keeps RoPE settings in rope_parameters; v4 in rope_theta + rope_scaling.
     rope = dict(hf.get("rope_parameters") or {})
     if not rope:
@@ -105,7 +107,7 @@ class ModelConfig:
       rope.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
-      raise ValueError(f"{source}: rope_type={rope_type!r} is not supported; supported: "
+      raise ConfigError(f"{source}: rope_type={rope_type!r} is not supported; supported: "
                        f"{SUPPORTED_ROPE_TYPES}")
     heads = hf["num_attention_heads"]
     eos = hf.get("eos_token_id")

@@ -26,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.flax import save_file
 
 from opdjax import sharding as sharding_lib
+from opdjax.errors import ConfigError
 from opdjax.models.config import ModelConfig
 from opdjax.models.decoder import Decoder
 
@@ -91,7 +92,7 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
   try:
     hf = json.loads(config_file.read_text())
   except json.JSONDecodeError as e:
-    raise ValueError(f"{config_file} is not valid JSON: {e}") from None
+    raise ConfigError(f"{config_file} is not valid JSON: {e}") from None
   return ModelConfig.from_hf(hf, source=str(config_file))
 
 
@@ -135,7 +136,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, mesh: Mesh | 
       try:
         handle = safe_open(str(file), framework="flax")
       except SafetensorError as e:
-        raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+        raise ConfigError(f"{file} is not a readable safetensors file (truncated or corrupt?): {e}") from None
       handles[file] = handle
       for key in handle.keys():
         key_file[key] = file
@@ -143,7 +144,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, mesh: Mesh | 
                         and not (k == "lm_head.weight" and config.tie_word_embeddings))
     missing = sorted(k for k in expected if k not in key_file)
     if missing or unexpected:
-      raise ValueError(
+      raise ConfigError(
           f"checkpoint {directory} does not match its config.json ({config.model_type}, "
           f"{config.num_layers} layers, tie_word_embeddings={config.tie_word_embeddings}): "
           f"missing keys {missing[:8]}{'...' if len(missing) > 8 else ''}, unexpected keys "
@@ -156,7 +157,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, mesh: Mesh | 
       stored = tuple(tensor.get_shape())
       want = tuple(reversed(shape)) if transposed else tuple(shape)
       if stored != want:
-        raise ValueError(f"{file}: tensor {name!r} has shape {stored}, but config.json implies "
+        raise ConfigError(f"{file}: tensor {name!r} has shape {stored}, but config.json implies "
                          f"{want}")
       leaves[path_tuple] = _read(tensor, shape, transposed, dtype,
                                  None if mesh is None else sharding_lib.sharding_for(
@@ -195,7 +196,7 @@ def load_tokenizer(path: str | os.PathLike, config: ModelConfig | None = None):
   from transformers import AutoTokenizer  # heavy import, only when needed
   tokenizer = AutoTokenizer.from_pretrained(str(directory))
   if config is not None and len(tokenizer) > config.vocab_size:
-    raise ValueError(
+    raise ConfigError(
         f"tokenizer in {directory} has {len(tokenizer)} tokens but config.json has "
         f"vocab_size={config.vocab_size}: the tokenizer does not belong to this model")
   return tokenizer

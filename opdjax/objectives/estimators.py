@@ -64,12 +64,20 @@ def log_ratio(student_log_probs, teacher_log_probs) -> jax.Array:
 
 
 def kl_estimate_k1(student_log_probs, teacher_log_probs) -> jax.Array:
-  """Schulman's `k1 = c` (unbiased value of `KL(p‖q)`; zero expected gradient as a loss)."""
+  """Schulman's `k1 = c` (unbiased value of `KL(p‖q)`; zero expected gradient as a loss).
+
+  References:
+    J. Schulman, *Approximating KL Divergence* (2020), joschu.net/blog/kl-approx.html.
+  """
   return log_ratio(student_log_probs, teacher_log_probs)
 
 
 def kl_estimate_k2(student_log_probs, teacher_log_probs) -> jax.Array:
-  """Schulman's `k2 = ½ c²` (biased value; as a loss its expected gradient is `reverse_kl`'s)."""
+  """Schulman's `k2 = ½ c²` (biased value; as a loss its expected gradient is `reverse_kl`'s).
+
+  References:
+    J. Schulman, *Approximating KL Divergence* (2020), joschu.net/blog/kl-approx.html.
+  """
   return 0.5 * jnp.square(log_ratio(student_log_probs, teacher_log_probs))
 
 
@@ -78,12 +86,6 @@ def kl_estimate_k3(student_log_probs, teacher_log_probs) -> jax.Array:
 
   As a loss back-propagated directly its expected gradient is `forward_kl`'s, not
   `reverse_kl`'s.
-
-  References:
-    J. Schulman, *Approximating KL Divergence* (2020), joschu.net/blog/kl-approx.html.
-
-  References:
-    J. Schulman, *Approximating KL Divergence* (2020), joschu.net/blog/kl-approx.html.
 
   References:
     J. Schulman, *Approximating KL Divergence* (2020), joschu.net/blog/kl-approx.html.

@@ -129,7 +129,7 @@ def token_values(fn: TokenFn, student: Head, tokens: jax.Array, *,
                                   teacher_kernels)
     return fn(student_logits, teacher_logits, tokens_c)
 
-  teacher = jax.lax.stop_gradient(teacher)
+  teacher = jax.tree.map(jax.lax.stop_gradient, teacher)
   teacher_kernels = jax.tree.map(lambda h: h.kernel, teacher, is_leaf=_is_head)
   teacher_hidden = jax.tree.map(lambda h: split(h.hidden), teacher, is_leaf=_is_head)
   xs = (split(hidden), teacher_hidden, split(tokens))

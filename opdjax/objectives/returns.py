@@ -63,7 +63,11 @@ def reward_to_go(rewards, mask, *, gamma: float) -> jax.Array:
 
 
 def opd_rewards(student_log_probs, teacher_log_probs) -> jax.Array:
-  """Plain OPD per-token reward `ρ_t = log q(a_t) − log p(a_t) = −c_t` (stop-gradiented)."""
+  """Plain OPD per-token reward `ρ_t = log q(a_t) − log p(a_t) = −c_t` (stop-gradiented).
+
+  References:
+    Agarwal et al., GKD, arXiv:2306.13649; docs/theory.md §2.
+  """
   student_log_probs, teacher_log_probs = _checks.same_shape(
       student_log_probs=student_log_probs, teacher_log_probs=teacher_log_probs)
   return sg(_checks.as_float(teacher_log_probs) - _checks.as_float(student_log_probs))
@@ -84,9 +88,6 @@ def gopd_rewards(student_log_probs, teacher_log_probs, reference_log_probs, *,
 
   Returns:
     `[...]` float32 rewards, stop-gradiented.
-
-  References:
-    Agarwal et al., GKD, arXiv:2306.13649; docs/theory.md §2.
 
   References:
     *Learning beyond Teacher: Generalized On-Policy Distillation with Reward

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from opdjax import objectives as obj
+from opdjax.errors import ConfigError
 
 
 class Sequences(NamedTuple):
@@ -110,15 +111,21 @@ def nll_loss(values: dict, targets: Targets):
   return nll, dict(metric_pairs(values, targets.mask), nll=pair(nll, targets.mask))
 
 
+ROLES = ("teacher", "reference")
+
+
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-  """How one algorithm gets its data and turns a model's outputs into a loss.
+  """A whole algorithm: where its completions come from, which frozen models it reads, and
+  how it turns a model's outputs into a loss.
 
   The loss is split in two so that it runs from hidden states in token chunks
   (`opdjax.objectives.token_values`) or from full logits with the same numbers:
 
-  * `token_values(student_logits [..., V], teacher_logits [..., V] | None, tokens [...])`
-    returns a dict of per-position values `[...]` (it reduces only the vocabulary axis);
+  * `token_values(student_logits [..., V], frozen_logits, tokens [...])` returns a dict of
+    per-position values `[...]` (it reduces only the vocabulary axis). `frozen_logits` is
+    None without roles, the teacher's `[..., V]` logits when `roles == ("teacher",)`, and
+    a dict `{role: [..., V]}` otherwise;
   * `loss(values: {name: [B, T]}, targets)` returns `(per_token_loss [B, T], metrics)`,
     where metrics are token-weighted `(sum, count)` pairs. It may mix positions of a row
     (reward-to-go) but never rows of different micro-batches. The trainer minimises
@@ -126,30 +133,53 @@ class Recipe:
 
   Attributes:
     name: registry name.
-    source: where completions come from each rollout: "dataset", "teacher", "student", or
-      "mixed" (student with probability `lambda_on`, else dataset: GKD).
-    needs_teacher: whether `token_values` reads teacher logits.
+    source: where a step's completions come from: "dataset", "teacher" or "student", or a
+      function `(seed, step) -> one of those` (GKD's coin), evaluated on the host.
     token_values: see above.
     loss: see above.
-    lambda_on: the on-policy probability for source "mixed".
+    roles: the frozen models `token_values` reads, from `ROLES`; the trainer builds each
+      and hands their hidden states and heads to the step.
   """
 
   name: str
-  source: str
-  needs_teacher: bool
+  source: str | Callable[[int, int], str]
   token_values: Callable
   loss: Callable
-  lambda_on: float = 1.0
+  roles: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    unknown = [r for r in self.roles if r not in ROLES]
+    if unknown:
+      raise ConfigError(f"recipe {self.name!r} asks for unknown roles {unknown}; valid: {ROLES}")
+
+  @property
+  def needs_teacher(self) -> bool:
+    return "teacher" in self.roles
+
+  def source_at(self, seed: int, step: int) -> str:
+    """Where step `step`'s completions come from."""
+    return self.source(seed, step) if callable(self.source) else self.source
 
 
-def loss_from_hidden(recipe: Recipe, student: obj.Head, teacher: obj.Head | None,
-                     targets: Targets, *, chunk_size: int = 0):
-  """`recipe`'s `(per-token loss [B, T], metrics)` from hidden states, in token chunks."""
-  values = obj.token_values(recipe.token_values, student, targets.tokens, teacher=teacher,
+def frozen_argument(recipe: Recipe, by_role: dict):
+  """What `recipe.token_values` gets for the frozen models in `by_role` (see `Recipe`)."""
+  if not recipe.roles:
+    return None
+  if recipe.roles == ("teacher",):
+    return by_role["teacher"]
+  return {role: by_role[role] for role in recipe.roles}
+
+
+def loss_from_hidden(recipe: Recipe, student: obj.Head, frozen, targets: Targets, *,
+                     chunk_size: int = 0):
+  """`recipe`'s `(per-token loss [B, T], metrics)` from hidden states, in token chunks.
+
+  `frozen` is `frozen_argument(recipe, {role: Head})`."""
+  values = obj.token_values(recipe.token_values, student, targets.tokens, teacher=frozen,
                             chunk_size=chunk_size)
   return recipe.loss(values, targets)
 
 
-def loss_from_logits(recipe: Recipe, student_logits, teacher_logits, targets: Targets):
+def loss_from_logits(recipe: Recipe, student_logits, frozen_logits, targets: Targets):
   """The unfused reference: `recipe` on full `[B, T, V]` logits -> `(per-token loss, metrics)`."""
-  return recipe.loss(recipe.token_values(student_logits, teacher_logits, targets.tokens), targets)
+  return recipe.loss(recipe.token_values(student_logits, frozen_logits, targets.tokens), targets)

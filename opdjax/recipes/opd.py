@@ -14,6 +14,7 @@ from __future__ import annotations
 import jax
 
 from opdjax import objectives as obj
+from opdjax.errors import ConfigError
 from opdjax.recipes.base import Recipe, metric_pairs, pair, sampled_token_values
 from opdjax.recipes.divergence_losses import divergence_loss, divergence_token_values
 
@@ -21,19 +22,23 @@ ESTIMATORS = ("full", "topk", "sampled")
 CORRECTIONS = ("none", "plain", "truncated", "ppo_clip")
 
 
-def sampled_token_loss(*, gamma: float, correction: str, clip_epsilon: float,
-                       truncation: float):
-  """The policy-gradient surrogate with rewards `log q(a_t) − log p_old(a_t)`."""
+def policy_gradient_loss(rewards_of, *, gamma: float, correction: str, clip_epsilon: float,
+                         truncation: float):
+  """The policy-gradient surrogate for per-token rewards `rewards_of(values, targets)`.
+
+  Advantages are the reward-to-go with discount `gamma`; `correction` reweights them by
+  `p/μ` against the sampler's `behaviour_logprobs` (for reused or truncated rollouts).
+  Returns a `Recipe.loss`.
+  """
   if correction not in CORRECTIONS:
-    raise ValueError(f"recipe.correction must be one of {CORRECTIONS}, got {correction!r}")
+    raise ConfigError(f"recipe.correction must be one of {CORRECTIONS}, got {correction!r}")
   if not 0.0 <= gamma <= 1.0:
-    raise ValueError(f"recipe.gamma must be in [0, 1], got {gamma}")
+    raise ConfigError(f"recipe.gamma must be in [0, 1], got {gamma}")
 
   def loss(values, targets):
     mask = targets.mask
     log_p = values["log_p"]
-    log_q = jax.lax.stop_gradient(values["log_q"])
-    rewards = obj.opd_rewards(targets.model_logprobs, log_q)
+    rewards = rewards_of(values, targets)
     advantages = obj.reward_to_go(rewards, mask, gamma=gamma)
     if correction == "none":
       per_token = obj.policy_gradient_loss(log_p, advantages)
@@ -43,7 +48,8 @@ def sampled_token_loss(*, gamma: float, correction: str, clip_epsilon: float,
           clip_epsilon=clip_epsilon, truncation=truncation)
     ratio = obj.importance_ratio(jax.lax.stop_gradient(log_p), targets.behaviour_logprobs)
     metrics = metric_pairs(values, mask)
-    metrics["sampled_log_ratio"] = pair(-rewards, mask)
+    metrics["sampled_log_ratio"] = pair(values["log_p"] - values["log_q"], mask)
+    metrics["reward"] = pair(rewards, mask)
     metrics["positive_advantage_fraction"] = pair((advantages > 0).astype("float32"), mask)
     metrics["importance_ratio"] = pair(ratio, mask)
     return per_token, metrics
@@ -51,20 +57,28 @@ def sampled_token_loss(*, gamma: float, correction: str, clip_epsilon: float,
   return loss
 
 
+def opd_rewards(values, targets):
+  """`ρ_t = log q(a_t) − log p_old(a_t)`, with the sampler's log-probs as `p_old`."""
+  return obj.opd_rewards(targets.model_logprobs, values["log_q"])
+
+
+def pg_settings(config) -> dict:
+  return dict(gamma=float(config.gamma), correction=config.correction,
+              clip_epsilon=float(config.clip_epsilon), truncation=float(config.truncation))
+
+
 def build(config) -> Recipe:
   estimator = config.estimator
   if estimator not in ESTIMATORS:
-    raise ValueError(f"recipe.estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    raise ConfigError(f"recipe.estimator must be one of {ESTIMATORS}, got {estimator!r}")
   if estimator == "sampled":
     token_values = sampled_token_values
-    loss = sampled_token_loss(gamma=float(config.gamma), correction=config.correction,
-                              clip_epsilon=float(config.clip_epsilon),
-                              truncation=float(config.truncation))
+    loss = policy_gradient_loss(opd_rewards, **pg_settings(config))
   else:
     if estimator == "topk" and not int(config.top_k):
-      raise ValueError("recipe.estimator='topk' needs recipe.top_k >= 1")
+      raise ConfigError("recipe.estimator='topk' needs recipe.top_k >= 1")
     if estimator == "full" and int(config.get("top_k", 0) or 0):
-      raise ValueError("recipe.top_k is set but recipe.estimator='full'; use estimator='topk'")
+      raise ConfigError("recipe.top_k is set but recipe.estimator='full'; use estimator='topk'")
     token_values, loss = divergence_token_values(config), divergence_loss
-  return Recipe(name="opd", source="student", needs_teacher=True, token_values=token_values,
+  return Recipe(name="opd", source="student", roles=("teacher",), token_values=token_values,
                 loss=loss)

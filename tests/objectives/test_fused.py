@@ -11,7 +11,7 @@ import pytest
 
 from opdjax import objectives as obj
 from opdjax import recipes
-from opdjax.recipes.base import Targets, loss_from_hidden, loss_from_logits
+from opdjax.recipes.base import Targets, frozen_argument, loss_from_hidden, loss_from_logits
 
 B, T, D, DT, V = 3, 7, 8, 12, 19   # B·T = 21 positions: not a multiple of the chunk (4)
 CHUNK = 4
@@ -81,6 +81,9 @@ RECIPE_CONFIGS = {
     "opd_topk_tail": dict(name="opd", estimator="topk", divergence="forward_kl", top_k=5,
                           tail_bucket=True),
     "opd_sampled": dict(name="opd", estimator="sampled", gamma=0.5, correction="ppo_clip"),
+    "gopd_sampled": dict(name="gopd", estimator="sampled", reward_scale=1.25, gamma=0.0),
+    "gopd_full": dict(name="gopd", estimator="full", reward_scale=0.5,
+                      divergence="generalized_jsd", divergence_kwargs={"beta": 0.5}),
 }
 
 
@@ -88,7 +91,7 @@ def _recipe(kwargs):
   c = ml_collections.ConfigDict(dict(
       name="opd", estimator="full", divergence="reverse_kl", divergence_kwargs={}, top_k=0,
       tail_bucket=False, gamma=0.0, correction="none", clip_epsilon=0.2, truncation=2.0,
-      lambda_on=0.5))
+      lambda_on=0.5, reward_scale=1.0))
   c.update(kwargs)
   return recipes.build(c)
 
@@ -98,17 +101,20 @@ def test_recipe_loss_and_metrics_fused_equal_full(variant):
   """NLL, top-K with and without the tail, the sampled estimator and every logged metric."""
   recipe = _recipe(RECIPE_CONFIGS[variant])
   hidden, kernel, t_hidden, t_kernel, vocab_mask, targets = _problem(1)
-  vocab_mask = jnp.ones_like(vocab_mask)   # top-K over -inf entries is covered above
+  heads = {"teacher": obj.Head(t_hidden, t_kernel),
+           "reference": obj.Head(t_hidden[::-1], 0.5 * t_kernel[:, ::-1])}
+  frozen = frozen_argument(recipe, heads)
+  frozen_logits = jax.tree.map(lambda h: obj.fused.logits_of(*h), frozen,
+                               is_leaf=lambda x: isinstance(x, obj.Head))
 
   def fused(hidden, kernel):
-    per_token, metrics = loss_from_hidden(recipe, obj.Head(hidden, kernel),
-                                          obj.Head(t_hidden, t_kernel), targets,
+    per_token, metrics = loss_from_hidden(recipe, obj.Head(hidden, kernel), frozen, targets,
                                           chunk_size=CHUNK)
     return obj.token_mean(per_token, targets.mask), metrics
 
   def full(hidden, kernel):
     per_token, metrics = loss_from_logits(recipe, obj.fused.logits_of(hidden, kernel),
-                                          obj.fused.logits_of(t_hidden, t_kernel), targets)
+                                          frozen_logits, targets)
     return obj.token_mean(per_token, targets.mask), metrics
 
   (loss_f, metrics_f), grads_f = jax.value_and_grad(fused, argnums=(0, 1), has_aux=True)(hidden, kernel)
