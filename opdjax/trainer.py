@@ -28,7 +28,7 @@ from opdjax.evaluation import evaluate, forward_hidden
 from opdjax.models import Decoder, ModelConfig, load_pretrained, load_tokenizer, read_config
 from opdjax.models.decoder import ATTENTION_IMPLEMENTATIONS
 from opdjax.models.hf import abstract_model
-from opdjax.recipes.base import frozen_argument, join, loss_from_hidden
+from opdjax.recipes.base import batch_loss, frozen_argument, join
 from opdjax.sampling import SamplingParams, generate
 
 # Model shapes for the synthetic experiments (vocabulary and special ids come from the
@@ -206,7 +206,7 @@ def make_train_step(graphdef, recipe, tx, param_shardings, opt_shardings, *,
   `frozen` is `{role: Head}` for the recipe's roles (their hidden states and heads, computed
   once per rollout), or None. The student runs to its final hidden states and the loss is
   computed from them in token chunks (`opdjax.objectives.token_values`), so no
-  `[B, T, V]` array is formed. With `microbatches = M` the batch is split into M row
+  `[B, T, V]` array is formed (one pass when the recipe names its `loss_value`). With `microbatches = M` the batch is split into M row
   blocks whose gradients are summed in a `lax.scan`; the loss is normalised by the whole
   batch's completion tokens, so the update equals the whole-batch one.
   """
@@ -218,9 +218,8 @@ def make_train_step(graphdef, recipe, tx, param_shardings, opt_shardings, *,
     def loss_fn(params):
       model = nnx.merge(graphdef, params)
       student = obj.Head(model.hidden_states(tokens, attention_mask=mask), model.head_kernel())
-      per_token, metrics = loss_from_hidden(recipe, student, frozen_argument(recipe, frozen),
-                                            targets, chunk_size=chunk_size)
-      return obj.masked_sum(per_token, targets.mask) / num_tokens, metrics
+      return batch_loss(recipe, student, frozen_argument(recipe, frozen), targets,
+                        num_tokens=num_tokens, chunk_size=chunk_size)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     return loss, metrics, grads

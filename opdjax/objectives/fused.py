@@ -140,3 +140,82 @@ def token_values(fn: TokenFn, student: Head, tokens: jax.Array, *,
   _, out = jax.lax.scan(body, None, xs)
   return jax.tree.map(lambda v: v.reshape((chunks * size,) + v.shape[2:])[:num]
                       .reshape((batch, length) + v.shape[2:]), out)
+
+
+def weighted_token_sum(fn: TokenFn, student: Head, tokens: jax.Array, weights: jax.Array, *,
+                       key: str = "loss", teacher=None, vocab_mask: jax.Array | None = None,
+                       chunk_size: int = 0):
+  """`Σ_t weights_t · fn(...)[key]_t` in one pass, with its gradient formed on the way.
+
+  For losses that are a fixed-weight sum of one per-token value (every divergence loss and
+  the NLL, with `weights = mask / Σ mask`), the gradient w.r.t. each chunk's logits is
+  known during the forward pass, so each chunk's logits are computed once: the student's
+  and the teacher's head matmuls plus the two of the student's backward, where
+  `token_values` under `jax.grad` recomputes the forward in the backward pass (the
+  approach of Liger-Kernel's fused linear losses). The other outputs of `fn` are returned
+  as `[B, T]` values without gradient (metrics).
+
+  Args:
+    fn, student, tokens, teacher, vocab_mask, chunk_size: as in `token_values`.
+    weights: `[B, T]` float weights (not differentiated).
+    key: the output of `fn` that is summed.
+
+  Returns:
+    `(loss, values)`: the scalar weighted sum (differentiable w.r.t. `student`) and the
+    dict of all `[B, T]` outputs of `fn` (constants).
+  """
+  hidden, kernel = student
+  batch, length, width = hidden.shape
+  num = batch * length
+  size = chunk_size or auto_chunk_size(kernel.shape[1], num)
+  chunks = -(-num // size)
+  if weights.shape != (batch, length):
+    raise ValueError(f"weights {weights.shape} must be [B, T] = {(batch, length)}")
+
+  def split(x):
+    x = x.reshape((num,) + x.shape[2:])
+    x = jnp.pad(x, [(0, chunks * size - num)] + [(0, 0)] * (x.ndim - 1))
+    return x.reshape((chunks, size) + x.shape[1:])
+
+  def masked(logits):
+    return logits if vocab_mask is None else jnp.where(vocab_mask, logits, -jnp.inf)
+
+  teacher = jax.tree.map(jax.lax.stop_gradient, teacher)
+  teacher_kernels = jax.tree.map(lambda h: h.kernel, teacher, is_leaf=_is_head)
+  teacher_hidden = jax.tree.map(lambda h: split(h.hidden), teacher, is_leaf=_is_head)
+  weights = jax.lax.stop_gradient(weights).astype(jnp.float32)
+
+  def chunk_loss(hidden_c, kernel, teacher_c, tokens_c, weights_c):
+    teacher_logits = jax.tree.map(lambda h, w: masked(logits_of(h, w)), teacher_c, teacher_kernels)
+    out = fn(masked(logits_of(hidden_c, kernel)), teacher_logits, tokens_c)
+    return jnp.sum(weights_c * out[key]), out
+
+  def unflatten(v):
+    return v.reshape((chunks * size,) + v.shape[2:])[:num].reshape((batch, length) + v.shape[2:])
+
+  def forward(hidden, kernel):
+    def body(grad_kernel, x):
+      hidden_c, teacher_c, tokens_c, weights_c = x
+      total, vjp, out = jax.vjp(lambda h, k: chunk_loss(h, k, teacher_c, tokens_c, weights_c),
+                                hidden_c, kernel, has_aux=True)
+      grad_hidden_c, grad_kernel_c = vjp(jnp.ones_like(total))
+      return grad_kernel + grad_kernel_c, (total, out, grad_hidden_c)
+
+    xs = (split(hidden), teacher_hidden, split(tokens), split(weights))
+    grad_kernel, (totals, out, grad_hidden) = jax.lax.scan(
+        body, jnp.zeros(kernel.shape, jnp.float32), xs)
+    grad_hidden = unflatten(grad_hidden.astype(hidden.dtype))
+    return (jnp.sum(totals), jax.tree.map(unflatten, out)), (grad_hidden, grad_kernel)
+
+  @jax.custom_vjp
+  def loss_and_values(hidden, kernel):
+    return forward(hidden, kernel)[0]
+
+  def backward(residuals, cotangents):
+    grad_hidden, grad_kernel = residuals
+    g = cotangents[0]     # the values are metrics: their cotangents are ignored
+    return g * grad_hidden, (g * grad_kernel).astype(kernel.dtype)
+
+  loss_and_values.defvjp(forward, backward)
+  loss, values = loss_and_values(hidden, kernel)
+  return loss, jax.tree.map(jax.lax.stop_gradient, values)

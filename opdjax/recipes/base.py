@@ -100,15 +100,15 @@ def sampled_token_values(student_logits, teacher_logits, tokens) -> dict:
 
 
 def nll_token_values(student_logits, teacher_logits, tokens) -> dict:
-  """Per token: `log p(y_t)` and the distribution metrics (SFT and SeqKD)."""
+  """Per token: `−log p(y_t)` and the distribution metrics (SFT and SeqKD)."""
   return dict(distribution_values(student_logits, teacher_logits),
-              log_p=obj.token_log_probs(student_logits, tokens))
+              nll=-obj.token_log_probs(student_logits, tokens))
 
 
 def nll_loss(values: dict, targets: Targets):
   """`−log p(y_t)` on the completion (SFT and SeqKD)."""
-  nll = -values["log_p"]
-  return nll, dict(metric_pairs(values, targets.mask), nll=pair(nll, targets.mask))
+  return values["nll"], dict(metric_pairs(values, targets.mask),
+                             nll=pair(values["nll"], targets.mask))
 
 
 ROLES = ("teacher", "reference")
@@ -139,6 +139,10 @@ class Recipe:
     loss: see above.
     roles: the frozen models `token_values` reads, from `ROLES`; the trainer builds each
       and hands their hidden states and heads to the step.
+    loss_value: the name of the `token_values` output that *is* the per-token loss, when
+      `loss` returns it unchanged (divergences, NLL). The gradient is then formed in one
+      pass over the vocabulary (`objectives.fused.weighted_token_sum`) instead of a
+      rematerialised backward pass; None for losses that mix positions (reward-to-go).
   """
 
   name: str
@@ -146,6 +150,7 @@ class Recipe:
   token_values: Callable
   loss: Callable
   roles: tuple[str, ...] = ()
+  loss_value: str | None = None
 
   def __post_init__(self):
     unknown = [r for r in self.roles if r not in ROLES]
@@ -178,6 +183,22 @@ def loss_from_hidden(recipe: Recipe, student: obj.Head, frozen, targets: Targets
   values = obj.token_values(recipe.token_values, student, targets.tokens, teacher=frozen,
                             chunk_size=chunk_size)
   return recipe.loss(values, targets)
+
+
+def batch_loss(recipe: Recipe, student: obj.Head, frozen, targets: Targets, *, num_tokens,
+               chunk_size: int = 0):
+  """The scalar the trainer minimises, `Σ mask·per_token_loss / num_tokens`, and metrics.
+
+  `num_tokens` is the whole batch's completion-token count (so micro-batches add up).
+  Uses the one-pass gradient when the recipe names its `loss_value`."""
+  if recipe.loss_value is None:
+    per_token, metrics = loss_from_hidden(recipe, student, frozen, targets, chunk_size=chunk_size)
+    return obj.masked_sum(per_token, targets.mask) / num_tokens, metrics
+  weights = targets.mask.astype(jnp.float32) / num_tokens
+  loss, values = obj.fused.weighted_token_sum(recipe.token_values, student, targets.tokens,
+                                              weights, key=recipe.loss_value, teacher=frozen,
+                                              chunk_size=chunk_size)
+  return loss, recipe.loss(values, targets)[1]
 
 
 def loss_from_logits(recipe: Recipe, student_logits, frozen_logits, targets: Targets):

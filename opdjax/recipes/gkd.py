@@ -23,4 +23,4 @@ def build(config) -> Recipe:
     raise ConfigError(f"recipe.lambda_on must be in [0, 1], got {lambda_on}")
   return Recipe(name="gkd", source=functools.partial(on_policy_coin, lambda_on=lambda_on),
                 roles=("teacher",), token_values=divergence_token_values(config),
-                loss=divergence_loss)
+                loss=divergence_loss, loss_value="divergence")

@@ -62,12 +62,13 @@ def build(config) -> Recipe:
   reward_scale = float(config.reward_scale)
   if not reward_scale >= 0:
     raise ConfigError(f"recipe.reward_scale (λ) must be >= 0, got {reward_scale}")
+  loss_value = None
   if estimator == "sampled":
     token_values = sampled_token_values
     loss = policy_gradient_loss(functools.partial(gopd_rewards, reward_scale=reward_scale),
                                 **pg_settings(config))
   else:
     token_values = tilted_token_values(divergence_from_config(config), reward_scale)
-    loss = divergence_loss
+    loss, loss_value = divergence_loss, "divergence"
   return Recipe(name="gopd", source="student", roles=("teacher", "reference"),
-                token_values=token_values, loss=loss)
+                token_values=token_values, loss=loss, loss_value=loss_value)

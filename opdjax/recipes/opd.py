@@ -71,14 +71,16 @@ def build(config) -> Recipe:
   estimator = config.estimator
   if estimator not in ESTIMATORS:
     raise ConfigError(f"recipe.estimator must be one of {ESTIMATORS}, got {estimator!r}")
+  loss_value = None
   if estimator == "sampled":
     token_values = sampled_token_values
     loss = policy_gradient_loss(opd_rewards, **pg_settings(config))
   else:
+    loss_value = "divergence"
     if estimator == "topk" and not int(config.top_k):
       raise ConfigError("recipe.estimator='topk' needs recipe.top_k >= 1")
     if estimator == "full" and int(config.get("top_k", 0) or 0):
       raise ConfigError("recipe.top_k is set but recipe.estimator='full'; use estimator='topk'")
     token_values, loss = divergence_token_values(config), divergence_loss
   return Recipe(name="opd", source="student", roles=("teacher",), token_values=token_values,
-                loss=loss)
+                loss=loss, loss_value=loss_value)
