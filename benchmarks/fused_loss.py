@@ -1,0 +1,152 @@
+"""Fused chunked JSD(β=0.5) loss, forward + backward: time and peak memory, JSON lines.
+
+Compares, at the same (BT, H, V) shapes and on the same machine:
+  * `opdjax`: `objectives.token_values` (hidden states → loss in token chunks, scan + remat);
+  * `opdjax_vjp`: `objectives.fused.weighted_token_sum` (one pass: each chunk's gradient is
+    formed in the forward pass, `custom_vjp`);
+  * `naive`:  the same JSD on full `[BT, V]` logits in JAX;
+  * `liger` / `liger_compiled`: Liger-Kernel's `LigerFusedLinearJSDLoss` (torch, CPU), when
+    the optional `liger-kernel` package is installed (`pip install liger-kernel`).
+
+Each (implementation, shape) runs in a fresh subprocess so that its peak resident memory
+(`ru_maxrss` minus the RSS after imports and inputs) is its own. Usage:
+
+    python benchmarks/fused_loss.py --out benchmarks/results/fused_loss_cpu_2core.jsonl
+    python benchmarks/fused_loss.py --shapes 4096,256,32768 --impls opdjax,naive
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+SHAPES = ((4096, 256, 32768), (8192, 512, 65536))
+IMPLS = ("opdjax", "opdjax_vjp", "naive", "liger", "liger_compiled")
+
+
+def rss_mb() -> float:
+  with open("/proc/self/statm") as f:
+    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_jax(impl: str, bt: int, h: int, v: int, repeats: int) -> dict:
+  import jax
+  import jax.numpy as jnp
+  from opdjax import objectives as obj
+
+  ks = jax.random.split(jax.random.key(0), 4)
+  hidden = jax.random.normal(ks[0], (1, bt, h)) * 0.5
+  kernel = jax.random.normal(ks[1], (h, v)) * h ** -0.5
+  t_hidden = jax.random.normal(ks[2], (1, bt, h)) * 0.5
+  t_kernel = jax.random.normal(ks[3], (h, v)) * h ** -0.5
+  tokens = jnp.zeros((1, bt), jnp.int32)
+  jsd = lambda s, t: obj.generalized_jsd(s, t, beta=0.5)
+
+  if impl == "opdjax_vjp":
+    weights = jnp.full((1, bt), 1.0 / bt)
+
+    def loss(hidden, kernel):
+      return obj.fused.weighted_token_sum(lambda s, t, a: {"loss": jsd(s, t)},
+                                          obj.Head(hidden, kernel), tokens, weights,
+                                          teacher=obj.Head(t_hidden, t_kernel))[0]
+  elif impl == "opdjax":
+    def loss(hidden, kernel):
+      values = obj.token_values(lambda s, t, a: {"d": jsd(s, t)}, obj.Head(hidden, kernel),
+                                tokens, teacher=obj.Head(t_hidden, t_kernel))
+      return jnp.mean(values["d"])
+  else:
+    def loss(hidden, kernel):
+      return jnp.mean(jsd(hidden @ kernel, t_hidden @ t_kernel))
+
+  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+  base = rss_mb()
+  start = time.perf_counter()
+  jax.block_until_ready(step(hidden, kernel))
+  first = time.perf_counter() - start
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(step(hidden, kernel))
+    times.append(time.perf_counter() - start)
+  temp = step.lower(hidden, kernel).compile().memory_analysis().temp_size_in_bytes
+  return dict(first_s=first, median_s=statistics.median(times),
+              peak_extra_mb=peak_mb() - base, xla_temp_mb=temp / 2**20)
+
+
+def run_liger(impl: str, bt: int, h: int, v: int, repeats: int) -> dict:
+  import torch
+  from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+  torch.manual_seed(0)
+  hidden = (torch.randn(bt, h) * 0.5).requires_grad_()
+  weight = (torch.randn(v, h) * h ** -0.5).requires_grad_()
+  t_hidden = torch.randn(bt, h) * 0.5
+  t_weight = torch.randn(v, h) * h ** -0.5
+  labels = torch.zeros(bt, dtype=torch.long)
+  module = LigerFusedLinearJSDLoss(beta=0.5)
+  if impl == "liger_compiled":
+    module = torch.compile(module)
+
+  def step():
+    hidden.grad = weight.grad = None
+    module(hidden, weight, t_hidden, t_weight, labels).backward()
+
+  base = rss_mb()
+  start = time.perf_counter()
+  step()
+  first = time.perf_counter() - start
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - start)
+  return dict(first_s=first, median_s=statistics.median(times), peak_extra_mb=peak_mb() - base)
+
+
+def one(impl: str, bt: int, h: int, v: int, repeats: int) -> dict:
+  runner = run_jax if impl in ("opdjax", "opdjax_vjp", "naive") else run_liger
+  result = runner(impl, bt, h, v, repeats)
+  flops = 3 * 2 * 2 * bt * h * v   # student + teacher head forward, student backward (2 matmuls)
+  return dict(impl=impl, bt=bt, h=h, v=v, repeats=repeats, machine=platform.machine(),
+              cpus=os.cpu_count(), approx_gflop_per_s=flops / result["median_s"] / 1e9, **result)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--shapes", nargs="*", default=[",".join(map(str, s)) for s in SHAPES])
+  parser.add_argument("--impls", default=",".join(IMPLS))
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--out", default=None, help="append JSON lines here")
+  parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.one:
+    impl, bt, h, v = args.one.split(",")
+    print(json.dumps(one(impl, int(bt), int(h), int(v), args.repeats)))
+    return
+  for shape in args.shapes:
+    for impl in args.impls.split(","):
+      proc = subprocess.run([sys.executable, __file__, "--one", f"{impl},{shape}",
+                             "--repeats", str(args.repeats)], capture_output=True, text=True)
+      if proc.returncode:
+        line = dict(impl=impl, shape=shape, error=proc.stderr.strip().splitlines()[-1])
+      else:
+        line = json.loads(proc.stdout.strip().splitlines()[-1])
+      print(json.dumps(line), flush=True)
+      if args.out:
+        with open(args.out, "a") as f:
+          f.write(json.dumps(line) + "\n")
+
+
+if __name__ == "__main__":
+  main()
