@@ -22,8 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from opdjax.models.decoder import KVCache
+
 _CHUNK = 16      # decode steps per scan chunk between early-exit checks
 _MIN_BUCKET = 16
+_TOP_P_CANDIDATES = 256  # top-p looks for the nucleus among this many tokens first
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +90,17 @@ class Generation(NamedTuple):
   logits: jax.Array | None = None
 
 
+class DecodeState(NamedTuple):
+  """The decode loop's carry (B rows, N = bucketed new tokens, S cache slots, V vocab)."""
+
+  step: jax.Array           # [] int32, the next decode step (= completion index)
+  cache: KVCache            # per layer [B, S, K, Dh] keys/values, valid [B, S], index []
+  next_logits: jax.Array    # [B, V] float32 logits of the token to draw at `step`
+  next_position: jax.Array  # [B] int32 RoPE position of that token in its own row
+  done: jax.Array           # [B] bool, row has emitted EOS (or is past max_new_tokens)
+  buffers: dict             # {tokens, mask, sample_logprobs, model_logprobs[, logits]}: [B, N(, V)]
+
+
 def bucket_size(n: int, minimum: int = _MIN_BUCKET) -> int:
   """The compile bucket of a length: the next power of two, at least `minimum`."""
   return max(minimum, 1 << max(0, int(n) - 1).bit_length())
@@ -105,18 +119,37 @@ def sampling_distribution(logits: jax.Array, sampling: SamplingParams) -> jax.Ar
     kept = jnp.put_along_axis(kept, keep, True, axis=-1, inplace=False)
     logits = jnp.where(kept, logits, -jnp.inf)
   if sampling.top_p < 1.0:
-    order = jnp.argsort(-logits, axis=-1)
-    sorted_probs = jnp.take_along_axis(jax.nn.softmax(logits, axis=-1), order, axis=-1)
-    mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
-    keep_sorted = mass_before < sampling.top_p          # the first token always stays
-    kept = jnp.put_along_axis(jnp.zeros(logits.shape, bool), order, keep_sorted, axis=-1,
-                              inplace=False)
-    logits = jnp.where(kept, logits, -jnp.inf)
+    logits = _top_p_mask(logits, sampling.top_p)
   if sampling.min_p > 0.0:
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     threshold = jnp.max(log_probs, axis=-1, keepdims=True) + jnp.log(sampling.min_p)
     logits = jnp.where(log_probs >= threshold, logits, -jnp.inf)
   return jax.nn.log_softmax(logits, axis=-1)
+
+
+def _nucleus(logits, top_p: float, candidates: int):
+  """`logits` with every token outside the top-p nucleus among the top `candidates` masked,
+  and whether those candidates held at least `top_p` of the mass (then the mask is exact)."""
+  top_logits, top_ids = jax.lax.top_k(logits, candidates)          # sorted, descending
+  log_z = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+  top_probs = jnp.exp(top_logits - log_z)
+  mass_before = jnp.cumsum(top_probs, axis=-1) - top_probs
+  keep_sorted = mass_before < top_p                                 # the first token stays
+  kept = jnp.put_along_axis(jnp.zeros(logits.shape, bool), top_ids, keep_sorted, axis=-1,
+                            inplace=False)
+  enough = jnp.all(jnp.sum(top_probs, axis=-1) >= top_p)
+  return jnp.where(kept, logits, -jnp.inf), enough
+
+
+def _top_p_mask(logits, top_p: float):
+  """Top-p (nucleus) truncation. The nucleus is searched among the top 256 tokens first
+  (`lax.top_k`, no vocabulary-wide sort); only if some row's top 256 hold less than `top_p`
+  of the mass does it sort the whole vocabulary, so the result is always exact."""
+  vocab = logits.shape[-1]
+  if vocab <= _TOP_P_CANDIDATES:
+    return _nucleus(logits, top_p, vocab)[0]
+  masked, enough = _nucleus(logits, top_p, _TOP_P_CANDIDATES)
+  return jax.lax.cond(enough, lambda: masked, lambda: _nucleus(logits, top_p, vocab)[0])
 
 
 def _draw(logits, key, sampling: SamplingParams):
@@ -155,33 +188,35 @@ def _generate_jit(graphdef, state, prompt_tokens, prompt_mask, key, max_new_toke
   if return_logits:
     buffers["logits"] = jnp.zeros((batch, steps, next_logits.shape[-1]), jnp.float32)
 
-  def step_fn(carry, _):
-    step, cache, next_logits, next_position, done, buffers = carry
-    active = ~done & (step < max_new_tokens)
-    token, sample_lp, model_lp = _draw(next_logits, jax.random.fold_in(key, step), sampling)
+  def step_fn(state: DecodeState, _):
+    active = ~state.done & (state.step < max_new_tokens)
+    token, sample_lp, model_lp = _draw(state.next_logits, jax.random.fold_in(key, state.step),
+                                       sampling)
     token = jnp.where(active, token, 0)
     updates = dict(tokens=token, mask=active, sample_logprobs=jnp.where(active, sample_lp, 0.0),
                    model_logprobs=jnp.where(active, model_lp, 0.0))
     if return_logits:
-      updates["logits"] = next_logits.astype(jnp.float32)
-    buffers = {name: jax.lax.dynamic_update_slice_in_dim(buf, updates[name][:, None], step, axis=1)
-               for name, buf in buffers.items()}
-    done = done | ~active | jnp.isin(token, eos)
-    new_logits, cache = model.decode(token, next_position, cache, active=active)
-    next_position = next_position + active.astype(jnp.int32)
-    return (step + 1, cache, new_logits, next_position, done, buffers), None
+      updates["logits"] = state.next_logits.astype(jnp.float32)
+    buffers = {name: jax.lax.dynamic_update_slice_in_dim(buf, updates[name][:, None], state.step,
+                                                         axis=1)
+               for name, buf in state.buffers.items()}
+    new_logits, cache = model.decode(token, state.next_position, state.cache, active=active)
+    return DecodeState(step=state.step + 1, cache=cache, next_logits=new_logits,
+                       next_position=state.next_position + active.astype(jnp.int32),
+                       done=state.done | ~active | jnp.isin(token, eos),
+                       buffers=buffers), None
 
-  def chunk(carry):
-    carry, _ = jax.lax.scan(step_fn, carry, None, length=min(_CHUNK, steps))
-    return carry
+  def chunk(state):
+    state, _ = jax.lax.scan(step_fn, state, None, length=min(_CHUNK, steps))
+    return state
 
-  def keep_going(carry):
-    step, _, _, _, done, _ = carry
-    return (step < jnp.minimum(max_new_tokens, steps)) & ~jnp.all(done)
+  def keep_going(state):
+    return (state.step < jnp.minimum(max_new_tokens, steps)) & ~jnp.all(state.done)
 
-  carry = (jnp.zeros((), jnp.int32), cache, next_logits, next_position,
-           jnp.zeros((batch,), bool), buffers)
-  _, _, _, _, _, buffers = jax.lax.while_loop(keep_going, chunk, carry)
+  state = DecodeState(step=jnp.zeros((), jnp.int32), cache=cache, next_logits=next_logits,
+                      next_position=next_position, done=jnp.zeros((batch,), bool),
+                      buffers=buffers)
+  buffers = jax.lax.while_loop(keep_going, chunk, state).buffers
   return buffers
 
 

@@ -59,7 +59,7 @@ class RunResult:
 
 def _dtype(name: str):
   if name not in ("float32", "bfloat16"):
-    raise ConfigError(f"dtype must be 'float32' or 'bfloat16', got {name!r}")
+    raise ConfigError(f"dtype and param_dtype must be 'float32' or 'bfloat16', got {name!r}")
   return jnp.dtype(name)
 
 
@@ -103,20 +103,20 @@ def model_config_of(model_config, tokenizer) -> ModelConfig:
 
 
 def build_model(model_config, config_of: ModelConfig, *, seed: int, mesh):
-  """A model on `mesh`: from a HF directory, an earlier run's checkpoint, or a fresh init."""
-  dtype = _dtype(model_config.dtype)
-  attention = model_config.attention
+  """A model on `mesh`: from a HF directory, an earlier run's checkpoint, or a fresh init.
+
+  Parameters are stored in the section's `param_dtype` and computed in its `dtype`."""
+  kwargs = dict(dtype=_dtype(model_config.dtype), param_dtype=_dtype(model_config.param_dtype),
+                attention=model_config.attention)
   if model_config.hf_path:
-    model, _ = load_pretrained(model_config.hf_path, dtype=dtype, mesh=mesh, with_tokenizer=False,
-                               attention=attention)
+    model, _ = load_pretrained(model_config.hf_path, mesh=mesh, with_tokenizer=False, **kwargs)
     return model
   source = model_config.get("checkpoint") or model_config.get("init_from")
   if source:  # restore straight into the shardings; no throw-away random init
-    graphdef, abstract = nnx.split(abstract_model(config_of, dtype, attention=attention))
+    graphdef, abstract = nnx.split(abstract_model(config_of, **kwargs))
     return nnx.merge(graphdef, checkpoint.restore_params(
         source, sharding.abstract_state(abstract, mesh)))
-  graphdef, state = nnx.split(Decoder(config_of, dtype=dtype, rngs=nnx.Rngs(seed),
-                                      attention=attention))
+  graphdef, state = nnx.split(Decoder(config_of, rngs=nnx.Rngs(seed), **kwargs))
   return nnx.merge(graphdef, sharding.place_state(state, mesh))
 
 

@@ -204,3 +204,25 @@ def test_bad_input(model):
     generate(model, tokens, mask, key=jax.random.key(0), max_new_tokens=0)
   with pytest.raises(ValueError, match=r"prompt_mask \(4, 5\) must match"):
     generate(model, tokens, mask[:, :5], key=jax.random.key(0), max_new_tokens=4)
+
+
+def test_top_p_prefilter_is_exact_on_a_large_vocabulary():
+  """Top-p looks among the top 256 tokens first; rows whose top 256 hold less than top_p (a
+  flat row here) fall back to the full sort. Both must equal the sorted-nucleus reference."""
+  rng = np.random.RandomState(0)
+  vocab = 1000
+  logits = np.stack([rng.randn(vocab) * 4.0,          # peaked: nucleus well inside the top 256
+                     rng.randn(vocab) * 0.01,         # flat: needs most of the vocabulary
+                     np.where(np.arange(vocab) < 3, 5.0, 0.0)])   # ties at the top
+  for top_p in (0.3, 0.9):
+    got = np.asarray(sampling_distribution(jnp.asarray(logits, jnp.float32),
+                                           SamplingParams(top_p=top_p)))
+    for row, out in zip(logits, got):
+      probs = np.exp(row - row.max()) / np.exp(row - row.max()).sum()
+      order = np.argsort(-row, kind="stable")
+      before = np.cumsum(probs[order]) - probs[order]
+      keep = np.zeros(vocab, bool)
+      keep[order[before < top_p]] = True
+      np.testing.assert_array_equal(np.isfinite(out), keep)
+      expected = np.where(keep, probs, 0) / probs[keep].sum()
+      np.testing.assert_allclose(np.exp(out), expected, rtol=2e-5, atol=1e-7)

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def tiny(recipe="sft", **recipe_kwargs):
   """A config that trains in seconds: tiny model, 8-row batches, short completions."""
-  c = configs.base_config()
+  c = configs.float32(configs.base_config())
   c.task.train_size = 64
   c.task.eval_size = 8
   c.task.completion_length = 4
@@ -276,3 +276,34 @@ def test_hf_teacher_and_jsonl_prompts(tmp_path):
   config.task.train_jsonl = str(bad)
   with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
     trainer.run(config, tmp_path / "run_bad", quiet=True)
+
+
+def test_default_precision_is_float32_master_weights_with_bfloat16_compute(teacher_dir, tmp_path):
+  """The defaults: the student keeps float32 parameters (and so float32 Adam moments) and
+  computes in bfloat16; the teacher, restored from a float32 checkpoint, is bfloat16."""
+  import jax
+  import jax.numpy as jnp
+  from opdjax import sharding
+  defaults = configs.base_config()
+  config = tiny("opd", estimator="full", divergence="reverse_kl")
+  for role in ("student", "teacher"):
+    config[role].dtype, config[role].param_dtype = defaults[role].dtype, defaults[role].param_dtype
+  assert (config.student.param_dtype, config.student.dtype) == ("float32", "bfloat16")
+  assert (config.teacher.param_dtype, config.teacher.dtype) == ("bfloat16", "bfloat16")
+  config.teacher.checkpoint = str(teacher_dir)
+  mesh = sharding.make_mesh((1,), ("data",))
+  tokenizer = trainer.build_tokenizer(config)
+  models = {role: trainer.build_model(config[role], trainer.model_config_of(config[role], tokenizer),
+                                      seed=0, mesh=mesh) for role in ("student", "teacher")}
+  dtypes = {role: {x.dtype for x in jax.tree.leaves(nnx.state(m, nnx.Param))}
+            for role, m in models.items()}
+  assert dtypes == {"student": {jnp.dtype("float32")}, "teacher": {jnp.dtype("bfloat16")}}
+  tokens = jnp.ones((2, 5), jnp.int32)
+  assert models["student"].hidden_states(tokens).dtype == jnp.bfloat16
+  assert models["student"](tokens).dtype == jnp.float32          # logits are float32
+
+  result = trainer.run(config, tmp_path, quiet=True)
+  assert all(np.isfinite(r["loss"]) for r in result.history if r["split"] == "train")
+  abstract = nnx.state(Decoder(checkpoint.read_model_config(tmp_path), rngs=nnx.Rngs(0)))
+  saved = checkpoint.restore_params(tmp_path, abstract)
+  assert {x.dtype for x in jax.tree.leaves(saved)} == {jnp.dtype("float32")}

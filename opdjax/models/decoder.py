@@ -52,14 +52,14 @@ class KVCache(NamedTuple):
 class RMSNorm(nnx.Module):
   """`x / sqrt(mean(x²) + ε) · w`, statistics in float32, as Hugging Face computes it."""
 
-  def __init__(self, dim: int, *, eps: float, dtype):
-    self.scale = nnx.Param(jnp.ones((dim,), dtype))
+  def __init__(self, dim: int, *, eps: float, dtype, param_dtype=None):
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype or dtype))
     self.eps = eps
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-    return self.scale[...] * x32.astype(x.dtype)
+    return self.scale[...].astype(x.dtype) * x32.astype(x.dtype)
 
 
 def rope_tables(config: ModelConfig, positions: jax.Array, dtype):
@@ -77,8 +77,8 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
-def _linear(din: int, dout: int, *, bias: bool, dtype, rngs: nnx.Rngs) -> nnx.Linear:
-  return nnx.Linear(din, dout, use_bias=bias, dtype=dtype, param_dtype=dtype,
+def _linear(din: int, dout: int, *, bias: bool, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Linear:
+  return nnx.Linear(din, dout, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
                     kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
 
 
@@ -105,20 +105,21 @@ def attend(q, k, v, mask, *, implementation: str = "auto") -> jax.Array:
 class Attention(nnx.Module):
   """Grouped-query attention with RoPE and optional q/k RMSNorm (Qwen3)."""
 
-  def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs, implementation: str = "auto"):
+  def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs,
+               implementation: str = "auto"):
     c = config
     if implementation not in ATTENTION_IMPLEMENTATIONS:
       raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, "
                        f"got {implementation!r}")
     self.implementation = implementation
     self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
-    self.q_proj = _linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.qkv_bias, dtype=dtype, rngs=rngs)
-    self.k_proj = _linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias, dtype=dtype, rngs=rngs)
-    self.v_proj = _linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias, dtype=dtype, rngs=rngs)
-    self.o_proj = _linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.o_bias, dtype=dtype, rngs=rngs)
+    self.q_proj = _linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.qkv_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.k_proj = _linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.v_proj = _linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.o_proj = _linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.o_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     if c.qk_norm:
-      self.q_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps, dtype=dtype)
-      self.k_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps, dtype=dtype)
+      self.q_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+      self.k_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
     else:
       self.q_norm = self.k_norm = None
 
@@ -143,11 +144,11 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
   """SwiGLU: `down(silu(gate(x)) · up(x))`."""
 
-  def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs):
+  def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
     c = config
-    self.gate_proj = _linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias, dtype=dtype, rngs=rngs)
-    self.up_proj = _linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias, dtype=dtype, rngs=rngs)
-    self.down_proj = _linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias, dtype=dtype, rngs=rngs)
+    self.gate_proj = _linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.up_proj = _linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.down_proj = _linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, x):
     return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -156,11 +157,15 @@ class MLP(nnx.Module):
 class DecoderLayer(nnx.Module):
   """Pre-norm residual block: attention then MLP."""
 
-  def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs, attention: str = "auto"):
-    self.input_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
-    self.attn = Attention(config, dtype=dtype, rngs=rngs, implementation=attention)
-    self.post_attention_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
-    self.mlp = MLP(config, dtype=dtype, rngs=rngs)
+  def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs,
+               attention: str = "auto"):
+    self.input_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype,
+                         param_dtype=param_dtype)
+    self.attn = Attention(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                          implementation=attention)
+    self.post_attention_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype,
+                         param_dtype=param_dtype)
+    self.mlp = MLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, x, cos, sin, mask, kv=None, index=None):
     attn_out, kv = self.attn(self.input_norm(x), cos, sin, mask, kv, index)
@@ -177,19 +182,25 @@ class Decoder(nnx.Module):
   padding. `hidden_states` + `logits_from_hidden` split the call for losses computed from
   hidden states; `prefill` + `decode` run the same weights through a `KVCache`.
   `attention` picks the attention kernel (`attend`: "auto", "xla" or "cudnn").
+  Parameters are stored in `param_dtype` (default `dtype`) and the computation runs in
+  `dtype`: float32 master weights with bfloat16 compute is `param_dtype=jnp.float32,
+  dtype=jnp.bfloat16`. RMSNorm statistics, attention softmax and logits are float32.
   """
 
-  def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs,
-               attention: str = "auto"):
+  def __init__(self, config: ModelConfig, *, dtype=jnp.float32, param_dtype=None,
+               rngs: nnx.Rngs, attention: str = "auto"):
     self.config = config
     self.dtype = dtype
-    self.embed = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=dtype,
+    param_dtype = param_dtype or dtype
+    self.embed = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype,
                            embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
-    self.layers = nnx.List([DecoderLayer(config, dtype=dtype, rngs=rngs, attention=attention)
+    self.layers = nnx.List([DecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                                         attention=attention)
                             for _ in range(config.num_layers)])
-    self.final_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
+    self.final_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype,
+                         param_dtype=param_dtype)
     self.lm_head = None if config.tie_word_embeddings else _linear(
-        config.hidden_size, config.vocab_size, bias=False, dtype=dtype, rngs=rngs)
+        config.hidden_size, config.vocab_size, bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
   # ------------------------------------------------------------ full-sequence path
 
@@ -206,10 +217,11 @@ class Decoder(nnx.Module):
     return self._run(tokens, positions, mask)
 
   def head_kernel(self) -> jax.Array:
-    """The LM head as a `[D, V]` matrix (the embedding transposed when tied)."""
+    """The LM head as a `[D, V]` matrix in the compute dtype (the embedding transposed when
+    tied)."""
     if self.lm_head is None:
-      return self.embed.embedding[...].T
-    return self.lm_head.kernel[...]
+      return self.embed.embedding[...].T.astype(self.dtype)
+    return self.lm_head.kernel[...].astype(self.dtype)
 
   def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
     """LM head: `[..., D] -> [..., V]` float32 logits (tied or untied)."""

@@ -96,20 +96,23 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
   return ModelConfig.from_hf(hf, source=str(config_file))
 
 
-def abstract_model(config: ModelConfig, dtype, *, attention: str = "auto") -> Decoder:
+def abstract_model(config: ModelConfig, dtype, *, param_dtype=None,
+                   attention: str = "auto") -> Decoder:
   """The model's structure with `ShapeDtypeStruct` leaves (allocates no parameters)."""
-  return nnx.eval_shape(lambda: Decoder(config, dtype=dtype, rngs=nnx.Rngs(0), attention=attention))
+  return nnx.eval_shape(lambda: Decoder(config, dtype=dtype, param_dtype=param_dtype,
+                                        rngs=nnx.Rngs(0), attention=attention))
 
 
-def load_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, mesh: Mesh | None = None,
-                    rules: Sequence = sharding_lib.DEFAULT_RULES, with_tokenizer: bool = True,
-                    attention: str = "auto"):
+def load_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=None,
+                    mesh: Mesh | None = None, rules: Sequence = sharding_lib.DEFAULT_RULES,
+                    with_tokenizer: bool = True, attention: str = "auto"):
   """Loads a local Hugging Face directory (`config.json` + `*.safetensors`, sharded or not).
 
   Args:
     path: directory holding `config.json`, `model.safetensors` or
       `model.safetensors.index.json` + shards, and optionally tokenizer files.
-    dtype: parameter (and activation) dtype, e.g. `jnp.float32` or `jnp.bfloat16`.
+    dtype: compute (activation) dtype, e.g. `jnp.float32` or `jnp.bfloat16`.
+    param_dtype: parameter dtype (default `dtype`); tensors are cast to it on load.
     mesh: if given, parameters are placed with `opdjax.sharding` `rules` on it and each
       device reads only its slice.
     rules: partition rules for `mesh`.
@@ -123,7 +126,9 @@ def load_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, mesh: Mesh | 
   if not directory.is_dir():
     raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
   config = read_config(directory)
-  graphdef, abstract_state = nnx.split(abstract_model(config, dtype, attention=attention))
+  param_dtype = param_dtype or dtype
+  graphdef, abstract_state = nnx.split(abstract_model(config, dtype, param_dtype=param_dtype,
+                                                      attention=attention))
   expected = {}  # hf name -> (opdjax path tuple, shape, transposed)
   for path_tuple, variable in nnx.to_flat_state(abstract_state):
     name, transposed = hf_name(sharding_lib.path_string(path_tuple))
@@ -159,7 +164,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, mesh: Mesh | 
       if stored != want:
         raise ConfigError(f"{file}: tensor {name!r} has shape {stored}, but config.json implies "
                          f"{want}")
-      leaves[path_tuple] = _read(tensor, shape, transposed, dtype,
+      leaves[path_tuple] = _read(tensor, shape, transposed, param_dtype,
                                  None if mesh is None else sharding_lib.sharding_for(
                                      sharding_lib.path_string(path_tuple), shape, mesh, rules))
   finally:

@@ -214,7 +214,7 @@ def weighted_token_sum(fn: TokenFn, student: Head, tokens: jax.Array, weights: j
   def backward(residuals, cotangents):
     grad_hidden, grad_kernel = residuals
     g = cotangents[0]     # the values are metrics: their cotangents are ignored
-    return g * grad_hidden, (g * grad_kernel).astype(kernel.dtype)
+    return (g * grad_hidden).astype(hidden.dtype), (g * grad_kernel).astype(kernel.dtype)
 
   loss_and_values.defvjp(forward, backward)
   loss, values = loss_and_values(hidden, kernel)

@@ -240,3 +240,31 @@ def test_compiled_opd_step_at_qwen3_vocabulary_holds_no_full_logits(recipe_kwarg
   full_logits = batch * length * vocab * 4
   assert full_logits > 2.4e9
   assert temp < 1e9, f"temporaries {temp / 1e9:.2f} GB"
+
+
+def test_bfloat16_hidden_states_get_bfloat16_gradients():
+  """Mixed precision: bf16 hidden/head in, float32 loss, gradients in the inputs' dtype and
+  close to the float32 computation, on both fused paths."""
+  hidden, kernel, t_hidden, t_kernel, _, targets = _problem(4)
+  weights = targets.mask / jnp.sum(targets.mask)
+  fn = lambda s, t, a: {"loss": obj.reverse_kl(s, t)}
+  bf16 = lambda x: x.astype(jnp.bfloat16)
+
+  def one_pass(h, k):
+    return obj.fused.weighted_token_sum(fn, obj.Head(h, k), targets.tokens, weights,
+                                        teacher=obj.Head(bf16(t_hidden), bf16(t_kernel)),
+                                        chunk_size=CHUNK)[0]
+
+  def remat(h, k):
+    values = obj.token_values(fn, obj.Head(h, k), targets.tokens,
+                              teacher=obj.Head(bf16(t_hidden), bf16(t_kernel)), chunk_size=CHUNK)
+    return jnp.sum(weights * values["loss"])
+
+  reference = jax.grad(remat, argnums=(0, 1))(bf16(hidden).astype(jnp.float32),
+                                               bf16(kernel).astype(jnp.float32))
+  for loss in (one_pass, remat):
+    value, grads = jax.value_and_grad(loss, argnums=(0, 1))(bf16(hidden), bf16(kernel))
+    assert value.dtype == jnp.float32
+    for g, r in zip(grads, reference):
+      assert g.dtype == jnp.bfloat16
+      np.testing.assert_allclose(np.asarray(g, np.float32), r, rtol=0.05, atol=2e-3)
