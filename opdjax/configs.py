@@ -48,7 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.reference.attention = "auto"
 
   c.recipe = ml_collections.ConfigDict()
-  c.recipe.name = "opd"             # sft | seqkd | supervised_kd | gkd | opd | gopd
+  c.recipe.name = "opd"             # sft | seqkd | supervised_kd | gkd | opd | gopd | grpo
   c.recipe.estimator = "full"       # opd: full | topk | sampled; gopd: sampled | full
   c.recipe.divergence = "reverse_kl"
   c.recipe.divergence_kwargs = ml_collections.ConfigDict()
@@ -60,6 +60,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.recipe.truncation = 2.0
   c.recipe.lambda_on = 0.5          # gkd: probability of on-policy student samples
   c.recipe.reward_scale = 1.0       # gopd: λ (1 = opd, > 1 = ExOPD)
+  c.recipe.group_size = 4           # grpo: completions per prompt
+  c.recipe.normalize_std = True     # grpo: divide by the group's std (False = Dr. GRPO)
+  c.recipe.opd_weight = 0.0         # grpo: weight of the teacher's dense OPD advantage
 
   c.sampling = ml_collections.ConfigDict()
   c.sampling.temperature = 1.0

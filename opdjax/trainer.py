@@ -24,7 +24,7 @@ from opdjax import checkpoint, metrics, recipes, sharding
 from opdjax import objectives as obj
 from opdjax.data import PromptSet, batches, char_tokenizer, encode, load_jsonl, synthetic_records
 from opdjax.errors import ConfigError
-from opdjax.evaluation import evaluate, forward_hidden
+from opdjax.evaluation import evaluate, forward_hidden, verified
 from opdjax.models import Decoder, ModelConfig, load_pretrained, load_tokenizer, read_config
 from opdjax.models.decoder import ATTENTION_IMPLEMENTATIONS
 from opdjax.models.hf import abstract_model
@@ -134,7 +134,8 @@ def build_mesh(config):
 def validate(config, recipe, mesh, student_cfg: ModelConfig, teacher_cfg: ModelConfig | None,
              reference_cfg: ModelConfig | None = None):
   train = config.train
-  sampled = config.recipe.name in ("opd", "gopd") and config.recipe.estimator == "sampled"
+  sampled = ((config.recipe.name in ("opd", "gopd") and config.recipe.estimator == "sampled")
+             or config.recipe.name == "grpo")
   sampler = config.sampling
   off_policy = [why for why, on in (
       (f"sampling.temperature={sampler.temperature}", sampler.temperature != 1.0),
@@ -159,9 +160,14 @@ def validate(config, recipe, mesh, student_cfg: ModelConfig, teacher_cfg: ModelC
       raise ConfigError(f"student and {role} vocabularies differ: student vocab_size="
                         f"{student_cfg.vocab_size}, {role} vocab_size={other.vocab_size}")
   data_devices = int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
-  if train.batch_size % data_devices:
-    raise ConfigError(f"train.batch_size={train.batch_size} is not divisible by the "
+  rows = train.batch_size * recipe.group_size
+  if rows % data_devices:
+    grouped = (f" (x recipe.group_size={recipe.group_size} = {rows} rows)"
+               if recipe.group_size > 1 else "")
+    raise ConfigError(f"train.batch_size={train.batch_size}{grouped} is not divisible by the "
                       f"{data_devices} data-parallel devices of mesh {dict(mesh.shape)}")
+  if recipe.group_size > 1 and recipe.source != "student":
+    raise ConfigError(f"recipe {recipe.name!r} samples groups, so its source must be the student")
   if config.task.eval_size % data_devices:
     raise ConfigError(f"task.eval_size={config.task.eval_size} is not divisible by the "
                       f"{data_devices} data-parallel devices of mesh {dict(mesh.shape)}")
@@ -169,9 +175,13 @@ def validate(config, recipe, mesh, student_cfg: ModelConfig, teacher_cfg: ModelC
                "microbatches"):
     if train[name] < 1:
       raise ConfigError(f"train.{name} must be >= 1, got {train[name]}")
-  if train.batch_size % train.microbatches:
-    raise ConfigError(f"train.batch_size={train.batch_size} is not divisible by "
+  if rows % train.microbatches:
+    raise ConfigError(f"train.batch_size={train.batch_size} ({rows} rows) is not divisible by "
                       f"train.microbatches={train.microbatches}")
+  if recipe.group_size > 1 and rows % (train.microbatches * recipe.group_size):
+    raise ConfigError(f"train.microbatches={train.microbatches} would split a group of "
+                      f"{recipe.group_size} samples: {rows} rows must divide into "
+                      f"micro-batches of whole groups")
   if train.loss_chunk_size < 0:
     raise ConfigError(f"train.loss_chunk_size must be >= 0 (0 = auto), got {train.loss_chunk_size}")
   if config.eval.batch_size < 1:
@@ -254,6 +264,11 @@ def make_train_step(graphdef, recipe, tx, param_shardings, opt_shardings, *,
   return jax.jit(step, donate_argnums=(0, 1), out_shardings=(param_shardings, opt_shardings, None))
 
 
+def repeat_rows(batch: dict, group: int) -> dict:
+  """Each row of a host batch `group` times in a row (the G samples of a prompt are adjacent)."""
+  return batch if group == 1 else {k: np.repeat(v, group, axis=0) for k, v in batch.items()}
+
+
 @jax.jit
 def all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
@@ -324,15 +339,21 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
     writer.write(step, "eval", results)
     return results
 
-  def rollout(step, key, batch):
+  def rollout(step, key, batch, params):
     source = recipe.source_at(config.seed, step)
+    batch = repeat_rows(batch, recipe.group_size)
     prompts, prompt_mask = jnp.asarray(batch["prompt_tokens"]), jnp.asarray(batch["prompt_mask"])
     if source == "dataset":
       return join(prompts, prompt_mask, jnp.asarray(batch["answer_tokens"]), jnp.asarray(batch["answer_mask"]))
     model = teacher if source == "teacher" else nnx.merge(graphdef, params)
     gen = generate(model, prompts, prompt_mask, key=key, max_new_tokens=completion_length,
                    sampling=sampling)
-    return join(prompts, prompt_mask, gen.tokens, gen.mask, gen.sample_logprobs, gen.model_logprobs)
+    rewards = None
+    if recipe.verifier_reward:
+      answers = [train_set.answers[i] for i in batch["index"]]
+      rewards = np.asarray(verified(tokenizer, gen, answers), np.float32)
+    return join(prompts, prompt_mask, gen.tokens, gen.mask, gen.sample_logprobs,
+                gen.model_logprobs, rewards)
 
   if start == 0 and config.eval.every and config.eval.at_start:
     run_eval(0)
@@ -360,7 +381,7 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
   for step in range(start, total):
     key = jax.random.fold_in(base_key, step)
     if step % config.train.updates_per_rollout == 0 or seq is None:
-      seq = put(rollout(step, key, next(data)))
+      seq = put(rollout(step, key, next(data), params))
       # A reused rollout keeps each frozen model's [B, T, H], never [B, T, V].
       tokens, mask = recipes.inputs_of(seq)
       frozen = {role: obj.Head(forward_hidden(g, state, tokens, mask), kernel)

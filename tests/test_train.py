@@ -60,6 +60,7 @@ RECIPES = {
     "opd_topk": dict(name="opd", estimator="topk", divergence="reverse_kl", top_k=4, tail_bucket=True),
     "opd_sampled": dict(name="opd", estimator="sampled", gamma=1.0, correction="ppo_clip"),
     "gopd_sampled": dict(name="gopd", estimator="sampled", reward_scale=1.25),
+    "grpo_opd": dict(name="grpo", group_size=2, opd_weight=0.5, correction="ppo_clip"),
 }
 
 
@@ -69,7 +70,7 @@ def test_every_recipe_runs(variant, teacher_dir, tmp_path):
   config = tiny(kwargs.pop("name", variant), **kwargs)
   config.teacher.checkpoint = str(teacher_dir)
   config.teacher.preset = "student-tiny"
-  if variant == "opd_sampled":
+  if variant in ("opd_sampled", "grpo_opd"):
     config.train.updates_per_rollout = 2   # reuse each rollout: exercises the IS correction
   result = trainer.run(config, tmp_path, quiet=True)
   train_rows = [r for r in result.history if r["split"] == "train"]
@@ -87,6 +88,9 @@ def test_every_recipe_runs(variant, teacher_dir, tmp_path):
     assert 0 < train_rows[-1]["topk_teacher_mass"] <= 1
   if variant == "opd_sampled":
     assert 0 < train_rows[-1]["importance_ratio"] < 10
+  if variant == "grpo_opd":
+    assert 0 <= train_rows[-1]["verifier_reward"] <= 1
+    assert train_rows[-1]["completion_tokens"] > 0
   # A finished run is returned as it is, without training again.
   again = trainer.run(config, tmp_path, quiet=True)
   assert again.history == result.history

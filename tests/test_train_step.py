@@ -22,7 +22,7 @@ def recipe_of(**kwargs):
   c = ml_collections.ConfigDict(dict(
       name="opd", estimator="full", divergence="reverse_kl", divergence_kwargs={}, top_k=0,
       tail_bucket=False, gamma=0.0, correction="none", clip_epsilon=0.2, truncation=2.0,
-      lambda_on=0.5, reward_scale=1.0))
+      lambda_on=0.5, reward_scale=1.0, group_size=2, normalize_std=True, opd_weight=0.0))
   c.update(kwargs)
   return recipes.build(c)
 
@@ -204,3 +204,53 @@ def test_gopd_with_lambda_zero_pulls_toward_the_reference(setup, estimator):
     gap_before = np.abs(np.asarray(log_r - log_p(student)))[on].mean()
     gap_after = np.abs(np.asarray(log_r - log_p(updated)))[on].mean()
     assert gap_after < gap_before
+
+
+def grpo_targets():
+  """Two groups of two rows: rewards (1, 0) and (1, 1); three completion tokens per row."""
+  mask = jnp.array([[0, 1, 1, 1], [0, 1, 1, 0], [0, 1, 1, 1], [0, 0, 1, 1]], bool)
+  old = -jnp.arange(16, dtype=jnp.float32).reshape(4, 4) / 10
+  return recipes.Targets(tokens=jnp.zeros((4, 4), jnp.int32), mask=mask,
+                         behaviour_logprobs=old, model_logprobs=old,
+                         rewards=jnp.array([1.0, 0.0, 1.0, 1.0]))
+
+
+@pytest.mark.parametrize("normalize_std", [True, False])
+def test_grpo_loss_by_hand(normalize_std):
+  """Â = (R − mean)/(std + ε) per group, on every completion token; identical rewards give a
+  zero gradient; opd_weight = 0 is pure GRPO."""
+  targets = grpo_targets()
+  recipe = recipe_of(name="grpo", group_size=2, normalize_std=normalize_std, opd_weight=0.0)
+  assert recipe.roles == () and recipe.verifier_reward and recipe.group_size == 2
+  log_p = jnp.full((4, 4), -1.0)
+  per_token, metrics = recipe.loss({"log_p": log_p, "student_entropy": jnp.zeros((4, 4))}, targets)
+  # Group (1, 0): mean 0.5, centred ±0.5, std 0.5. Group (1, 1): all 0.
+  advantage = np.array([0.5, -0.5, 0.0, 0.0]) / (0.5 + 1e-6 if normalize_std else 1.0)
+  expected = np.where(targets.mask, advantage[:, None], 0.0)     # −Â·log p with log p = −1
+  np.testing.assert_allclose(np.where(targets.mask, per_token, 0.0), expected, rtol=1e-5)
+  np.testing.assert_allclose(metrics["verifier_reward"][0] / metrics["verifier_reward"][1], 0.75)
+  grad = jax.grad(lambda lp: obj.masked_sum(recipe.loss({"log_p": lp, "student_entropy": lp},
+                                                        targets)[0], targets.mask))(log_p)
+  np.testing.assert_array_equal(grad[2:], 0.0)                  # the (1, 1) group
+  assert np.abs(grad[:2]).max() > 0.4
+
+
+def test_grpo_opd_weight_adds_the_teachers_dense_advantage():
+  targets = grpo_targets()
+  log_q = -jnp.ones((4, 4)) * 0.5
+  values = {"log_p": jnp.full((4, 4), -1.0), "log_q": log_q, "student_entropy": jnp.zeros((4, 4))}
+  pure, _ = recipe_of(name="grpo", group_size=2).loss(values, targets)
+  mixed_recipe = recipe_of(name="grpo", group_size=2, opd_weight=0.5, gamma=0.0)
+  assert mixed_recipe.roles == ("teacher",)
+  mixed, _ = mixed_recipe.loss(values, targets)
+  dense = np.asarray(log_q - targets.model_logprobs)              # γ = 0: per-token rewards
+  # loss = −A·log p = A (log p = −1), so the difference is 0.5·dense on the mask.
+  np.testing.assert_allclose(np.where(targets.mask, mixed - pure, 0.0),
+                             np.where(targets.mask, 0.5 * dense, 0.0), rtol=1e-5, atol=1e-6)
+
+
+def test_group_rows_keep_each_prompt_with_its_index():
+  batch = {"prompt_tokens": np.array([[1, 2], [3, 4]]), "index": np.array([7, 9])}
+  rows = trainer.repeat_rows(batch, 3)
+  np.testing.assert_array_equal(rows["index"], [7, 7, 7, 9, 9, 9])
+  np.testing.assert_array_equal(rows["prompt_tokens"][:, 0], [1, 1, 1, 3, 3, 3])

@@ -28,6 +28,7 @@ class Sequences(NamedTuple):
   completion_mask: jax.Array      # bool, completion tokens (the ones trained on)
   behaviour_logprobs: jax.Array   # float32, log μ(a_t) of completion tokens (0 elsewhere)
   model_logprobs: jax.Array       # float32, sampler's log p_old(a_t) at temperature 1
+  rewards: jax.Array | None = None  # [B] float32 sequence reward (the task verifier; GRPO)
 
 
 class Targets(NamedTuple):
@@ -37,10 +38,11 @@ class Targets(NamedTuple):
   mask: jax.Array                 # [B, L-1] bool, completion tokens
   behaviour_logprobs: jax.Array   # [B, L-1]
   model_logprobs: jax.Array       # [B, L-1]
+  rewards: jax.Array | None = None  # [B] sequence rewards
 
 
 def join(prompt_tokens, prompt_mask, completion_tokens, completion_mask,
-         behaviour_logprobs=None, model_logprobs=None) -> Sequences:
+         behaviour_logprobs=None, model_logprobs=None, rewards=None) -> Sequences:
   """Concatenates left-padded prompts `[B, P]` with right-padded completions `[B, N]`."""
   zeros_p = jnp.zeros(prompt_tokens.shape, jnp.float32)
   zeros_n = jnp.zeros(completion_tokens.shape, jnp.float32)
@@ -51,13 +53,15 @@ def join(prompt_tokens, prompt_mask, completion_tokens, completion_mask,
       attention_mask=jnp.concatenate([prompt_mask, completion_mask], 1).astype(bool),
       completion_mask=jnp.concatenate([jnp.zeros_like(prompt_mask), completion_mask], 1).astype(bool),
       behaviour_logprobs=jnp.concatenate([zeros_p, behaviour], 1).astype(jnp.float32),
-      model_logprobs=jnp.concatenate([zeros_p, model], 1).astype(jnp.float32))
+      model_logprobs=jnp.concatenate([zeros_p, model], 1).astype(jnp.float32),
+      rewards=(jnp.zeros(prompt_tokens.shape[:1], jnp.float32) if rewards is None
+               else jnp.asarray(rewards, jnp.float32)))
 
 
 def targets_of(seq: Sequences) -> Targets:
   return Targets(tokens=seq.tokens[:, 1:], mask=seq.completion_mask[:, 1:],
                  behaviour_logprobs=seq.behaviour_logprobs[:, 1:],
-                 model_logprobs=seq.model_logprobs[:, 1:])
+                 model_logprobs=seq.model_logprobs[:, 1:], rewards=seq.rewards)
 
 
 def inputs_of(seq: Sequences):
@@ -139,6 +143,9 @@ class Recipe:
     loss: see above.
     roles: the frozen models `token_values` reads, from `ROLES`; the trainer builds each
       and hands their hidden states and heads to the step.
+    group_size: completions sampled per prompt (G > 1: the rows of a prompt are adjacent).
+    verifier_reward: whether rollouts carry the task verifier's reward per completion
+      (`Sequences.rewards`: 1 if the completion is correct, else 0).
     loss_value: the name of the `token_values` output that *is* the per-token loss, when
       `loss` returns it unchanged (divergences, NLL). The gradient is then formed in one
       pass over the vocabulary (`objectives.fused.weighted_token_sum`) instead of a
@@ -150,6 +157,8 @@ class Recipe:
   token_values: Callable
   loss: Callable
   roles: tuple[str, ...] = ()
+  group_size: int = 1
+  verifier_reward: bool = False
   loss_value: str | None = None
 
   def __post_init__(self):

@@ -25,7 +25,7 @@ from opdjax import objectives as obj
 from opdjax.errors import ConfigError
 from opdjax.recipes.base import Recipe, distribution_values
 from opdjax.recipes.divergence_losses import divergence_from_config, divergence_loss
-from opdjax.recipes.opd import pg_settings, policy_gradient_loss
+from opdjax.recipes.opd import pg_settings, policy_gradient_loss, reward_to_go
 
 ESTIMATORS = ("sampled", "full")
 
@@ -65,7 +65,8 @@ def build(config) -> Recipe:
   loss_value = None
   if estimator == "sampled":
     token_values = sampled_token_values
-    loss = policy_gradient_loss(functools.partial(gopd_rewards, reward_scale=reward_scale),
+    rewards = functools.partial(gopd_rewards, reward_scale=reward_scale)
+    loss = policy_gradient_loss(reward_to_go(rewards, gamma=float(config.gamma)),
                                 **pg_settings(config))
   else:
     token_values = tilted_token_values(divergence_from_config(config), reward_scale)

@@ -22,24 +22,18 @@ ESTIMATORS = ("full", "topk", "sampled")
 CORRECTIONS = ("none", "plain", "truncated", "ppo_clip")
 
 
-def policy_gradient_loss(rewards_of, *, gamma: float, correction: str, clip_epsilon: float,
+def policy_gradient_loss(advantages_of, *, correction: str, clip_epsilon: float,
                          truncation: float):
-  """The policy-gradient surrogate for per-token rewards `rewards_of(values, targets)`.
-
-  Advantages are the reward-to-go with discount `gamma`; `correction` reweights them by
-  `p/μ` against the sampler's `behaviour_logprobs` (for reused or truncated rollouts).
-  Returns a `Recipe.loss`.
-  """
+  """The policy-gradient surrogate `−sg(A_t) log p(a_t)` for `advantages_of(values, targets)
+  -> [B, T]`, reweighted by `p/μ` against the sampler's `behaviour_logprobs` when
+  `correction` is not "none" (reused or truncated rollouts). Returns a `Recipe.loss`."""
   if correction not in CORRECTIONS:
     raise ConfigError(f"recipe.correction must be one of {CORRECTIONS}, got {correction!r}")
-  if not 0.0 <= gamma <= 1.0:
-    raise ConfigError(f"recipe.gamma must be in [0, 1], got {gamma}")
 
   def loss(values, targets):
     mask = targets.mask
     log_p = values["log_p"]
-    rewards = rewards_of(values, targets)
-    advantages = obj.reward_to_go(rewards, mask, gamma=gamma)
+    advantages = advantages_of(values, targets)
     if correction == "none":
       per_token = obj.policy_gradient_loss(log_p, advantages)
     else:
@@ -48,13 +42,22 @@ def policy_gradient_loss(rewards_of, *, gamma: float, correction: str, clip_epsi
           clip_epsilon=clip_epsilon, truncation=truncation)
     ratio = obj.importance_ratio(jax.lax.stop_gradient(log_p), targets.behaviour_logprobs)
     metrics = metric_pairs(values, mask)
-    metrics["sampled_log_ratio"] = pair(values["log_p"] - values["log_q"], mask)
-    metrics["reward"] = pair(rewards, mask)
+    if "log_q" in values:
+      metrics["sampled_log_ratio"] = pair(values["log_p"] - values["log_q"], mask)
+    metrics["advantage"] = pair(advantages, mask)
     metrics["positive_advantage_fraction"] = pair((advantages > 0).astype("float32"), mask)
     metrics["importance_ratio"] = pair(ratio, mask)
     return per_token, metrics
 
   return loss
+
+
+def reward_to_go(rewards_of, *, gamma: float):
+  """`advantages_of` for per-token rewards: their reward-to-go with discount `gamma`."""
+  if not 0.0 <= gamma <= 1.0:
+    raise ConfigError(f"recipe.gamma must be in [0, 1], got {gamma}")
+  return lambda values, targets: obj.reward_to_go(rewards_of(values, targets), targets.mask,
+                                                  gamma=gamma)
 
 
 def opd_rewards(values, targets):
@@ -63,8 +66,8 @@ def opd_rewards(values, targets):
 
 
 def pg_settings(config) -> dict:
-  return dict(gamma=float(config.gamma), correction=config.correction,
-              clip_epsilon=float(config.clip_epsilon), truncation=float(config.truncation))
+  return dict(correction=config.correction, clip_epsilon=float(config.clip_epsilon),
+              truncation=float(config.truncation))
 
 
 def build(config) -> Recipe:
@@ -74,7 +77,8 @@ def build(config) -> Recipe:
   loss_value = None
   if estimator == "sampled":
     token_values = sampled_token_values
-    loss = policy_gradient_loss(opd_rewards, **pg_settings(config))
+    loss = policy_gradient_loss(reward_to_go(opd_rewards, gamma=float(config.gamma)),
+                                **pg_settings(config))
   else:
     loss_value = "divergence"
     if estimator == "topk" and not int(config.top_k):
