@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from opdjax.errors import ConfigError
 from opdjax.models.decoder import KVCache
 
 _CHUNK = 16      # decode steps per scan chunk between early-exit checks
@@ -51,13 +52,13 @@ class SamplingParams:
 
   def __post_init__(self):
     if not self.temperature >= 0:
-      raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+      raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
     if not 0 < self.top_p <= 1:
-      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+      raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
     if not 0 <= self.min_p < 1:
-      raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
+      raise ConfigError(f"min_p must be in [0, 1), got {self.min_p}")
     if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-      raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+      raise ConfigError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
     if self.eos_ids is not None:
       object.__setattr__(self, "eos_ids", tuple(int(i) for i in self.eos_ids))
 

@@ -159,7 +159,7 @@ def main(argv=None) -> int:
         raise
       print(f"error: {e}", file=sys.stderr)
       return 2
-  except CLIError as e:
+  except ConfigError as e:   # CLIError included
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0

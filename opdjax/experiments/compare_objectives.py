@@ -42,6 +42,7 @@ import numpy as np
 
 from opdjax import metrics
 from opdjax.configs import distill_config, teacher_config, warmstart_config
+from opdjax.errors import ConfigError
 from opdjax.stages import run_stages
 
 METHODS = {
@@ -61,7 +62,7 @@ REPORTED = ("accuracy_greedy", "accuracy_sampled", "sequence_reverse_kl", "seque
 def get_config(arg=None):
   tiny = arg == "tiny"
   if arg not in (None, "tiny", "full"):
-    raise ValueError(f"compare_objectives takes no arg, 'full' or 'tiny', got {arg!r}")
+    raise ConfigError(f"compare_objectives takes no arg, 'full' or 'tiny', got {arg!r}")
   c = ml_collections.ConfigDict()
   c.seeds = 1 if tiny else 3
   c.methods = ",".join(METHODS)
@@ -96,7 +97,7 @@ def _stages(config):
   order = ["teacher", "warmstart"]
   for name in config.methods.split(","):
     if name not in METHODS:
-      raise ValueError(f"unknown method {name!r} in methods; valid: {sorted(METHODS)}")
+      raise ConfigError(f"unknown method {name!r} in methods; valid: {sorted(METHODS)}")
     for seed in range(config.seeds):
       stage = ml_collections.ConfigDict(config.method_template.to_dict())
       stage.seed = seed
