@@ -215,10 +215,11 @@ def make_train_step(graphdef, recipe, tx, param_shardings, opt_shardings, *,
 
   `frozen` is `{role: Head}` for the recipe's roles (their hidden states and heads, computed
   once per rollout), or None. The student runs to its final hidden states and the loss is
-  computed from them in token chunks (`opdjax.objectives.token_values`), so no
-  `[B, T, V]` array is formed (one pass when the recipe names its `loss_value`). With `microbatches = M` the batch is split into M row
-  blocks whose gradients are summed in a `lax.scan`; the loss is normalised by the whole
-  batch's completion tokens, so the update equals the whole-batch one.
+  computed from them in token chunks (`recipes.base.batch_loss`: one pass when the recipe
+  names its `loss_value`, else a rematerialised scan), so no `[B, T, V]` array is formed.
+  With `microbatches = M` the batch is split into M row blocks whose gradients are summed
+  in a `lax.scan`; the loss is normalised by the whole batch's completion tokens, so the
+  update equals the whole-batch one.
   """
   def grads_of(params, seq, frozen_hidden, frozen_kernels, num_tokens):
     tokens, mask = recipes.inputs_of(seq)
