@@ -108,7 +108,9 @@ def float32(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def teacher_config(task: str = "addition") -> ml_collections.ConfigDict:
-  """SFT of the `teacher-small` preset from scratch (96% held-out on 2-digit addition)."""
+  """SFT of the `teacher-small` preset from scratch. On 2-digit addition its held-out greedy
+  accuracy jumps late and the jump's timing is sensitive to float rounding (0.40-0.73 at 600
+  steps across code versions), so it trains for 1000 steps (0.69 measured)."""
   c = float32(base_config())
   c.task.name = task
   if task == "modular_chain":
@@ -119,7 +121,7 @@ def teacher_config(task: str = "addition") -> ml_collections.ConfigDict:
   c.recipe.name = "sft"
   c.optimizer.learning_rate = 2e-3
   c.optimizer.warmup_steps = 30
-  c.train.steps = 600
+  c.train.steps = 1000
   c.train.batch_size = 64
   c.train.log_every = 25
   c.train.save_every = 200

@@ -13,7 +13,9 @@ Time on a 2-core CPU: full ≈ 15-20 minutes (3 seeds × 7 methods × 200 update
     python -m opdjax.train --exp compare_objectives
     python -m opdjax.train --exp compare_objectives:tiny
 
-Result (2-core CPU, 9 min; experiments/results/compare_objectives.{json,png}): the teacher
+Result, measured before the teacher stage was lengthened to 1000 steps and the losses moved
+to hidden states, so not reproducible with this code as it is (2-core CPU, 9 min;
+experiments/results/compare_objectives.{json,png}): the teacher
 scores 0.961 held-out greedy accuracy and the warm-started student 0.742. After 200 updates
 at lr 1e-4 (mean ± std over 3 seeds):
 
