@@ -71,6 +71,66 @@ def _is_head(x) -> bool:
   return isinstance(x, Head)
 
 
+class _Chunks(NamedTuple):
+  """How `B·T` positions are cut into `count` chunks of `size` (the last one zero-padded)."""
+
+  batch: int
+  length: int
+  size: int
+  count: int
+
+  def split(self, x):
+    """`[B, T, ...] -> [count, size, ...]`."""
+    num = self.batch * self.length
+    x = x.reshape((num,) + x.shape[2:])
+    x = jnp.pad(x, [(0, self.count * self.size - num)] + [(0, 0)] * (x.ndim - 1))
+    return x.reshape((self.count, self.size) + x.shape[1:])
+
+  def join(self, v):
+    """`[count, size, ...] -> [B, T, ...]`, dropping the padding."""
+    v = v.reshape((self.count * self.size,) + v.shape[2:])[:self.batch * self.length]
+    return v.reshape((self.batch, self.length) + v.shape[1:])
+
+
+def _chunked(student: Head, tokens, teacher, vocab_mask, chunk_size):
+  """Validates the inputs shared by `token_values` and `weighted_token_sum`; returns the
+  chunking, a logits function `(hidden_c, kernel, teacher_hidden_c) -> (student, teacher)`,
+  the stop-gradiented teacher kernels and the teacher hidden states cut into chunks."""
+  hidden, kernel = student
+  if hidden.ndim != 3 or kernel.ndim != 2 or hidden.shape[-1] != kernel.shape[0]:
+    raise ValueError(f"student hidden must be [B, T, D] and kernel [D, V]; got {hidden.shape} "
+                     f"and {kernel.shape}")
+  batch, length, _ = hidden.shape
+  vocab = kernel.shape[1]
+  if tokens.shape != (batch, length):
+    raise ValueError(f"tokens {tokens.shape} must be [B, T] = {(batch, length)}")
+  for head in jax.tree.leaves(teacher, is_leaf=_is_head):
+    if not _is_head(head):
+      raise ValueError(f"teacher must be a Head or a pytree of Heads, got a leaf {type(head)}")
+    if head.hidden.shape[:2] != (batch, length) or head.kernel.shape[1] != vocab:
+      raise ValueError(f"teacher hidden {head.hidden.shape} / kernel {head.kernel.shape} "
+                       f"do not match the student's [B, T] = {(batch, length)} and V = {vocab}")
+  if vocab_mask is not None and vocab_mask.shape != (vocab,):
+    raise ValueError(f"vocab_mask must have shape ({vocab},), got {vocab_mask.shape}")
+  if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 0:
+    raise ValueError(f"chunk_size must be an integer >= 0 (0 = auto), got {chunk_size!r}")
+  size = chunk_size or auto_chunk_size(vocab, batch * length)
+  chunks = _Chunks(batch, length, size, -(-(batch * length) // size))
+
+  teacher = jax.tree.map(jax.lax.stop_gradient, teacher)
+  teacher_kernels = jax.tree.map(lambda h: h.kernel, teacher, is_leaf=_is_head)
+  teacher_hidden = jax.tree.map(lambda h: chunks.split(h.hidden), teacher, is_leaf=_is_head)
+
+  def masked(logits):
+    return logits if vocab_mask is None else jnp.where(vocab_mask, logits, -jnp.inf)
+
+  def logits(hidden_c, kernel, teacher_hidden_c):
+    return (masked(logits_of(hidden_c, kernel)),
+            jax.tree.map(lambda h, w: masked(logits_of(h, w)), teacher_hidden_c, teacher_kernels))
+
+  return chunks, logits, teacher_hidden
+
+
 def token_values(fn: TokenFn, student: Head, tokens: jax.Array, *,
                  teacher=None, vocab_mask: jax.Array | None = None,
                  chunk_size: int = 0) -> dict:
@@ -91,55 +151,18 @@ def token_values(fn: TokenFn, student: Head, tokens: jax.Array, *,
   Returns:
     `{name: [B, T]}`: `fn`'s outputs at every position, equal to `fn` on full logits.
   """
+  chunks, logits, teacher_hidden = _chunked(student, tokens, teacher, vocab_mask, chunk_size)
   hidden, kernel = student
-  if hidden.ndim != 3 or kernel.ndim != 2 or hidden.shape[-1] != kernel.shape[0]:
-    raise ValueError(f"student hidden must be [B, T, D] and kernel [D, V]; got {hidden.shape} "
-                     f"and {kernel.shape}")
-  batch, length, _ = hidden.shape
-  vocab = kernel.shape[1]
-  if tokens.shape != (batch, length):
-    raise ValueError(f"tokens {tokens.shape} must be [B, T] = {(batch, length)}")
-  for head in jax.tree.leaves(teacher, is_leaf=_is_head):
-    if not _is_head(head):
-      raise ValueError(f"teacher must be a Head or a pytree of Heads, got a leaf {type(head)}")
-    if head.hidden.shape[:2] != (batch, length) or head.kernel.shape[1] != vocab:
-      raise ValueError(f"teacher hidden {head.hidden.shape} / kernel {head.kernel.shape} "
-                       f"do not match the student's [B, T] = {(batch, length)} and V = {vocab}")
-  if vocab_mask is not None and vocab_mask.shape != (vocab,):
-    raise ValueError(f"vocab_mask must have shape ({vocab},), got {vocab_mask.shape}")
-  if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 0:
-    raise ValueError(f"chunk_size must be an integer >= 0 (0 = auto), got {chunk_size!r}")
-
-  num = batch * length
-  size = chunk_size or auto_chunk_size(vocab, num)
-  chunks = -(-num // size)
-
-  def split(x):  # [B, T, ...] -> [chunks, size, ...], zero-padded at the end
-    x = x.reshape((num,) + x.shape[2:])
-    x = jnp.pad(x, [(0, chunks * size - num)] + [(0, 0)] * (x.ndim - 1))
-    return x.reshape((chunks, size) + x.shape[1:])
-
-  def masked(logits):
-    return logits if vocab_mask is None else jnp.where(vocab_mask, logits, -jnp.inf)
 
   @jax.checkpoint
-  def chunk_fn(kernel, teacher_kernels, hidden_c, teacher_hidden_c, tokens_c):
-    student_logits = masked(logits_of(hidden_c, kernel))
-    teacher_logits = jax.tree.map(lambda h, w: masked(logits_of(h, w)), teacher_hidden_c,
-                                  teacher_kernels)
-    return fn(student_logits, teacher_logits, tokens_c)
-
-  teacher = jax.tree.map(jax.lax.stop_gradient, teacher)
-  teacher_kernels = jax.tree.map(lambda h: h.kernel, teacher, is_leaf=_is_head)
-  teacher_hidden = jax.tree.map(lambda h: split(h.hidden), teacher, is_leaf=_is_head)
-  xs = (split(hidden), teacher_hidden, split(tokens))
+  def chunk_fn(kernel, hidden_c, teacher_hidden_c, tokens_c):
+    return fn(*logits(hidden_c, kernel, teacher_hidden_c), tokens_c)
 
   def body(carry, x):
-    return carry, chunk_fn(kernel, teacher_kernels, *x)
+    return carry, chunk_fn(kernel, *x)
 
-  _, out = jax.lax.scan(body, None, xs)
-  return jax.tree.map(lambda v: v.reshape((chunks * size,) + v.shape[2:])[:num]
-                      .reshape((batch, length) + v.shape[2:]), out)
+  _, out = jax.lax.scan(body, None, (chunks.split(hidden), teacher_hidden, chunks.split(tokens)))
+  return jax.tree.map(chunks.join, out)
 
 
 def weighted_token_sum(fn: TokenFn, student: Head, tokens: jax.Array, weights: jax.Array, *,
@@ -164,58 +187,41 @@ def weighted_token_sum(fn: TokenFn, student: Head, tokens: jax.Array, weights: j
     `(loss, values)`: the scalar weighted sum (differentiable w.r.t. `student`) and the
     dict of all `[B, T]` outputs of `fn` (constants).
   """
+  chunks, logits, teacher_hidden = _chunked(student, tokens, teacher, vocab_mask, chunk_size)
   hidden, kernel = student
-  batch, length, width = hidden.shape
-  num = batch * length
-  size = chunk_size or auto_chunk_size(kernel.shape[1], num)
-  chunks = -(-num // size)
-  if weights.shape != (batch, length):
-    raise ValueError(f"weights {weights.shape} must be [B, T] = {(batch, length)}")
+  if weights.shape != hidden.shape[:2]:
+    raise ValueError(f"weights {weights.shape} must be [B, T] = {hidden.shape[:2]}")
+  xs = (teacher_hidden, chunks.split(tokens),
+        chunks.split(jax.lax.stop_gradient(weights).astype(jnp.float32)))
 
-  def split(x):
-    x = x.reshape((num,) + x.shape[2:])
-    x = jnp.pad(x, [(0, chunks * size - num)] + [(0, 0)] * (x.ndim - 1))
-    return x.reshape((chunks, size) + x.shape[1:])
-
-  def masked(logits):
-    return logits if vocab_mask is None else jnp.where(vocab_mask, logits, -jnp.inf)
-
-  teacher = jax.tree.map(jax.lax.stop_gradient, teacher)
-  teacher_kernels = jax.tree.map(lambda h: h.kernel, teacher, is_leaf=_is_head)
-  teacher_hidden = jax.tree.map(lambda h: split(h.hidden), teacher, is_leaf=_is_head)
-  weights = jax.lax.stop_gradient(weights).astype(jnp.float32)
-
-  def chunk_loss(hidden_c, kernel, teacher_c, tokens_c, weights_c):
-    teacher_logits = jax.tree.map(lambda h, w: masked(logits_of(h, w)), teacher_c, teacher_kernels)
-    out = fn(masked(logits_of(hidden_c, kernel)), teacher_logits, tokens_c)
+  def chunk_loss(hidden_c, kernel, teacher_hidden_c, tokens_c, weights_c):
+    out = fn(*logits(hidden_c, kernel, teacher_hidden_c), tokens_c)
     return jnp.sum(weights_c * out[key]), out
 
-  def unflatten(v):
-    return v.reshape((chunks * size,) + v.shape[2:])[:num].reshape((batch, length) + v.shape[2:])
+  def primal(hidden, kernel):   # no gradient wanted: the sum and values only
+    def body(carry, x):
+      return carry, chunk_loss(x[0], kernel, *x[1:])
+    _, (totals, out) = jax.lax.scan(body, None, (chunks.split(hidden),) + xs)
+    return jnp.sum(totals), jax.tree.map(chunks.join, out)
 
-  def forward(hidden, kernel):
+  def forward(hidden, kernel):  # the sum, the values, and the gradient for `backward`
     def body(grad_kernel, x):
-      hidden_c, teacher_c, tokens_c, weights_c = x
-      total, vjp, out = jax.vjp(lambda h, k: chunk_loss(h, k, teacher_c, tokens_c, weights_c),
-                                hidden_c, kernel, has_aux=True)
+      total, vjp, out = jax.vjp(lambda h, k: chunk_loss(h, k, *x[1:]), x[0], kernel,
+                                has_aux=True)
       grad_hidden_c, grad_kernel_c = vjp(jnp.ones_like(total))
       return grad_kernel + grad_kernel_c, (total, out, grad_hidden_c)
 
-    xs = (split(hidden), teacher_hidden, split(tokens), split(weights))
     grad_kernel, (totals, out, grad_hidden) = jax.lax.scan(
-        body, jnp.zeros(kernel.shape, jnp.float32), xs)
-    grad_hidden = unflatten(grad_hidden.astype(hidden.dtype))
-    return (jnp.sum(totals), jax.tree.map(unflatten, out)), (grad_hidden, grad_kernel)
-
-  @jax.custom_vjp
-  def loss_and_values(hidden, kernel):
-    return forward(hidden, kernel)[0]
+        body, jnp.zeros(kernel.shape, jnp.float32), (chunks.split(hidden),) + xs)
+    grad_hidden = chunks.join(grad_hidden.astype(hidden.dtype))
+    return (jnp.sum(totals), jax.tree.map(chunks.join, out)), (grad_hidden, grad_kernel)
 
   def backward(residuals, cotangents):
     grad_hidden, grad_kernel = residuals
     g = cotangents[0]     # the values are metrics: their cotangents are ignored
     return (g * grad_hidden).astype(hidden.dtype), (g * grad_kernel).astype(kernel.dtype)
 
+  loss_and_values = jax.custom_vjp(primal)
   loss_and_values.defvjp(forward, backward)
   loss, values = loss_and_values(hidden, kernel)
   return loss, jax.tree.map(jax.lax.stop_gradient, values)

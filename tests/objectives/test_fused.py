@@ -197,6 +197,17 @@ def test_bad_input_names_the_value():
                      teacher=obj.Head(t_hidden, t_kernel[:, :5]))
   with pytest.raises(ValueError, match="kernel"):
     obj.token_values(fn, obj.Head(hidden, kernel.T), targets.tokens)
+  # The one-pass sum validates the same inputs, and its weights.
+  weights = jnp.ones(targets.tokens.shape)
+  with pytest.raises(ValueError, match="chunk_size must be an integer >= 0"):
+    obj.fused.weighted_token_sum(fn, obj.Head(hidden, kernel), targets.tokens, weights,
+                                 key="lp", chunk_size=-1)
+  with pytest.raises(ValueError, match="teacher hidden"):
+    obj.fused.weighted_token_sum(fn, obj.Head(hidden, kernel), targets.tokens, weights,
+                                 key="lp", teacher=obj.Head(t_hidden, t_kernel[:, :5]))
+  with pytest.raises(ValueError, match=r"weights \(3, 6\) must be \[B, T\]"):
+    obj.fused.weighted_token_sum(fn, obj.Head(hidden, kernel), targets.tokens, weights[:, :6],
+                                 key="lp")
 
 
 def test_teacher_gets_no_gradient():
