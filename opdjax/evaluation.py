@@ -68,6 +68,7 @@ def evaluate(student, prompts: PromptSet, tokenizer, *, key, max_new_tokens: int
   greedy_ok, sampled_ok, lengths, truncated, reverse, forward = [], [], [], [], [], []
   token_sums: dict[str, list] = {}
   sample = SamplingParams(temperature=temperature)
+  models = (*nnx.split(student), *nnx.split(teacher)) if teacher is not None else ()
   for block, start in enumerate(range(0, len(prompts.answers), batch_size)):
     rows = slice(start, start + batch_size)
     prompt_tokens = jnp.asarray(prompts.prompt_tokens[rows])
@@ -85,8 +86,7 @@ def evaluate(student, prompts: PromptSet, tokenizer, *, key, max_new_tokens: int
     if teacher is None:
       continue
     score = lambda gen: _sequence_scores(
-        *nnx.split(student), *nnx.split(teacher),
-        join(prompt_tokens, prompt_mask, gen.tokens, gen.mask), chunk_size)
+        *models, join(prompt_tokens, prompt_mask, gen.tokens, gen.mask), chunk_size)
     per_row, token_metrics = score(sampled)
     reverse += np.asarray(per_row).tolist()
     for name, (total, count) in token_metrics.items():

@@ -134,8 +134,6 @@ def build_mesh(config):
 def validate(config, recipe, mesh, student_cfg: ModelConfig, teacher_cfg: ModelConfig | None,
              reference_cfg: ModelConfig | None = None):
   train = config.train
-  sampled = ((config.recipe.name in ("opd", "gopd") and config.recipe.estimator == "sampled")
-             or config.recipe.name == "grpo")
   sampler = config.sampling
   off_policy = [why for why, on in (
       (f"sampling.temperature={sampler.temperature}", sampler.temperature != 1.0),
@@ -143,7 +141,7 @@ def validate(config, recipe, mesh, student_cfg: ModelConfig, teacher_cfg: ModelC
       (f"sampling.top_p={sampler.top_p}", sampler.top_p < 1.0),
       (f"train.updates_per_rollout={train.updates_per_rollout}", train.updates_per_rollout > 1))
       if on]
-  if sampled and config.recipe.correction == "none" and off_policy:
+  if recipe.correction == "none" and off_policy:
     raise ConfigError(f"the sampled estimator is off-policy here ({', '.join(off_policy)}): the "
                       "sampler's distribution is not the learner's, so recipe.correction='none' "
                       "would train biased; set recipe.correction to plain, truncated or ppo_clip")
@@ -332,7 +330,7 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
   completion_length = config.task.completion_length
   put = lambda tree: jax.device_put(tree, batch_sharding)
 
-  def run_eval(step):
+  def run_eval(step, params):
     results = evaluate(nnx.merge(graphdef, params), eval_set, tokenizer, key=eval_key,
                        max_new_tokens=completion_length, teacher=teacher,
                        temperature=config.eval.temperature, batch_size=config.eval.batch_size,
@@ -357,7 +355,7 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
                 gen.model_logprobs, rewards)
 
   if start == 0 and config.eval.every and config.eval.at_start:
-    run_eval(0)
+    run_eval(0, params)
   accumulator = metrics.Accumulator()
   progress = tqdm(total=total, initial=start, desc=f"{recipe.name}", disable=quiet,
                   dynamic_ncols=True, mininterval=0.5)
@@ -406,7 +404,7 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
                             if k in means} | ({"acc": f"{last_eval['accuracy_greedy']:.2f}"}
                                               if "accuracy_greedy" in last_eval else {}))
     if eval_now:
-      last_eval = run_eval(done)
+      last_eval = run_eval(done, params)
     if save_now:
       if not all_finite(params):
         fail(f"non-finite parameters after step {done}")

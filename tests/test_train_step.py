@@ -254,3 +254,15 @@ def test_group_rows_keep_each_prompt_with_its_index():
   rows = trainer.repeat_rows(batch, 3)
   np.testing.assert_array_equal(rows["index"], [7, 7, 7, 9, 9, 9])
   np.testing.assert_array_equal(rows["prompt_tokens"][:, 0], [1, 1, 1, 3, 3, 3])
+
+
+def test_sampled_recipes_declare_their_correction_and_full_ones_none():
+  """The trainer refuses correction='none' on off-policy rollouts only for recipes that are
+  sampled-token estimators; the recipe says which it is."""
+  assert recipe_of(estimator="sampled", correction="ppo_clip").correction == "ppo_clip"
+  assert recipe_of(estimator="sampled").correction == "none"
+  assert recipe_of(name="gopd", estimator="sampled").correction == "none"
+  assert recipe_of(name="grpo").correction == "none"
+  for kwargs in (dict(estimator="full"), dict(estimator="topk", top_k=3), dict(name="sft"),
+                 dict(name="gkd"), dict(name="gopd", estimator="full")):
+    assert recipe_of(**kwargs).correction is None, kwargs

@@ -146,6 +146,10 @@ class Recipe:
     group_size: completions sampled per prompt (G > 1: the rows of a prompt are adjacent).
     verifier_reward: whether rollouts carry the task verifier's reward per completion
       (`Sequences.rewards`: 1 if the completion is correct, else 0).
+    correction: for a sampled-token (policy-gradient) loss, its importance correction
+      against the sampler ("none", "plain", "truncated", "ppo_clip"); None for losses on
+      full distributions, which need none. The trainer refuses "none" on off-policy
+      rollouts.
     loss_value: the name of the `token_values` output that *is* the per-token loss, when
       `loss` returns it unchanged (divergences, NLL). The gradient is then formed in one
       pass over the vocabulary (`objectives.fused.weighted_token_sum`) instead of a
@@ -159,6 +163,7 @@ class Recipe:
   roles: tuple[str, ...] = ()
   group_size: int = 1
   verifier_reward: bool = False
+  correction: str | None = None
   loss_value: str | None = None
 
   def __post_init__(self):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from opdjax import objectives as obj
-from opdjax.recipes.base import distribution_values, metric_pairs, pair
+from opdjax.recipes.base import METRIC_VALUES, distribution_values, metric_pairs, pair
 
 TOPK_METRICS = ("topk_teacher_mass", "topk_student_mass", "topk_overlap")
 
@@ -38,7 +38,6 @@ def divergence_token_values(config):
 
 def divergence_loss(values, targets):
   """The per-token divergence is the loss; everything else is logged."""
-  metrics = metric_pairs(values, targets.mask, names=("student_entropy", "token_reverse_kl",
-                                                       "token_forward_kl") + TOPK_METRICS)
+  metrics = metric_pairs(values, targets.mask, names=METRIC_VALUES + TOPK_METRICS)
   metrics["divergence"] = pair(values["divergence"], targets.mask)
   return values["divergence"], metrics

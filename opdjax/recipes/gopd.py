@@ -62,8 +62,9 @@ def build(config) -> Recipe:
   reward_scale = float(config.reward_scale)
   if not reward_scale >= 0:
     raise ConfigError(f"recipe.reward_scale (λ) must be >= 0, got {reward_scale}")
-  loss_value = None
+  loss_value = correction = None
   if estimator == "sampled":
+    correction = config.correction
     token_values = sampled_token_values
     rewards = functools.partial(gopd_rewards, reward_scale=reward_scale)
     loss = policy_gradient_loss(reward_to_go(rewards, gamma=float(config.gamma)),
@@ -72,4 +73,5 @@ def build(config) -> Recipe:
     token_values = tilted_token_values(divergence_from_config(config), reward_scale)
     loss, loss_value = divergence_loss, "divergence"
   return Recipe(name="gopd", source="student", roles=("teacher", "reference"),
-                token_values=token_values, loss=loss, loss_value=loss_value)
+                token_values=token_values, loss=loss, loss_value=loss_value,
+                correction=correction)

@@ -65,4 +65,5 @@ def build(config) -> Recipe:
 
   return Recipe(name="grpo", source="student", roles=("teacher",) if opd_weight else (),
                 token_values=sampled_token_values if opd_weight else policy_token_values,
-                loss=loss, group_size=group_size, verifier_reward=True)
+                loss=loss, group_size=group_size, verifier_reward=True,
+                correction=config.correction)

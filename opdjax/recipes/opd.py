@@ -74,8 +74,9 @@ def build(config) -> Recipe:
   estimator = config.estimator
   if estimator not in ESTIMATORS:
     raise ConfigError(f"recipe.estimator must be one of {ESTIMATORS}, got {estimator!r}")
-  loss_value = None
+  loss_value = correction = None
   if estimator == "sampled":
+    correction = config.correction
     token_values = sampled_token_values
     loss = policy_gradient_loss(reward_to_go(opd_rewards, gamma=float(config.gamma)),
                                 **pg_settings(config))
@@ -87,4 +88,4 @@ def build(config) -> Recipe:
       raise ConfigError("recipe.top_k is set but recipe.estimator='full'; use estimator='topk'")
     token_values, loss = divergence_token_values(config), divergence_loss
   return Recipe(name="opd", source="student", roles=("teacher",), token_values=token_values,
-                loss=loss, loss_value=loss_value)
+                loss=loss, loss_value=loss_value, correction=correction)
