@@ -30,7 +30,7 @@ from opdjax.recipes.opd import pg_settings, policy_gradient_loss, reward_to_go
 ESTIMATORS = ("sampled", "full")
 
 
-def sampled_token_values(student_logits, frozen_logits, tokens):
+def gopd_token_values(student_logits, frozen_logits, tokens):
   """Per token: `log p`, `log q`, `log r` of the sampled token and the metrics."""
   return dict(distribution_values(student_logits, frozen_logits["teacher"]),
               log_p=obj.token_log_probs(student_logits, tokens),
@@ -65,7 +65,7 @@ def build(config) -> Recipe:
   loss_value = correction = None
   if estimator == "sampled":
     correction = config.correction
-    token_values = sampled_token_values
+    token_values = gopd_token_values
     rewards = functools.partial(gopd_rewards, reward_scale=reward_scale)
     loss = policy_gradient_loss(reward_to_go(rewards, gamma=float(config.gamma)),
                                 **pg_settings(config))
