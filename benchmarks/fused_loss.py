@@ -13,6 +13,11 @@ Each (implementation, shape) runs in a fresh subprocess so that its peak residen
 
     python benchmarks/fused_loss.py --out benchmarks/results/fused_loss_cpu_2core.jsonl
     python benchmarks/fused_loss.py --shapes 4096,256,32768 --impls opdjax,naive
+    python benchmarks/fused_loss.py --dtype bfloat16 --shapes 8192,2048,151936 --repeats 10
+
+On a GPU both sides run there (peak = the allocator's peak above the inputs; torch matmuls
+in TF32, as XLA's default precision for float32), and each line reports the achieved
+matmul rate against the 8·BT·H·V FLOPs every implementation must do.
 """
 
 from __future__ import annotations
@@ -40,16 +45,19 @@ def peak_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_jax(impl: str, bt: int, h: int, v: int, repeats: int) -> dict:
+def run_jax(impl: str, bt: int, h: int, v: int, repeats: int, dtype: str) -> dict:
   import jax
   import jax.numpy as jnp
   from opdjax import objectives as obj
 
   ks = jax.random.split(jax.random.key(0), 4)
-  hidden = jax.random.normal(ks[0], (1, bt, h)) * 0.5
-  kernel = jax.random.normal(ks[1], (h, v)) * h ** -0.5
-  t_hidden = jax.random.normal(ks[2], (1, bt, h)) * 0.5
-  t_kernel = jax.random.normal(ks[3], (h, v)) * h ** -0.5
+  cast = lambda x: x.astype(dtype)
+  hidden = cast(jax.random.normal(ks[0], (1, bt, h)) * 0.5)
+  kernel = cast(jax.random.normal(ks[1], (h, v)) * h ** -0.5)
+  t_hidden = cast(jax.random.normal(ks[2], (1, bt, h)) * 0.5)
+  t_kernel = cast(jax.random.normal(ks[3], (h, v)) * h ** -0.5)
+  device = jax.devices()[0]
+  on_gpu = device.platform != "cpu"
   tokens = jnp.zeros((1, bt), jnp.int32)
   jsd = lambda s, t: obj.generalized_jsd(s, t, beta=0.5)
 
@@ -67,10 +75,12 @@ def run_jax(impl: str, bt: int, h: int, v: int, repeats: int) -> dict:
       return jnp.mean(values["d"])
   else:
     def loss(hidden, kernel):
-      return jnp.mean(jsd(hidden @ kernel, t_hidden @ t_kernel))
+      f32 = lambda x: x.astype(jnp.float32)
+      return jnp.mean(jsd(f32(hidden @ kernel), f32(t_hidden @ t_kernel)))
 
   step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-  base = rss_mb()
+  jax.block_until_ready((hidden, kernel, t_hidden, t_kernel))
+  base = device.memory_stats()["bytes_in_use"] / 2**20 if on_gpu else rss_mb()
   start = time.perf_counter()
   jax.block_until_ready(step(hidden, kernel))
   first = time.perf_counter() - start
@@ -80,20 +90,26 @@ def run_jax(impl: str, bt: int, h: int, v: int, repeats: int) -> dict:
     jax.block_until_ready(step(hidden, kernel))
     times.append(time.perf_counter() - start)
   temp = step.lower(hidden, kernel).compile().memory_analysis().temp_size_in_bytes
-  return dict(first_s=first, median_s=statistics.median(times),
-              peak_extra_mb=peak_mb() - base, xla_temp_mb=temp / 2**20)
+  peak = device.memory_stats()["peak_bytes_in_use"] / 2**20 if on_gpu else peak_mb()
+  return dict(first_s=first, median_s=statistics.median(times), device=device.device_kind,
+              peak_extra_mb=peak - base, xla_temp_mb=temp / 2**20)
 
 
-def run_liger(impl: str, bt: int, h: int, v: int, repeats: int) -> dict:
+def run_liger(impl: str, bt: int, h: int, v: int, repeats: int, dtype: str) -> dict:
   import torch
   from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
+  cuda = torch.cuda.is_available()
+  dev = "cuda" if cuda else "cpu"
+  torch.set_float32_matmul_precision("high")   # TF32 on a GPU, as XLA's default precision
   torch.manual_seed(0)
-  hidden = (torch.randn(bt, h) * 0.5).requires_grad_()
-  weight = (torch.randn(v, h) * h ** -0.5).requires_grad_()
-  t_hidden = torch.randn(bt, h) * 0.5
-  t_weight = torch.randn(v, h) * h ** -0.5
-  labels = torch.zeros(bt, dtype=torch.long)
+  dt = getattr(torch, dtype)
+  make = lambda *shape, scale: (torch.randn(*shape, device=dev) * scale).to(dt)
+  hidden = make(bt, h, scale=0.5).requires_grad_()
+  weight = make(v, h, scale=h ** -0.5).requires_grad_()
+  t_hidden = make(bt, h, scale=0.5)
+  t_weight = make(v, h, scale=h ** -0.5)
+  labels = torch.zeros(bt, dtype=torch.long, device=dev)
   module = LigerFusedLinearJSDLoss(beta=0.5)
   if impl == "liger_compiled":
     module = torch.compile(module)
@@ -101,8 +117,13 @@ def run_liger(impl: str, bt: int, h: int, v: int, repeats: int) -> dict:
   def step():
     hidden.grad = weight.grad = None
     module(hidden, weight, t_hidden, t_weight, labels).backward()
+    if cuda:
+      torch.cuda.synchronize()
 
-  base = rss_mb()
+  if cuda:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+  base = torch.cuda.memory_allocated() / 2**20 if cuda else rss_mb()
   start = time.perf_counter()
   step()
   first = time.perf_counter() - start
@@ -111,15 +132,20 @@ def run_liger(impl: str, bt: int, h: int, v: int, repeats: int) -> dict:
     start = time.perf_counter()
     step()
     times.append(time.perf_counter() - start)
-  return dict(first_s=first, median_s=statistics.median(times), peak_extra_mb=peak_mb() - base)
+  peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_mb()
+  return dict(first_s=first, median_s=statistics.median(times), peak_extra_mb=peak - base,
+              device=torch.cuda.get_device_name() if cuda else "cpu")
 
 
-def one(impl: str, bt: int, h: int, v: int, repeats: int) -> dict:
+def one(impl: str, bt: int, h: int, v: int, repeats: int, dtype: str) -> dict:
   runner = run_jax if impl in ("opdjax", "opdjax_vjp", "naive") else run_liger
-  result = runner(impl, bt, h, v, repeats)
-  flops = 3 * 2 * 2 * bt * h * v   # student + teacher head forward, student backward (2 matmuls)
-  return dict(impl=impl, bt=bt, h=h, v=v, repeats=repeats, machine=platform.machine(),
-              cpus=os.cpu_count(), approx_gflop_per_s=flops / result["median_s"] / 1e9, **result)
+  result = runner(impl, bt, h, v, repeats, dtype)
+  # The matmuls any implementation must do: the student and teacher head forward (2·BT·H·V
+  # each) and the student's backward to hidden and head (2·BT·H·V each).
+  flops = 4 * 2 * bt * h * v
+  return dict(impl=impl, bt=bt, h=h, v=v, dtype=dtype, repeats=repeats,
+              machine=platform.machine(), cpus=os.cpu_count(), forward_flops=2 * bt * h * v,
+              matmul_tflop_per_s=flops / result["median_s"] / 1e12, **result)
 
 
 def main():
@@ -127,19 +153,22 @@ def main():
   parser.add_argument("--shapes", nargs="*", default=[",".join(map(str, s)) for s in SHAPES])
   parser.add_argument("--impls", default=",".join(IMPLS))
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--out", default=None, help="append JSON lines here")
   parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.one:
     impl, bt, h, v = args.one.split(",")
-    print(json.dumps(one(impl, int(bt), int(h), int(v), args.repeats)))
+    print(json.dumps(one(impl, int(bt), int(h), int(v), args.repeats, args.dtype)))
     return
   for shape in args.shapes:
     for impl in args.impls.split(","):
       proc = subprocess.run([sys.executable, __file__, "--one", f"{impl},{shape}",
-                             "--repeats", str(args.repeats)], capture_output=True, text=True)
+                             "--repeats", str(args.repeats), "--dtype", args.dtype],
+                            capture_output=True, text=True)
       if proc.returncode:
-        line = dict(impl=impl, shape=shape, error=proc.stderr.strip().splitlines()[-1])
+        line = dict(impl=impl, shape=shape, dtype=args.dtype,
+                    error=(proc.stderr.strip().splitlines() or ["no output"])[-1])
       else:
         line = json.loads(proc.stdout.strip().splitlines()[-1])
       print(json.dumps(line), flush=True)

@@ -7,6 +7,11 @@ the line reports the fraction of generated tokens on which they agree.
 
     python benchmarks/sampler.py                    # CPU, tiny and small models
     python benchmarks/sampler.py --batches 1 8 --new_tokens 32 --out sampler.jsonl
+    python benchmarks/sampler.py --models qwen3-0.6b --dtype bfloat16 --batches 1 64   # GPU
+
+On an accelerator each line also gives the decode roofline: the bytes one decode step must
+read (every weight once, plus the filled KV cache) over the measured device-to-device copy
+bandwidth, as tokens/s, and the fraction of it reached (prefill included in the time).
 
 Needs the `parity` extra (PyTorch) for the transformers side.
 """
@@ -33,7 +38,31 @@ CONFIGS = {
     "small": ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=688, num_layers=4,
                          num_heads=8, num_kv_heads=4, head_dim=32, model_type="qwen3",
                          max_position_embeddings=1024),
+    "qwen3-0.6b": ModelConfig(vocab_size=151_936, hidden_size=1024, intermediate_size=3072,
+                              num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128,
+                              model_type="qwen3", tie_word_embeddings=True,
+                              max_position_embeddings=4096),
 }
+
+
+def copy_bandwidth() -> float:
+  """Measured device memory bandwidth in bytes/s (a 2 GiB array read and written)."""
+  x = jnp.ones((2**30,), jnp.bfloat16)
+  double = jax.jit(lambda x: x * 2)
+  jax.block_until_ready(double(x))
+  times = []
+  for _ in range(5):
+    start = time.perf_counter()
+    jax.block_until_ready(double(x))
+    times.append(time.perf_counter() - start)
+  return 2 * x.nbytes / statistics.median(times)
+
+
+def decode_bytes(config, params_bytes, batch, prompt_len, new_tokens, itemsize) -> float:
+  """Bytes read per decode step: all weights once, and the KV cache at its mean filled length."""
+  filled = prompt_len + new_tokens / 2
+  kv = batch * filled * config.num_layers * 2 * config.num_kv_heads * config.head_dim * itemsize
+  return params_bytes + kv
 
 
 def time_opdjax(model, prompts, mask, new_tokens, repeats):
@@ -51,11 +80,13 @@ def time_opdjax(model, prompts, mask, new_tokens, repeats):
   return np.asarray(out.tokens), first, statistics.median(times)
 
 
-def time_transformers(directory, prompts, new_tokens, repeats):
+def time_transformers(directory, prompts, new_tokens, repeats, dtype):
   import torch
   import transformers
-  model = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
-  ids = torch.tensor(np.asarray(prompts))
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  model = transformers.AutoModelForCausalLM.from_pretrained(
+      directory, dtype=getattr(torch, dtype)).to(device).eval()
+  ids = torch.tensor(np.asarray(prompts), device=device)
   kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                 eos_token_id=None, pad_token_id=0)
   with torch.no_grad():
@@ -64,8 +95,10 @@ def time_transformers(directory, prompts, new_tokens, repeats):
     for _ in range(repeats):
       start = time.perf_counter()
       model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+      if device == "cuda":
+        torch.cuda.synchronize()
       times.append(time.perf_counter() - start)
-  return out[:, ids.shape[1]:].numpy(), statistics.median(times)
+  return out[:, ids.shape[1]:].cpu().numpy(), statistics.median(times)
 
 
 def main(argv=None):
@@ -76,14 +109,21 @@ def main(argv=None):
   parser.add_argument("--new_tokens", type=int, default=64)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--no_transformers", action="store_true")
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  parser.add_argument("--attention", default="auto", help="the decoder's attention implementation")
   parser.add_argument("--out", default=None, help="also append the JSON lines to this file")
   args = parser.parse_args(argv)
   sink = open(args.out, "a") if args.out else None
   device = str(jax.devices()[0].platform)
+  kind = jax.devices()[0].device_kind
+  bandwidth = copy_bandwidth() if device != "cpu" else None
+  dtype = jnp.dtype(args.dtype)
 
   for name in args.models:
     config = CONFIGS[name]
-    model = Decoder(config, rngs=nnx.Rngs(0))
+    model = Decoder(config, dtype=dtype, param_dtype=dtype, attention=args.attention,
+                    rngs=nnx.Rngs(0))
+    params_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     directory = tempfile.mkdtemp()
     save_pretrained(model, directory)
     for batch in args.batches:
@@ -94,12 +134,20 @@ def main(argv=None):
       generated = batch * args.new_tokens
       rows = [dict(impl="opdjax", tokens_per_s=generated / steady, steady_s=steady,
                    compile_plus_first_run_s=first, compile_s_estimate=first - steady)]
+      if bandwidth:
+        step_bytes = decode_bytes(config, params_bytes, batch, args.prompt_len, args.new_tokens,
+                                  dtype.itemsize)
+        roofline = batch * bandwidth / step_bytes
+        rows[0].update(roofline_tokens_per_s=roofline, fraction_of_roofline=generated / steady / roofline,
+                       copy_bandwidth_gb_s=bandwidth / 1e9)
       if not args.no_transformers:
-        theirs, hf_steady = time_transformers(directory, prompts, args.new_tokens, args.repeats)
+        theirs, hf_steady = time_transformers(directory, prompts, args.new_tokens, args.repeats,
+                                              args.dtype)
         rows.append(dict(impl="transformers", tokens_per_s=generated / hf_steady,
                          steady_s=hf_steady, greedy_token_agreement=float(np.mean(ours == theirs))))
       for row in rows:
-        line = json.dumps(dict(benchmark="sampler", model=name, device=device, batch=batch,
+        line = json.dumps(dict(benchmark="sampler", model=name, device=device, device_kind=kind,
+                               dtype=args.dtype, attention=args.attention, batch=batch,
                                prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                                params=sum(int(np.prod(v.get_value().shape)) for _, v in
                                           nnx.to_flat_state(nnx.state(model, nnx.Param))),

@@ -215,6 +215,8 @@ def test_cli_runs_a_users_own_experiment_file(capsys, tmp_path):
     (("--exp", "teacher_sft", "--exp.train.tensorboard=maybe"), "expected a bool"),
     (("--exp", "teacher_sft", "--train.steps=3"), "unrecognised argument '--train.steps=3'"),
     (("--exp", "teacher_sft", "--exp.recipe.name=ppo"), "unknown recipe 'ppo'; valid: "),
+    (("--exp", "teacher_sft", "--exp.recipe.name=opd", "--exp.recipe.divergence=jsd"),
+     "unknown divergence 'jsd'; valid: ['alpha_divergence'"),
     (("--exp", "teacher_sft", "--exp.train.batch_size=12", "--exp.mesh.shape=(8,)"),
      "train.batch_size=12 is not divisible by the 8 data-parallel devices"),
     (("--exp", "teacher_sft", "--exp.recipe.name=opd"), "recipe 'opd' needs a teacher"),

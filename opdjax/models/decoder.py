@@ -96,10 +96,34 @@ def attend(q, k, v, mask, *, implementation: str = "auto") -> jax.Array:
   if implementation not in ATTENTION_IMPLEMENTATIONS:
     raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, "
                      f"got {implementation!r}")
+  head_dim = q.shape[-1]
   if implementation == "auto":
-    implementation = ("cudnn" if jax.default_backend() == "gpu"
-                      and q.dtype in (jnp.bfloat16, jnp.float16) else "xla")
-  return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=implementation)
+    implementation = ("cudnn" if jax.default_backend() == "gpu" and head_dim <= 128
+                      and head_dim % 8 == 0 and q.dtype in (jnp.bfloat16, jnp.float16) else "xla")
+  if implementation != "cudnn":
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=implementation)
+  length = q.shape[1]
+  q, k, v, mask = even_lengths(q, k, v, mask)
+  out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")
+  return out[:, :length]
+
+
+def even_lengths(q, k, v, mask):
+  """Pads odd query and key lengths by one slot (cuDNN's masked training kernels need even
+  lengths). The extra key is masked for every real query, and the extra query sees only the
+  extra key, so no row is fully masked and the real rows' outputs and gradients are unchanged.
+  """
+  pad_q, pad_k = q.shape[1] % 2, k.shape[1] % 2
+  if not (pad_q or pad_k):
+    return q, k, v, mask
+  along = lambda x, axis, n: jnp.pad(x, [(0, n if a == axis else 0) for a in range(x.ndim)])
+  q, k, v = along(q, 1, pad_q), along(k, 1, pad_k), along(v, 1, pad_k)
+  mask = along(along(mask, 1, pad_q), 2, pad_k)
+  if pad_q and pad_k:
+    mask = mask.at[:, -1, -1].set(True)
+  elif pad_q:  # the extra query row attends the first key (its output is dropped)
+    mask = mask.at[:, -1, 0].set(True)
+  return q, k, v, mask
 
 
 class Attention(nnx.Module):

@@ -12,6 +12,8 @@ Interpolating families share one knob convention: 0 = forward (teacher-weighted)
 
 from __future__ import annotations
 
+import inspect
+
 import math
 from typing import Callable
 
@@ -287,6 +289,10 @@ def get_divergence(name: str, **hyperparameters) -> Divergence:
   if name not in DIVERGENCES:
     raise ValueError(f"unknown divergence {name!r}; valid: {sorted(DIVERGENCES)}")
   fn = DIVERGENCES[name]
+  valid = [k for k, v in inspect.signature(fn).parameters.items() if v.kind == v.KEYWORD_ONLY]
+  unknown = sorted(set(hyperparameters) - set(valid))
+  if unknown:
+    raise ValueError(f"{name} has no hyperparameters {unknown}; valid: {valid}")
 
   def bound(student_logits, teacher_logits, **kwargs):
     return fn(student_logits, teacher_logits, **{**hyperparameters, **kwargs})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from opdjax import objectives as obj
+from opdjax.errors import ConfigError
 from opdjax.recipes.base import METRIC_VALUES, distribution_values, metric_pairs, pair
 
 TOPK_METRICS = ("topk_teacher_mass", "topk_student_mass", "topk_overlap")
@@ -11,7 +12,10 @@ TOPK_METRICS = ("topk_teacher_mass", "topk_student_mass", "topk_overlap")
 def divergence_from_config(config):
   """The §1 divergence named by `config.divergence` with `config.divergence_kwargs`."""
   kwargs = dict(config.get("divergence_kwargs", {}) or {})
-  return obj.get_divergence(config.divergence, **kwargs)
+  try:
+    return obj.get_divergence(config.divergence, **kwargs)
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"recipe.divergence / recipe.divergence_kwargs: {e}") from None
 
 
 def divergence_token_values(config):

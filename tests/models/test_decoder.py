@@ -143,3 +143,38 @@ def test_dot_product_attention_equals_the_einsum_reference():
                              atol=2e-6)
   with pytest.raises(ValueError, match="one of .*'auto', 'xla', 'cudnn'.*got 'flash'"):
     attend(q, k, v, jnp.asarray(mask), implementation="flash")
+
+
+@pytest.mark.parametrize("length,slots", [(5, 7), (5, 6), (4, 7)])
+def test_even_length_padding_for_cudnn_changes_no_output_or_gradient(length, slots):
+  """cuDNN's masked training kernels refuse odd lengths (seen on an H100: "Unsupported
+  sequence length Q 511, KV 511"), so `attend` pads them by one slot. The padded problem,
+  run through XLA here, must give the same outputs (of every query that sees a key) and
+  gradients."""
+  import jax
+  from opdjax.models.decoder import even_lengths
+  ks = jax.random.split(jax.random.key(1), 4)
+  q = jax.random.normal(ks[0], (2, length, 4, 8))
+  k = jax.random.normal(ks[1], (2, slots, 2, 8))
+  v = jax.random.normal(ks[2], (2, slots, 2, 8))
+  mask = np.tril(np.ones((length, slots), bool), k=slots - length)[None].repeat(2, 0)
+  mask[0, 1, :] = False
+  mask = jnp.asarray(mask)
+  # A fully masked (padding) query attends uniformly, so its output depends on the number of
+  # slots; it is never read, so it gets no cotangent here either.
+  cot = jax.random.normal(ks[3], q.shape) * jnp.any(mask, -1)[..., None, None]
+  plain = lambda q, k, v: jnp.sum(jax.nn.dot_product_attention(q, k, v, mask=mask[:, None]) * cot)
+
+  def padded(q, k, v):
+    qp, kp, vp, mp = even_lengths(q, k, v, mask)
+    assert qp.shape[1] % 2 == 0 and kp.shape[1] % 2 == 0
+    assert bool(jnp.all(jnp.any(mp[:, length:], -1)))       # the added query sees a key
+    assert not bool(jnp.any(mp[:, :length, slots:]))         # no real query sees the added key
+    out = jax.nn.dot_product_attention(qp, kp, vp, mask=mp[:, None])[:, :length]
+    return jnp.sum(out * cot)
+
+  want, want_grads = jax.value_and_grad(plain, argnums=(0, 1, 2))(q, k, v)
+  got, got_grads = jax.value_and_grad(padded, argnums=(0, 1, 2))(q, k, v)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  for g, w in zip(got_grads, want_grads):
+    np.testing.assert_allclose(g, w, atol=1e-5)

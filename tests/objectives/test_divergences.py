@@ -194,6 +194,9 @@ def test_get_divergence_binds_hyperparameters():
   np.testing.assert_allclose(fn(z, y), obj.generalized_jsd(z, y, beta=0.3))
   with pytest.raises(ValueError, match="unknown divergence 'kl'.*reverse_kl"):
     obj.get_divergence("kl")
+  with pytest.raises(ValueError, match=r"generalized_jsd has no hyperparameters \['bta'\]; "
+                                       r"valid: \['beta', 'scaled', 'temperature'\]"):
+    obj.get_divergence("generalized_jsd", bta=0.3)   # a typo fails when the config is read
 
 
 # ---------------------------------------------------------------- numerics
