@@ -72,6 +72,8 @@ def main(argv=None):
   p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
   p.add_argument("--loss_chunk_size", type=int, default=0)
   p.add_argument("--microbatches", type=int, default=1)
+  p.add_argument("--scan_layers", action="store_true")
+  p.add_argument("--remat", default="none", choices=["none", "full", "save_dots"])
   p.add_argument("--sample", action="store_true", help="also time sampling the completion")
   p.add_argument("--repeats", type=int, default=2)
   p.add_argument("--out", default=None)
@@ -84,8 +86,10 @@ def main(argv=None):
                        max_position_embeddings=max(args.seq, 512))
   compute = jnp.dtype(args.dtype)
   mesh = sharding.make_mesh((1,), ("data",))
-  student = Decoder(config, dtype=compute, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
-  teacher = Decoder(config, dtype=compute, param_dtype=compute, rngs=nnx.Rngs(1))
+  layout = dict(scan_layers=args.scan_layers)
+  student = Decoder(config, dtype=compute, param_dtype=jnp.float32, rngs=nnx.Rngs(0),
+                    remat=args.remat, **layout)
+  teacher = Decoder(config, dtype=compute, param_dtype=compute, rngs=nnx.Rngs(1), **layout)
   run_config = configs.base_config()
   run_config.recipe.divergence = "generalized_jsd"
   run_config.recipe.divergence_kwargs = {"beta": 0.5}
@@ -97,7 +101,7 @@ def main(argv=None):
   opt_state = sharding.onto_mesh(jax.jit(tx.init)(params), mesh)
   shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
   step = make_train_step(graphdef, recipe, tx, shardings(params), shardings(opt_state),
-                         microbatches=args.microbatches, chunk_size=args.loss_chunk_size)
+                         microbatches=args.microbatches, scan_layers=args.scan_layers, remat=args.remat, chunk_size=args.loss_chunk_size)
 
   b, new = args.batch, args.seq - args.prompt
   rng = np.random.default_rng(0)
@@ -132,7 +136,7 @@ def main(argv=None):
               platform=jax.devices()[0].platform, cpus=os.cpu_count(),
               machine=platform.machine(), layers=args.layers, hidden=args.hidden,
               vocab=args.vocab, batch=b, seq=args.seq, dtype=args.dtype,
-              microbatches=args.microbatches,
+              microbatches=args.microbatches, scan_layers=args.scan_layers, remat=args.remat,
               params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)),
               loss=float(loss), step_temporaries_gb=temporaries / 1e9,
               peak_gb=peak_bytes() / 1e9,

@@ -30,6 +30,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.student.dtype = "bfloat16"       # compute dtype (activations, KV cache)
   c.student.param_dtype = "float32"  # master weights and optimizer state
   c.student.attention = "auto"      # auto (cuDNN on GPU for 16-bit, else XLA) | xla | cudnn
+  c.student.scan_layers = False     # stacked layers in one lax.scan: flat compile time in depth
+  c.student.remat = "none"          # none | full | save_dots: recompute layers in backward
 
   c.teacher = ml_collections.ConfigDict()
   c.teacher.preset = "teacher-small"
@@ -38,6 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.teacher.dtype = "bfloat16"       # the teacher is bfloat16 throughout
   c.teacher.param_dtype = "bfloat16"
   c.teacher.attention = "auto"
+  c.teacher.scan_layers = False
 
   c.reference = ml_collections.ConfigDict()   # gopd: default the student's initial weights
   c.reference.preset = ""
@@ -46,6 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.reference.dtype = "bfloat16"
   c.reference.param_dtype = "bfloat16"
   c.reference.attention = "auto"
+  c.reference.scan_layers = False
 
   c.recipe = ml_collections.ConfigDict()
   c.recipe.name = "opd"             # sft | seqkd | supervised_kd | gkd | opd | gopd | grpo

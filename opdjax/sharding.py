@@ -2,7 +2,8 @@
 
 Rules are data: an ordered list of `(regex on the parameter path, PartitionSpec)`; the
 first match wins. A path is the parameter's NNX path joined with '/', e.g.
-`layers/3/attn/q_proj/kernel`. Mesh axis names a rule uses but the mesh lacks, and
+`layers/3/attn/q_proj/kernel`; with scanned layers (`layers/attn/q_proj/kernel`, a leading
+layer axis) the rule's spec applies to the dimensions after the layer axis. Mesh axis names a rule uses but the mesh lacks, and
 dimensions a mesh axis does not divide, are replicated, so one rule set serves one CPU,
 simulated devices, a GPU and a TPU pod slice.
 """
@@ -66,6 +67,8 @@ def spec_for(path: str, shape: Sequence[int], mesh: Mesh,
       break
   else:
     return P()
+  if re.match(r"layers/(?!\d)", path):  # stacked (scanned) layers: the layer axis is whole
+    spec = P(None, *spec)
   fitted = []
   for dim, axis in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
     axes = (axis,) if isinstance(axis, str) else tuple(axis or ())

@@ -26,7 +26,8 @@ from opdjax.data import PromptSet, batches, char_tokenizer, encode, load_jsonl, 
 from opdjax.errors import ConfigError
 from opdjax.evaluation import evaluate, forward_hidden, verified
 from opdjax.models import Decoder, ModelConfig, load_pretrained, load_tokenizer, read_config
-from opdjax.models.decoder import ATTENTION_IMPLEMENTATIONS
+from opdjax.models.decoder import (ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES, stack_layers,
+                                   unstack_layers)
 from opdjax.models.hf import abstract_model
 from opdjax.recipes.base import batch_loss, frozen_argument, join
 from opdjax.sampling import SamplingParams, generate
@@ -105,19 +106,38 @@ def model_config_of(model_config, tokenizer) -> ModelConfig:
 def build_model(model_config, config_of: ModelConfig, *, seed: int, mesh):
   """A model on `mesh`: from a HF directory, an earlier run's checkpoint, or a fresh init.
 
-  Parameters are stored in the section's `param_dtype` and computed in its `dtype`."""
+  Parameters are stored in the section's `param_dtype` and computed in its `dtype`, with
+  its layer layout (`scan_layers`, `remat`); a checkpoint saved in the other layer layout is
+  converted on restore."""
   kwargs = dict(dtype=_dtype(model_config.dtype), param_dtype=_dtype(model_config.param_dtype),
-                attention=model_config.attention)
+                attention=model_config.attention,
+                scan_layers=bool(model_config.get("scan_layers", False)),
+                remat=model_config.get("remat", "none"))
+  if kwargs["remat"] not in REMAT_POLICIES:
+    raise ConfigError(f"remat must be one of {tuple(REMAT_POLICIES)}, got {kwargs['remat']!r}")
   if model_config.hf_path:
     model, _ = load_pretrained(model_config.hf_path, mesh=mesh, with_tokenizer=False, **kwargs)
     return model
   source = model_config.get("checkpoint") or model_config.get("init_from")
   if source:  # restore straight into the shardings; no throw-away random init
     graphdef, abstract = nnx.split(abstract_model(config_of, **kwargs))
-    return nnx.merge(graphdef, checkpoint.restore_params(
-        source, sharding.abstract_state(abstract, mesh)))
+    return nnx.merge(graphdef, restore_either_layout(source, abstract, mesh))
   graphdef, state = nnx.split(Decoder(config_of, rngs=nnx.Rngs(seed), **kwargs))
   return nnx.merge(graphdef, sharding.place_state(state, mesh))
+
+
+def restore_either_layout(source, abstract, mesh):
+  """A run's parameters restored into `abstract`'s layer layout, whichever layout (per-layer
+  or scanned) the checkpoint was saved in."""
+  try:
+    return checkpoint.restore_params(source, sharding.abstract_state(abstract, mesh))
+  except (ValueError, KeyError):
+    scanned = any(p[0] == "layers" and not isinstance(p[1], int)
+                  for p, _ in nnx.to_flat_state(abstract) if len(p) > 1)
+    convert, back = (unstack_layers, stack_layers) if scanned else (stack_layers, unstack_layers)
+    other = jax.eval_shape(convert, abstract)
+    restored = checkpoint.restore_params(source, sharding.abstract_state(other, mesh))
+    return sharding.place_state(back(restored), mesh)
 
 
 def build_mesh(config):

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -72,6 +73,9 @@ def test_every_recipe_runs(variant, teacher_dir, tmp_path):
   config.teacher.preset = "student-tiny"
   if variant in ("opd_sampled", "grpo_opd"):
     config.train.updates_per_rollout = 2   # reuse each rollout: exercises the IS correction
+  if variant == "opd_full":  # scanned layers throughout; the teacher was saved per-layer
+    config.student.scan_layers = config.teacher.scan_layers = True
+    config.student.remat = "save_dots"
   result = trainer.run(config, tmp_path, quiet=True)
   train_rows = [r for r in result.history if r["split"] == "train"]
   assert [r["step"] for r in train_rows] == [2, 4]
@@ -94,6 +98,24 @@ def test_every_recipe_runs(variant, teacher_dir, tmp_path):
   # A finished run is returned as it is, without training again.
   again = trainer.run(config, tmp_path, quiet=True)
   assert again.history == result.history
+  if variant == "opd_full":
+    assert_restores_in_both_layouts(config, tmp_path)
+
+
+def assert_restores_in_both_layouts(config, workdir):
+  """A scanned run's checkpoint restores into a per-layer model (and back) unchanged."""
+  from opdjax.models import stack_layers
+  mesh = trainer.build_mesh(config)
+  model_config = checkpoint.read_model_config(workdir)
+  section = config.student.copy_and_resolve_references()
+  section.init_from = str(workdir)
+  scanned = nnx.state(trainer.build_model(section, model_config, seed=0, mesh=mesh), nnx.Param)
+  assert scanned["layers"]["attn"]["q_proj"]["kernel"].get_value().ndim == 3
+  section.scan_layers = False
+  per_layer = nnx.state(trainer.build_model(section, model_config, seed=0, mesh=mesh), nnx.Param)
+  assert 0 in per_layer["layers"]
+  for a, b in zip(jax.tree.leaves(stack_layers(per_layer)), jax.tree.leaves(scanned)):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_sharded_equals_unsharded(teacher_dir, tmp_path):

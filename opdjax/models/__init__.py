@@ -5,6 +5,8 @@ from opdjax.models.config import tiny_config
 from opdjax.models.decoder import Decoder
 from opdjax.models.decoder import KVCache
 from opdjax.models.decoder import positions_from_mask
+from opdjax.models.decoder import stack_layers
+from opdjax.models.decoder import unstack_layers
 from opdjax.models.hf import load_pretrained
 from opdjax.models.hf import load_tokenizer
 from opdjax.models.hf import read_config

@@ -24,23 +24,27 @@ class KVCache(NamedTuple):
   """Per-layer key/value buffers plus the bookkeeping that makes padding exact.
 
   Attributes:
-    keys: tuple over layers of `[B, S, K, Dh]`.
-    values: tuple over layers of `[B, S, K, Dh]`.
+    keys: tuple over layers of `[B, S, K, Dh]`, or one `[L, B, S, K, Dh]` array for a
+      model with scanned layers.
+    values: the same layout as `keys`.
     valid: `[B, S]` bool, True where a slot holds a real token.
     index: int32 scalar, the next slot to write.
   """
 
-  keys: tuple[jax.Array, ...]
-  values: tuple[jax.Array, ...]
+  keys: tuple[jax.Array, ...] | jax.Array
+  values: tuple[jax.Array, ...] | jax.Array
   valid: jax.Array
   index: jax.Array
 
   @classmethod
   def create(cls, config: ModelConfig, batch_size: int, max_length: int,
-             dtype=jnp.float32) -> "KVCache":
+             dtype=jnp.float32, *, stacked: bool = False) -> "KVCache":
     shape = (batch_size, max_length, config.num_kv_heads, config.head_dim)
-    return cls(keys=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
-               values=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+    if stacked:
+      make = lambda: jnp.zeros((config.num_layers,) + shape, dtype)
+    else:
+      make = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+    return cls(keys=make(), values=make(),
                valid=jnp.zeros((batch_size, max_length), bool),
                index=jnp.zeros((), jnp.int32))
 
@@ -197,6 +201,23 @@ class DecoderLayer(nnx.Module):
     return x + self.mlp(self.post_attention_norm(x)), kv
 
 
+REMAT_POLICIES = {
+    "none": None,                                         # keep every activation
+    "full": jax.checkpoint_policies.nothing_saveable,     # recompute each layer in backward
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep projections
+}
+
+
+def _layer_fn(graphdef, remat: str):
+  """`(state, x, cos, sin, mask, kv, index) -> (x, kv)` for one layer, rematerialised per
+  `remat` (a `REMAT_POLICIES` name)."""
+  def apply(state, x, cos, sin, mask, kv, index):
+    return nnx.merge(graphdef, state)(x, cos, sin, mask, kv, index)
+  if remat == "none":
+    return apply
+  return jax.checkpoint(apply, policy=REMAT_POLICIES[remat])
+
+
 class Decoder(nnx.Module):
   """Causal language model: embeddings, `num_layers` blocks, final norm, LM head.
 
@@ -206,21 +227,35 @@ class Decoder(nnx.Module):
   padding. `hidden_states` + `logits_from_hidden` split the call for losses computed from
   hidden states; `prefill` + `decode` run the same weights through a `KVCache`.
   `attention` picks the attention kernel (`attend`: "auto", "xla" or "cudnn").
+  `scan_layers=True` stores the layers' parameters stacked (`layers/attn/q_proj/kernel` is
+  `[L, D, H·Dh]`) and runs them with one `lax.scan`, so compile time and program size do
+  not grow with depth; `stack_layers`/`unstack_layers` convert states between the layouts
+  (HF files and `save_pretrained` use the per-layer one). `remat` ("none", "full",
+  "save_dots") rematerialises each layer in the backward pass (`REMAT_POLICIES`).
   Parameters are stored in `param_dtype` (default `dtype`) and the computation runs in
   `dtype`: float32 master weights with bfloat16 compute is `param_dtype=jnp.float32,
   dtype=jnp.bfloat16`. RMSNorm statistics, attention softmax and logits are float32.
   """
 
   def __init__(self, config: ModelConfig, *, dtype=jnp.float32, param_dtype=None,
-               rngs: nnx.Rngs, attention: str = "auto"):
+               rngs: nnx.Rngs, attention: str = "auto", scan_layers: bool = False,
+               remat: str = "none"):
+    if remat not in REMAT_POLICIES:
+      raise ValueError(f"remat must be one of {tuple(REMAT_POLICIES)}, got {remat!r}")
     self.config = config
     self.dtype = dtype
+    self.scan_layers = scan_layers
+    self.remat = remat
     param_dtype = param_dtype or dtype
     self.embed = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype,
                            embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
-    self.layers = nnx.List([DecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                                         attention=attention)
-                            for _ in range(config.num_layers)])
+    make_layer = lambda rngs: DecoderLayer(config, dtype=dtype, param_dtype=param_dtype,
+                                           rngs=rngs, attention=attention)
+    if scan_layers:
+      self.layers = nnx.split_rngs(splits=config.num_layers)(
+          nnx.vmap(make_layer, in_axes=0, out_axes=0))(rngs)
+    else:
+      self.layers = nnx.List([make_layer(rngs) for _ in range(config.num_layers)])
     self.final_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype,
                          param_dtype=param_dtype)
     self.lm_head = None if config.tie_word_embeddings else _linear(
@@ -255,7 +290,8 @@ class Decoder(nnx.Module):
   # ------------------------------------------------------------ cached path
 
   def init_cache(self, batch_size: int, max_length: int) -> KVCache:
-    return KVCache.create(self.config, batch_size, max_length, self.dtype)
+    return KVCache.create(self.config, batch_size, max_length, self.dtype,
+                          stacked=self.scan_layers)
 
   def prefill(self, tokens, positions, cache: KVCache, *, token_mask=None, logits_at=None):
     """Runs `tokens [B, T]` through the model, writing slots `[index, index+T)` of `cache`.
@@ -301,15 +337,59 @@ class Decoder(nnx.Module):
   def _run(self, tokens, positions, mask, kv=None, index=None):
     x = self.embed(tokens)
     cos, sin = rope_tables(self.config, positions, x.dtype)
+    if self.scan_layers:
+      graphdef, state = nnx.split(self.layers)
+      layer = _layer_fn(graphdef, self.remat)
+
+      def body(x, inputs):
+        layer_state, layer_kv = inputs
+        return layer(layer_state, x, cos, sin, mask, layer_kv, index)
+
+      x, new_kv = jax.lax.scan(body, x, (state, kv))
+      hidden = self.final_norm(x)
+      return hidden if kv is None else (hidden, *new_kv)
     new_keys, new_values = [], []
-    for i, layer in enumerate(self.layers):
+    for i, module in enumerate(self.layers):
       layer_kv = None if kv is None else (kv[0][i], kv[1][i])
-      x, layer_kv = layer(x, cos, sin, mask, layer_kv, index)
+      if self.remat == "none":
+        x, layer_kv = module(x, cos, sin, mask, layer_kv, index)
+      else:
+        graphdef, state = nnx.split(module)
+        x, layer_kv = _layer_fn(graphdef, self.remat)(state, x, cos, sin, mask, layer_kv, index)
       if layer_kv is not None:
         new_keys.append(layer_kv[0])
         new_values.append(layer_kv[1])
     hidden = self.final_norm(x)
     return hidden if kv is None else (hidden, tuple(new_keys), tuple(new_values))
+
+
+def stack_layers(state):
+  """A per-layer NNX state (`layers/{i}/...`) in the scanned layout (`layers/...` with a
+  leading layer axis). Other entries pass through."""
+  flat = nnx.to_flat_state(state)
+  groups, rest = {}, []
+  for path, variable in flat:
+    if len(path) > 2 and path[0] == "layers" and isinstance(path[1], int):
+      groups.setdefault(("layers",) + tuple(path[2:]), []).append((path[1], variable))
+    else:
+      rest.append((path, variable))
+  stacked = [(path, parts[0][1].replace(jnp.stack([v.get_value() for _, v in sorted(
+      parts, key=lambda p: p[0])])))
+             for path, parts in groups.items()]
+  return nnx.from_flat_state(rest + stacked)
+
+
+def unstack_layers(state):
+  """The inverse of `stack_layers`: a scanned state in the per-layer layout."""
+  out = []
+  for path, variable in nnx.to_flat_state(state):
+    if len(path) > 1 and path[0] == "layers" and not isinstance(path[1], int):
+      value = variable.get_value()
+      out += [(("layers", i) + tuple(path[1:]), variable.replace(value[i]))
+              for i in range(value.shape[0])]
+    else:
+      out.append((path, variable))
+  return nnx.from_flat_state(out)
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:

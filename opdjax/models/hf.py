@@ -28,7 +28,7 @@ from safetensors.flax import save_file
 from opdjax import sharding as sharding_lib
 from opdjax.errors import ConfigError
 from opdjax.models.config import ModelConfig
-from opdjax.models.decoder import Decoder
+from opdjax.models.decoder import Decoder, stack_layers, unstack_layers
 
 # (Hugging Face name, opdjax path, transposed). {i} is a layer index, {p} a projection name.
 NAME_TABLE: tuple[tuple[str, str, bool], ...] = (
@@ -96,16 +96,18 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
   return ModelConfig.from_hf(hf, source=str(config_file))
 
 
-def abstract_model(config: ModelConfig, dtype, *, param_dtype=None,
-                   attention: str = "auto") -> Decoder:
+def abstract_model(config: ModelConfig, dtype, *, param_dtype=None, attention: str = "auto",
+                   scan_layers: bool = False, remat: str = "none") -> Decoder:
   """The model's structure with `ShapeDtypeStruct` leaves (allocates no parameters)."""
   return nnx.eval_shape(lambda: Decoder(config, dtype=dtype, param_dtype=param_dtype,
-                                        rngs=nnx.Rngs(0), attention=attention))
+                                        rngs=nnx.Rngs(0), attention=attention,
+                                        scan_layers=scan_layers, remat=remat))
 
 
 def load_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=None,
                     mesh: Mesh | None = None, rules: Sequence = sharding_lib.DEFAULT_RULES,
-                    with_tokenizer: bool = True, attention: str = "auto"):
+                    with_tokenizer: bool = True, attention: str = "auto",
+                    scan_layers: bool = False, remat: str = "none"):
   """Loads a local Hugging Face directory (`config.json` + `*.safetensors`, sharded or not).
 
   Args:
@@ -118,6 +120,8 @@ def load_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=N
     rules: partition rules for `mesh`.
     with_tokenizer: also load the tokenizer (`transformers.AutoTokenizer`) if present.
     attention: the attention kernel (`opdjax.models.decoder.attend`).
+    scan_layers, remat: the layer layout and rematerialisation (`Decoder`); the files'
+      per-layer tensors are stacked when `scan_layers`.
 
   Returns:
     `(model, tokenizer)`; tokenizer is None when the directory has no tokenizer files.
@@ -172,6 +176,15 @@ def load_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=N
 
   state = nnx.from_flat_state(
       [(p, v.replace(leaves[p])) for p, v in nnx.to_flat_state(abstract_state)])
+  if scan_layers:
+    graphdef, _ = nnx.split(abstract_model(config, dtype, param_dtype=param_dtype,
+                                           attention=attention, scan_layers=True, remat=remat))
+    state = stack_layers(state)
+    if mesh is not None:
+      state = sharding_lib.place_state(state, mesh, rules)
+  elif remat != "none":
+    graphdef, _ = nnx.split(abstract_model(config, dtype, param_dtype=param_dtype,
+                                           attention=attention, remat=remat))
   model = nnx.merge(graphdef, state)
   tokenizer = load_tokenizer(directory, config) if with_tokenizer else None
   return model, tokenizer
@@ -231,7 +244,10 @@ def save_pretrained(model: Decoder, path: str | os.PathLike, *, tokenizer=None,
   directory = Path(path)
   tensors: dict[str, Any] = {}
   dtype = None
-  for path_tuple, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+  params = nnx.state(model, nnx.Param)
+  if model.scan_layers:
+    params = unstack_layers(params)
+  for path_tuple, variable in nnx.to_flat_state(params):
     name, transposed = hf_name(sharding_lib.path_string(path_tuple))
     array = _gathered(variable.get_value())
     dtype = array.dtype

@@ -178,3 +178,60 @@ def test_even_length_padding_for_cudnn_changes_no_output_or_gradient(length, slo
   np.testing.assert_allclose(got, want, rtol=1e-5)
   for g, w in zip(got_grads, want_grads):
     np.testing.assert_allclose(g, w, atol=1e-5)
+
+
+def _max_diff(a, b):
+  import jax
+  return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(jnp.max(jnp.abs(x - y))), a, b)))
+
+
+@pytest.mark.parametrize("remat", ["none", "full", "save_dots"])
+def test_scanned_layers_equal_the_per_layer_model(remat):
+  """One `lax.scan` over stacked layers (with each remat policy) gives the per-layer model's
+  logits, parameter gradients and greedy generations; `stack_layers`/`unstack_layers` are
+  inverses."""
+  import jax
+  from opdjax.models import stack_layers, unstack_layers
+  from opdjax.sampling import SamplingParams, generate
+  config = tiny_config("qwen3")
+  model = Decoder(config, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  scanned_def, _ = nnx.split(Decoder(config, rngs=nnx.Rngs(5), scan_layers=True, remat=remat))
+  scanned = nnx.merge(scanned_def, stack_layers(state))
+  assert scanned.layers.attn.q_proj.kernel.get_value().shape[0] == config.num_layers
+  tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, config.vocab_size)
+  mask = jnp.ones((2, 9), bool).at[0, :3].set(False)
+  np.testing.assert_allclose(scanned(tokens, attention_mask=mask),
+                             model(tokens, attention_mask=mask), atol=1e-5)
+  assert _max_diff(unstack_layers(nnx.state(scanned)), state) == 0.0
+
+  def loss(state, graphdef):
+    return jnp.mean(nnx.merge(graphdef, state)(tokens, attention_mask=mask)[..., :7] ** 2)
+
+  want = stack_layers(jax.grad(loss)(state, graphdef))
+  got = jax.grad(loss)(stack_layers(state), scanned_def)
+  assert _max_diff(got, want) < 1e-6
+  if remat != "none":
+    return  # decoding has no backward pass
+  greedy = dict(key=jax.random.key(0), max_new_tokens=5, sampling=SamplingParams(greedy=True))
+  a, b = generate(model, tokens, mask, **greedy), generate(scanned, tokens, mask, **greedy)
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  np.testing.assert_allclose(a.model_logprobs, b.model_logprobs, atol=1e-5)
+
+
+def test_scanned_program_size_is_flat_in_depth():
+  """The lowered train-step program of a scanned model barely grows from 4 to 32 layers,
+  while the per-layer one grows about linearly (`benchmarks/compile_depth.py` times it)."""
+  import jax
+
+  def program_chars(num_layers, scan_layers):
+    config = tiny_config("qwen3", num_layers=num_layers)
+    graphdef, state = nnx.split(nnx.eval_shape(
+        lambda: Decoder(config, rngs=nnx.Rngs(0), scan_layers=scan_layers, remat="full")))
+    tokens = jax.ShapeDtypeStruct((2, 16), jnp.int32)
+    loss = lambda state, tokens: jnp.mean(nnx.merge(graphdef, state)(tokens))
+    return len(jax.jit(jax.grad(loss)).lower(state, tokens).as_text())
+
+  scanned = program_chars(32, True) / program_chars(4, True)
+  per_layer = program_chars(32, False) / program_chars(4, False)
+  assert scanned < 1.2 and per_layer > 4, (scanned, per_layer)

@@ -116,6 +116,26 @@ def test_load_into_mesh_reads_slices(checkpoints):
                              atol=1e-5)
 
 
+def test_scanned_layers_load_with_parity_shard_and_save_per_layer(checkpoints, tmp_path):
+  """`scan_layers=True` stacks the files' per-layer tensors (sharded with the layer axis
+  whole), keeps transformers parity at 1e-5, and saves back the per-layer names."""
+  hf_model, directory = checkpoints["qwen3"]
+  mesh = sharding.make_mesh((2, 4), ("fsdp", "tensor"))
+  model, _ = load_pretrained(directory, mesh=mesh, scan_layers=True, remat="full")
+  q_kernel = model.layers.attn.q_proj.kernel.get_value()
+  assert q_kernel.shape[0] == hf_model.config.num_hidden_layers
+  assert q_kernel.sharding.spec == P(None, "fsdp", "tensor")
+  tokens, mask = padded_batch()
+  ours = np.asarray(model(jnp.asarray(tokens), attention_mask=jnp.asarray(mask)))
+  assert np.abs(ours - hf_logits(hf_model, tokens, mask))[mask].max() <= 1e-5
+  save_pretrained(model, tmp_path)
+  per_layer, _ = load_pretrained(tmp_path)
+  before, after = params_of(load_pretrained(directory)[0]), params_of(per_layer)
+  assert before.keys() == after.keys()
+  for path in before:
+    np.testing.assert_array_equal(before[path], after[path], err_msg=str(path))
+
+
 def test_tokenizer_with_chat_template(checkpoints, tmp_path):
   hf_model, _ = checkpoints["qwen3"]
   hf_model.save_pretrained(tmp_path)
