@@ -98,10 +98,10 @@ def main(argv=None):
   params = sharding.place_state(params, mesh)   # as the trainer places them: no recompiles
   t_graphdef, t_state = nnx.split(teacher)
   tx = make_optimizer(run_config)
-  opt_state = sharding.onto_mesh(jax.jit(tx.init)(params), mesh)
+  opt_state = sharding.init_optimizer(tx, params, mesh)
   shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
   step = make_train_step(graphdef, recipe, tx, shardings(params), shardings(opt_state),
-                         microbatches=args.microbatches, scan_layers=args.scan_layers, remat=args.remat, chunk_size=args.loss_chunk_size)
+                         microbatches=args.microbatches, chunk_size=args.loss_chunk_size)
 
   b, new = args.batch, args.seq - args.prompt
   rng = np.random.default_rng(0)

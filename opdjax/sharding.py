@@ -109,12 +109,17 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(axes if axes else None))
 
 
-def onto_mesh(tree, mesh: Mesh):
-  """Replicates over `mesh` every leaf not already laid out on all of its devices.
-
-  (`jax.jit(tx.init)` leaves scalars such as Adam's step count on one device.)
-  """
-  devices = set(mesh.devices.flat)
+def optimizer_shardings(tx, params, mesh: Mesh):
+  """The shardings of `tx.init(params)`: each parameter-shaped leaf (Adam's mu and nu) takes
+  its parameter's sharding, anything else (step counts) is replicated. (`jax.jit(tx.init)`
+  alone would put the whole state on one device: zeros do not inherit a sharding.)"""
+  import optax
   replicated = NamedSharding(mesh, P())
-  return jax.tree.map(
-      lambda x: x if set(x.sharding.device_set) == devices else jax.device_put(x, replicated), tree)
+  param_shardings = jax.tree.map(lambda x: x.sharding, params)
+  return optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params),
+                               param_shardings, transform_non_params=lambda _: replicated)
+
+
+def init_optimizer(tx, params, mesh: Mesh):
+  """`tx.init(params)` laid out by `optimizer_shardings`."""
+  return jax.jit(tx.init, out_shardings=optimizer_shardings(tx, params, mesh))(params)

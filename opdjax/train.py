@@ -1,7 +1,7 @@
 """`python -m opdjax.train --exp NAME[:ARG] [--exp.key=value ...] [--workdir DIR]`.
 
 `--list` prints every experiment with its one-line description; `--dry_run` prints the
-resolved config and exits. Experiments are the modules of `opdjax.experiments` (they ship
+resolved config and, for a one-run experiment, its per-device memory plan, and exits. Experiments are the modules of `opdjax.experiments` (they ship
 in the wheel), or any file given as `--exp path/to/my_exp.py[:ARG]`. Each defines
 `get_config(arg) -> ConfigDict` and optionally `main(config, workdir)` (multi-stage
 experiments); otherwise the config is one `opdjax.trainer.run`.
@@ -113,7 +113,7 @@ def parse_args(argv):
   parser.add_argument("--exp", help="experiment name or path/to/file.py, optionally with :ARG")
   parser.add_argument("--workdir", default=None, help="output directory (default workdirs/NAME)")
   parser.add_argument("--list", action="store_true", help="list the experiments and exit")
-  parser.add_argument("--dry_run", action="store_true", help="print the resolved config and exit")
+  parser.add_argument("--dry_run", action="store_true", help="print the resolved config and the memory plan, and exit")
   parser.add_argument("--debug", action="store_true", help="show tracebacks for config errors")
   args, rest = parser.parse_known_args(argv)
   overrides = []
@@ -143,10 +143,13 @@ def main(argv=None) -> int:
       apply_override(config, key, raw)
     if args.dry_run:
       print(config)
-      return 0
     workdir = Path(args.workdir or Path("workdirs") / (name + (f"_{arg}" if arg else "")))
     from opdjax import trainer  # heavy imports only when training
     try:
+      if args.dry_run:
+        if "recipe" in config:   # one run (a staged experiment plans each stage at its start)
+          trainer.check_memory(config, trainer.setup(config), quiet=False)
+        return 0
       if hasattr(module, "main"):
         module.main(config, workdir)
       else:

@@ -9,9 +9,11 @@ and checkpoint. Rollouts are reused for `train.updates_per_rollout` updates.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +22,7 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from opdjax import checkpoint, metrics, recipes, sharding
+from opdjax import checkpoint, memory, metrics, recipes, sharding
 from opdjax import objectives as obj
 from opdjax.data import PromptSet, batches, char_tokenizer, encode, load_jsonl, synthetic_records
 from opdjax.errors import ConfigError
@@ -109,10 +111,7 @@ def build_model(model_config, config_of: ModelConfig, *, seed: int, mesh):
   Parameters are stored in the section's `param_dtype` and computed in its `dtype`, with
   its layer layout (`scan_layers`, `remat`); a checkpoint saved in the other layer layout is
   converted on restore."""
-  kwargs = dict(dtype=_dtype(model_config.dtype), param_dtype=_dtype(model_config.param_dtype),
-                attention=model_config.attention,
-                scan_layers=bool(model_config.get("scan_layers", False)),
-                remat=model_config.get("remat", "none"))
+  kwargs = _model_kwargs(model_config)
   if kwargs["remat"] not in REMAT_POLICIES:
     raise ConfigError(f"remat must be one of {tuple(REMAT_POLICIES)}, got {kwargs['remat']!r}")
   if model_config.hf_path:
@@ -283,6 +282,13 @@ def make_train_step(graphdef, recipe, tx, param_shardings, opt_shardings, *,
   return jax.jit(step, donate_argnums=(0, 1), out_shardings=(param_shardings, opt_shardings, None))
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def head_kernel(graphdef, state) -> jax.Array:
+  """A frozen model's `[D, V]` LM head (jitted, so the memory plan's compiled step sees the
+  layout the run passes it)."""
+  return nnx.merge(graphdef, state).head_kernel()
+
+
 def repeat_rows(batch: dict, group: int) -> dict:
   """Each row of a host batch `group` times in a row (the G samples of a prompt are adjacent)."""
   return batch if group == 1 else {k: np.repeat(v, group, axis=0) for k, v in batch.items()}
@@ -295,25 +301,134 @@ def all_finite(tree) -> jax.Array:
 
 # ---------------------------------------------------------------- the run
 
-def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
-  """Trains (or resumes, or returns a finished run from) `workdir`. See `opdjax/experiments/`."""
-  workdir = Path(workdir)
+@dataclasses.dataclass
+class Setup:
+  """What a run decides before it allocates anything."""
+  recipe: recipes.Recipe
+  tokenizer: object
+  mesh: object
+  sections: dict      # role -> config section of each model the run builds
+  model_configs: dict  # role -> ModelConfig
+
+
+def setup(config) -> Setup:
+  """Builds the recipe, tokenizer and mesh, reads every model's config and validates."""
   recipe = recipes.build(config.recipe)
   tokenizer = build_tokenizer(config)
   mesh = build_mesh(config)
-  student_cfg = model_config_of(config.student, tokenizer)
-  has_teacher = bool(config.teacher.hf_path or config.teacher.checkpoint)
-  teacher_cfg = model_config_of(config.teacher, tokenizer) if has_teacher else None
-  # The reference (G-OPD) is the section's model, or else the student's initial weights.
-  own_reference = bool(config.reference.hf_path or config.reference.checkpoint)
-  reference_section = config.reference if own_reference else config.student
-  reference_cfg = (model_config_of(reference_section, tokenizer)
-                   if "reference" in recipe.roles else None)
-  validate(config, recipe, mesh, student_cfg, teacher_cfg, reference_cfg)
+  sections = {"student": config.student}
+  if config.teacher.hf_path or config.teacher.checkpoint:
+    sections["teacher"] = config.teacher
+  if "reference" in recipe.roles:
+    # The reference (G-OPD) is the section's model, or else the student's initial weights.
+    own = bool(config.reference.hf_path or config.reference.checkpoint)
+    sections["reference"] = config.reference if own else config.student
+  model_configs = {role: model_config_of(section, tokenizer) for role, section in sections.items()}
+  validate(config, recipe, mesh, model_configs["student"], model_configs.get("teacher"),
+           model_configs.get("reference"))
+  return Setup(recipe, tokenizer, mesh, sections, model_configs)
+
+
+def _model_kwargs(section) -> dict:
+  return dict(dtype=_dtype(section.dtype), param_dtype=_dtype(section.param_dtype),
+              attention=section.attention, scan_layers=bool(section.get("scan_layers", False)),
+              remat=section.get("remat", "none"))
+
+
+class Plan(NamedTuple):
+  terms: dict[str, int]   # per-device bytes of each part of a step
+  train_step: Callable    # the compiled step; the run calls it (so it compiles once)
+
+
+def memory_plan(config, run_setup: Setup) -> Plan:
+  """Per-device bytes of each part of a step (`opdjax.memory`), from shapes alone: nothing
+  is allocated. The train step is compiled here, and the run calls that executable, which
+  refuses (rather than recompiles) arguments laid out otherwise."""
+  recipe, mesh = run_setup.recipe, run_setup.mesh
+  abstract = {}
+  for role, section in run_setup.sections.items():
+    if role != "student" and role not in recipe.roles:
+      continue
+    graphdef, state = nnx.split(abstract_model(run_setup.model_configs[role],
+                                               **_model_kwargs(section)))
+    abstract[role] = (graphdef, sharding.abstract_state(state, mesh))
+  graphdef, params = abstract["student"]
+  tx = make_optimizer(config)
+  opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                           jax.eval_shape(tx.init, params),
+                           sharding.optimizer_shardings(tx, params, mesh))
+  terms = {"student parameters": memory.per_device_bytes(params),
+           "optimizer state": memory.per_device_bytes(opt_state)}
+  rows = config.train.batch_size * recipe.group_size
+  length = config.task.prompt_length + config.task.completion_length
+  batch = sharding.batch_sharding(mesh)
+  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=batch)
+  seq = recipes.Sequences(
+      tokens=spec((rows, length), jnp.int32), attention_mask=spec((rows, length), bool),
+      completion_mask=spec((rows, length), bool),
+      behaviour_logprobs=spec((rows, length), jnp.float32),
+      model_logprobs=spec((rows, length), jnp.float32),
+      rewards=spec((rows,), jnp.float32))
+  frozen = {}
+  for role in recipe.roles:
+    role_def, state = abstract[role]
+    terms[f"{role} parameters"] = memory.per_device_bytes(state)
+    head = head_kernel.lower(role_def, state).compile()
+    kernel = jax.eval_shape(functools.partial(head_kernel, role_def), state)
+    cfg = run_setup.model_configs[role]
+    frozen[role] = obj.Head(spec((rows, length - 1, cfg.hidden_size), _dtype(
+        run_setup.sections[role].dtype)), jax.ShapeDtypeStruct(
+            kernel.shape, kernel.dtype, sharding=head.output_shardings))
+  if frozen:
+    terms["frozen hidden states"] = memory.per_device_bytes([h.hidden for h in frozen.values()])
+  sampled_rows = rows if recipe.source != "dataset" else 0
+  if config.eval.every:
+    sampled_rows = max(sampled_rows, min(config.eval.batch_size, config.task.eval_size))
+  if sampled_rows:
+    cfg = run_setup.model_configs["student"]
+    data_devices = int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
+    itemsize = jnp.dtype(_dtype(config.student.dtype)).itemsize
+    terms["KV cache (sampling)"] = (math.ceil(sampled_rows / data_devices) * length
+                                    * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim
+                                    * itemsize)
+  step = make_train_step(graphdef, recipe, tx, jax.tree.map(lambda x: x.sharding, params),
+                         jax.tree.map(lambda x: x.sharding, opt_state),
+                         microbatches=config.train.microbatches,
+                         chunk_size=config.train.loss_chunk_size)
+  compiled = step.lower(params, opt_state, seq, frozen or None).compile()
+  terms["train step temporaries"] = int(compiled.memory_analysis().temp_size_in_bytes)
+  return Plan(terms, compiled)
+
+
+def check_memory(config, run_setup: Setup, *, quiet: bool) -> Plan:
+  """Prints the memory plan (unless quiet) and stops with one line if it does not fit."""
+  plan = memory_plan(config, run_setup)
+  terms = plan.terms
+  limit = int(config.train.memory_limit_gb * 1e9) or memory.device_limit_bytes()
+  if not quiet:
+    print(memory.format_plan(terms, limit))
+  memory.check(terms, limit)
+  return plan
+
+
+def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
+  """Trains (or resumes, or returns a finished run from) `workdir`. See `opdjax/experiments/`."""
+  workdir = Path(workdir)
+  run_setup = setup(config)
+  recipe, tokenizer, mesh = run_setup.recipe, run_setup.tokenizer, run_setup.mesh
+  student_cfg = run_setup.model_configs["student"]
+  teacher_cfg = run_setup.model_configs.get("teacher")
+  has_teacher = teacher_cfg is not None
+  reference_cfg = run_setup.model_configs.get("reference")
+  reference_section = run_setup.sections.get("reference")
   train_set, eval_set = build_data(config, tokenizer)
   if config.train.batch_size > len(train_set):
     raise ConfigError(f"train.batch_size={config.train.batch_size} exceeds the "
                       f"{len(train_set)} training prompts")
+  if config.train.memory_limit_gb < 0:
+    raise ConfigError(f"train.memory_limit_gb must be >= 0 (0 = the device's own limit), got "
+                      f"{config.train.memory_limit_gb}")
+  train_step = check_memory(config, run_setup, quiet=quiet).train_step
 
   student = build_model(config.student, student_cfg, seed=config.seed, mesh=mesh)
   teacher = build_model(config.teacher, teacher_cfg, seed=config.seed + 1, mesh=mesh) if has_teacher else None
@@ -323,15 +438,10 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
                                              mesh=mesh)
   checkpoint.write_model_config(workdir, student.config)
   graphdef, params = nnx.split(student)
-  param_shardings = sharding.state_shardings(params, mesh)
   tx = make_optimizer(config)
-  opt_state = sharding.onto_mesh(jax.jit(tx.init)(params), mesh)
-  opt_shardings = jax.tree.map(lambda x: x.sharding, opt_state)
-  train_step = make_train_step(graphdef, recipe, tx, param_shardings, opt_shardings,
-                               microbatches=config.train.microbatches,
-                               chunk_size=config.train.loss_chunk_size)
+  opt_state = sharding.init_optimizer(tx, params, mesh)
   batch_sharding = sharding.batch_sharding(mesh)
-  frozen_parts = {role: (*nnx.split(model), model.head_kernel())
+  frozen_parts = {role: (*nnx.split(model), head_kernel(*nnx.split(model)))
                   for role, model in frozen_models.items()}
 
   data = iter(batches(train_set, batch_size=config.train.batch_size, seed=config.seed))
@@ -403,7 +513,8 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
       seq = put(rollout(step, key, next(data), params))
       # A reused rollout keeps each frozen model's [B, T, H], never [B, T, V].
       tokens, mask = recipes.inputs_of(seq)
-      frozen = {role: obj.Head(forward_hidden(g, state, tokens, mask), kernel)
+      # (Laid out as the memory plan compiled the step, so the step is compiled once.)
+      frozen = {role: obj.Head(put(forward_hidden(g, state, tokens, mask)), kernel)
                 for role, (g, state, kernel) in frozen_parts.items()} or None
     params, opt_state, step_metrics = train_step(params, opt_state, seq, frozen)
     done = step + 1

@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 from opdjax import checkpoint, configs, trainer
+from opdjax.errors import ConfigError
 from opdjax.models import Decoder, save_pretrained, tiny_config
 from opdjax.train import main as cli_main
 
@@ -116,6 +117,35 @@ def assert_restores_in_both_layouts(config, workdir):
   assert 0 in per_layer["layers"]
   for a, b in zip(jax.tree.leaves(stack_layers(per_layer)), jax.tree.leaves(scanned)):
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("mesh_shape", [(1,), (4,)])
+def test_memory_plan_counts_each_term_and_stops_over_the_limit(teacher_dir, mesh_shape):
+  """The plan's terms equal the bytes the run allocates per device (parameters split over 4
+  FSDP devices hold about a quarter), and a limit below the total is one clear error that
+  names the biggest term."""
+  config = tiny("opd", estimator="full", divergence="reverse_kl")
+  config.teacher.checkpoint = str(teacher_dir)
+  config.mesh.shape, config.mesh.axes = mesh_shape, ("fsdp",)
+  run_setup = trainer.setup(config)
+  terms = trainer.memory_plan(config, run_setup)
+  student = trainer.build_model(config.student, run_setup.model_configs["student"], seed=0,
+                                mesh=run_setup.mesh)
+  whole = sum(x.nbytes for x in jax.tree.leaves(nnx.state(student)))
+  on_device_0 = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(nnx.state(student)))
+  assert terms["student parameters"] == on_device_0
+  assert (on_device_0 == whole) if mesh_shape == (1,) else (on_device_0 < 0.4 * whole)
+  assert 2 * on_device_0 <= terms["optimizer state"] <= 2 * on_device_0 + 64   # Adam: mu, nu
+  teacher_cfg = run_setup.model_configs["teacher"]
+  rows, length = 8 // mesh_shape[0], 6 + 4
+  assert terms["KV cache (sampling)"] == (rows * length * teacher_cfg.num_layers * 2
+                                          * teacher_cfg.num_kv_heads * teacher_cfg.head_dim * 4)
+  assert terms["frozen hidden states"] == rows * (length - 1) * teacher_cfg.hidden_size * 4
+  assert terms["train step temporaries"] > 0
+  config.train.memory_limit_gb = sum(terms.values()) / 2e9
+  with pytest.raises(ConfigError, match=r"GB per device, above the .* limit .* the biggest "
+                                        r"term is (student|teacher|optimizer|train step)"):
+    trainer.check_memory(config, run_setup, quiet=True)
 
 
 def test_sharded_equals_unsharded(teacher_dir, tmp_path):
@@ -237,6 +267,9 @@ def test_cli_runs_a_users_own_experiment_file(capsys, tmp_path):
     (("--exp", "teacher_sft", "--exp.train.tensorboard=maybe"), "expected a bool"),
     (("--exp", "teacher_sft", "--train.steps=3"), "unrecognised argument '--train.steps=3'"),
     (("--exp", "teacher_sft", "--exp.recipe.name=ppo"), "unknown recipe 'ppo'; valid: "),
+    (("--exp", "teacher_sft", "--exp.train.memory_limit_gb=0.001", "--dry_run"),
+     "GB per device, above the 0.00 GB limit (train.memory_limit_gb, 0 = the device's own); "
+     "the biggest term is train step temporaries"),
     (("--exp", "teacher_sft", "--exp.recipe.name=opd", "--exp.recipe.divergence=jsd"),
      "unknown divergence 'jsd'; valid: ['alpha_divergence'"),
     (("--exp", "teacher_sft", "--exp.train.batch_size=12", "--exp.mesh.shape=(8,)"),
