@@ -9,7 +9,7 @@ Compares, at the same (BT, H, V) shapes and on the same machine:
     the optional `liger-kernel` package is installed (`pip install liger-kernel`).
 
 Each (implementation, shape) runs in a fresh subprocess so that its peak resident memory
-(`ru_maxrss` minus the RSS after imports and inputs) is its own. Usage:
+(VmHWM minus the RSS after imports and inputs) is its own. Usage:
 
     python benchmarks/fused_loss.py --out benchmarks/results/fused_loss_cpu_2core.jsonl
     python benchmarks/fused_loss.py --shapes 4096,256,32768 --impls opdjax,naive
@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -42,7 +41,9 @@ def rss_mb() -> float:
 
 
 def peak_mb() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  """This address space's high-water RSS (VmHWM; ru_maxrss would include the parent's)."""
+  with open("/proc/self/status") as f:
+    return [int(l.split()[1]) for l in f if l.startswith("VmHWM:")][0] / 1024
 
 
 def run_jax(impl: str, bt: int, h: int, v: int, repeats: int, dtype: str) -> dict:

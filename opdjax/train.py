@@ -10,6 +10,7 @@ experiments); otherwise the config is one `opdjax.trainer.run`.
 from __future__ import annotations
 
 import argparse
+import os
 import ast
 import importlib
 import importlib.util
@@ -125,6 +126,23 @@ def parse_args(argv):
   return args, overrides
 
 
+def enable_compilation_cache() -> str | None:
+  """Turns on JAX's persistent compilation cache, so a rerun (a resume, the next stage, the
+  next seed) loads its executables instead of compiling them again. The directory is
+  `$OPDJAX_COMPILATION_CACHE`, by default `~/.cache/opdjax/xla`; set it empty to turn the
+  cache off. Programs that compile in under `$OPDJAX_COMPILATION_CACHE_MIN_SECONDS`
+  (default 1) are not stored."""
+  directory = os.environ.get("OPDJAX_COMPILATION_CACHE",
+                             str(Path.home() / ".cache" / "opdjax" / "xla"))
+  if not directory:
+    return None
+  import jax
+  jax.config.update("jax_compilation_cache_dir", directory)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                    float(os.environ.get("OPDJAX_COMPILATION_CACHE_MIN_SECONDS", "1")))
+  return directory
+
+
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   try:
@@ -144,6 +162,7 @@ def main(argv=None) -> int:
     if args.dry_run:
       print(config)
     workdir = Path(args.workdir or Path("workdirs") / (name + (f"_{arg}" if arg else "")))
+    enable_compilation_cache()
     from opdjax import trainer  # heavy imports only when training
     try:
       if args.dry_run:

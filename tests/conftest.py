@@ -3,6 +3,8 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The CLI's persistent compilation cache stays off unless a test turns it on for itself.
+os.environ["OPDJAX_COMPILATION_CACHE"] = ""
 # Eight simulated CPU devices, so sharding is tested on every machine (the default device,
 # and so every unsharded computation, is still device 0).
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):

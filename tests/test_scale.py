@@ -30,7 +30,8 @@ def get_config(arg=None):
 
 # Runs the CLI in this process and prints its resident memory once the heavy modules are
 # imported and the backend is up (the baseline: torch comes in with the HF tokenizer), and
-# its peak.
+# its peak. The peak is VmHWM, this address space's own high-water mark: getrusage's
+# ru_maxrss would also carry the forking parent's (pytest's) RSS across the exec.
 RUNNER = """
 import resource, runpy, sys
 import jax, torch, transformers, opdjax.trainer
@@ -42,7 +43,9 @@ try:
   runpy.run_module("opdjax.train", run_name="__main__")
 except SystemExit as e:
   code = e.code
-print("RSS_BYTES", baseline, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, code)
+with open("/proc/self/status") as f:
+  peak = [int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:")][0]
+print("RSS_BYTES", baseline, peak, code)
 """
 
 

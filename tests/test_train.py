@@ -198,7 +198,9 @@ def _child_command(workdir, steps):
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
-  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  cache = tmp_path / "xla_cache"   # the CLI's persistent compilation cache, here per test
+  env = dict(os.environ, PYTHONUNBUFFERED="1", OPDJAX_COMPILATION_CACHE=str(cache),
+             OPDJAX_COMPILATION_CACHE_MIN_SECONDS="0")
   steps = 60
   reference = subprocess.run(_child_command(tmp_path / "reference", steps), cwd=REPO, env=env,
                              capture_output=True, text=True, timeout=600)
@@ -230,6 +232,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
   # The metrics log has each step once, as if nothing had happened.
   steps_logged = [json.loads(l)["step"] for l in (killed_dir / "metrics.jsonl").read_text().splitlines()]
   assert steps_logged == sorted(set(steps_logged))
+  assert any(p.name.startswith("jit_step-") for p in cache.iterdir())   # the step was cached
 
 
 # ---------------------------------------------------------------- command line
@@ -370,3 +373,28 @@ def test_default_precision_is_float32_master_weights_with_bfloat16_compute(teach
   abstract = nnx.state(Decoder(checkpoint.read_model_config(tmp_path), rngs=nnx.Rngs(0)))
   saved = checkpoint.restore_params(tmp_path, abstract)
   assert {x.dtype for x in jax.tree.leaves(saved)} == {jnp.dtype("float32")}
+
+
+def test_no_recompilation_across_steps(teacher_dir, tmp_path, monkeypatch):
+  """A compile counter: after the first step (which compiles sampling, the teacher's forward
+  pass and the update), later steps compile nothing."""
+  config = tiny("opd", estimator="sampled", correction="none")
+  config.teacher.checkpoint = str(teacher_dir)
+  config.train.steps, config.train.log_every, config.train.save_every = 5, 1, 5
+  config.eval.every = 0
+  compiles, at_step = [], {}
+  listener = lambda event, duration, **kw: compiles.append(event) if event == \
+      "/jax/core/compile/backend_compile_duration" else None
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  write = trainer.metrics.Writer.write
+
+  def counting_write(self, step, split, values):
+    at_step[step] = len(compiles)
+    return write(self, step, split, values)
+
+  monkeypatch.setattr(trainer.metrics.Writer, "write", counting_write)
+  try:
+    trainer.run(config, tmp_path, quiet=True)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert at_step[1] > 0 and at_step[2] == at_step[5], at_step
