@@ -167,11 +167,20 @@ def _draw(logits, key, sampling: SamplingParams):
   return token, sample_log_prob, model_log_prob
 
 
+def _repeat_rows(cache: KVCache, count: int, stacked: bool) -> KVCache:
+  """Each prompt's cache rows `count` times in a row (the samples of a prompt are adjacent)."""
+  repeat = lambda x, axis: jnp.repeat(x, count, axis=axis)
+  kv_axis = 1 if stacked else 0   # [L, B, S, K, Dh] or per layer [B, S, K, Dh]
+  return KVCache(keys=jax.tree.map(lambda k: repeat(k, kv_axis), cache.keys),
+                 values=jax.tree.map(lambda v: repeat(v, kv_axis), cache.values),
+                 valid=repeat(cache.valid, 0), index=cache.index)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "eos_ids", "steps",
-                                             "return_logits"))
+                                             "return_logits", "num_samples"))
 def _generate_jit(graphdef, state, prompt_tokens, prompt_mask, key, max_new_tokens, *,
                   sampling: SamplingParams, eos_ids: tuple[int, ...], steps: int,
-                  return_logits: bool):
+                  return_logits: bool, num_samples: int):
   model = nnx.merge(graphdef, state)
   batch, prompt_len = prompt_tokens.shape
   positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0).astype(jnp.int32)
@@ -180,6 +189,11 @@ def _generate_jit(graphdef, state, prompt_tokens, prompt_mask, key, max_new_toke
   next_logits, cache = model.prefill(prompt_tokens, positions, cache, token_mask=prompt_mask,
                                      logits_at=last_real)
   next_position = jnp.sum(prompt_mask, axis=1).astype(jnp.int32)
+  if num_samples > 1:  # one prefill per prompt, then num_samples decode rows each
+    cache = _repeat_rows(cache, num_samples, model.scan_layers)
+    next_logits = jnp.repeat(next_logits, num_samples, axis=0)
+    next_position = jnp.repeat(next_position, num_samples, axis=0)
+    batch *= num_samples
   eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
 
   buffers = dict(tokens=jnp.zeros((batch, steps), jnp.int32),
@@ -223,7 +237,7 @@ def _generate_jit(graphdef, state, prompt_tokens, prompt_mask, key, max_new_toke
 
 def generate(model, prompt_tokens, prompt_mask, *, key: jax.Array, max_new_tokens: int,
              sampling: SamplingParams = SamplingParams(), return_logits: bool = False,
-             max_cache_length: int | None = None) -> Generation:
+             max_cache_length: int | None = None, num_samples: int = 1) -> Generation:
   """Samples up to `max_new_tokens` completion tokens for every prompt row.
 
   Args:
@@ -236,6 +250,9 @@ def generate(model, prompt_tokens, prompt_mask, *, key: jax.Array, max_new_token
     return_logits: also return the `[B, N, V]` model logits of every step.
     max_cache_length: the KV cache size limit (default the model's
       `max_position_embeddings`); `P + N` must fit.
+    num_samples: G independent completions per prompt. The prompt is prefilled once and
+      its cache copied to G rows; the output has `B·G` rows, prompt b's samples at rows
+      `b·G … b·G + G − 1` (as `jnp.repeat(prompts, G, axis=0)` would order them).
 
   Returns:
     A `Generation`.
@@ -256,6 +273,8 @@ def generate(model, prompt_tokens, prompt_mask, *, key: jax.Array, max_new_token
       raise ValueError(f"prompt rows {empty_rows.tolist()} have no real tokens (all-False prompt_mask)")
   if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+  if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+    raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
   limit = max_cache_length or model.config.max_position_embeddings
   if prompt_len + max_new_tokens > limit:
     raise ValueError(f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} = "
@@ -272,7 +291,7 @@ def generate(model, prompt_tokens, prompt_mask, *, key: jax.Array, max_new_token
   graphdef, state = nnx.split(model)
   out = _generate_jit(graphdef, state, prompt_tokens.astype(jnp.int32), prompt_mask, key,
                       jnp.int32(max_new_tokens), sampling=sampling, eos_ids=tuple(eos_ids),
-                      steps=steps, return_logits=return_logits)
+                      steps=steps, return_logits=return_logits, num_samples=num_samples)
   out = {name: value[:, :max_new_tokens] for name, value in out.items()}
   lengths = jnp.sum(out["mask"], axis=1).astype(jnp.int32)
   last = jnp.take_along_axis(out["tokens"], jnp.maximum(lengths - 1, 0)[:, None], axis=1)[:, 0]

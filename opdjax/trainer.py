@@ -470,16 +470,17 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
 
   def rollout(step, key, batch, params):
     source = recipe.source_at(config.seed, step)
-    batch = repeat_rows(batch, recipe.group_size)
-    prompts, prompt_mask = jnp.asarray(batch["prompt_tokens"]), jnp.asarray(batch["prompt_mask"])
+    rows = repeat_rows(batch, recipe.group_size)   # a group's G rows share their prompt
+    prompts, prompt_mask = jnp.asarray(rows["prompt_tokens"]), jnp.asarray(rows["prompt_mask"])
     if source == "dataset":
-      return join(prompts, prompt_mask, jnp.asarray(batch["answer_tokens"]), jnp.asarray(batch["answer_mask"]))
+      return join(prompts, prompt_mask, jnp.asarray(rows["answer_tokens"]), jnp.asarray(rows["answer_mask"]))
     model = teacher if source == "teacher" else nnx.merge(graphdef, params)
-    gen = generate(model, prompts, prompt_mask, key=key, max_new_tokens=completion_length,
-                   sampling=sampling)
+    gen = generate(model, jnp.asarray(batch["prompt_tokens"]), jnp.asarray(batch["prompt_mask"]),
+                   key=key, max_new_tokens=completion_length, sampling=sampling,
+                   num_samples=recipe.group_size)   # one prefill per prompt
     rewards = None
     if recipe.verifier_reward:
-      answers = [train_set.answers[i] for i in batch["index"]]
+      answers = [train_set.answers[i] for i in rows["index"]]
       rewards = np.asarray(verified(tokenizer, gen, answers), np.float32)
     return join(prompts, prompt_mask, gen.tokens, gen.mask, gen.sample_logprobs,
                 gen.model_logprobs, rewards)

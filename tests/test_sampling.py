@@ -226,3 +226,24 @@ def test_top_p_prefilter_is_exact_on_a_large_vocabulary():
       np.testing.assert_array_equal(np.isfinite(out), keep)
       expected = np.where(keep, probs, 0) / probs[keep].sum()
       np.testing.assert_allclose(np.exp(out), expected, rtol=2e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_num_samples_shares_the_prefill_and_equals_repeated_prompts(model, scan_layers):
+  """G samples per prompt from one prefill are the rows that repeating each prompt G times
+  gives with the same key (same draws, same log-probs), and a prompt's samples differ."""
+  if scan_layers:
+    from opdjax.models import stack_layers
+    graphdef, _ = nnx.split(Decoder(model.config, rngs=nnx.Rngs(0), scan_layers=True))
+    model = nnx.merge(graphdef, stack_layers(nnx.state(model)))
+  tokens, mask = mixed_prompts()
+  shared = generate(model, tokens, mask, key=jax.random.key(3), max_new_tokens=6, num_samples=3)
+  repeated = generate(model, jnp.repeat(tokens, 3, axis=0), jnp.repeat(mask, 3, axis=0),
+                      key=jax.random.key(3), max_new_tokens=6)
+  assert shared.tokens.shape == (12, 6)
+  np.testing.assert_array_equal(shared.tokens, repeated.tokens)
+  np.testing.assert_allclose(shared.model_logprobs, repeated.model_logprobs, atol=1e-6)
+  groups = np.asarray(shared.tokens).reshape(4, 3, 6)
+  assert any(len({tuple(row) for row in group}) > 1 for group in groups)
+  with pytest.raises(ValueError, match="num_samples must be an integer >= 1, got 0"):
+    generate(model, tokens, mask, key=jax.random.key(0), max_new_tokens=2, num_samples=0)
