@@ -67,6 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.recipe.group_size = 4           # grpo: completions per prompt
   c.recipe.normalize_std = True     # grpo: divide by the group's std (False = Dr. GRPO)
   c.recipe.opd_weight = 0.0         # grpo: weight of the teacher's dense OPD advantage
+  c.recipe.loss_mean = "token"      # grpo: token | sequence (average each completion first)
 
   c.sampling = ml_collections.ConfigDict()
   c.sampling.temperature = 1.0

@@ -235,10 +235,10 @@ def make_train_step(graphdef, recipe, tx, param_shardings, opt_shardings, *,
   computed from them in token chunks (`recipes.base.batch_loss`: one pass when the recipe
   names its `loss_value`, else a rematerialised scan), so no `[B, T, V]` array is formed.
   With `microbatches = M` the batch is split into M row blocks whose gradients are summed
-  in a `lax.scan`; the loss is normalised by the whole batch's completion tokens, so the
-  update equals the whole-batch one.
+  in a `lax.scan`; the loss is normalised by the whole batch's completion tokens (or rows,
+  for a recipe's sequence mean), so the update equals the whole-batch one.
   """
-  def grads_of(params, seq, frozen_hidden, frozen_kernels, num_tokens):
+  def grads_of(params, seq, frozen_hidden, frozen_kernels, num_tokens, num_rows):
     tokens, mask = recipes.inputs_of(seq)
     targets = recipes.targets_of(seq)
     frozen = {role: obj.Head(frozen_hidden[role], frozen_kernels[role]) for role in recipe.roles}
@@ -247,7 +247,7 @@ def make_train_step(graphdef, recipe, tx, param_shardings, opt_shardings, *,
       model = nnx.merge(graphdef, params)
       student = obj.Head(model.hidden_states(tokens, attention_mask=mask), model.head_kernel())
       return batch_loss(recipe, student, frozen_argument(recipe, frozen), targets,
-                        num_tokens=num_tokens, chunk_size=chunk_size)
+                        num_tokens=num_tokens, num_rows=num_rows, chunk_size=chunk_size)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     return loss, metrics, grads
@@ -258,19 +258,21 @@ def make_train_step(graphdef, recipe, tx, param_shardings, opt_shardings, *,
     kernels = {role: head.kernel for role, head in frozen.items()}
     targets = recipes.targets_of(seq)
     num_tokens = jnp.maximum(jnp.sum(targets.mask), 1).astype(jnp.float32)
+    num_rows = jnp.float32(seq.tokens.shape[0])
     if microbatches == 1:
-      loss, step_metrics, grads = grads_of(params, seq, hidden, kernels, num_tokens)
+      loss, step_metrics, grads = grads_of(params, seq, hidden, kernels, num_tokens, num_rows)
     else:
       split = lambda x: x.reshape((microbatches, x.shape[0] // microbatches) + x.shape[1:])
       blocks = jax.tree.map(split, (seq, hidden))
 
       def accumulate(total, block):
-        out = grads_of(params, *block, kernels, num_tokens)
+        out = grads_of(params, *block, kernels, num_tokens, num_rows)
         return jax.tree.map(jnp.add, total, out), None
 
       first = jax.tree.map(lambda x: x[0], blocks)
       zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
-                           jax.eval_shape(grads_of, params, *first, kernels, num_tokens))
+                           jax.eval_shape(grads_of, params, *first, kernels, num_tokens,
+                                          num_rows))
       (loss, step_metrics, grads), _ = jax.lax.scan(accumulate, zeros, blocks)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)

@@ -22,7 +22,8 @@ def recipe_of(**kwargs):
   c = ml_collections.ConfigDict(dict(
       name="opd", estimator="full", divergence="reverse_kl", divergence_kwargs={}, top_k=0,
       tail_bucket=False, gamma=0.0, correction="none", clip_epsilon=0.2, truncation=2.0,
-      lambda_on=0.5, reward_scale=1.0, group_size=2, normalize_std=True, opd_weight=0.0))
+      lambda_on=0.5, reward_scale=1.0, group_size=2, normalize_std=True, opd_weight=0.0,
+      loss_mean="token"))
   c.update(kwargs)
   return recipes.build(c)
 
@@ -66,11 +67,14 @@ def one_step(student, teacher, seq, recipe, *, microbatches=1, tx=None, referenc
 
 @pytest.mark.parametrize("recipe_kwargs", [dict(name="sft"), dict(estimator="full"),
                                            dict(estimator="sampled", gamma=1.0),
-                                           dict(name="gopd", estimator="sampled", reward_scale=1.25)],
-                         ids=["sft", "opd_full", "opd_sampled", "gopd_sampled"])
+                                           dict(name="gopd", estimator="sampled", reward_scale=1.25),
+                                           dict(name="grpo", group_size=2, loss_mean="sequence")],
+                         ids=["sft", "opd_full", "opd_sampled", "gopd_sampled", "grpo_sequence_mean"])
 def test_four_microbatches_equal_the_whole_batch(setup, recipe_kwargs):
   student, teacher, seq = setup
   recipe = recipe_of(**recipe_kwargs)
+  if recipe.verifier_reward:   # groups of 2 with unequal rewards, so the update is not zero
+    seq = seq._replace(rewards=jnp.array([1, 0, 0, 1, 1, 0, 1, 1], jnp.float32))
   # SGD, so the parameters compare the summed gradients (Adam's first step is lr·sign(g)).
   whole, metrics_1 = one_step(student, teacher, seq, recipe, microbatches=1, tx=optax.sgd(1.0))
   split, metrics_4 = one_step(student, teacher, seq, recipe, microbatches=4, tx=optax.sgd(1.0))
@@ -117,6 +121,51 @@ def test_an_opd_update_lowers_the_reverse_kl_on_its_rollout(setup):
 
   updated, _ = one_step(student, teacher, seq, recipe)
   assert token_reverse_kl(updated) < token_reverse_kl(student) - 1e-4
+
+
+def test_importance_ratio_is_one_on_policy(setup):
+  """Rollouts sampled at T = 1 without truncation and used once: the ratio of the learner's
+  to the sampler's probability of every completion token is 1 (to 1e-4)."""
+  student, teacher, seq = setup
+  _, metrics = one_step(student, teacher, seq, recipe_of(estimator="sampled", correction="plain"))
+  total, count = metrics["importance_ratio"]
+  assert count > BATCH and abs(total / count - 1.0) < 1e-4
+
+
+def test_sampled_opd_updates_lower_the_reverse_kl_on_average():
+  """The sampled estimator is noisy per rollout, but its expected update is the reverse-KL
+  gradient: over 8 rollouts, one small SGD step lowers the token reverse KL on average."""
+  config = tiny_config("qwen3", vocab_size=23, eos_token_ids=(1,))
+  student = Decoder(config, rngs=nnx.Rngs(0))
+  teacher = Decoder(tiny_config("qwen3", vocab_size=23, eos_token_ids=(1,), hidden_size=48),
+                    rngs=nnx.Rngs(1))
+  prompts = jnp.asarray(np.random.RandomState(1).randint(2, 23, (BATCH, PROMPT)))
+  prompt_mask = jnp.ones((BATCH, PROMPT), bool)
+  recipe = recipe_of(estimator="sampled", gamma=0.0)
+  mesh = sharding.make_mesh((1,), ("data",))
+  graphdef, params = nnx.split(student)
+  tx = optax.sgd(0.05)
+  step = trainer.make_train_step(graphdef, recipe, tx, sharding.state_shardings(params, mesh),
+                                 jax.tree.map(lambda _: None, tx.init(params)), chunk_size=7)
+  t_graphdef, t_state = nnx.split(teacher)
+
+  @jax.jit
+  def token_reverse_kl(params, seq):
+    tokens, mask = recipes.inputs_of(seq)
+    values = obj.reverse_kl(nnx.merge(graphdef, params)(tokens, attention_mask=mask),
+                            nnx.merge(t_graphdef, t_state)(tokens, attention_mask=mask))
+    return obj.token_mean(values, recipes.targets_of(seq).mask)
+
+  drops = []
+  for seed in range(8):
+    gen = generate(student, prompts, prompt_mask, key=jax.random.key(100 + seed),
+                   max_new_tokens=NEW, sampling=SamplingParams(eos_ids=(1,)))
+    seq = join(prompts, prompt_mask, gen.tokens, gen.mask, gen.sample_logprobs,
+               gen.model_logprobs)
+    fresh = jax.tree.map(jnp.copy, params)
+    new_params, _, _ = step(fresh, tx.init(fresh), seq, {"teacher": teacher_head(teacher, seq)})
+    drops.append(float(token_reverse_kl(params, seq) - token_reverse_kl(new_params, seq)))
+  assert np.mean(drops) > 0, drops
 
 
 def test_sampled_loss_gradient_is_minus_reward_times_score(setup):
@@ -233,6 +282,19 @@ def test_grpo_loss_by_hand(normalize_std):
                                                         targets)[0], targets.mask))(log_p)
   np.testing.assert_array_equal(grad[2:], 0.0)                  # the (1, 1) group
   assert np.abs(grad[:2]).max() > 0.4
+
+
+def test_sequence_mean_weighs_each_completion_equally():
+  """loss_mean="sequence": a row's tokens share 1/(|o_b|·B), so each completion weighs the
+  same whatever its length; "token": every token of the batch weighs 1/N."""
+  mask = jnp.array([[0, 1, 1, 0, 0], [0, 1, 1, 1, 1]], bool)
+  token = recipes.base.token_weights(recipe_of(name="grpo"), mask, num_tokens=6.0, num_rows=2.0)
+  sequence = recipes.base.token_weights(recipe_of(name="grpo", loss_mean="sequence"), mask,
+                                        num_tokens=6.0, num_rows=2.0)
+  np.testing.assert_allclose(token, np.where(mask, 1 / 6, 0.0))
+  np.testing.assert_allclose(sequence, np.where(mask, [[1 / 4], [1 / 8]], 0.0))
+  with pytest.raises(Exception, match="recipe.loss_mean must be one of .*got 'row'"):
+    recipe_of(name="grpo", loss_mean="row")
 
 
 def test_grpo_opd_weight_adds_the_teachers_dense_advantage():

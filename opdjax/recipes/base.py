@@ -115,6 +115,7 @@ def nll_loss(values: dict, targets: Targets):
                              nll=pair(values["nll"], targets.mask))
 
 
+LOSS_MEANS = ("token", "sequence")
 ROLES = ("teacher", "reference")
 
 
@@ -154,6 +155,10 @@ class Recipe:
       `loss` returns it unchanged (divergences, NLL). The gradient is then formed in one
       pass over the vocabulary (`objectives.fused.weighted_token_sum`) instead of a
       rematerialised backward pass; None for losses that mix positions (reward-to-go).
+    loss_mean: how per-token losses become the batch's loss (`token_weights`): "token"
+      (every completion token of the batch weighs the same) or "sequence" (each
+      completion's tokens are averaged first, then completions weigh the same, as in
+      GRPO's original objective).
   """
 
   name: str
@@ -165,11 +170,14 @@ class Recipe:
   verifier_reward: bool = False
   correction: str | None = None
   loss_value: str | None = None
+  loss_mean: str = "token"
 
   def __post_init__(self):
     unknown = [r for r in self.roles if r not in ROLES]
     if unknown:
       raise ConfigError(f"recipe {self.name!r} asks for unknown roles {unknown}; valid: {ROLES}")
+    if self.loss_mean not in LOSS_MEANS:
+      raise ConfigError(f"recipe.loss_mean must be one of {LOSS_MEANS}, got {self.loss_mean!r}")
 
   @property
   def needs_teacher(self) -> bool:
@@ -199,16 +207,30 @@ def loss_from_hidden(recipe: Recipe, student: obj.Head, frozen, targets: Targets
   return recipe.loss(values, targets)
 
 
-def batch_loss(recipe: Recipe, student: obj.Head, frozen, targets: Targets, *, num_tokens,
-               chunk_size: int = 0):
-  """The scalar the trainer minimises, `Σ mask·per_token_loss / num_tokens`, and metrics.
+def token_weights(recipe: Recipe, mask, *, num_tokens, num_rows):
+  """Each token's weight in the batch loss `Σ w·per_token_loss`.
 
-  `num_tokens` is the whole batch's completion-token count (so micro-batches add up).
-  Uses the one-pass gradient when the recipe names its `loss_value`."""
+  "token": `mask / num_tokens`; "sequence": `mask / (|o_b| · num_rows)`, with `|o_b|` the
+  row's completion length. `num_tokens` and `num_rows` count the whole batch, so the
+  weights of micro-batches add up to the whole batch's."""
+  mask = mask.astype(jnp.float32)
+  if recipe.loss_mean == "sequence":
+    return mask / jnp.maximum(jnp.sum(mask, axis=-1, keepdims=True), 1.0) / num_rows
+  return mask / num_tokens
+
+
+def batch_loss(recipe: Recipe, student: obj.Head, frozen, targets: Targets, *, num_tokens,
+               num_rows=None, chunk_size: int = 0):
+  """The scalar the trainer minimises, `Σ token_weights·per_token_loss`, and metrics.
+
+  `num_tokens`/`num_rows` are the whole batch's completion tokens and rows (so micro-batches
+  add up; `num_rows` defaults to this batch's). Uses the one-pass gradient when the recipe
+  names its `loss_value`."""
+  num_rows = targets.mask.shape[0] if num_rows is None else num_rows
+  weights = token_weights(recipe, targets.mask, num_tokens=num_tokens, num_rows=num_rows)
   if recipe.loss_value is None:
     per_token, metrics = loss_from_hidden(recipe, student, frozen, targets, chunk_size=chunk_size)
-    return obj.masked_sum(per_token, targets.mask) / num_tokens, metrics
-  weights = targets.mask.astype(jnp.float32) / num_tokens
+    return obj.masked_sum(per_token, weights), metrics
   loss, values = obj.fused.weighted_token_sum(recipe.token_values, student, targets.tokens,
                                               weights, key=recipe.loss_value, teacher=frozen,
                                               chunk_size=chunk_size)

@@ -6,7 +6,10 @@ accepts it, else 0. Its advantage is `Â_i = (R_i − mean_group R) / (std_group
 (`normalize_std=False` gives Dr. GRPO's mean-centred advantage), applied to every token.
 With `opd_weight` > 0 a teacher adds the dense on-policy distillation signal per token:
 `A_t = Â_i + opd_weight · Σ_{u≥t} γ^{u−t} (log q(a_u) − log p_old(a_u))`. Reused rollouts
-are corrected with `correction` (plain, truncated, ppo_clip) as in `opd`.
+are corrected with `correction` (plain, truncated, ppo_clip) as in `opd`. `loss_mean` =
+"token" averages over every completion token of the batch (Dr. GRPO); "sequence" averages
+each completion's tokens first, then the completions (the original GRPO objective, whose
+1/|o| factor Dr. GRPO shows to favour short correct and long wrong completions).
 
 References: Shao et al., DeepSeekMath (GRPO), arXiv:2402.03300; Liu et al., Dr. GRPO,
 arXiv:2503.20783; Agarwal et al., GKD, arXiv:2306.13649.
@@ -66,4 +69,4 @@ def build(config) -> Recipe:
   return Recipe(name="grpo", source="student", roles=("teacher",) if opd_weight else (),
                 token_values=sampled_token_values if opd_weight else policy_token_values,
                 loss=loss, group_size=group_size, verifier_reward=True,
-                correction=config.correction)
+                correction=config.correction, loss_mean=config.get("loss_mean", "token"))
