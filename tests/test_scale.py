@@ -23,7 +23,7 @@ def get_config(arg=None):
   c.recipe.update(dict(name="opd", estimator="full", divergence="reverse_kl"))
   c.task.train_jsonl = {data!r}
   c.task.prompt_length, c.task.completion_length, c.task.eval_size = 8, 256, 16
-  c.train.batch_size, c.train.steps, c.train.save_every = 16, 2, 2
+  c.train.batch_size, c.train.steps, c.train.save_every = 16, 1, 1
   c.train.tensorboard, c.eval.every, c.mesh.shape = False, 0, (1,)
   return c
 '''
@@ -50,9 +50,9 @@ print("RSS_BYTES", baseline, peak, code)
 
 
 def test_cli_run_at_qwen3_vocabulary_peaks_far_below_one_btv_tensor(tmp_path):
-  for name, seed, layers in (("student", 0, 1), ("teacher", 1, 2)):
+  for name, seed in (("student", 0), ("teacher", 1)):
     config = tiny_config("qwen3", vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                         num_layers=layers, num_heads=2, num_kv_heads=1, head_dim=16,
+                         num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
                          eos_token_ids=(1,), pad_token_id=0, tie_word_embeddings=True)
     save_pretrained(Decoder(config, rngs=nnx.Rngs(seed)), tmp_path / name)
     save_tiny_tokenizer(tmp_path / name, 64)
@@ -69,7 +69,7 @@ def test_cli_run_at_qwen3_vocabulary_peaks_far_below_one_btv_tensor(tmp_path):
   assert marker and marker[0][3] in ("0", "None"), proc.stdout[-2000:] + proc.stderr[-3000:]
   baseline, peak = int(marker[0][1]), int(marker[0][2])
   history = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-  assert [r["step"] for r in history if r["split"] == "train"] == [2]
+  assert [r["step"] for r in history if r["split"] == "train"] == [1]
   assert history[-1]["completion_tokens"] > 200        # per row: long completions trained
   one_tensor = 16 * (8 + 256 - 1) * VOCAB * 4                # one float32 [B, T, V]: 2.56 GB
   print(f"peak RSS {peak / 1e9:.2f} GB, {(peak - baseline) / 1e9:.2f} GB above the imports; "

@@ -119,7 +119,7 @@ def assert_restores_in_both_layouts(config, workdir):
     np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("mesh_shape", [(1,), (4,)])
+@pytest.mark.parametrize("mesh_shape", [(4,)])
 def test_memory_plan_counts_each_term_and_stops_over_the_limit(teacher_dir, mesh_shape):
   """The plan's terms equal the bytes the run allocates per device (parameters split over 4
   FSDP devices hold about a quarter), and a limit below the total is one clear error that
@@ -128,13 +128,13 @@ def test_memory_plan_counts_each_term_and_stops_over_the_limit(teacher_dir, mesh
   config.teacher.checkpoint = str(teacher_dir)
   config.mesh.shape, config.mesh.axes = mesh_shape, ("fsdp",)
   run_setup = trainer.setup(config)
-  terms = trainer.memory_plan(config, run_setup)
+  terms = trainer.memory_plan(config, run_setup).terms
   student = trainer.build_model(config.student, run_setup.model_configs["student"], seed=0,
                                 mesh=run_setup.mesh)
   whole = sum(x.nbytes for x in jax.tree.leaves(nnx.state(student)))
   on_device_0 = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(nnx.state(student)))
   assert terms["student parameters"] == on_device_0
-  assert (on_device_0 == whole) if mesh_shape == (1,) else (on_device_0 < 0.4 * whole)
+  assert on_device_0 < 0.4 * whole                        # FSDP over 4 devices
   assert 2 * on_device_0 <= terms["optimizer state"] <= 2 * on_device_0 + 64   # Adam: mu, nu
   teacher_cfg = run_setup.model_configs["teacher"]
   rows, length = 8 // mesh_shape[0], 6 + 4
@@ -256,6 +256,7 @@ def test_cli_runs_a_users_own_experiment_file(capsys, tmp_path):
   path = tmp_path / "my_exp.py"
   path.write_text('"""My experiment."""\nfrom opdjax import configs\n\n'
                   'def get_config(arg=None):\n  c = configs.base_config()\n'
+                  '  c.recipe.name = "sft"\n'
                   '  c.train.steps = int(arg or 5)\n  return c\n')
   code, out, _ = run_cli(capsys, "--exp", f"{path}:9", "--dry_run")
   assert code == 0 and "steps: 9" in out
