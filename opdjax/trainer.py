@@ -112,8 +112,6 @@ def build_model(model_config, config_of: ModelConfig, *, seed: int, mesh):
   its layer layout (`scan_layers`, `remat`); a checkpoint saved in the other layer layout is
   converted on restore."""
   kwargs = _model_kwargs(model_config)
-  if kwargs["remat"] not in REMAT_POLICIES:
-    raise ConfigError(f"remat must be one of {tuple(REMAT_POLICIES)}, got {kwargs['remat']!r}")
   if model_config.hf_path:
     model, _ = load_pretrained(model_config.hf_path, mesh=mesh, with_tokenizer=False, **kwargs)
     return model
@@ -168,6 +166,9 @@ def validate(config, recipe, mesh, student_cfg: ModelConfig, teacher_cfg: ModelC
     if config[role].attention not in ATTENTION_IMPLEMENTATIONS:
       raise ConfigError(f"{role}.attention must be one of {ATTENTION_IMPLEMENTATIONS}, got "
                         f"{config[role].attention!r}")
+    if config[role].get("remat", "none") not in REMAT_POLICIES:
+      raise ConfigError(f"{role}.remat must be one of {tuple(REMAT_POLICIES)}, got "
+                        f"{config[role].remat!r}")
   if recipe.needs_teacher or recipe.source == "teacher":
     if teacher_cfg is None:
       raise ConfigError(f"recipe {recipe.name!r} needs a teacher: set teacher.checkpoint "

@@ -271,6 +271,8 @@ def test_cli_runs_a_users_own_experiment_file(capsys, tmp_path):
     (("--exp", "teacher_sft", "--exp.train.tensorboard=maybe"), "expected a bool"),
     (("--exp", "teacher_sft", "--train.steps=3"), "unrecognised argument '--train.steps=3'"),
     (("--exp", "teacher_sft", "--exp.recipe.name=ppo"), "unknown recipe 'ppo'; valid: "),
+    (("--exp", "teacher_sft", "--exp.student.remat=some"),
+     "student.remat must be one of ('none', 'full', 'save_dots'), got 'some'"),
     (("--exp", "teacher_sft", "--exp.train.memory_limit_gb=0.001", "--dry_run"),
      "GB per device, above the 0.00 GB limit (train.memory_limit_gb, 0 = the device's own); "
      "the biggest term is train step temporaries"),
