@@ -118,19 +118,18 @@ def build_model(model_config, config_of: ModelConfig, *, seed: int, mesh):
   source = model_config.get("checkpoint") or model_config.get("init_from")
   if source:  # restore straight into the shardings; no throw-away random init
     graphdef, abstract = nnx.split(abstract_model(config_of, **kwargs))
-    return nnx.merge(graphdef, restore_either_layout(source, abstract, mesh))
+    return nnx.merge(graphdef, restore_either_layout(source, abstract, mesh,
+                                                     scanned=kwargs["scan_layers"]))
   graphdef, state = nnx.split(Decoder(config_of, rngs=nnx.Rngs(seed), **kwargs))
   return nnx.merge(graphdef, sharding.place_state(state, mesh))
 
 
-def restore_either_layout(source, abstract, mesh):
-  """A run's parameters restored into `abstract`'s layer layout, whichever layout (per-layer
-  or scanned) the checkpoint was saved in."""
+def restore_either_layout(source, abstract, mesh, *, scanned: bool):
+  """A run's parameters restored into `abstract`'s layer layout (`scanned` or per-layer),
+  whichever of the two layouts the checkpoint was saved in."""
   try:
     return checkpoint.restore_params(source, sharding.abstract_state(abstract, mesh))
   except (ValueError, KeyError):
-    scanned = any(p[0] == "layers" and not isinstance(p[1], int)
-                  for p, _ in nnx.to_flat_state(abstract) if len(p) > 1)
     convert, back = (unstack_layers, stack_layers) if scanned else (stack_layers, unstack_layers)
     other = jax.eval_shape(convert, abstract)
     restored = checkpoint.restore_params(source, sharding.abstract_state(other, mesh))
@@ -444,8 +443,10 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
   tx = make_optimizer(config)
   opt_state = sharding.init_optimizer(tx, params, mesh)
   batch_sharding = sharding.batch_sharding(mesh)
-  frozen_parts = {role: (*nnx.split(model), head_kernel(*nnx.split(model)))
-                  for role, model in frozen_models.items()}
+  frozen_parts = {}
+  for role, model in frozen_models.items():
+    role_def, state = nnx.split(model)
+    frozen_parts[role] = (role_def, state, head_kernel(role_def, state))
 
   data = iter(batches(train_set, batch_size=config.train.batch_size, seed=config.seed))
   ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)

@@ -131,8 +131,11 @@ def load_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=N
     raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
   config = read_config(directory)
   param_dtype = param_dtype or dtype
-  graphdef, abstract_state = nnx.split(abstract_model(config, dtype, param_dtype=param_dtype,
-                                                      attention=attention))
+  graphdef, target = nnx.split(abstract_model(config, dtype, param_dtype=param_dtype,
+                                              attention=attention, scan_layers=scan_layers,
+                                              remat=remat))
+  # The files hold per-layer tensors: read into that layout, stack at the end if scanned.
+  abstract_state = jax.eval_shape(unstack_layers, target) if scan_layers else target
   expected = {}  # hf name -> (opdjax path tuple, shape, transposed)
   for path_tuple, variable in nnx.to_flat_state(abstract_state):
     name, transposed = hf_name(sharding_lib.path_string(path_tuple))
@@ -177,14 +180,9 @@ def load_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=N
   state = nnx.from_flat_state(
       [(p, v.replace(leaves[p])) for p, v in nnx.to_flat_state(abstract_state)])
   if scan_layers:
-    graphdef, _ = nnx.split(abstract_model(config, dtype, param_dtype=param_dtype,
-                                           attention=attention, scan_layers=True, remat=remat))
     state = stack_layers(state)
     if mesh is not None:
       state = sharding_lib.place_state(state, mesh, rules)
-  elif remat != "none":
-    graphdef, _ = nnx.split(abstract_model(config, dtype, param_dtype=param_dtype,
-                                           attention=attention, remat=remat))
   model = nnx.merge(graphdef, state)
   tokenizer = load_tokenizer(directory, config) if with_tokenizer else None
   return model, tokenizer
