@@ -46,7 +46,7 @@ def peak_mb() -> float:
     return [int(l.split()[1]) for l in f if l.startswith("VmHWM:")][0] / 1024
 
 
-def run_jax(impl: str, bt: int, h: int, v: int, repeats: int, dtype: str) -> dict:
+def run_jax(impl: str, bt: int, h: int, v: int, repeats: int, dtype: str, chunk: int = 0) -> dict:
   import jax
   import jax.numpy as jnp
   from opdjax import objectives as obj
@@ -68,11 +68,12 @@ def run_jax(impl: str, bt: int, h: int, v: int, repeats: int, dtype: str) -> dic
     def loss(hidden, kernel):
       return obj.fused.weighted_token_sum(lambda s, t, a: {"loss": jsd(s, t)},
                                           obj.Head(hidden, kernel), tokens, weights,
-                                          teacher=obj.Head(t_hidden, t_kernel))[0]
+                                          teacher=obj.Head(t_hidden, t_kernel),
+                                          chunk_size=chunk)[0]
   elif impl == "opdjax":
     def loss(hidden, kernel):
       values = obj.token_values(lambda s, t, a: {"d": jsd(s, t)}, obj.Head(hidden, kernel),
-                                tokens, teacher=obj.Head(t_hidden, t_kernel))
+                                tokens, teacher=obj.Head(t_hidden, t_kernel), chunk_size=chunk)
       return jnp.mean(values["d"])
   else:
     def loss(hidden, kernel):
@@ -96,7 +97,7 @@ def run_jax(impl: str, bt: int, h: int, v: int, repeats: int, dtype: str) -> dic
               peak_extra_mb=peak - base, xla_temp_mb=temp / 2**20)
 
 
-def run_liger(impl: str, bt: int, h: int, v: int, repeats: int, dtype: str) -> dict:
+def run_liger(impl: str, bt: int, h: int, v: int, repeats: int, dtype: str, chunk: int = 0) -> dict:
   import torch
   from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
@@ -138,13 +139,13 @@ def run_liger(impl: str, bt: int, h: int, v: int, repeats: int, dtype: str) -> d
               device=torch.cuda.get_device_name() if cuda else "cpu")
 
 
-def one(impl: str, bt: int, h: int, v: int, repeats: int, dtype: str) -> dict:
+def one(impl: str, bt: int, h: int, v: int, repeats: int, dtype: str, chunk: int = 0) -> dict:
   runner = run_jax if impl in ("opdjax", "opdjax_vjp", "naive") else run_liger
-  result = runner(impl, bt, h, v, repeats, dtype)
+  result = runner(impl, bt, h, v, repeats, dtype, chunk)
   # The matmuls any implementation must do: the student and teacher head forward (2·BT·H·V
   # each) and the student's backward to hidden and head (2·BT·H·V each).
   flops = 4 * 2 * bt * h * v
-  return dict(impl=impl, bt=bt, h=h, v=v, dtype=dtype, repeats=repeats,
+  return dict(impl=impl, bt=bt, h=h, v=v, dtype=dtype, repeats=repeats, chunk_size=chunk,
               machine=platform.machine(), cpus=os.cpu_count(), forward_flops=2 * bt * h * v,
               matmul_tflop_per_s=flops / result["median_s"] / 1e12, **result)
 
@@ -155,17 +156,23 @@ def main():
   parser.add_argument("--impls", default=",".join(IMPLS))
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  parser.add_argument("--chunk_sizes", default="0",
+                      help="comma-separated tokens per chunk for the opdjax impls (0 = auto)")
   parser.add_argument("--out", default=None, help="append JSON lines here")
   parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.one:
     impl, bt, h, v = args.one.split(",")
-    print(json.dumps(one(impl, int(bt), int(h), int(v), args.repeats, args.dtype)))
+    print(json.dumps(one(impl, int(bt), int(h), int(v), args.repeats, args.dtype,
+                         int(args.chunk_sizes))))
     return
+  runs = [(impl, chunk) for impl in args.impls.split(",")
+          for chunk in (args.chunk_sizes.split(",") if impl.startswith("opdjax") else ["0"])]
   for shape in args.shapes:
-    for impl in args.impls.split(","):
+    for impl, chunk in runs:
       proc = subprocess.run([sys.executable, __file__, "--one", f"{impl},{shape}",
-                             "--repeats", str(args.repeats), "--dtype", args.dtype],
+                             "--repeats", str(args.repeats), "--dtype", args.dtype,
+                             "--chunk_sizes", chunk],
                             capture_output=True, text=True)
       if proc.returncode:
         line = dict(impl=impl, shape=shape, dtype=args.dtype,

@@ -2,24 +2,40 @@
 
 A run's workdir holds `model_config.json` (the student's `ModelConfig`) and
 `checkpoints/<step>/` with three items: `params`, `opt_state` and `meta` (JSON: step, the
-grain iterator state, the seed). Saves are synchronous and atomic (Orbax writes to a
-temporary directory and renames), so a process killed mid-save leaves the previous
-checkpoint intact.
+grain iterator state, the seed). Saves are atomic (Orbax writes to a temporary directory
+and renames, or on object stores marks a finished save), so a process killed mid-save
+leaves the previous checkpoint intact. With `async_save` the device-to-host copy happens
+in `save` and the write in the background, overlapping the next steps; `close` waits for
+it. Paths are `etils.epath` paths, so a workdir may be `gs://bucket/run`.
+
+Resuming reads the newest checkpoint that restores; one that does not (a torn file on a
+file system without atomic renames, a disk that filled up) is reported, deleted, and the
+one before it is used.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
+import os
+import warnings
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+from opdjax import distributed
 
 from opdjax.models.config import ModelConfig
 
 CONFIG_FILE = "model_config.json"
+
+
+def resolve(workdir: str | os.PathLike) -> epath.Path:
+  """A workdir as an `epath.Path`: local paths made absolute, `gs://...` and other URIs kept."""
+  text = os.fspath(workdir)
+  return epath.Path(text if "://" in text else os.path.abspath(text))
 
 
 def abstract_like(tree):
@@ -30,21 +46,25 @@ def abstract_like(tree):
 class Checkpointer:
   """Saves and restores the student's `(params, opt_state, meta)` under `workdir/checkpoints`."""
 
-  def __init__(self, workdir: str | Path, *, keep: int = 2):
-    self.directory = Path(workdir).absolute() / "checkpoints"
+  def __init__(self, workdir: str | os.PathLike, *, keep: int = 2, async_save: bool = False):
+    self.directory = resolve(workdir) / "checkpoints"
+    self.async_save = async_save
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                             enable_async_checkpointing=False))
+                                             enable_async_checkpointing=async_save))
 
   def latest_step(self) -> int | None:
-    return self.manager.latest_step()
+    """The newest step, the same on every process (or an error saying they differ)."""
+    return distributed.same_on_every_process(self.manager.latest_step(), "the latest checkpoint")
 
   def save(self, step: int, params, opt_state, meta: dict[str, Any]) -> None:
+    """Saves; with `async_save` returns once the arrays are copied to host memory."""
     self.manager.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
         meta=ocp.args.JsonSave(meta)), force=True)
-    self.manager.wait_until_finished()
+    if not self.async_save:
+      self.manager.wait_until_finished()
 
   def restore(self, step: int, params, opt_state):
     """Restores into the structure and shardings of the given (freshly built) trees."""
@@ -54,18 +74,42 @@ class Checkpointer:
         meta=ocp.args.JsonRestore()))
     return restored["params"], restored["opt_state"], restored["meta"]
 
+  def restore_latest(self, params, opt_state):
+    """`(step, params, opt_state, meta)` of the newest checkpoint that restores, or None if
+    there is none. A newer one that fails to restore is reported and deleted."""
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    distributed.same_on_every_process(len(steps), "the number of checkpoints")
+    for step in steps:
+      try:
+        return (step, *self.restore(step, params, opt_state))
+      except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: fall back
+        older = [s for s in steps if s < step]
+        if not older:
+          raise RuntimeError(f"checkpoint {self.directory / str(step)} cannot be restored and "
+                             f"there is no older one: {type(e).__name__}: {e}") from e
+        warnings.warn(f"checkpoint {self.directory / str(step)} cannot be restored "
+                      f"({type(e).__name__}: {str(e)[:200]}); deleting it and resuming from "
+                      f"step {older[0]}", stacklevel=2)
+        self.manager.delete(step)
+    return None
+
   def close(self) -> None:
+    """Waits for a pending save, then releases the manager."""
+    self.manager.wait_until_finished()
     self.manager.close()
 
 
-def write_model_config(workdir: str | Path, config: ModelConfig) -> None:
-  path = Path(workdir) / CONFIG_FILE
+def write_model_config(workdir: str | os.PathLike, config: ModelConfig) -> None:
+  """Writes `model_config.json` (on process 0 only)."""
+  if not distributed.is_main():
+    return
+  path = resolve(workdir) / CONFIG_FILE
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(dataclasses.asdict(config), indent=2))
 
 
-def read_model_config(workdir: str | Path) -> ModelConfig:
-  path = Path(workdir) / CONFIG_FILE
+def read_model_config(workdir: str | os.PathLike) -> ModelConfig:
+  path = resolve(workdir) / CONFIG_FILE
   if not path.exists():
     raise FileNotFoundError(f"{path} not found: {workdir} is not an opdjax run directory")
   fields = json.loads(path.read_text())
@@ -73,7 +117,7 @@ def read_model_config(workdir: str | Path) -> ModelConfig:
   return ModelConfig(**fields)
 
 
-def restore_params(workdir: str | Path, params_like, *, step: int | None = None):
+def restore_params(workdir: str | os.PathLike, params_like, *, step: int | None = None):
   """Read-only restore of a run's parameters (a teacher or a warm start), no optimizer state.
 
   Args:
@@ -81,10 +125,10 @@ def restore_params(workdir: str | Path, params_like, *, step: int | None = None)
     params_like: a params tree (or abstract tree) with the target structure and shardings.
     step: which checkpoint; the latest by default.
   """
-  manager = ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints")
+  manager = ocp.CheckpointManager(resolve(workdir) / "checkpoints")
   step = manager.latest_step() if step is None else step
   if step is None:
-    raise FileNotFoundError(f"no checkpoint in {Path(workdir) / 'checkpoints'}")
+    raise FileNotFoundError(f"no checkpoint in {resolve(workdir) / 'checkpoints'}")
   restored = manager.restore(step, args=ocp.args.Composite(
       params=ocp.args.StandardRestore(abstract_like(params_like))))
   manager.close()

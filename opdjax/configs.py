@@ -73,6 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sampling.temperature = 1.0
   c.sampling.top_k = 0
   c.sampling.top_p = 1.0
+  c.sampling.layout = "train"       # train | tensor | replicated: the student's layout while it samples
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 1e-3
@@ -93,6 +94,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.save_every = 50
   c.train.keep_checkpoints = 2
   c.train.tensorboard = True
+  c.train.async_checkpointing = "auto"  # auto (on for GPU/TPU) | on | off
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 50                 # 0 = no held-out evaluation
@@ -102,7 +104,12 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1,)              # -1: all remaining devices
-  c.mesh.axes = ("data",)           # data | fsdp | tensor
+  c.mesh.axes = ("fsdp",)           # data | fsdp | tensor; fsdp splits the batch and the weights
+  # Partition rules: (regex on a parameter path, one mesh axis or None per dimension); the
+  # first match wins. See opdjax.sharding; `--dry_run` prints where each parameter lands.
+  from opdjax.sharding import RULES
+  c.sharding = ml_collections.ConfigDict()
+  c.sharding.rules = RULES
   return c
 
 

@@ -15,6 +15,7 @@ from flax import nnx
 
 from opdjax import objectives as obj
 from opdjax.data import PromptSet, verify
+from opdjax.distributed import all_rows, global_batch, local_rows
 from opdjax.recipes.base import inputs_of, join, metric_pairs, sampled_token_values, targets_of
 from opdjax.sampling import Generation, SamplingParams, generate
 
@@ -26,7 +27,8 @@ def forward_hidden(graphdef, state, tokens, attention_mask):
 
 
 def decode_completions(tokenizer, gen: Generation) -> list[str]:
-  tokens, lengths = np.asarray(gen.tokens), np.asarray(gen.lengths)
+  """The completions of this process's rows (all rows on one process)."""
+  tokens, lengths = local_rows(gen.tokens), local_rows(gen.lengths)
   return [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(tokens, lengths)]
 
 
@@ -57,22 +59,38 @@ def _sequence_scores(student_graphdef, student_state, teacher_graphdef, teacher_
 
 def evaluate(student, prompts: PromptSet, tokenizer, *, key, max_new_tokens: int,
              teacher=None, temperature: float = 1.0, batch_size: int = 128,
-             chunk_size: int = 0) -> dict[str, float]:
+             chunk_size: int = 0, batch_sharding=None) -> dict[str, float]:
   """Greedy and sampled accuracy, lengths, truncation; with a teacher, KLs to it.
 
   `sequence_reverse_kl` is `E_{y~student}[Σ_t log p/q]` and `sequence_forward_kl`
   `E_{y~teacher}[Σ_t log q/p]` (Monte Carlo over the held-out prompts); the `token_*` KLs
   are full-vocabulary per-token values at the student's sampled prefixes. Rows go
   `batch_size` at a time; block i samples with `fold_in(key, i)`.
+
+  With a `batch_sharding` (a `NamedSharding` whose first dimension splits rows), each
+  block is laid out by it (its size rounded to a multiple of the devices it splits over);
+  on several processes each process feeds and verifies its share of a block's rows and the
+  means are taken over all of them, so every process returns the same numbers.
   """
   greedy_ok, sampled_ok, lengths, truncated, reverse, forward = [], [], [], [], [], []
   token_sums: dict[str, list] = {}
   sample = SamplingParams(temperature=temperature)
   models = (*nnx.split(student), *nnx.split(teacher)) if teacher is not None else ()
+  splits = 1
+  if batch_sharding is not None:
+    axes = batch_sharding.spec[0] if batch_sharding.spec else None
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    splits = int(np.prod([batch_sharding.mesh.shape[a] for a in axes]))
+  batch_size = max(splits, batch_size // splits * splits)
+  processes, me = jax.process_count(), jax.process_index()
   for block, start in enumerate(range(0, len(prompts.answers), batch_size)):
-    rows = slice(start, start + batch_size)
-    prompt_tokens = jnp.asarray(prompts.prompt_tokens[rows])
-    prompt_mask = jnp.asarray(prompts.prompt_mask[rows])
+    stop = min(start + batch_size, len(prompts.answers))
+    share = (stop - start) // processes
+    rows = slice(start + me * share, start + (me + 1) * share)   # this process's rows
+    local = dict(tokens=prompts.prompt_tokens[rows], mask=prompts.prompt_mask[rows])
+    placed = (jax.tree.map(jnp.asarray, local) if batch_sharding is None
+              else global_batch(local, batch_sharding))
+    prompt_tokens, prompt_mask = placed["tokens"], placed["mask"]
     answers = prompts.answers[rows]
     block_key = jax.random.fold_in(key, block)
     run = lambda model, params, k: generate(model, prompt_tokens, prompt_mask, key=k,
@@ -81,18 +99,21 @@ def evaluate(student, prompts: PromptSet, tokenizer, *, key, max_new_tokens: int
     sampled = run(student, sample, jax.random.fold_in(block_key, 1))
     greedy_ok += verified(tokenizer, greedy, answers)
     sampled_ok += verified(tokenizer, sampled, answers)
-    lengths += np.asarray(sampled.lengths).tolist()
-    truncated += np.asarray(sampled.truncated).tolist()
+    lengths += local_rows(sampled.lengths).tolist()
+    truncated += local_rows(sampled.truncated).tolist()
     if teacher is None:
       continue
     score = lambda gen: _sequence_scores(
         *models, join(prompt_tokens, prompt_mask, gen.tokens, gen.mask), chunk_size)
     per_row, token_metrics = score(sampled)
-    reverse += np.asarray(per_row).tolist()
+    reverse += local_rows(per_row).tolist()
     for name, (total, count) in token_metrics.items():
       token_sums.setdefault(name, []).append((float(total), float(count)))
     per_row_teacher, _ = score(run(teacher, sample, jax.random.fold_in(block_key, 2)))
-    forward += (-np.asarray(per_row_teacher)).tolist()
+    forward += (-local_rows(per_row_teacher)).tolist()
+  greedy_ok, sampled_ok, lengths, truncated, reverse, forward = (
+      all_rows(np.asarray(x, np.float64)) for x in (greedy_ok, sampled_ok, lengths, truncated,
+                                                     reverse, forward))
   results = {
       "accuracy_greedy": float(np.mean(greedy_ok)),
       "accuracy_sampled": float(np.mean(sampled_ok)),

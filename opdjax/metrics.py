@@ -33,25 +33,34 @@ class Accumulator:
 
 
 class Writer:
-  """Appends `{"step", "split", **scalars}` lines to `metrics.jsonl` and TensorBoard events."""
+  """Appends `{"step", "split", **scalars}` lines to `metrics.jsonl` and TensorBoard events.
 
-  def __init__(self, workdir: str | Path, *, tensorboard: bool = True):
-    self.workdir = Path(workdir)
-    self.workdir.mkdir(parents=True, exist_ok=True)
+  Only an `enabled` writer (process 0 of a multi-host run) touches files; the others keep
+  the same calls and write nothing. `workdir` may be an `etils.epath` path (`gs://...`)."""
+
+  def __init__(self, workdir, *, tensorboard: bool = True, enabled: bool = True):
+    from etils import epath
+    self.workdir = epath.Path(workdir)
     self.path = self.workdir / "metrics.jsonl"
+    self.enabled = enabled
     self._tb = None
+    if not enabled:
+      return
+    self.workdir.mkdir(parents=True, exist_ok=True)
     if tensorboard:
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
 
   def truncate_after(self, step: int) -> None:
     """Drops records past `step` (a resumed run redoes them)."""
-    if self.path.exists():
+    if self.enabled and self.path.exists():
       keep = [line for line in self.path.read_text().splitlines()
               if line.strip() and json.loads(line)["step"] <= step]
       self.path.write_text("".join(line + "\n" for line in keep))
 
   def write(self, step: int, split: str, scalars: Mapping[str, float]) -> None:
+    if not self.enabled:
+      return
     record = {"step": int(step), "split": split, **{k: float(v) for k, v in scalars.items()}}
     with self.path.open("a") as f:
       f.write(json.dumps(record) + "\n")
@@ -64,8 +73,9 @@ class Writer:
       self._tb.close()
 
 
-def read_history(path: str | Path) -> list[dict]:
-  path = Path(path)
+def read_history(path) -> list[dict]:
+  from etils import epath
+  path = epath.Path(path)
   if not path.exists():
     return []
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -106,10 +116,12 @@ def plot_curves(series: Mapping[str, list[dict]], keys: Iterable[str], path: str
   if title:
     fig.suptitle(title)
   fig.tight_layout()
-  path = Path(path)
-  fig.savefig(path, dpi=110)
+  from etils import epath
+  path = epath.Path(path)
+  with path.open("wb") as f:   # through epath, so a gs:// workdir works
+    fig.savefig(f, dpi=110, format="png")
   plt.close(fig)
-  return path
+  return path if "://" in str(path) else Path(str(path))
 
 
 def mean_and_std(values: Iterable[float]) -> tuple[float, float]:

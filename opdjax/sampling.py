@@ -21,7 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
+from opdjax.distributed import local_rows
 from opdjax.errors import ConfigError
 from opdjax.models.decoder import KVCache
 
@@ -176,21 +178,40 @@ def _repeat_rows(cache: KVCache, count: int, stacked: bool) -> KVCache:
                  valid=repeat(cache.valid, 0), index=cache.index)
 
 
+def _shard_rows(cache: KVCache, rows, stacked: bool, tensor: bool) -> KVCache:
+  """Pins the cache's batch dimension to the prompts' row sharding (and its KV heads to
+  "tensor" when the mesh has that axis and it divides them)."""
+  if rows is None:
+    return cache
+  mesh, row_axes = rows.mesh, rows.spec[0] if rows.spec else None
+  lead = (None,) if stacked else ()
+  heads = "tensor" if tensor else None
+  kv = NamedSharding(mesh, P(*lead, row_axes, None, heads, None))
+  constrain = lambda x, s: jax.lax.with_sharding_constraint(x, s)
+  return KVCache(keys=jax.tree.map(lambda k: constrain(k, kv), cache.keys),
+                 values=jax.tree.map(lambda v: constrain(v, kv), cache.values),
+                 valid=constrain(cache.valid, NamedSharding(mesh, P(row_axes, None))),
+                 index=cache.index)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "eos_ids", "steps",
-                                             "return_logits", "num_samples"))
+                                             "return_logits", "num_samples", "rows"))
 def _generate_jit(graphdef, state, prompt_tokens, prompt_mask, key, max_new_tokens, *,
                   sampling: SamplingParams, eos_ids: tuple[int, ...], steps: int,
-                  return_logits: bool, num_samples: int):
+                  return_logits: bool, num_samples: int, rows):
   model = nnx.merge(graphdef, state)
   batch, prompt_len = prompt_tokens.shape
   positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0).astype(jnp.int32)
-  cache = model.init_cache(batch, prompt_len + steps)
+  tensor = (rows is not None and rows.mesh.shape.get("tensor", 1) > 1
+            and model.config.num_kv_heads % rows.mesh.shape["tensor"] == 0)
+  pin = lambda c: _shard_rows(c, rows, model.scan_layers, tensor)
+  cache = pin(model.init_cache(batch, prompt_len + steps))
   last_real = prompt_len - 1 - jnp.argmax(prompt_mask[:, ::-1], axis=1)
   next_logits, cache = model.prefill(prompt_tokens, positions, cache, token_mask=prompt_mask,
                                      logits_at=last_real)
   next_position = jnp.sum(prompt_mask, axis=1).astype(jnp.int32)
   if num_samples > 1:  # one prefill per prompt, then num_samples decode rows each
-    cache = _repeat_rows(cache, num_samples, model.scan_layers)
+    cache = pin(_repeat_rows(cache, num_samples, model.scan_layers))
     next_logits = jnp.repeat(next_logits, num_samples, axis=0)
     next_position = jnp.repeat(next_position, num_samples, axis=0)
     batch *= num_samples
@@ -235,6 +256,15 @@ def _generate_jit(graphdef, state, prompt_tokens, prompt_mask, key, max_new_toke
   return buffers
 
 
+def _row_sharding(x):
+  """`x`'s sharding if it is a `NamedSharding` that splits rows, else None."""
+  sharding = getattr(x, "sharding", None)
+  if (isinstance(sharding, NamedSharding) and sharding.spec and sharding.spec[0] is not None
+      and not isinstance(x, jax.core.Tracer)):
+    return sharding
+  return None
+
+
 def generate(model, prompt_tokens, prompt_mask, *, key: jax.Array, max_new_tokens: int,
              sampling: SamplingParams = SamplingParams(), return_logits: bool = False,
              max_cache_length: int | None = None, num_samples: int = 1) -> Generation:
@@ -257,6 +287,7 @@ def generate(model, prompt_tokens, prompt_mask, *, key: jax.Array, max_new_token
   Returns:
     A `Generation`.
   """
+  rows = _row_sharding(prompt_tokens)   # the sampler keeps the prompts' row layout
   prompt_tokens = jnp.asarray(prompt_tokens)
   prompt_mask = jnp.asarray(prompt_mask).astype(bool)
   if prompt_tokens.ndim != 2 or not jnp.issubdtype(prompt_tokens.dtype, jnp.integer):
@@ -267,10 +298,12 @@ def generate(model, prompt_tokens, prompt_mask, *, key: jax.Array, max_new_token
   batch, prompt_len = prompt_tokens.shape
   if batch == 0 or prompt_len == 0:
     raise ValueError(f"empty prompt batch: prompt_tokens has shape {prompt_tokens.shape}")
-  if not isinstance(prompt_mask, jax.core.Tracer):
-    empty_rows = np.flatnonzero(~np.asarray(prompt_mask).any(axis=1))
+  if not isinstance(prompt_mask, jax.core.Tracer):   # this process's rows (all, on one)
+    empty_rows = np.flatnonzero(~local_rows(prompt_mask).any(axis=1))
     if empty_rows.size:
-      raise ValueError(f"prompt rows {empty_rows.tolist()} have no real tokens (all-False prompt_mask)")
+      where = f" of process {jax.process_index()}" if jax.process_count() > 1 else ""
+      raise ValueError(f"prompt rows {empty_rows.tolist()}{where} have no real tokens "
+                       "(all-False prompt_mask)")
   if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
   if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
@@ -291,7 +324,8 @@ def generate(model, prompt_tokens, prompt_mask, *, key: jax.Array, max_new_token
   graphdef, state = nnx.split(model)
   out = _generate_jit(graphdef, state, prompt_tokens.astype(jnp.int32), prompt_mask, key,
                       jnp.int32(max_new_tokens), sampling=sampling, eos_ids=tuple(eos_ids),
-                      steps=steps, return_logits=return_logits, num_samples=num_samples)
+                      steps=steps, return_logits=return_logits, num_samples=num_samples,
+                      rows=rows)
   out = {name: value[:, :max_new_tokens] for name, value in out.items()}
   lengths = jnp.sum(out["mask"], axis=1).astype(jnp.int32)
   last = jnp.take_along_axis(out["tokens"], jnp.maximum(lengths - 1, 0)[:, None], axis=1)[:, 0]

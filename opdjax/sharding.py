@@ -19,17 +19,64 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 # FSDP over the "fsdp" axis, tensor parallelism over "tensor" (Megatron layout: column-
 # parallel q/k/v/gate/up, row-parallel o/down, vocabulary-parallel embeddings and head).
-DEFAULT_RULES: tuple[tuple[str, P], ...] = (
-    (r"embed/embedding$", P("tensor", "fsdp")),
-    (r"lm_head/kernel$", P("fsdp", "tensor")),
-    (r"attn/(q|k|v)_proj/kernel$", P("fsdp", "tensor")),
-    (r"attn/(q|k|v)_proj/bias$", P("tensor")),
-    (r"attn/o_proj/kernel$", P("tensor", "fsdp")),
-    (r"mlp/(gate|up)_proj/kernel$", P("fsdp", "tensor")),
-    (r"mlp/(gate|up)_proj/bias$", P("tensor")),
-    (r"mlp/down_proj/kernel$", P("tensor", "fsdp")),
-    (r".*", P()),
+# Plain data, so that it is config (`config.sharding.rules`) and CLI-overridable.
+RULES: tuple[tuple[str, tuple], ...] = (
+    (r"embed/embedding$", ("tensor", "fsdp")),
+    (r"lm_head/kernel$", ("fsdp", "tensor")),
+    (r"attn/(q|k|v)_proj/kernel$", ("fsdp", "tensor")),
+    (r"attn/(q|k|v)_proj/bias$", ("tensor",)),
+    (r"attn/o_proj/kernel$", ("tensor", "fsdp")),
+    (r"mlp/(gate|up)_proj/kernel$", ("fsdp", "tensor")),
+    (r"mlp/(gate|up)_proj/bias$", ("tensor",)),
+    (r"mlp/down_proj/kernel$", ("tensor", "fsdp")),
+    (r".*", ()),
 )
+MESH_AXES = ("data", "fsdp", "tensor")
+# The student's layout while it samples (`sampling.layout`): "train" keeps the training
+# layout; "tensor" drops FSDP (weights whole on each fsdp shard, still split over
+# "tensor"), so a decode step does not all-gather every weight for every token;
+# "replicated" keeps a whole copy on each device.
+SAMPLING_LAYOUTS = ("train", "tensor", "replicated")
+
+
+def partition_rules(rules) -> tuple[tuple[str, P], ...]:
+  """Config rules `[(regex, (axis | None | (axes...), ...)), ...]` as `(regex, PartitionSpec)`;
+  a bad regex or an unknown axis name is an error that names it."""
+  out = []
+  for item in rules:
+    if len(item) != 2:
+      raise ValueError(f"a partition rule is (regex, spec), got {item!r}")
+    pattern, spec = item
+    try:
+      re.compile(pattern)
+    except re.error as e:
+      raise ValueError(f"partition rule {pattern!r} is not a valid regex: {e}") from None
+    spec = (spec,) if isinstance(spec, str) or spec is None else tuple(spec)
+    for axis in spec:
+      names = (axis,) if isinstance(axis, str) else tuple(axis or ())
+      unknown = [a for a in names if a not in MESH_AXES]
+      if unknown:
+        raise ValueError(f"partition rule {pattern!r}: unknown mesh axes {unknown}; valid: "
+                         f"{MESH_AXES}")
+    out.append((pattern, P(*spec)))
+  return tuple(out)
+
+
+def sampling_rules(rules, layout: str) -> tuple[tuple[str, P], ...]:
+  """The partition rules of a `sampling.layout`, derived from the training `rules`."""
+  if layout not in SAMPLING_LAYOUTS:
+    raise ValueError(f"sampling.layout must be one of {SAMPLING_LAYOUTS}, got {layout!r}")
+  if layout == "train":
+    return tuple(rules)
+  if layout == "replicated":
+    return ((r".*", P()),)
+  drop = lambda axis: (None if axis == "fsdp" else
+                       tuple(a for a in axis if a != "fsdp") or None
+                       if isinstance(axis, tuple) else axis)
+  return tuple((pattern, P(*(drop(a) for a in spec))) for pattern, spec in rules)
+
+
+DEFAULT_RULES = partition_rules(RULES)
 
 
 def make_mesh(shape: Sequence[int] = (-1,), axis_names: Sequence[str] = ("data",),

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import ml_collections
 
-from opdjax import trainer
+from opdjax import checkpoint, distributed, trainer
 
 
 def resolve_references(config: ml_collections.ConfigDict, workdirs: dict[str, Path]):
@@ -36,7 +36,7 @@ def run_stages(stages: ml_collections.ConfigDict, order, workdir: str | Path, *,
   Returns:
     `{stage name: RunResult}`.
   """
-  workdir = Path(workdir)
+  workdir = checkpoint.resolve(workdir)
   missing = [name for name in order if name not in stages]
   if missing:
     raise trainer.ConfigError(f"stage order names unknown stages {missing}; stages: {sorted(stages)}")
@@ -44,7 +44,7 @@ def run_stages(stages: ml_collections.ConfigDict, order, workdir: str | Path, *,
   for name in order:
     config = stages[name]
     config = resolve_references(ml_collections.ConfigDict(config.to_dict()), workdirs)
-    if not quiet:
+    if not quiet and distributed.is_main():
       print(f"== stage {name}: {config.recipe.name} for {config.train.steps} steps "
             f"-> {workdir / name}", flush=True)
     results[name] = trainer.run(config, workdir / name, quiet=quiet)

@@ -116,6 +116,13 @@ def parse_args(argv):
   parser.add_argument("--list", action="store_true", help="list the experiments and exit")
   parser.add_argument("--dry_run", action="store_true", help="print the resolved config and the memory plan, and exit")
   parser.add_argument("--debug", action="store_true", help="show tracebacks for config errors")
+  hosts = parser.add_argument_group(
+      "several processes", "as jax.distributed.initialize takes them (also from "
+      "$OPDJAX_COORDINATOR_ADDRESS, $OPDJAX_NUM_PROCESSES, $OPDJAX_PROCESS_ID); a TPU VM "
+      "slice or a SLURM job with several tasks needs none of them")
+  hosts.add_argument("--coordinator_address", default=None, help="HOST:PORT of process 0")
+  hosts.add_argument("--num_processes", type=int, default=None)
+  hosts.add_argument("--process_id", type=int, default=None)
   args, rest = parser.parse_known_args(argv)
   overrides = []
   for item in rest:
@@ -159,15 +166,20 @@ def main(argv=None) -> int:
     config = module.get_config(arg or None)
     for key, raw in overrides:
       apply_override(config, key, raw)
-    if args.dry_run:
+    from opdjax import distributed
+    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    if args.dry_run and distributed.is_main():
       print(config)
-    workdir = Path(args.workdir or Path("workdirs") / (name + (f"_{arg}" if arg else "")))
+    workdir = args.workdir or str(Path("workdirs") / (name + (f"_{arg}" if arg else "")))
     enable_compilation_cache()
     from opdjax import trainer  # heavy imports only when training
     try:
       if args.dry_run:
         if "recipe" in config:   # one run (a staged experiment plans each stage at its start)
-          trainer.check_memory(config, trainer.setup(config), quiet=False)
+          run_setup = trainer.setup(config)
+          if distributed.is_main():
+            print(trainer.format_layout(run_setup))
+          trainer.check_memory(config, run_setup, quiet=not distributed.is_main())
         return 0
       if hasattr(module, "main"):
         module.main(config, workdir)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 import time
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -22,9 +23,10 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from opdjax import checkpoint, memory, metrics, recipes, sharding
+from opdjax import checkpoint, distributed, memory, metrics, recipes, sharding
 from opdjax import objectives as obj
-from opdjax.data import PromptSet, batches, char_tokenizer, encode, load_jsonl, synthetic_records
+from opdjax.data import (PromptSet, PromptSource, batches, char_tokenizer, encode, load_jsonl,
+                         synthetic_records)
 from opdjax.errors import ConfigError
 from opdjax.evaluation import evaluate, forward_hidden, verified
 from opdjax.models import Decoder, ModelConfig, load_pretrained, load_tokenizer, read_config
@@ -44,6 +46,9 @@ MODEL_PRESETS = {
     "teacher-small": dict(hidden_size=128, intermediate_size=384, num_layers=3, num_heads=4,
                           num_kv_heads=2, head_dim=32),
 }
+
+
+ASYNC_CHECKPOINTING = ("auto", "on", "off")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -75,19 +80,28 @@ def build_tokenizer(config):
   return char_tokenizer()
 
 
-def build_data(config, tokenizer) -> tuple[PromptSet, PromptSet]:
+def build_data(config, tokenizer) -> tuple[PromptSource, PromptSet]:
+  """The training prompts (tokenised as they are read) and the held-out set (tokenised now).
+
+  Every process checks an interleaved 1/N of the training records at start-up, so a record
+  that does not fit stops the run before the first step, and no host tokenises them all."""
   task = config.task
   length = dict(prompt_length=task.prompt_length, answer_length=task.completion_length)
   if task.train_jsonl:
-    train = encode(load_jsonl(task.train_jsonl, tokenizer), tokenizer, source=task.train_jsonl, **length)
     eval_path = task.eval_jsonl or task.train_jsonl
+    train = PromptSource(load_jsonl(task.train_jsonl, tokenizer), tokenizer,
+                         source=task.train_jsonl, **length)
     held_out = encode(load_jsonl(eval_path, tokenizer)[:task.eval_size], tokenizer,
                       source=eval_path, **length)
-    return train, held_out
-  make = lambda size, held_out: synthetic_records(task.name, difficulty=task.difficulty, size=size,
-                                                  held_out=held_out, seed=task.seed)
-  return (encode(make(task.train_size, False), tokenizer, source=f"{task.name}/train", **length),
-          encode(make(task.eval_size, True), tokenizer, source=f"{task.name}/held_out", **length))
+  else:
+    make = lambda size, held_out: synthetic_records(task.name, difficulty=task.difficulty,
+                                                    size=size, held_out=held_out, seed=task.seed)
+    train = PromptSource(make(task.train_size, False), tokenizer, source=f"{task.name}/train",
+                         **length)
+    held_out = encode(make(task.eval_size, True), tokenizer, source=f"{task.name}/held_out",
+                      **length)
+  train.check(range(jax.process_index(), len(train), jax.process_count()))
+  return train, held_out
 
 
 def model_config_of(model_config, tokenizer) -> ModelConfig:
@@ -105,46 +119,64 @@ def model_config_of(model_config, tokenizer) -> ModelConfig:
                      max_position_embeddings=512, **MODEL_PRESETS[model_config.preset])
 
 
-def build_model(model_config, config_of: ModelConfig, *, seed: int, mesh):
+def build_model(model_config, config_of: ModelConfig, *, seed: int, mesh,
+                rules=sharding.DEFAULT_RULES):
   """A model on `mesh`: from a HF directory, an earlier run's checkpoint, or a fresh init.
 
   Parameters are stored in the section's `param_dtype` and computed in its `dtype`, with
   its layer layout (`scan_layers`, `remat`); a checkpoint saved in the other layer layout is
-  converted on restore."""
+  converted on restore. Parameters are laid out on `mesh` by the partition `rules`."""
   kwargs = _model_kwargs(model_config)
   if model_config.hf_path:
-    model, _ = load_pretrained(model_config.hf_path, mesh=mesh, with_tokenizer=False, **kwargs)
+    model, _ = load_pretrained(model_config.hf_path, mesh=mesh, rules=rules, with_tokenizer=False,
+                               **kwargs)
     return model
   source = model_config.get("checkpoint") or model_config.get("init_from")
   if source:  # restore straight into the shardings; no throw-away random init
     graphdef, abstract = nnx.split(abstract_model(config_of, **kwargs))
-    return nnx.merge(graphdef, restore_either_layout(source, abstract, mesh,
+    return nnx.merge(graphdef, restore_either_layout(source, abstract, mesh, rules,
                                                      scanned=kwargs["scan_layers"]))
   graphdef, state = nnx.split(Decoder(config_of, rngs=nnx.Rngs(seed), **kwargs))
-  return nnx.merge(graphdef, sharding.place_state(state, mesh))
+  return nnx.merge(graphdef, sharding.place_state(state, mesh, rules))
 
 
-def restore_either_layout(source, abstract, mesh, *, scanned: bool):
+def restore_either_layout(source, abstract, mesh, rules=sharding.DEFAULT_RULES, *,
+                          scanned: bool):
   """A run's parameters restored into `abstract`'s layer layout (`scanned` or per-layer),
   whichever of the two layouts the checkpoint was saved in."""
   try:
-    return checkpoint.restore_params(source, sharding.abstract_state(abstract, mesh))
+    return checkpoint.restore_params(source, sharding.abstract_state(abstract, mesh, rules))
   except (ValueError, KeyError):
     convert, back = (unstack_layers, stack_layers) if scanned else (stack_layers, unstack_layers)
     other = jax.eval_shape(convert, abstract)
-    restored = checkpoint.restore_params(source, sharding.abstract_state(other, mesh))
-    return sharding.place_state(back(restored), mesh)
+    restored = checkpoint.restore_params(source, sharding.abstract_state(other, mesh, rules))
+    return sharding.place_state(back(restored), mesh, rules)
 
 
 def build_mesh(config):
   shape, axes = tuple(config.mesh.shape), tuple(config.mesh.axes)
-  unknown = [a for a in axes if a not in ("data", "fsdp", "tensor")]
+  unknown = [a for a in axes if a not in sharding.MESH_AXES]
   if unknown:
-    raise ConfigError(f"mesh.axes {axes} has unknown names {unknown}; valid: data, fsdp, tensor")
+    raise ConfigError(f"mesh.axes {axes} has unknown names {unknown}; valid: "
+                      f"{', '.join(sharding.MESH_AXES)}")
   try:
-    return sharding.make_mesh(shape, axes)
+    mesh = sharding.make_mesh(shape, axes)
   except ValueError as e:
-    raise ConfigError(f"mesh: {e}") from None
+    raise ConfigError(f"mesh: {e} ({jax.process_count()} process(es) with "
+                      f"{jax.local_device_count()} device(s) each)") from None
+  if jax.process_count() > 1 and mesh.devices.size != jax.device_count():
+    raise ConfigError(f"mesh.shape={shape} uses {mesh.devices.size} of the {jax.device_count()} "
+                      f"devices of {jax.process_count()} process(es); a run uses all of them "
+                      "(use -1 for the remaining devices)")
+  return mesh
+
+
+def build_rules(config):
+  """The config's partition rules as `(regex, PartitionSpec)` pairs."""
+  try:
+    return sharding.partition_rules(config.sharding.rules)
+  except ValueError as e:
+    raise ConfigError(f"sharding.rules: {e}") from None
 
 
 def validate(config, recipe, mesh, student_cfg: ModelConfig, teacher_cfg: ModelConfig | None,
@@ -199,6 +231,16 @@ def validate(config, recipe, mesh, student_cfg: ModelConfig, teacher_cfg: ModelC
     raise ConfigError(f"train.microbatches={train.microbatches} would split a group of "
                       f"{recipe.group_size} samples: {rows} rows must divide into "
                       f"micro-batches of whole groups")
+  if sampler.get("layout", "train") not in sharding.SAMPLING_LAYOUTS:
+    raise ConfigError(f"sampling.layout must be one of {sharding.SAMPLING_LAYOUTS}, got "
+                      f"{sampler.layout!r}")
+  if train.get("async_checkpointing", "auto") not in ASYNC_CHECKPOINTING:
+    raise ConfigError(f"train.async_checkpointing must be one of {ASYNC_CHECKPOINTING}, got "
+                      f"{train.async_checkpointing!r}")
+  if rows % jax.process_count() or config.task.eval_size % jax.process_count():
+    raise ConfigError(f"train.batch_size={train.batch_size} ({rows} rows) and task.eval_size="
+                      f"{config.task.eval_size} must divide among the {jax.process_count()} "
+                      "processes")
   if train.loss_chunk_size < 0:
     raise ConfigError(f"train.loss_chunk_size must be >= 0 (0 = auto), got {train.loss_chunk_size}")
   if config.eval.batch_size < 1:
@@ -309,6 +351,7 @@ class Setup:
   recipe: recipes.Recipe
   tokenizer: object
   mesh: object
+  rules: tuple        # (regex, PartitionSpec) partition rules of every model
   sections: dict      # role -> config section of each model the run builds
   model_configs: dict  # role -> ModelConfig
 
@@ -318,6 +361,7 @@ def setup(config) -> Setup:
   recipe = recipes.build(config.recipe)
   tokenizer = build_tokenizer(config)
   mesh = build_mesh(config)
+  rules = build_rules(config)
   sections = {"student": config.student}
   if config.teacher.hf_path or config.teacher.checkpoint:
     sections["teacher"] = config.teacher
@@ -328,13 +372,33 @@ def setup(config) -> Setup:
   model_configs = {role: model_config_of(section, tokenizer) for role, section in sections.items()}
   validate(config, recipe, mesh, model_configs["student"], model_configs.get("teacher"),
            model_configs.get("reference"))
-  return Setup(recipe, tokenizer, mesh, sections, model_configs)
+  return Setup(recipe, tokenizer, mesh, rules, sections, model_configs)
 
 
 def _model_kwargs(section) -> dict:
   return dict(dtype=_dtype(section.dtype), param_dtype=_dtype(section.param_dtype),
               attention=section.attention, scan_layers=bool(section.get("scan_layers", False)),
               remat=section.get("remat", "none"))
+
+
+def format_layout(run_setup: Setup) -> str:
+  """The mesh, the partition rules and where each student parameter lands (`--dry_run`)."""
+  mesh, rules = run_setup.mesh, run_setup.rules
+  lines = [f"mesh {dict(mesh.shape)}: {mesh.devices.size} device(s), {jax.process_count()} "
+           f"process(es); batch rows split over {sharding.batch_sharding(mesh).spec[0]}",
+           "partition rules (first match wins):"]
+  lines += [f"  {pattern:34s} {spec}" for pattern, spec in rules]
+  _, state = nnx.split(abstract_model(run_setup.model_configs["student"],
+                                      **_model_kwargs(run_setup.sections["student"])))
+  placed = {}
+  for path, variable in nnx.to_flat_state(state):
+    name = sharding.path_string(path)
+    shape = variable.get_value().shape
+    spec = sharding.spec_for(name, shape, mesh, rules)
+    placed.setdefault(re.sub(r"layers/\d+/", "layers/*/", name), (shape, spec))
+  lines.append("student parameters (shape -> spec on this mesh):")
+  lines += [f"  {name:40s} {str(shape):18s} {spec}" for name, (shape, spec) in placed.items()]
+  return "\n".join(lines)
 
 
 class Plan(NamedTuple):
@@ -353,7 +417,7 @@ def memory_plan(config, run_setup: Setup) -> Plan:
       continue
     graphdef, state = nnx.split(abstract_model(run_setup.model_configs[role],
                                                **_model_kwargs(section)))
-    abstract[role] = (graphdef, sharding.abstract_state(state, mesh))
+    abstract[role] = (graphdef, sharding.abstract_state(state, mesh, run_setup.rules))
   graphdef, params = abstract["student"]
   tx = make_optimizer(config)
   opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -415,9 +479,10 @@ def check_memory(config, run_setup: Setup, *, quiet: bool) -> Plan:
 
 def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
   """Trains (or resumes, or returns a finished run from) `workdir`. See `opdjax/experiments/`."""
-  workdir = Path(workdir)
+  workdir = checkpoint.resolve(workdir)
   run_setup = setup(config)
-  recipe, tokenizer, mesh = run_setup.recipe, run_setup.tokenizer, run_setup.mesh
+  recipe, tokenizer, mesh, rules = run_setup.recipe, run_setup.tokenizer, run_setup.mesh, run_setup.rules
+  main_process = distributed.is_main()
   student_cfg = run_setup.model_configs["student"]
   teacher_cfg = run_setup.model_configs.get("teacher")
   has_teacher = teacher_cfg is not None
@@ -430,14 +495,16 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
   if config.train.memory_limit_gb < 0:
     raise ConfigError(f"train.memory_limit_gb must be >= 0 (0 = the device's own limit), got "
                       f"{config.train.memory_limit_gb}")
-  train_step = check_memory(config, run_setup, quiet=quiet).train_step
+  train_step = check_memory(config, run_setup, quiet=quiet or not main_process).train_step
 
-  student = build_model(config.student, student_cfg, seed=config.seed, mesh=mesh)
-  teacher = build_model(config.teacher, teacher_cfg, seed=config.seed + 1, mesh=mesh) if has_teacher else None
+  place = dict(mesh=mesh, rules=rules)
+  student = build_model(config.student, student_cfg, seed=config.seed, **place)
+  teacher = (build_model(config.teacher, teacher_cfg, seed=config.seed + 1, **place)
+             if has_teacher else None)
   frozen_models = {"teacher": teacher} if recipe.needs_teacher else {}
   if reference_cfg is not None:  # same seed: a fresh copy of the student's initial weights
     frozen_models["reference"] = build_model(reference_section, reference_cfg, seed=config.seed,
-                                             mesh=mesh)
+                                             **place)
   checkpoint.write_model_config(workdir, student.config)
   graphdef, params = nnx.split(student)
   tx = make_optimizer(config)
@@ -448,13 +515,17 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
     role_def, state = nnx.split(model)
     frozen_parts[role] = (role_def, state, head_kernel(role_def, state))
 
-  data = iter(batches(train_set, batch_size=config.train.batch_size, seed=config.seed))
-  ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
-  writer = metrics.Writer(workdir, tensorboard=config.train.tensorboard)
-  start = ckpt.latest_step() or 0
-  if start:
-    params, opt_state, meta = ckpt.restore(start, params, opt_state)
-    data.set_state(meta["data_state"])
+  data = iter(batches(train_set, batch_size=config.train.batch_size, seed=config.seed,
+                      process_index=jax.process_index(), process_count=jax.process_count()))
+  async_save = {"on": True, "off": False}.get(config.train.async_checkpointing,
+                                               jax.default_backend() != "cpu")
+  ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints, async_save=async_save)
+  writer = metrics.Writer(workdir, tensorboard=config.train.tensorboard, enabled=main_process)
+  start = 0
+  restored = ckpt.restore_latest(params, opt_state)
+  if restored:
+    start, params, opt_state, meta = restored
+    data.set_state(meta["data_state"])   # a position in the global stream: one for all processes
     writer.truncate_after(start)
   total = config.train.steps
   base_key = jax.random.key(config.seed)
@@ -463,36 +534,46 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
                             top_p=config.sampling.top_p)
   completion_length = config.task.completion_length
   put = lambda tree: jax.device_put(tree, batch_sharding)
+  to_global = lambda local: distributed.global_batch(local, batch_sharding)
+  # The student's layout while it samples (sampling.layout): resharded once per rollout.
+  sample_shardings = (None if config.sampling.layout == "train" else sharding.state_shardings(
+      params, mesh, sharding.sampling_rules(rules, config.sampling.layout)))
 
   def run_eval(step, params):
     results = evaluate(nnx.merge(graphdef, params), eval_set, tokenizer, key=eval_key,
                        max_new_tokens=completion_length, teacher=teacher,
                        temperature=config.eval.temperature, batch_size=config.eval.batch_size,
-                       chunk_size=config.train.loss_chunk_size)
+                       chunk_size=config.train.loss_chunk_size, batch_sharding=batch_sharding)
     writer.write(step, "eval", results)
     return results
 
   def rollout(step, key, batch, params):
+    """Completions for this step's prompts; `batch` is this process's rows of them."""
     source = recipe.source_at(config.seed, step)
-    rows = repeat_rows(batch, recipe.group_size)   # a group's G rows share their prompt
-    prompts, prompt_mask = jnp.asarray(rows["prompt_tokens"]), jnp.asarray(rows["prompt_mask"])
+    rows = to_global(repeat_rows(batch, recipe.group_size))   # a group's G rows share their prompt
+    prompts, prompt_mask = rows["prompt_tokens"], rows["prompt_mask"]
     if source == "dataset":
-      return join(prompts, prompt_mask, jnp.asarray(rows["answer_tokens"]), jnp.asarray(rows["answer_mask"]))
-    model = teacher if source == "teacher" else nnx.merge(graphdef, params)
-    gen = generate(model, jnp.asarray(batch["prompt_tokens"]), jnp.asarray(batch["prompt_mask"]),
-                   key=key, max_new_tokens=completion_length, sampling=sampling,
+      return join(prompts, prompt_mask, rows["answer_tokens"], rows["answer_mask"])
+    if source == "teacher":
+      model = teacher
+    else:
+      model = nnx.merge(graphdef, params if sample_shardings is None
+                        else jax.device_put(params, sample_shardings))
+    unique = to_global({k: batch[k] for k in ("prompt_tokens", "prompt_mask")})
+    gen = generate(model, unique["prompt_tokens"], unique["prompt_mask"], key=key,
+                   max_new_tokens=completion_length, sampling=sampling,
                    num_samples=recipe.group_size)   # one prefill per prompt
     rewards = None
-    if recipe.verifier_reward:
-      answers = [train_set.answers[i] for i in rows["index"]]
-      rewards = np.asarray(verified(tokenizer, gen, answers), np.float32)
+    if recipe.verifier_reward:   # each process verifies its own rows
+      answers = [train_set.answers[i] for i in repeat_rows(batch, recipe.group_size)["index"]]
+      rewards = to_global(np.asarray(verified(tokenizer, gen, answers), np.float32))
     return join(prompts, prompt_mask, gen.tokens, gen.mask, gen.sample_logprobs,
                 gen.model_logprobs, rewards)
 
   if start == 0 and config.eval.every and config.eval.at_start:
     run_eval(0, params)
   accumulator = metrics.Accumulator()
-  progress = tqdm(total=total, initial=start, desc=f"{recipe.name}", disable=quiet,
+  progress = tqdm(total=total, initial=start, desc=f"{recipe.name}", disable=quiet or not main_process,
                   dynamic_ncols=True, mininterval=0.5)
   last_eval = {}
   pending = []  # (step, on-device metrics) not yet read back: the host syncs only below
@@ -547,18 +628,19 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
       ckpt.save(done, params, opt_state, {"step": done, "data_state": data.get_state(),
                                           "seed": config.seed})
   progress.close()
-  ckpt.close()
+  ckpt.close()   # waits for an asynchronous save
   writer.close()
+  distributed.barrier("opdjax_run_end")   # process 0 has written everything
 
   history = metrics.read_history(writer.path)
   evals = [r for r in history if r["split"] == "eval"]
   final_eval = {k: v for k, v in evals[-1].items() if k not in ("step", "split")} if evals else {}
   plot = None
-  if evals:
+  if evals and main_process:
     keys = [k for k in ("accuracy_greedy", "sequence_reverse_kl", "token_reverse_kl") if k in evals[-1]]
     plot = metrics.plot_curves({recipe.name: history}, keys, workdir / "curves.png",
                                title=f"{recipe.name}: held-out metrics")
-  if not quiet and final_eval:
+  if not quiet and main_process and final_eval:
     print(metrics.format_table([{"metric": k, "value": v} for k, v in final_eval.items()],
                                ["metric", "value"]))
   return RunResult(workdir=workdir, history=history, final_eval=final_eval, plot=plot)

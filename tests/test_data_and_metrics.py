@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from opdjax import metrics
-from opdjax.data import batches, char_tokenizer, encode, load_jsonl, synthetic_records, verify
+from opdjax.data import (PromptSource, batches, char_tokenizer, encode, load_jsonl,
+                         synthetic_records, verify)
 from opdjax.data import tasks
 
 
@@ -90,6 +91,44 @@ def test_batches_are_deterministic_and_resumable():
   assert next(resumed)["index"].tolist() == first[7]
   with pytest.raises(ValueError, match="batch_size 64 is larger than the dataset"):
     batches(prompts, batch_size=64, seed=0)
+
+
+def test_process_shares_make_the_same_global_batches_and_tokenise_only_their_rows():
+  """Process p of N gets rows [p·B/N, (p+1)·B/N) of the global batch a single process gets,
+  and reads (tokenises) only those; the resumable state is one shared position."""
+  tok = char_tokenizer()
+  records = synthetic_records("addition", difficulty=2, size=40, held_out=False)
+  read = []
+
+  class Counting(PromptSource):
+    def __getitem__(self, index):
+      read.append(int(index))
+      return super().__getitem__(index)
+
+  make = lambda: Counting(records, tok, prompt_length=8, answer_length=5)
+  whole = batches(make(), batch_size=8, seed=3)
+  shares = [batches(make(), batch_size=8, seed=3, process_index=p, process_count=4)
+            for p in range(4)]
+  for step in range(6):   # random access: batch `step` alone, no read-ahead
+    want = whole[step]
+    for p, share in enumerate(shares):
+      read.clear()
+      got = share[step]
+      assert read == want["index"][2 * p:2 * p + 2].tolist()   # only its own rows
+      for name in want:
+        np.testing.assert_array_equal(got[name], want[name][2 * p:2 * p + 2])
+  single, shares = iter(whole), [iter(share) for share in shares]   # the iterators agree too
+  for _ in range(3):
+    first = next(single)
+    np.testing.assert_array_equal(np.concatenate([next(it)["index"] for it in shares]),
+                                  first["index"])
+  assert all(it.get_state() == single.get_state() for it in shares)
+  with pytest.raises(ValueError, match="not divisible by the 3 processes"):
+    batches(make(), batch_size=8, seed=0, process_index=0, process_count=3)
+  # A record that does not fit names its index when checked (every process checks 1/N).
+  with pytest.raises(ValueError, match=r"records\[1\]: prompt has"):
+    PromptSource([records[0], tasks.Problem("1" * 20, "1")], tok, prompt_length=8,
+                 answer_length=5).check(range(2))
 
 
 def test_accumulator_is_token_weighted():

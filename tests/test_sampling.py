@@ -247,3 +247,30 @@ def test_num_samples_shares_the_prefill_and_equals_repeated_prompts(model, scan_
   assert any(len({tuple(row) for row in group}) > 1 for group in groups)
   with pytest.raises(ValueError, match="num_samples must be an integer >= 1, got 0"):
     generate(model, tokens, mask, key=jax.random.key(0), max_new_tokens=2, num_samples=0)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_sharded_prompts_give_batch_sharded_outputs_equal_to_one_device(model, scan_layers):
+  """On a data x fsdp x tensor = (2, 2, 2) mesh with weights laid out by the partition rules,
+  the sampler keeps the prompts' row sharding (KV cache included) and samples exactly
+  what one device samples."""
+  from opdjax import sharding
+  from opdjax.models import stack_layers
+  mesh = sharding.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"))
+  graphdef, state = nnx.split(model)
+  if scan_layers:
+    graphdef, state = nnx.split(Decoder(model.config, rngs=nnx.Rngs(0), scan_layers=True))
+    state = stack_layers(nnx.state(model))
+  single = nnx.merge(graphdef, state)
+  placed = nnx.merge(graphdef, sharding.place_state(state, mesh))
+  tokens, mask = mixed_prompts()
+  tokens, mask = jnp.concatenate([tokens, tokens]), jnp.concatenate([mask, mask])   # 8 rows
+  rows = sharding.batch_sharding(mesh)
+  key = jax.random.key(3)
+  want = generate(single, tokens, mask, key=key, max_new_tokens=5, num_samples=2)
+  got = generate(placed, jax.device_put(tokens, rows), jax.device_put(mask, rows), key=key,
+                 max_new_tokens=5, num_samples=2)
+  for name in ("tokens", "sample_logprobs", "model_logprobs"):
+    out = getattr(got, name)
+    assert out.sharding.spec[0] == ("data", "fsdp"), (name, out.sharding)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(getattr(want, name)), atol=1e-5)

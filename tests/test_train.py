@@ -148,27 +148,63 @@ def test_memory_plan_counts_each_term_and_stops_over_the_limit(teacher_dir, mesh
     trainer.check_memory(config, run_setup, quiet=True)
 
 
-def test_sharded_equals_unsharded(teacher_dir, tmp_path):
+def test_three_axis_mesh_equals_one_device(teacher_dir, tmp_path):
+  """data x fsdp x tensor = (2, 2, 2): sampled OPD (the sampler runs on the sharded batch and
+  weights) and evaluation give the losses and parameters of one device."""
   def run(shape, axes, workdir):
-    config = tiny("supervised_kd", divergence="forward_kl")
+    config = tiny("opd", estimator="sampled")
     config.teacher.checkpoint = str(teacher_dir)
     config.train.steps = 3
     config.train.log_every = 1
     config.train.save_every = 3
-    config.eval.every = 0
+    config.eval.every = 3
     config.mesh.shape, config.mesh.axes = shape, axes
     result = trainer.run(config, workdir, quiet=True)
     model_config = checkpoint.read_model_config(workdir)
     abstract = nnx.state(Decoder(model_config, rngs=nnx.Rngs(0)))
     params = checkpoint.restore_params(workdir, abstract)
-    return [r["loss"] for r in result.history if r["split"] == "train"], params
+    return [r for r in result.history if "loss" in r or r["split"] == "eval"], params
 
-  losses_1, params_1 = run((1,), ("data",), tmp_path / "one")
-  losses_8, params_8 = run((4, 2), ("data", "fsdp"), tmp_path / "eight")
-  np.testing.assert_allclose(losses_8, losses_1, rtol=1e-5)
+  history_1, params_1 = run((1,), ("data",), tmp_path / "one")
+  history_8, params_8 = run((2, 2, 2), ("data", "fsdp", "tensor"), tmp_path / "eight")
+  for a, b in zip(history_1, history_8, strict=True):
+    for key in ("loss", "grad_norm", "accuracy_sampled", "sequence_reverse_kl"):
+      if key in a:
+        np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-6, err_msg=key)
   for (path, a), (_, b) in zip(nnx.to_flat_state(params_1), nnx.to_flat_state(params_8)):
     np.testing.assert_allclose(np.asarray(b.get_value()), np.asarray(a.get_value()), atol=1e-5,
                                err_msg=str(path))
+
+
+def test_torn_checkpoint_falls_back_to_the_previous_one(teacher_dir, tmp_path):
+  """A truncated file in the newest checkpoint: the run warns, deletes it, resumes from the
+  one before and ends with the parameters of the uninterrupted run."""
+  import shutil
+  workdir = tmp_path / "torn"
+  shutil.copytree(teacher_dir, workdir)
+  newest = workdir / "checkpoints" / "6"
+  data = max((p for p in (newest / "params").rglob("*") if p.is_file()),
+             key=lambda p: p.stat().st_size)
+  data.write_bytes(data.read_bytes()[:data.stat().st_size // 2])
+  config = tiny("sft")   # the teacher fixture's config
+  config.train.steps = 6
+  config.eval.every = 0
+  with pytest.warns(UserWarning, match=r"checkpoints/6 cannot be restored.*resuming from step 4"):
+    trainer.run(config, workdir, quiet=True)
+  abstract = nnx.state(Decoder(checkpoint.read_model_config(workdir), rngs=nnx.Rngs(0)))
+  want = checkpoint.restore_params(teacher_dir, abstract)
+  got = checkpoint.restore_params(workdir, abstract)
+  for (path, a), (_, b) in zip(nnx.to_flat_state(want), nnx.to_flat_state(got)):
+    np.testing.assert_array_equal(np.asarray(b.get_value()), np.asarray(a.get_value()),
+                                  err_msg=str(path))
+
+
+def test_workdir_uris_keep_their_scheme(tmp_path):
+  """`gs://...` stays a cloud path (not `$PWD/gs:/...`); a local one becomes absolute. (No
+  object store is reachable offline, so this checks the path, not a write to it.)"""
+  cloud = checkpoint.resolve("gs://bucket/runs/opd")
+  assert str(cloud) == "gs://bucket/runs/opd"
+  assert str(checkpoint.resolve("relative/run")) == str(Path("relative/run").absolute())
 
 
 def test_non_finite_loss_stops_without_overwriting(tmp_path):
@@ -287,6 +323,16 @@ def test_cli_runs_a_users_own_experiment_file(capsys, tmp_path):
     (("--exp", "teacher_sft", "--exp.recipe.name=opd", "--exp.recipe.estimator=sampled",
       "--exp.sampling.temperature=0.7"),
      "the sampled estimator is off-policy here (sampling.temperature=0.7)"),
+    (("--exp", "teacher_sft", "--num_processes", "2", "--process_id", "0"),
+     "missing: --coordinator_address"),
+    (("--exp", "teacher_sft", "--coordinator_address", "h:1", "--num_processes", "2",
+      "--process_id", "2"), "--process_id=2 must be in [0, --num_processes=2)"),
+    (("--exp", "teacher_sft", "--exp.sampling.layout=fsdp"),
+     "sampling.layout must be one of ('train', 'tensor', 'replicated'), got 'fsdp'"),
+    (("--exp", "teacher_sft", "--exp.train.async_checkpointing=yes"),
+     "train.async_checkpointing must be one of ('auto', 'on', 'off'), got 'yes'"),
+    (("--exp", "teacher_sft", "--exp.sharding.rules=(('embed', ('vocab',)),)"),
+     "sharding.rules: partition rule 'embed': unknown mesh axes ['vocab']"),
 ])
 def test_cli_errors_are_one_clear_line(capsys, tmp_path, argv, message):
   code, _, err = run_cli(capsys, *argv, "--workdir", str(tmp_path))

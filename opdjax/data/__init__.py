@@ -1,6 +1,7 @@
 """Prompt data: synthetic verifiable tasks, JSONL prompts, grain pipelines."""
 
 from opdjax.data.pipeline import PromptSet
+from opdjax.data.pipeline import PromptSource
 from opdjax.data.pipeline import Record
 from opdjax.data.pipeline import batches
 from opdjax.data.pipeline import encode

@@ -1,10 +1,11 @@
 """Prompt datasets: records -> fixed-shape token arrays -> a deterministic grain stream.
 
 A `PromptSet` holds, for N problems, left-padded prompts `[N, P]` and right-padded
-reference answers (EOS appended) `[N, A]`, with masks. `batches(...)` is a grain
-`MapDataset` (shuffled with a seed, repeated, batched); its iterator's `get_state()` is a
-small dict that the trainer stores in every checkpoint, so a resumed run sees exactly the
-batches an uninterrupted one would.
+reference answers (EOS appended) `[N, A]`, with masks; a `PromptSource` holds the records
+and tokenises a row when it is read. `batches(...)` is a grain `MapDataset` (shuffled with
+a seed, repeated, batched, and cut into one block of rows per process); its iterator's
+`get_state()` is a small dict that the trainer stores in every checkpoint, so a resumed
+run sees exactly the batches an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Sequence
 
 import grain
 import numpy as np
+from etils import epath
 
 from opdjax.data import tasks
 from opdjax.errors import ConfigError
@@ -46,33 +48,68 @@ class PromptSet:
                 index=np.int32(index))
 
 
+def _encode_one(record: Record, index: int, tokenizer, *, prompt_length: int,
+                answer_length: int, source: str) -> dict[str, np.ndarray]:
+  """One record as a left-padded prompt and a right-padded answer (EOS appended); an empty
+  or too-long prompt or answer raises with the record's index."""
+  eos = tokenizer.eos_token_id
+  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+  prompt = tokenizer(record.prompt, add_special_tokens=False)["input_ids"]
+  answer = tokenizer(record.answer, add_special_tokens=False)["input_ids"] + [eos]
+  if not prompt:
+    raise ConfigError(f"{source}[{index}]: empty prompt")
+  if len(prompt) > prompt_length:
+    raise ConfigError(f"{source}[{index}]: prompt has {len(prompt)} tokens, more than "
+                     f"prompt_length={prompt_length}")
+  if len(answer) > answer_length:
+    raise ConfigError(f"{source}[{index}]: answer has {len(answer)} tokens with EOS, more than "
+                     f"answer_length={answer_length}")
+  row = dict(prompt_tokens=np.full(prompt_length, pad, np.int32),
+             prompt_mask=np.zeros(prompt_length, bool),
+             answer_tokens=np.full(answer_length, pad, np.int32),
+             answer_mask=np.zeros(answer_length, bool), index=np.int32(index))
+  row["prompt_tokens"][prompt_length - len(prompt):] = prompt
+  row["prompt_mask"][prompt_length - len(prompt):] = True
+  row["answer_tokens"][:len(answer)] = answer
+  row["answer_mask"][:len(answer)] = True
+  return row
+
+
+class PromptSource:
+  """Records tokenised when read: a grain random-access source of `PromptSet`-like rows.
+
+  A process of a multi-host run reads (so tokenises) only the rows of its share of each
+  batch. `check(rows)` tokenises rows up front, so a bad record stops the run at start-up
+  instead of at the step that first draws it.
+  """
+
+  def __init__(self, records: Sequence[Record], tokenizer, *, prompt_length: int,
+               answer_length: int, source: str = "records"):
+    self.records = list(records)
+    self.answers = [r.answer for r in self.records]
+    self._encode = lambda i: _encode_one(self.records[i], i, tokenizer, source=source,
+                                         prompt_length=prompt_length, answer_length=answer_length)
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    return self._encode(int(index))
+
+  def check(self, rows: Sequence[int]) -> None:
+    for i in rows:
+      self._encode(i)
+
+
 def encode(records: Sequence[Record], tokenizer, *, prompt_length: int,
            answer_length: int, source: str = "records") -> PromptSet:
   """Tokenizes records into fixed shapes; too-long prompts or answers raise with the index."""
-  eos = tokenizer.eos_token_id
-  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-  n = len(records)
-  prompt_tokens = np.full((n, prompt_length), pad, np.int32)
-  prompt_mask = np.zeros((n, prompt_length), bool)
-  answer_tokens = np.full((n, answer_length), pad, np.int32)
-  answer_mask = np.zeros((n, answer_length), bool)
-  for i, record in enumerate(records):
-    prompt = tokenizer(record.prompt, add_special_tokens=False)["input_ids"]
-    answer = tokenizer(record.answer, add_special_tokens=False)["input_ids"] + [eos]
-    if not prompt:
-      raise ConfigError(f"{source}[{i}]: empty prompt")
-    if len(prompt) > prompt_length:
-      raise ConfigError(f"{source}[{i}]: prompt has {len(prompt)} tokens, more than "
-                       f"prompt_length={prompt_length}")
-    if len(answer) > answer_length:
-      raise ConfigError(f"{source}[{i}]: answer has {len(answer)} tokens with EOS, more than "
-                       f"answer_length={answer_length}")
-    prompt_tokens[i, prompt_length - len(prompt):] = prompt
-    prompt_mask[i, prompt_length - len(prompt):] = True
-    answer_tokens[i, :len(answer)] = answer
-    answer_mask[i, :len(answer)] = True
-  return PromptSet(prompt_tokens, prompt_mask, answer_tokens, answer_mask,
-                   [r.answer for r in records])
+  lazy = PromptSource(records, tokenizer, prompt_length=prompt_length,
+                      answer_length=answer_length, source=source)
+  rows = [lazy[i] for i in range(len(lazy))]
+  stack = lambda name: np.stack([row[name] for row in rows])
+  return PromptSet(stack("prompt_tokens"), stack("prompt_mask"), stack("answer_tokens"),
+                   stack("answer_mask"), lazy.answers)
 
 
 def synthetic_records(task: str, *, difficulty: int, size: int, held_out: bool,
@@ -87,7 +124,7 @@ def load_jsonl(path: str | Path, tokenizer=None) -> list[Record]:
   Chat messages are rendered with the tokenizer's chat template (generation prompt
   added). Errors name the file and line number.
   """
-  path = Path(path)
+  path = epath.Path(path)
   if not path.exists():
     raise FileNotFoundError(f"prompt file {path} does not exist")
   records = []
@@ -126,9 +163,26 @@ def load_jsonl(path: str | Path, tokenizer=None) -> list[Record]:
   return records
 
 
-def batches(prompts: PromptSet, *, batch_size: int, seed: int) -> grain.MapDataset:
-  """Shuffled (per epoch, by `seed`), repeated, batched stream of `PromptSet` rows."""
+def batches(prompts, *, batch_size: int, seed: int, process_index: int = 0,
+            process_count: int = 1) -> grain.MapDataset:
+  """This process's rows of a shuffled (per epoch, by `seed`), repeated, batched stream.
+
+  `prompts` is a `PromptSet` or a `PromptSource` (anything indexable by row). The global
+  batches are the same for every `process_count`: each is `batch_size` shuffled row
+  indices, and process p reads (tokenises) only its block of `batch_size / process_count`
+  of them, so a run's data does not depend on how many hosts it has. The iterator state
+  (`get_state()`) is a position in that global stream, the same on every process.
+  """
   if batch_size > len(prompts):
     raise ConfigError(f"batch_size {batch_size} is larger than the dataset ({len(prompts)} rows)")
-  return (grain.MapDataset.source(prompts).shuffle(seed=seed).repeat()
-          .batch(batch_size, drop_remainder=True))
+  if batch_size % process_count:
+    raise ConfigError(f"batch_size {batch_size} is not divisible by the {process_count} processes")
+  share = batch_size // process_count
+  mine = slice(process_index * share, (process_index + 1) * share)
+
+  def rows(indices):
+    items = [prompts[int(i)] for i in indices[mine]]
+    return {name: np.stack([item[name] for item in items]) for name in items[0]}
+
+  return (grain.MapDataset.range(len(prompts)).shuffle(seed=seed).repeat()
+          .batch(batch_size, drop_remainder=True).map(rows))

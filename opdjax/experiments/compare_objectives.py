@@ -37,12 +37,11 @@ its gains for larger students and longer runs; this experiment is the place to t
 """
 
 import json
-from pathlib import Path
 
 import ml_collections
 import numpy as np
 
-from opdjax import metrics
+from opdjax import checkpoint, distributed, metrics
 from opdjax.configs import distill_config, teacher_config, warmstart_config
 from opdjax.errors import ConfigError
 from opdjax.stages import run_stages
@@ -110,8 +109,10 @@ def _stages(config):
 
 
 def main(config, workdir):
-  workdir = Path(workdir)
+  workdir = checkpoint.resolve(workdir)
   results = run_stages(*_stages(config), workdir)
+  if not distributed.is_main():   # process 0 reports for everyone
+    return results
   rows, series, summary = [], {}, {}
   for name in config.methods.split(","):
     runs = [results[f"{name}_seed{seed}"] for seed in range(config.seeds)]

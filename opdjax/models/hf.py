@@ -20,12 +20,14 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 from safetensors import SafetensorError, safe_open
-from safetensors.flax import save_file
+from safetensors.numpy import save_file
 
 from opdjax import sharding as sharding_lib
+from opdjax.distributed import to_host
 from opdjax.errors import ConfigError
 from opdjax.models.config import ModelConfig
 from opdjax.models.decoder import Decoder, stack_layers, unstack_layers
@@ -220,14 +222,6 @@ def load_tokenizer(path: str | os.PathLike, config: ModelConfig | None = None):
 
 # ---------------------------------------------------------------- saving
 
-def _gathered(array: jax.Array) -> jax.Array:
-  """The whole array on this process (gathered across hosts when it is not addressable)."""
-  if isinstance(array, jax.Array) and not array.is_fully_addressable:
-    from jax.experimental import multihost_utils
-    array = multihost_utils.process_allgather(array, tiled=True)
-  return array
-
-
 def save_pretrained(model: Decoder, path: str | os.PathLike, *, tokenizer=None,
                     max_shard_bytes: int = 5 * 2**30) -> Path:
   """Writes `model` as a Hugging Face directory that `transformers` loads directly.
@@ -247,9 +241,9 @@ def save_pretrained(model: Decoder, path: str | os.PathLike, *, tokenizer=None,
     params = unstack_layers(params)
   for path_tuple, variable in nnx.to_flat_state(params):
     name, transposed = hf_name(sharding_lib.path_string(path_tuple))
-    array = _gathered(variable.get_value())
+    array = to_host(variable.get_value())   # host numpy, gathered across hosts if needed
     dtype = array.dtype
-    tensors[name] = jnp.asarray(array.T if transposed else array)
+    tensors[name] = np.ascontiguousarray(array.T if transposed else array)
   if jax.process_index() != 0:
     return directory
   directory.mkdir(parents=True, exist_ok=True)

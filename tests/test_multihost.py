@@ -1,0 +1,125 @@
+"""Several processes on one machine (gloo collectives over loopback).
+
+Two processes with 4 simulated CPU devices each must train exactly as one process with 8:
+the same losses and final parameters, for SFT and for OPD with the sampler (the two stages
+of `tests/experiments/two_stages.py`). Only process 0 writes the run's files, and a run whose
+processes are all killed after a checkpoint resumes to the parameters of an uninterrupted one.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from opdjax import checkpoint
+from opdjax.models import Decoder
+
+REPO = Path(__file__).resolve().parent.parent
+EXPERIMENT = REPO / "tests" / "experiments" / "two_stages.py"
+STAGES = ("sft", "opd")
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def launch(workdir: Path, processes: int, devices: int, cache: Path) -> list[subprocess.Popen]:
+  """`processes` CLI processes of the two-stage experiment, `devices` CPU devices each,
+  sharing the compilation cache `cache` (a rerun loads what the first run compiled)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", OPDJAX_COMPILATION_CACHE=str(cache),
+             OPDJAX_COMPILATION_CACHE_MIN_SECONDS="0",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  command = [sys.executable, "-m", "opdjax.train", "--exp", str(EXPERIMENT),
+             "--workdir", str(workdir)]
+  if processes == 1:
+    return [subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)]
+  address = f"127.0.0.1:{_free_port()}"
+  return [subprocess.Popen(command + ["--coordinator_address", address, "--num_processes",
+                                      str(processes), "--process_id", str(i)],
+                           cwd=REPO, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+          for i in range(processes)]
+
+
+def finish(procs, timeout=600) -> None:
+  outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+  for i, (p, out) in enumerate(zip(procs, outputs)):
+    assert p.returncode == 0, f"process {i} failed:\n{out[-3000:]}"
+
+
+def final_params(workdir: Path):
+  abstract = nnx.state(Decoder(checkpoint.read_model_config(workdir), rngs=nnx.Rngs(0)))
+  flat = nnx.to_flat_state(checkpoint.restore_params(workdir, abstract))
+  return {"/".join(map(str, path)): np.asarray(v.get_value()) for path, v in flat}
+
+
+def records(workdir: Path) -> list[dict]:
+  return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def check_equal(one: Path, two: Path, stage: str) -> None:
+  """Same logged values (to float32 rounding) and final parameters to 1e-5."""
+  a, b = records(one), records(two)
+  assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b]
+  for x, y in zip(a, b):
+    for key in x:
+      if key not in ("steps_per_s", "split"):
+        np.testing.assert_allclose(y[key], x[key], rtol=1e-5, atol=1e-6,
+                                   err_msg=f"{stage} step {x['step']} {key}")
+  pa, pb = final_params(one), final_params(two)
+  assert pa.keys() == pb.keys()
+  for name in pa:
+    np.testing.assert_allclose(pb[name], pa[name], atol=1e-5, err_msg=f"{stage} {name}")
+  if stage == "opd":   # the sampler ran: a sampled-token metric was logged
+    assert "sampled_log_ratio" in a[0]
+
+
+def check_written_once(workdir: Path, stage: str, *, runs: int = 1) -> None:
+  """Process 0 alone wrote: each metrics line once, one TensorBoard file per run."""
+  steps = [(r["step"], r["split"]) for r in records(workdir)]
+  assert len(steps) == len(set(steps)), f"{stage}: metrics.jsonl has lines from two processes"
+  assert len(list((workdir / "tensorboard").iterdir())) <= runs
+  assert (workdir / "model_config.json").exists()
+  assert (workdir / "curves.png").exists() == (stage == "opd")   # the stage that evaluates
+
+
+def test_two_processes_equal_one_and_resume_exactly_after_sigkill(tmp_path):
+  """One test (so one xdist worker pays for the runs): 1 x 8 devices and 2 x 4 devices run
+  together; then a 2 x 4 run is SIGKILLed once a checkpoint exists and rerun."""
+  cache = tmp_path / "xla"   # the reruns load what the first 2 x 4 run compiled
+  one = launch(tmp_path / "one", 1, 8, cache)
+  two = launch(tmp_path / "two", 2, 4, cache)
+  finish(one + two)
+  for stage in STAGES:
+    check_equal(tmp_path / "one" / stage, tmp_path / "two" / stage, stage)
+    check_written_once(tmp_path / "two" / stage, stage)
+
+  workdir = tmp_path / "killed"
+  procs = launch(workdir, 2, 4, cache)
+  deadline = time.time() + 600
+  saved = lambda: any(d.name.isdigit() for stage in STAGES
+                      for d in ((workdir / stage / "checkpoints").iterdir()
+                                if (workdir / stage / "checkpoints").exists() else ()))
+  while time.time() < deadline and all(p.poll() is None for p in procs) and not saved():
+    time.sleep(0.05)
+  for p in procs:
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+  assert saved() and not (workdir / "opd" / "checkpoints" / "4").exists(), \
+      "the run was not interrupted between its first checkpoint and its end"
+  finish(launch(workdir, 2, 4, cache))
+  for stage in STAGES:
+    want, got = final_params(tmp_path / "two" / stage), final_params(workdir / stage)
+    for name in want:
+      np.testing.assert_array_equal(got[name], want[name], err_msg=f"{stage} {name}")
+    check_written_once(workdir / stage, stage, runs=2)   # killed + resumed
