@@ -156,6 +156,7 @@ def main(argv=None):
         print(line, flush=True)
         if sink:
           sink.write(line + "\n")
+          sink.flush()   # a part killed by its time limit keeps what it measured
   if sink:
     sink.close()
 

@@ -39,12 +39,15 @@ import jax.numpy as jnp
 # tokens [C])` returning a dict of `[C]` arrays. It must not mix positions.
 TokenFn = Callable[[jax.Array, "jax.Array | None", jax.Array], dict]
 
-# Elements of one chunk's `[C, V]` logits when `chunk_size` is 0 ("auto"), by backend: 2**24
-# float32 values on accelerators (64 MiB per buffer; a divergence's chunk holds about eight),
-# 2**22 on CPUs, whose RAM is shared with everything else and whose matmuls need no tall
-# tiles (an OPD step at V = 151,936 and B·T = 4,208 compiles to 0.19 GB of temporaries
-# instead of 0.53 GB).
-AUTO_CHUNK_ELEMENTS = {"cpu": 1 << 22}
+# Elements of one chunk's `[C, V]` logits when `chunk_size` is 0 ("auto"), by backend.
+# GPU: 2**27 (about 880 tokens at V = 151,936). On an H100, a bfloat16 JSD step at
+# (B·T, H, V) = (8192, 2048, 151936) takes 251 / 118 / 92 / 82 / 78 ms with chunks of 110
+# (2**24 elements) / 512 / 1024 / 2048 / 4096 tokens and 1.4 / 1.9 / 4.3 / 8.3 / 11.9 GB of
+# temporaries (benchmarks/results/fused_loss_sweep_h100.jsonl; Liger: 67 ms): small chunks
+# starve the matmuls. CPU: 2**22, whose RAM is shared with everything else and whose
+# matmuls need no tall tiles (an OPD step at V = 151,936 and B·T = 4,208 compiles to
+# 0.19 GB of temporaries instead of 0.53 GB). TPU (unmeasured): 2**24.
+AUTO_CHUNK_ELEMENTS = {"cpu": 1 << 22, "gpu": 1 << 27}
 AUTO_CHUNK_ELEMENTS_DEFAULT = 1 << 24
 
 
