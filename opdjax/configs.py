@@ -42,6 +42,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.teacher.attention = "auto"
   c.teacher.scan_layers = False
 
+  # Several teachers, each example scored by the one it names (its JSONL "teacher" field, or
+  # the task name for synthetic tasks): name -> a section like `teacher` (`teacher_section`).
+  # When set, `teacher` itself stays unset.
+  c.teachers = ml_collections.ConfigDict()
+
   c.reference = ml_collections.ConfigDict()   # gopd: default the student's initial weights
   c.reference.preset = ""
   c.reference.hf_path = ""
@@ -113,10 +118,20 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def teacher_section(**settings) -> ml_collections.ConfigDict:
+  """A `teachers` entry: the default `teacher` section with `settings` applied, e.g.
+  `c.teachers.addition = teacher_section(checkpoint="workdirs/addition_teacher")`."""
+  section = ml_collections.ConfigDict(base_config().teacher.to_dict())
+  section.update(settings)
+  return section
+
+
 def float32(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Every model of `c` in float32 (the synthetic CPU experiments; bfloat16 is slow on CPUs)."""
   for role in ("student", "teacher", "reference"):
     c[role].dtype = c[role].param_dtype = "float32"
+  for section in c.teachers.values():
+    section.dtype = section.param_dtype = "float32"
   return c
 
 

@@ -80,13 +80,15 @@ def build_tokenizer(config):
   return char_tokenizer()
 
 
-def build_data(config, tokenizer) -> tuple[PromptSource, PromptSet]:
+def build_data(config, tokenizer, routes=None) -> tuple[PromptSource, PromptSet]:
   """The training prompts (tokenised as they are read) and the held-out set (tokenised now).
 
+  With `routes` (the routed teachers' names) every example must name one of them.
   Every process checks an interleaved 1/N of the training records at start-up, so a record
   that does not fit stops the run before the first step, and no host tokenises them all."""
   task = config.task
-  length = dict(prompt_length=task.prompt_length, answer_length=task.completion_length)
+  length = dict(prompt_length=task.prompt_length, answer_length=task.completion_length,
+                routes=routes)
   if task.train_jsonl:
     eval_path = task.eval_jsonl or task.train_jsonl
     train = PromptSource(load_jsonl(task.train_jsonl, tokenizer), tokenizer,
@@ -179,9 +181,11 @@ def build_rules(config):
     raise ConfigError(f"sharding.rules: {e}") from None
 
 
-def validate(config, recipe, mesh, student_cfg: ModelConfig, teacher_cfg: ModelConfig | None,
-             reference_cfg: ModelConfig | None = None):
+def validate(config, recipe, mesh, model_configs: dict[str, ModelConfig]):
+  """Every check that needs no parameters; `model_configs` maps each model role (`student`,
+  `teacher` or `teacher/NAME` per routed teacher, `reference`) to its `ModelConfig`."""
   train = config.train
+  student_cfg = model_configs["student"]
   sampler = config.sampling
   off_policy = [why for why, on in (
       (f"sampling.temperature={sampler.temperature}", sampler.temperature != 1.0),
@@ -201,11 +205,11 @@ def validate(config, recipe, mesh, student_cfg: ModelConfig, teacher_cfg: ModelC
       raise ConfigError(f"{role}.remat must be one of {tuple(REMAT_POLICIES)}, got "
                         f"{config[role].remat!r}")
   if recipe.needs_teacher or recipe.source == "teacher":
-    if teacher_cfg is None:
+    if not any(role.partition("/")[0] == "teacher" for role in model_configs):
       raise ConfigError(f"recipe {recipe.name!r} needs a teacher: set teacher.checkpoint "
-                        "(an earlier run's workdir) or teacher.hf_path")
-  for role, other in (("teacher", teacher_cfg), ("reference", reference_cfg)):
-    if other is not None and other.vocab_size != student_cfg.vocab_size:
+                        "(an earlier run's workdir) or teacher.hf_path, or teachers.NAME.*")
+  for role, other in model_configs.items():
+    if role != "student" and other.vocab_size != student_cfg.vocab_size:
       raise ConfigError(f"student and {role} vocabularies differ: student vocab_size="
                         f"{student_cfg.vocab_size}, {role} vocab_size={other.vocab_size}")
   data_devices = int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
@@ -338,6 +342,9 @@ def repeat_rows(batch: dict, group: int) -> dict:
   return batch if group == 1 else {k: np.repeat(v, group, axis=0) for k, v in batch.items()}
 
 
+route_hidden = jax.jit(obj.route_hidden)
+
+
 @jax.jit
 def all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
@@ -354,6 +361,7 @@ class Setup:
   rules: tuple        # (regex, PartitionSpec) partition rules of every model
   sections: dict      # role -> config section of each model the run builds
   model_configs: dict  # role -> ModelConfig
+  routes: tuple = ()   # routed teachers' names; row route k -> section teacher/routes[k]
 
 
 def setup(config) -> Setup:
@@ -363,16 +371,41 @@ def setup(config) -> Setup:
   mesh = build_mesh(config)
   rules = build_rules(config)
   sections = {"student": config.student}
+  routes = routes_of(config)
   if config.teacher.hf_path or config.teacher.checkpoint:
+    if routes:
+      raise ConfigError(f"set either teacher.* (one teacher) or teachers.* (routed: "
+                        f"{list(routes)}), not both")
     sections["teacher"] = config.teacher
+  if routes:
+    if not recipe.needs_teacher:
+      raise ConfigError(f"recipe {recipe.name!r} reads no teacher, so teachers {list(routes)} "
+                        "would be unused")
+    if recipe.source not in ("student", "dataset"):
+      raise ConfigError(f"routing between teachers needs a recipe whose completions come from "
+                        f"the student or the dataset; {recipe.name!r} samples from a teacher")
+    for name in routes:
+      sections[f"teacher/{name}"] = config.teachers[name]
   if "reference" in recipe.roles:
     # The reference (G-OPD) is the section's model, or else the student's initial weights.
     own = bool(config.reference.hf_path or config.reference.checkpoint)
     sections["reference"] = config.reference if own else config.student
   model_configs = {role: model_config_of(section, tokenizer) for role, section in sections.items()}
-  validate(config, recipe, mesh, model_configs["student"], model_configs.get("teacher"),
-           model_configs.get("reference"))
-  return Setup(recipe, tokenizer, mesh, rules, sections, model_configs)
+  validate(config, recipe, mesh, model_configs)
+  return Setup(recipe, tokenizer, mesh, rules, sections, model_configs, routes)
+
+
+def routes_of(config) -> tuple[str, ...]:
+  """The routed teachers' names (sorted: a row's route is an index into this), or ()."""
+  return tuple(sorted(config.get("teachers") or {}))
+
+
+def members(run_setup: "Setup", role: str) -> list[str]:
+  """The sections that make up a frozen role: the routed teachers for `teacher` when the
+  run routes, else the role itself."""
+  if role == "teacher" and run_setup.routes:
+    return [f"teacher/{name}" for name in run_setup.routes]
+  return [role]
 
 
 def _model_kwargs(section) -> dict:
@@ -401,6 +434,12 @@ def format_layout(run_setup: Setup) -> str:
   return "\n".join(lines)
 
 
+def routed_kernel_sharding(run_setup: Setup, width: int):
+  """The layout of routed teachers' stacked `[ΣD, V]` head: the partition rules' LM head."""
+  vocab = run_setup.model_configs["student"].vocab_size
+  return sharding.sharding_for("lm_head/kernel", (width, vocab), run_setup.mesh, run_setup.rules)
+
+
 class Plan(NamedTuple):
   terms: dict[str, int]   # per-device bytes of each part of a step
   train_step: Callable    # the compiled step; the run calls it (so it compiles once)
@@ -413,7 +452,7 @@ def memory_plan(config, run_setup: Setup) -> Plan:
   recipe, mesh = run_setup.recipe, run_setup.mesh
   abstract = {}
   for role, section in run_setup.sections.items():
-    if role != "student" and role not in recipe.roles:
+    if role != "student" and role.partition("/")[0] not in recipe.roles:
       continue
     graphdef, state = nnx.split(abstract_model(run_setup.model_configs[role],
                                                **_model_kwargs(section)))
@@ -437,14 +476,19 @@ def memory_plan(config, run_setup: Setup) -> Plan:
       rewards=spec((rows,), jnp.float32))
   frozen = {}
   for role in recipe.roles:
-    role_def, state = abstract[role]
-    terms[f"{role} parameters"] = memory.per_device_bytes(state)
-    head = head_kernel.lower(role_def, state).compile()
-    kernel = jax.eval_shape(functools.partial(head_kernel, role_def), state)
-    cfg = run_setup.model_configs[role]
-    frozen[role] = obj.Head(spec((rows, length - 1, cfg.hidden_size), _dtype(
-        run_setup.sections[role].dtype)), jax.ShapeDtypeStruct(
-            kernel.shape, kernel.dtype, sharding=head.output_shardings))
+    names = members(run_setup, role)
+    terms[f"{role} parameters"] = sum(memory.per_device_bytes(abstract[n][1]) for n in names)
+    widths = [run_setup.model_configs[n].hidden_size for n in names]
+    dtype = jnp.result_type(*[_dtype(run_setup.sections[n].dtype) for n in names])
+    kernels = [jax.eval_shape(functools.partial(head_kernel, abstract[n][0]), abstract[n][1])
+               for n in names]
+    if len(names) == 1:
+      kernel_sharding = head_kernel.lower(*abstract[role]).compile().output_shardings
+    else:
+      kernel_sharding = routed_kernel_sharding(run_setup, sum(widths))
+    frozen[role] = obj.Head(spec((rows, length - 1, sum(widths)), dtype), jax.ShapeDtypeStruct(
+        (sum(widths), kernels[0].shape[1]), jnp.result_type(*[k.dtype for k in kernels]),
+        sharding=kernel_sharding))
   if frozen:
     terms["frozen hidden states"] = memory.per_device_bytes([h.hidden for h in frozen.values()])
   sampled_rows = rows if recipe.source != "dataset" else 0
@@ -488,7 +532,7 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
   has_teacher = teacher_cfg is not None
   reference_cfg = run_setup.model_configs.get("reference")
   reference_section = run_setup.sections.get("reference")
-  train_set, eval_set = build_data(config, tokenizer)
+  train_set, eval_set = build_data(config, tokenizer, routes=run_setup.routes or None)
   if config.train.batch_size > len(train_set):
     raise ConfigError(f"train.batch_size={config.train.batch_size} exceeds the "
                       f"{len(train_set)} training prompts")
@@ -501,19 +545,30 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
   student = build_model(config.student, student_cfg, seed=config.seed, **place)
   teacher = (build_model(config.teacher, teacher_cfg, seed=config.seed + 1, **place)
              if has_teacher else None)
-  frozen_models = {"teacher": teacher} if recipe.needs_teacher else {}
-  if reference_cfg is not None:  # same seed: a fresh copy of the student's initial weights
-    frozen_models["reference"] = build_model(reference_section, reference_cfg, seed=config.seed,
-                                             **place)
+  frozen_models = {}   # section name -> the frozen model the step reads
+  for name in (n for role in recipe.roles for n in members(run_setup, role)):
+    if name == "teacher":
+      frozen_models[name] = teacher
+    elif name == "reference":   # same seed: a fresh copy of the student's initial weights
+      frozen_models[name] = build_model(reference_section, reference_cfg, seed=config.seed, **place)
+    else:                       # a routed teacher, teacher/NAME
+      frozen_models[name] = build_model(run_setup.sections[name], run_setup.model_configs[name],
+                                        seed=config.seed + 1, **place)
   checkpoint.write_model_config(workdir, student.config)
   graphdef, params = nnx.split(student)
   tx = make_optimizer(config)
   opt_state = sharding.init_optimizer(tx, params, mesh)
   batch_sharding = sharding.batch_sharding(mesh)
   frozen_parts = {}
-  for role, model in frozen_models.items():
-    role_def, state = nnx.split(model)
-    frozen_parts[role] = (role_def, state, head_kernel(role_def, state))
+  for name, model in frozen_models.items():
+    model_def, state = nnx.split(model)
+    frozen_parts[name] = (model_def, state, head_kernel(model_def, state))
+  routed_kernels = {   # routed teachers' heads stacked once: [ΣD, V] (objectives.route_hidden)
+      role: jax.device_put(jnp.concatenate([frozen_parts[n][2] for n in members(run_setup, role)]),
+                           routed_kernel_sharding(run_setup, sum(
+                               run_setup.model_configs[n].hidden_size
+                               for n in members(run_setup, role))))
+      for role in recipe.roles if len(members(run_setup, role)) > 1}
 
   data = iter(batches(train_set, batch_size=config.train.batch_size, seed=config.seed,
                       process_index=jax.process_index(), process_count=jax.process_count()))
@@ -546,6 +601,20 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
                        chunk_size=config.train.loss_chunk_size, batch_sharding=batch_sharding)
     writer.write(step, "eval", results)
     return results
+
+  def frozen_heads(tokens, mask, batch):
+    """`{role: Head}` of a rollout: each frozen model's `[B, T, H]` hidden states (never
+    `[B, T, V]`), laid out as the memory plan compiled the step; routed teachers as one."""
+    heads = {}
+    for role in recipe.roles:
+      names = members(run_setup, role)
+      hidden = [forward_hidden(*frozen_parts[n][:2], tokens, mask) for n in names]
+      if len(names) == 1:
+        heads[role] = obj.Head(put(hidden[0]), frozen_parts[names[0]][2])
+      else:
+        route = to_global(repeat_rows(batch, recipe.group_size)["route"])
+        heads[role] = obj.Head(put(route_hidden(hidden, route)), routed_kernels[role])
+    return heads or None
 
   def rollout(step, key, batch, params):
     """Completions for this step's prompts; `batch` is this process's rows of them."""
@@ -596,12 +665,9 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
   for step in range(start, total):
     key = jax.random.fold_in(base_key, step)
     if step % config.train.updates_per_rollout == 0 or seq is None:
-      seq = put(rollout(step, key, next(data), params))
-      # A reused rollout keeps each frozen model's [B, T, H], never [B, T, V].
-      tokens, mask = recipes.inputs_of(seq)
-      # (Laid out as the memory plan compiled the step, so the step is compiled once.)
-      frozen = {role: obj.Head(put(forward_hidden(g, state, tokens, mask)), kernel)
-                for role, (g, state, kernel) in frozen_parts.items()} or None
+      batch = next(data)
+      seq = put(rollout(step, key, batch, params))
+      frozen = frozen_heads(*recipes.inputs_of(seq), batch)   # kept while the rollout is reused
     params, opt_state, step_metrics = train_step(params, opt_state, seq, frozen)
     done = step + 1
     pending.append((done, step_metrics))

@@ -447,3 +447,54 @@ def test_no_recompilation_across_steps(teacher_dir, tmp_path, monkeypatch):
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
   assert at_step[1] > 0 and at_step[2] == at_step[5], at_step
+
+
+# ---------------------------------------------------------------- several teachers
+
+def test_teachers_score_each_row_by_the_teacher_it_names(tmp_path):
+  """Routing every row to "a" equals the single teacher a; a mix of a and b differs from
+  it (so b's rows are scored by b); a missing or unknown name and a teacher with another
+  vocabulary are one-line errors."""
+  from opdjax.data import char_tokenizer
+  tok = char_tokenizer()
+  for name, seed in (("a", 0), ("b", 1)):
+    model = Decoder(tiny_config("llama", vocab_size=len(tok), eos_token_ids=(tok.eos_token_id,)),
+                    rngs=nnx.Rngs(seed))
+    save_pretrained(model, tmp_path / name)
+  save_pretrained(Decoder(tiny_config("llama", vocab_size=40), rngs=nnx.Rngs(0)), tmp_path / "v40")
+  sums = [(a, b) for a in range(4) for b in range(4)]
+
+  def run(tag, names, *, single=None, b_path=tmp_path / "b"):
+    path = tmp_path / f"{tag}.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b),
+                                        **({"teacher": n} if n else {})}) + "\n"
+                            for (a, b), n in zip(sums, names)))
+    config = tiny("opd", estimator="full", divergence="reverse_kl")
+    config.task.train_jsonl = str(path)
+    config.train.steps = 2
+    config.eval.every = 0
+    if single:
+      config.teacher.hf_path = str(single)
+    else:
+      for name, where in (("a", tmp_path / "a"), ("b", b_path)):
+        config.teachers[name] = configs.teacher_section(hf_path=str(where), dtype="float32",
+                                                        param_dtype="float32")
+    trainer.run(config, tmp_path / tag, quiet=True)
+    abstract = nnx.state(Decoder(checkpoint.read_model_config(tmp_path / tag), rngs=nnx.Rngs(0)))
+    flat = nnx.to_flat_state(checkpoint.restore_params(tmp_path / tag, abstract))
+    return {str(p): np.asarray(v.get_value()) for p, v in flat}
+
+  single_a = run("single_a", [""] * 16, single=tmp_path / "a")
+  routed_a = run("routed_a", ["a"] * 16)
+  mixed = run("mixed", ["a", "b"] * 8)
+  for name in single_a:
+    np.testing.assert_allclose(routed_a[name], single_a[name], atol=1e-6, err_msg=name)
+  assert max(np.abs(mixed[n] - routed_a[n]).max() for n in mixed) > 1e-4
+  with pytest.raises(ConfigError, match=r"missing.jsonl\[3\]: no 'teacher' field; with several "
+                     r"teachers every example names one of \['a', 'b'\]"):
+    run("missing", ["a", "b", "a", ""] * 4)
+  with pytest.raises(ConfigError, match=r"unknown.jsonl\[1\]: teacher 'c' is not one of the "
+                     r"configured teachers \['a', 'b'\]"):
+    run("unknown", ["a", "c"] * 8)
+  with pytest.raises(ConfigError, match="student and teacher/b vocabularies differ"):
+    run("vocab", ["a", "b"] * 8, b_path=tmp_path / "v40")

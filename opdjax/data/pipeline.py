@@ -27,6 +27,7 @@ from opdjax.errors import ConfigError
 class Record:
   prompt: str
   answer: str
+  teacher: str = ""   # the teacher that scores this example, when a run routes between several
 
 
 @dataclasses.dataclass
@@ -38,6 +39,7 @@ class PromptSet:
   answer_tokens: np.ndarray   # [N, A] int32, right-padded, EOS after the answer
   answer_mask: np.ndarray     # [N, A] bool
   answers: list[str]          # the answer strings, for verification
+  route: np.ndarray | None = None   # [N] int32 teacher index of each row (several teachers)
 
   def __len__(self) -> int:
     return len(self.answers)
@@ -45,13 +47,31 @@ class PromptSet:
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     return dict(prompt_tokens=self.prompt_tokens[index], prompt_mask=self.prompt_mask[index],
                 answer_tokens=self.answer_tokens[index], answer_mask=self.answer_mask[index],
-                index=np.int32(index))
+                index=np.int32(index),
+                route=np.int32(0 if self.route is None else self.route[index]))
+
+
+def _route(record: Record, index: int, routes: Sequence[str] | None, source: str) -> int:
+  """The index in `routes` of the teacher `record` names (0 without routing)."""
+  if routes is None:
+    return 0
+  name = getattr(record, "teacher", "")
+  if not name:
+    raise ConfigError(f"{source}[{index}]: no 'teacher' field; with several teachers every "
+                      f"example names one of {list(routes)}")
+  if name not in routes:
+    raise ConfigError(f"{source}[{index}]: teacher {name!r} is not one of the configured "
+                      f"teachers {list(routes)}")
+  return routes.index(name)
 
 
 def _encode_one(record: Record, index: int, tokenizer, *, prompt_length: int,
-                answer_length: int, source: str) -> dict[str, np.ndarray]:
-  """One record as a left-padded prompt and a right-padded answer (EOS appended); an empty
-  or too-long prompt or answer raises with the record's index."""
+                answer_length: int, source: str,
+                routes: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+  """One record as a left-padded prompt and a right-padded answer (EOS appended), and the
+  index of its teacher in `routes`; an empty or too-long prompt or answer, or a missing or
+  unknown teacher name, raises with the record's index."""
+  route = _route(record, index, routes, source)
   eos = tokenizer.eos_token_id
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
   prompt = tokenizer(record.prompt, add_special_tokens=False)["input_ids"]
@@ -67,7 +87,8 @@ def _encode_one(record: Record, index: int, tokenizer, *, prompt_length: int,
   row = dict(prompt_tokens=np.full(prompt_length, pad, np.int32),
              prompt_mask=np.zeros(prompt_length, bool),
              answer_tokens=np.full(answer_length, pad, np.int32),
-             answer_mask=np.zeros(answer_length, bool), index=np.int32(index))
+             answer_mask=np.zeros(answer_length, bool), index=np.int32(index),
+             route=np.int32(route))
   row["prompt_tokens"][prompt_length - len(prompt):] = prompt
   row["prompt_mask"][prompt_length - len(prompt):] = True
   row["answer_tokens"][:len(answer)] = answer
@@ -84,11 +105,12 @@ class PromptSource:
   """
 
   def __init__(self, records: Sequence[Record], tokenizer, *, prompt_length: int,
-               answer_length: int, source: str = "records"):
+               answer_length: int, source: str = "records", routes: Sequence[str] | None = None):
     self.records = list(records)
     self.answers = [r.answer for r in self.records]
     self._encode = lambda i: _encode_one(self.records[i], i, tokenizer, source=source,
-                                         prompt_length=prompt_length, answer_length=answer_length)
+                                         prompt_length=prompt_length, answer_length=answer_length,
+                                         routes=routes)
 
   def __len__(self) -> int:
     return len(self.records)
@@ -102,24 +124,26 @@ class PromptSource:
 
 
 def encode(records: Sequence[Record], tokenizer, *, prompt_length: int,
-           answer_length: int, source: str = "records") -> PromptSet:
+           answer_length: int, source: str = "records",
+           routes: Sequence[str] | None = None) -> PromptSet:
   """Tokenizes records into fixed shapes; too-long prompts or answers raise with the index."""
   lazy = PromptSource(records, tokenizer, prompt_length=prompt_length,
-                      answer_length=answer_length, source=source)
+                      answer_length=answer_length, source=source, routes=routes)
   rows = [lazy[i] for i in range(len(lazy))]
   stack = lambda name: np.stack([row[name] for row in rows])
   return PromptSet(stack("prompt_tokens"), stack("prompt_mask"), stack("answer_tokens"),
-                   stack("answer_mask"), lazy.answers)
+                   stack("answer_mask"), lazy.answers, stack("route"))
 
 
 def synthetic_records(task: str, *, difficulty: int, size: int, held_out: bool,
                       seed: int = 0) -> list[Record]:
-  return [Record(p.prompt, p.answer) for p in
+  return [Record(p.prompt, p.answer, teacher=task) for p in
           tasks.split(task, difficulty=difficulty, size=size, held_out=held_out, seed=seed)]
 
 
 def load_jsonl(path: str | Path, tokenizer=None) -> list[Record]:
-  """Reads `{"prompt": str, "answer": str}` or `{"messages": [...], "answer": str}` lines.
+  """Reads `{"prompt": str, "answer": str}` or `{"messages": [...], "answer": str}` lines,
+  each optionally with `"teacher": str` (which of a run's `teachers` scores it).
 
   Chat messages are rendered with the tokenizer's chat template (generation prompt
   added). Errors name the file and line number.
@@ -157,7 +181,10 @@ def load_jsonl(path: str | Path, tokenizer=None) -> list[Record]:
         prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
       else:
         raise ConfigError(f"{where}: needs a 'prompt' or a 'messages' field, got keys {sorted(item)}")
-      records.append(Record(prompt, answer))
+      teacher = item.get("teacher", "")
+      if not isinstance(teacher, str):
+        raise ConfigError(f"{where}: 'teacher' must be a string, got {type(teacher).__name__}")
+      records.append(Record(prompt, answer, teacher))
   if not records:
     raise ConfigError(f"{path} holds no records")
   return records

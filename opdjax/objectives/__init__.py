@@ -23,6 +23,7 @@ from opdjax.objectives.estimators import policy_gradient_loss
 from opdjax.objectives.estimators import sampled_reverse_kl_loss
 from opdjax.objectives.estimators import token_log_probs
 from opdjax.objectives.fused import Head
+from opdjax.objectives.fused import route_hidden
 from opdjax.objectives.fused import token_values
 from opdjax.objectives.reductions import masked_sum
 from opdjax.objectives.reductions import sequence_mean

@@ -30,7 +30,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Sequence, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +61,31 @@ class Head(NamedTuple):
 
   hidden: jax.Array
   kernel: jax.Array
+
+
+def route_hidden(hiddens: Sequence[jax.Array], route: jax.Array) -> jax.Array:
+  """K frozen models' hidden states as one, for the kernel `concatenate(kernels, axis=0)`.
+
+  Row b keeps model `route[b]`'s states in that model's block of the feature axis and
+  zeros elsewhere, `h_b = [h⁰_b·1{r_b=0}, …, h^{K−1}_b·1{r_b=K−1}]`, so with
+  `W = [W⁰; …; W^{K−1}]` (`[ΣD_k, V]`) the logits are `h_b W = h^{r_b}_b W^{r_b}`: each row is
+  scored by its own model in one matmul (the other blocks add exact zeros), and every loss
+  that takes a `Head` takes routed teachers unchanged. The models may differ in width.
+
+  Args:
+    hiddens: K arrays `[B, T, D_k]`.
+    route: `[B]` int, the model of each row.
+
+  Returns:
+    `[B, T, ΣD_k]`, in the promoted dtype of `hiddens`.
+
+  >>> h = route_hidden([jnp.ones((2, 1, 1)), 2 * jnp.ones((2, 1, 2))], jnp.array([1, 0]))
+  >>> h[:, 0].tolist()
+  [[0.0, 2.0, 2.0], [1.0, 0.0, 0.0]]
+  """
+  dtype = jnp.result_type(*hiddens)
+  return jnp.concatenate([jnp.where((route == k)[:, None, None], h, 0).astype(dtype)
+                          for k, h in enumerate(hiddens)], axis=-1)
 
 
 def logits_of(hidden: jax.Array, kernel: jax.Array) -> jax.Array:

@@ -279,3 +279,16 @@ def test_bfloat16_hidden_states_get_bfloat16_gradients():
     for g, r in zip(grads, reference):
       assert g.dtype == jnp.bfloat16
       np.testing.assert_allclose(np.asarray(g, np.float32), r, rtol=0.05, atol=2e-3)
+
+
+def test_routed_hidden_states_score_each_row_with_its_own_head():
+  """`route_hidden` + the stacked kernels give row b the logits of model route[b], for
+  models of different widths, and the fused loss takes them as one teacher."""
+  keys = jax.random.split(jax.random.key(7), 4)
+  h0, h1 = jax.random.normal(keys[0], (4, 3, 5)), jax.random.normal(keys[1], (4, 3, 7))
+  w0, w1 = jax.random.normal(keys[2], (5, 11)), jax.random.normal(keys[3], (7, 11))
+  route = jnp.array([1, 0, 0, 1])
+  logits = obj.route_hidden([h0, h1], route) @ jnp.concatenate([w0, w1])
+  own = jnp.where((route == 0)[:, None, None], h0 @ w0, h1 @ w1)
+  np.testing.assert_allclose(logits, own, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(logits, jnp.where((route == 1)[:, None, None], h0 @ w0, h1 @ w1))
