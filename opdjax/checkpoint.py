@@ -58,30 +58,36 @@ class Checkpointer:
     """The newest step, the same on every process (or an error saying they differ)."""
     return distributed.same_on_every_process(self.manager.latest_step(), "the latest checkpoint")
 
-  def save(self, step: int, params, opt_state, meta: dict[str, Any]) -> None:
-    """Saves; with `async_save` returns once the arrays are copied to host memory."""
+  def save(self, step: int, params, opt_state, meta: dict[str, Any], extra=None) -> None:
+    """Saves; with `async_save` returns once the arrays are copied to host memory. `extra`
+    is `{name: tree}` of state a recipe keeps besides the parameters (an EMA teacher)."""
+    items = {name: ocp.args.StandardSave(tree) for name, tree in (extra or {}).items()}
     self.manager.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
-        meta=ocp.args.JsonSave(meta)), force=True)
+        meta=ocp.args.JsonSave(meta), **items), force=True)
     if not self.async_save:
       self.manager.wait_until_finished()
 
-  def restore(self, step: int, params, opt_state):
-    """Restores into the structure and shardings of the given (freshly built) trees."""
+  def restore(self, step: int, params, opt_state, extra=None):
+    """Restores into the structure and shardings of the given (freshly built) trees:
+    `(params, opt_state, meta, extra)`."""
+    extra = extra or {}
     restored = self.manager.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(abstract_like(params)),
         opt_state=ocp.args.StandardRestore(abstract_like(opt_state)),
-        meta=ocp.args.JsonRestore()))
-    return restored["params"], restored["opt_state"], restored["meta"]
+        meta=ocp.args.JsonRestore(),
+        **{name: ocp.args.StandardRestore(abstract_like(tree)) for name, tree in extra.items()}))
+    return (restored["params"], restored["opt_state"], restored["meta"],
+            {name: restored[name] for name in extra})
 
-  def restore_latest(self, params, opt_state):
-    """`(step, params, opt_state, meta)` of the newest checkpoint that restores, or None if
-    there is none. A newer one that fails to restore is reported and deleted."""
+  def restore_latest(self, params, opt_state, extra=None):
+    """`(step, params, opt_state, meta, extra)` of the newest checkpoint that restores, or
+    None if there is none. A newer one that fails to restore is reported and deleted."""
     steps = sorted(self.manager.all_steps(), reverse=True)
     distributed.same_on_every_process(len(steps), "the number of checkpoints")
     for step in steps:
       try:
-        return (step, *self.restore(step, params, opt_state))
+        return (step, *self.restore(step, params, opt_state, extra))
       except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: fall back
         older = [s for s in steps if s < step]
         if not older:

@@ -57,7 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.reference.scan_layers = False
 
   c.recipe = ml_collections.ConfigDict()
-  c.recipe.name = "opd"             # sft | seqkd | supervised_kd | gkd | opd | gopd | grpo
+  c.recipe.name = "opd"             # sft | seqkd | supervised_kd | gkd | opd | gopd | grpo | self_distill
   c.recipe.estimator = "full"       # opd: full | topk | sampled; gopd: sampled | full
   c.recipe.divergence = "reverse_kl"
   c.recipe.divergence_kwargs = ml_collections.ConfigDict()
@@ -73,6 +73,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.recipe.normalize_std = True     # grpo: divide by the group's std (False = Dr. GRPO)
   c.recipe.opd_weight = 0.0         # grpo: weight of the teacher's dense OPD advantage
   c.recipe.loss_mean = "token"      # grpo: token | sequence (average each completion first)
+  c.recipe.teacher_mode = "frozen"  # self_distill: frozen | current | ema | trust_region
+  c.recipe.privileged = "answer {answer}; {prompt}"   # self_distill: the teacher's prompt
+  c.recipe.privileged_length = 0    # self_distill: its tokens; 0 = prompt + completion length + 32
+  c.recipe.ema_rate = 0.05          # self_distill (ema): θ' ← θ' + r·(θ − θ')
+  c.recipe.trust_region_alpha = 0.5 # self_distill (trust_region): weight of the current weights
 
   c.sampling = ml_collections.ConfigDict()
   c.sampling.temperature = 1.0

@@ -34,6 +34,7 @@ from opdjax.models.decoder import (ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES, st
                                    unstack_layers)
 from opdjax.models.hf import abstract_model
 from opdjax.recipes.base import batch_loss, frozen_argument, join
+from opdjax.recipes.self_distill import ema_update
 from opdjax.sampling import SamplingParams, generate
 
 # Model shapes for the synthetic experiments (vocabulary and special ids come from the
@@ -80,10 +81,13 @@ def build_tokenizer(config):
   return char_tokenizer()
 
 
-def build_data(config, tokenizer, routes=None) -> tuple[PromptSource, PromptSet]:
+def build_data(config, tokenizer, routes=None,
+               privileged=None) -> tuple[PromptSource, PromptSet]:
   """The training prompts (tokenised as they are read) and the held-out set (tokenised now).
 
-  With `routes` (the routed teachers' names) every example must name one of them.
+  With `routes` (the routed teachers' names) every example must name one of them; with
+  `privileged=(template, length)` the training rows carry the self-distillation teacher's
+  prompt.
   Every process checks an interleaved 1/N of the training records at start-up, so a record
   that does not fit stops the run before the first step, and no host tokenises them all."""
   task = config.task
@@ -92,14 +96,14 @@ def build_data(config, tokenizer, routes=None) -> tuple[PromptSource, PromptSet]
   if task.train_jsonl:
     eval_path = task.eval_jsonl or task.train_jsonl
     train = PromptSource(load_jsonl(task.train_jsonl, tokenizer), tokenizer,
-                         source=task.train_jsonl, **length)
+                         source=task.train_jsonl, privileged=privileged, **length)
     held_out = encode(load_jsonl(eval_path, tokenizer)[:task.eval_size], tokenizer,
                       source=eval_path, **length)
   else:
     make = lambda size, held_out: synthetic_records(task.name, difficulty=task.difficulty,
                                                     size=size, held_out=held_out, seed=task.seed)
     train = PromptSource(make(task.train_size, False), tokenizer, source=f"{task.name}/train",
-                         **length)
+                         privileged=privileged, **length)
     held_out = encode(make(task.eval_size, True), tokenizer, source=f"{task.name}/held_out",
                       **length)
   train.check(range(jax.process_index(), len(train), jax.process_count()))
@@ -253,6 +257,12 @@ def validate(config, recipe, mesh, model_configs: dict[str, ModelConfig]):
     raise ConfigError(f"train.save_every={train.save_every} must be a multiple of "
                       f"train.updates_per_rollout={train.updates_per_rollout} (a checkpoint "
                       "must not fall in the middle of a reused rollout)")
+  if recipe.self_teacher:
+    length = privileged_length(config)
+    if length < 1 or length + config.task.completion_length > student_cfg.max_position_embeddings:
+      raise ConfigError(f"recipe.privileged_length={length} must be >= 1 and, with "
+                        f"task.completion_length, fit the student's max_position_embeddings="
+                        f"{student_cfg.max_position_embeddings}")
   if config.task.prompt_length + config.task.completion_length > student_cfg.max_position_embeddings:
     raise ConfigError(f"task.prompt_length + task.completion_length exceeds the student's "
                       f"max_position_embeddings={student_cfg.max_position_embeddings}")
@@ -345,6 +355,35 @@ def repeat_rows(batch: dict, group: int) -> dict:
 route_hidden = jax.jit(obj.route_hidden)
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "prompt_length", "completion_length"))
+def privileged_hidden(graphdef, state, privileged: recipes.Sequences, *, prompt_length: int,
+                      completion_length: int):
+  """A self-distillation teacher's hidden states on `privileged` (its own prompt of P'
+  tokens, then the student's N completion tokens), moved to the student's positions: the
+  student's row is `[0]·(P−1) ++ h[P'−1:]`, so position P−1+j predicts completion token j
+  in both layouts (prompt positions carry no loss)."""
+  tokens, mask = recipes.inputs_of(privileged)
+  hidden = nnx.merge(graphdef, state).hidden_states(tokens, attention_mask=mask)
+  completion = hidden[:, -completion_length:]   # = h[P'−1:], the N completion-predicting slots
+  pad = jnp.zeros((hidden.shape[0], prompt_length - 1, hidden.shape[2]), hidden.dtype)
+  return jnp.concatenate([pad, completion], axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def drift_kl(graphdef, teacher_state, current_state, privileged: recipes.Sequences):
+  """`(Σ, count)` over completion tokens of `KL(q_θ'(·|x⊕c, y<t) ‖ π_θ(·|x⊕c, y<t))`: how far
+  the teacher's weights have moved from the student's, seen with the privileged context."""
+  tokens, mask = recipes.inputs_of(privileged)
+  targets = recipes.targets_of(privileged)
+  heads = []
+  for state in (teacher_state, current_state):
+    model = nnx.merge(graphdef, state)
+    heads.append(obj.Head(model.hidden_states(tokens, attention_mask=mask), model.head_kernel()))
+  values = obj.token_values(lambda t, c, _: {"kl": obj.reverse_kl(t, c)}, heads[0],
+                            targets.tokens, teacher=heads[1])
+  return recipes.base.pair(values["kl"], targets.mask)
+
+
 @jax.jit
 def all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
@@ -390,9 +429,22 @@ def setup(config) -> Setup:
     # The reference (G-OPD) is the section's model, or else the student's initial weights.
     own = bool(config.reference.hf_path or config.reference.checkpoint)
     sections["reference"] = config.reference if own else config.student
+  if recipe.self_teacher:   # the frozen roles are the student's own weights
+    if config.teacher.hf_path or config.teacher.checkpoint or routes:
+      raise ConfigError(f"recipe {recipe.name!r} is its own teacher (recipe.teacher_mode); "
+                        "unset teacher.* and teachers.*")
+    for role, _ in recipe.self_teacher.weights:
+      sections[role] = config.student
   model_configs = {role: model_config_of(section, tokenizer) for role, section in sections.items()}
   validate(config, recipe, mesh, model_configs)
   return Setup(recipe, tokenizer, mesh, rules, sections, model_configs, routes)
+
+
+def privileged_length(config) -> int:
+  """Tokens of the self-distillation teacher's prompt (0 in the config: the prompt, the
+  answer (at most `completion_length`) and 32 for the template)."""
+  return int(config.recipe.get("privileged_length", 0) or
+             config.task.prompt_length + config.task.completion_length + 32)
 
 
 def routes_of(config) -> tuple[str, ...]:
@@ -532,7 +584,10 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
   has_teacher = teacher_cfg is not None
   reference_cfg = run_setup.model_configs.get("reference")
   reference_section = run_setup.sections.get("reference")
-  train_set, eval_set = build_data(config, tokenizer, routes=run_setup.routes or None)
+  self_teacher = recipe.self_teacher
+  train_set, eval_set = build_data(
+      config, tokenizer, routes=run_setup.routes or None,
+      privileged=(self_teacher.privileged, privileged_length(config)) if self_teacher else None)
   if config.train.batch_size > len(train_set):
     raise ConfigError(f"train.batch_size={config.train.batch_size} exceeds the "
                       f"{len(train_set)} training prompts")
@@ -547,7 +602,10 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
              if has_teacher else None)
   frozen_models = {}   # section name -> the frozen model the step reads
   for name in (n for role in recipe.roles for n in members(run_setup, role)):
-    if name == "teacher":
+    if self_teacher:    # the student's initial weights (also an EMA's start); none for current
+      if self_teacher.kind(name) != "current":
+        frozen_models[name] = build_model(config.student, student_cfg, seed=config.seed, **place)
+    elif name == "teacher":
       frozen_models[name] = teacher
     elif name == "reference":   # same seed: a fresh copy of the student's initial weights
       frozen_models[name] = build_model(reference_section, reference_cfg, seed=config.seed, **place)
@@ -563,6 +621,11 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
   for name, model in frozen_models.items():
     model_def, state = nnx.split(model)
     frozen_parts[name] = (model_def, state, head_kernel(model_def, state))
+  # An EMA teacher's weights: updated after every step, saved with the checkpoint.
+  ema_role = next((r for r, kind in self_teacher.weights if kind == "ema"), None) if self_teacher else None
+  extra = {"ema": frozen_parts[ema_role][1]} if ema_role else {}
+  ema_step = (jax.jit(functools.partial(ema_update, rate=self_teacher.ema_rate), donate_argnums=0)
+              if ema_role else None)
   routed_kernels = {   # routed teachers' heads stacked once: [ΣD, V] (objectives.route_hidden)
       role: jax.device_put(jnp.concatenate([frozen_parts[n][2] for n in members(run_setup, role)]),
                            routed_kernel_sharding(run_setup, sum(
@@ -577,9 +640,9 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
   ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints, async_save=async_save)
   writer = metrics.Writer(workdir, tensorboard=config.train.tensorboard, enabled=main_process)
   start = 0
-  restored = ckpt.restore_latest(params, opt_state)
+  restored = ckpt.restore_latest(params, opt_state, extra)
   if restored:
-    start, params, opt_state, meta = restored
+    start, params, opt_state, meta, extra = restored
     data.set_state(meta["data_state"])   # a position in the global stream: one for all processes
     writer.truncate_after(start)
   total = config.train.steps
@@ -587,7 +650,7 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
   eval_key = jax.random.key(config.seed + 1_000_003)
   sampling = SamplingParams(temperature=config.sampling.temperature, top_k=config.sampling.top_k,
                             top_p=config.sampling.top_p)
-  completion_length = config.task.completion_length
+  completion_length, prompt_length = config.task.completion_length, config.task.prompt_length
   put = lambda tree: jax.device_put(tree, batch_sharding)
   to_global = lambda local: distributed.global_batch(local, batch_sharding)
   # The student's layout while it samples (sampling.layout): resharded once per rollout.
@@ -615,6 +678,28 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
         route = to_global(repeat_rows(batch, recipe.group_size)["route"])
         heads[role] = obj.Head(put(route_hidden(hidden, route)), routed_kernels[role])
     return heads or None
+
+  def self_teacher_weights(role, params, extra):
+    kind = self_teacher.kind(role)
+    return (params if kind == "current" else extra["ema"] if kind == "ema"
+            else frozen_parts[role][1])
+
+  def self_teacher_heads(batch, params, extra, seq):
+    """Self-distillation: each role is the student's graph with its weights (initial,
+    current or EMA) reading the privileged prompt + the student's completion, its hidden
+    states moved to the student's completion positions. Also the drift metric."""
+    rows = to_global(repeat_rows(batch, recipe.group_size))
+    privileged = join(rows["privileged_tokens"], rows["privileged_mask"],
+                      seq.tokens[:, prompt_length:], seq.attention_mask[:, prompt_length:])
+    heads, drift = {}, None
+    for role in recipe.roles:
+      weights = self_teacher_weights(role, params, extra)
+      hidden = privileged_hidden(graphdef, weights, privileged, prompt_length=prompt_length,
+                                 completion_length=completion_length)
+      heads[role] = obj.Head(put(hidden), head_kernel(graphdef, weights))
+      if self_teacher.kind(role) != "current" and drift is None:
+        drift = drift_kl(graphdef, weights, params, privileged)
+    return heads, drift
 
   def rollout(step, key, batch, params):
     """Completions for this step's prompts; `batch` is this process's rows of them."""
@@ -664,11 +749,19 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
 
   for step in range(start, total):
     key = jax.random.fold_in(base_key, step)
+    drift = None
     if step % config.train.updates_per_rollout == 0 or seq is None:
       batch = next(data)
       seq = put(rollout(step, key, batch, params))
-      frozen = frozen_heads(*recipes.inputs_of(seq), batch)   # kept while the rollout is reused
+      if self_teacher:
+        frozen, drift = self_teacher_heads(batch, params, extra, seq)
+      else:   # kept while the rollout is reused
+        frozen = frozen_heads(*recipes.inputs_of(seq), batch)
     params, opt_state, step_metrics = train_step(params, opt_state, seq, frozen)
+    if ema_step is not None:
+      extra = {"ema": ema_step(extra["ema"], params)}
+    if drift is not None:
+      step_metrics = dict(step_metrics, teacher_drift_kl=drift)
     done = step + 1
     pending.append((done, step_metrics))
     progress.update(1)
@@ -691,8 +784,8 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
     if save_now:
       if not all_finite(params):
         fail(f"non-finite parameters after step {done}")
-      ckpt.save(done, params, opt_state, {"step": done, "data_state": data.get_state(),
-                                          "seed": config.seed})
+      ckpt.save(done, params, opt_state,
+                {"step": done, "data_state": data.get_state(), "seed": config.seed}, extra=extra)
   progress.close()
   ckpt.close()   # waits for an asynchronous save
   writer.close()

@@ -66,8 +66,8 @@ def _route(record: Record, index: int, routes: Sequence[str] | None, source: str
 
 
 def _encode_one(record: Record, index: int, tokenizer, *, prompt_length: int,
-                answer_length: int, source: str,
-                routes: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+                answer_length: int, source: str, routes: Sequence[str] | None = None,
+                privileged: tuple[str, int] | None = None) -> dict[str, np.ndarray]:
   """One record as a left-padded prompt and a right-padded answer (EOS appended), and the
   index of its teacher in `routes`; an empty or too-long prompt or answer, or a missing or
   unknown teacher name, raises with the record's index."""
@@ -93,6 +93,17 @@ def _encode_one(record: Record, index: int, tokenizer, *, prompt_length: int,
   row["prompt_mask"][prompt_length - len(prompt):] = True
   row["answer_tokens"][:len(answer)] = answer
   row["answer_mask"][:len(answer)] = True
+  if privileged:   # self-distillation: the teacher's prompt, with the privileged context
+    template, length = privileged
+    text = template.format(prompt=record.prompt, answer=record.answer)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) > length:
+      raise ConfigError(f"{source}[{index}]: the privileged prompt has {len(ids)} tokens, more "
+                        f"than recipe.privileged_length={length}")
+    row["privileged_tokens"] = np.full(length, pad, np.int32)
+    row["privileged_mask"] = np.zeros(length, bool)
+    row["privileged_tokens"][length - len(ids):] = ids
+    row["privileged_mask"][length - len(ids):] = True
   return row
 
 
@@ -100,17 +111,19 @@ class PromptSource:
   """Records tokenised when read: a grain random-access source of `PromptSet`-like rows.
 
   A process of a multi-host run reads (so tokenises) only the rows of its share of each
-  batch. `check(rows)` tokenises rows up front, so a bad record stops the run at start-up
+  batch. With `privileged=(template, length)` each row also holds the self-distillation
+  teacher's prompt, `template.format(prompt=..., answer=...)` left-padded to `length`. `check(rows)` tokenises rows up front, so a bad record stops the run at start-up
   instead of at the step that first draws it.
   """
 
   def __init__(self, records: Sequence[Record], tokenizer, *, prompt_length: int,
-               answer_length: int, source: str = "records", routes: Sequence[str] | None = None):
+               answer_length: int, source: str = "records", routes: Sequence[str] | None = None,
+               privileged: tuple[str, int] | None = None):
     self.records = list(records)
     self.answers = [r.answer for r in self.records]
     self._encode = lambda i: _encode_one(self.records[i], i, tokenizer, source=source,
                                          prompt_length=prompt_length, answer_length=answer_length,
-                                         routes=routes)
+                                         routes=routes, privileged=privileged)
 
   def __len__(self) -> int:
     return len(self.records)

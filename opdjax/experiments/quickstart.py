@@ -51,10 +51,11 @@ def main(config, workdir):
   rows = [
       {"model": "teacher", "accuracy_greedy": teacher.get("accuracy_greedy", float("nan")),
        "sequence_reverse_kl": 0.0, "token_reverse_kl": 0.0},
-      {"model": f"student before OPD (step {before['step']})", **{k: before[k] for k in
-       ("accuracy_greedy", "sequence_reverse_kl", "token_reverse_kl")}},
-      {"model": f"student after OPD (step {after['step']})", **{k: after[k] for k in
-       ("accuracy_greedy", "sequence_reverse_kl", "token_reverse_kl")}},
+      # (A self-teaching recipe has no external teacher to measure KLs against: nan.)
+      {"model": f"student before OPD (step {before['step']})", **{k: before.get(k, float("nan"))
+       for k in ("accuracy_greedy", "sequence_reverse_kl", "token_reverse_kl")}},
+      {"model": f"student after OPD (step {after['step']})", **{k: after.get(k, float("nan"))
+       for k in ("accuracy_greedy", "sequence_reverse_kl", "token_reverse_kl")}},
   ]
   print()
   print(metrics.format_table(rows, ["model", "accuracy_greedy", "sequence_reverse_kl",

@@ -120,6 +120,27 @@ ROLES = ("teacher", "reference")
 
 
 @dataclasses.dataclass(frozen=True)
+class SelfTeacher:
+  """Frozen roles formed from the student itself (self-distillation, docs/theory.md §8).
+
+  Attributes:
+    weights: `((role, kind), ...)`, kind "initial" (a copy of the student's initial
+      weights), "current" (the parameters that sampled the rollout) or "ema" (an average
+      the trainer updates after every step and keeps in the checkpoint).
+    privileged: the template of those roles' prompt, from `{prompt}` and `{answer}`; the
+      student's prompt is the plain `{prompt}`.
+    ema_rate: r in `θ' ← θ' + r·(θ − θ')`.
+  """
+
+  weights: tuple[tuple[str, str], ...]
+  privileged: str
+  ema_rate: float = 0.0
+
+  def kind(self, role: str) -> str:
+    return dict(self.weights)[role]
+
+
+@dataclasses.dataclass(frozen=True)
 class Recipe:
   """A whole algorithm: where its completions come from, which frozen models it reads, and
   how it turns a model's outputs into a loss.
@@ -159,6 +180,8 @@ class Recipe:
       (every completion token of the batch weighs the same) or "sequence" (each
       completion's tokens are averaged first, then completions weigh the same, as in
       GRPO's original objective).
+    self_teacher: a `SelfTeacher` when the frozen roles are the student's own weights
+      seeing privileged context (self-distillation), else None (external models).
   """
 
   name: str
@@ -171,6 +194,7 @@ class Recipe:
   correction: str | None = None
   loss_value: str | None = None
   loss_mean: str = "token"
+  self_teacher: SelfTeacher | None = None
 
   def __post_init__(self):
     unknown = [r for r in self.roles if r not in ROLES]
