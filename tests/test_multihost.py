@@ -32,14 +32,16 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def launch(workdir: Path, processes: int, devices: int, cache: Path) -> list[subprocess.Popen]:
-  """`processes` CLI processes of the two-stage experiment, `devices` CPU devices each,
-  sharing the compilation cache `cache` (a rerun loads what the first run compiled)."""
+def launch(workdir: Path, processes: int, devices: int, cache: Path,
+           arg: str = "") -> list[subprocess.Popen]:
+  """`processes` CLI processes of the two-stage experiment (`arg` "sft": its first stage
+  only), `devices` CPU devices each, sharing the compilation cache `cache` (a rerun loads
+  what the first run compiled)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", OPDJAX_COMPILATION_CACHE=str(cache),
              OPDJAX_COMPILATION_CACHE_MIN_SECONDS="0",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  command = [sys.executable, "-m", "opdjax.train", "--exp", str(EXPERIMENT),
-             "--workdir", str(workdir)]
+  command = [sys.executable, "-m", "opdjax.train", "--exp",
+             f"{EXPERIMENT}:{arg}" if arg else str(EXPERIMENT), "--workdir", str(workdir)]
   if processes == 1:
     return [subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)]
@@ -95,7 +97,7 @@ def check_written_once(workdir: Path, stage: str, *, runs: int = 1) -> None:
 
 def test_two_processes_equal_one_and_resume_exactly_after_sigkill(tmp_path):
   """One test (so one xdist worker pays for the runs): 1 x 8 devices and 2 x 4 devices run
-  together; then a 2 x 4 run is SIGKILLed once a checkpoint exists and rerun."""
+  together; then a 2 x 4 SFT run is SIGKILLed once a checkpoint exists and rerun."""
   cache = tmp_path / "xla"   # the reruns load what the first 2 x 4 run compiled
   one = launch(tmp_path / "one", 1, 8, cache)
   two = launch(tmp_path / "two", 2, 4, cache)
@@ -105,21 +107,20 @@ def test_two_processes_equal_one_and_resume_exactly_after_sigkill(tmp_path):
     check_written_once(tmp_path / "two" / stage, stage)
 
   workdir = tmp_path / "killed"
-  procs = launch(workdir, 2, 4, cache)
+  checkpoints = workdir / "sft" / "checkpoints"
+  procs = launch(workdir, 2, 4, cache, "sft")
   deadline = time.time() + 600
-  saved = lambda: any(d.name.isdigit() for stage in STAGES
-                      for d in ((workdir / stage / "checkpoints").iterdir()
-                                if (workdir / stage / "checkpoints").exists() else ()))
+  saved = lambda: checkpoints.exists() and any(d.name.isdigit() for d in checkpoints.iterdir())
   while time.time() < deadline and all(p.poll() is None for p in procs) and not saved():
     time.sleep(0.05)
   for p in procs:
     p.send_signal(signal.SIGKILL)
     p.wait()
-  assert saved() and not (workdir / "opd" / "checkpoints" / "4").exists(), \
+  assert saved() and not (checkpoints / "4").exists(), \
       "the run was not interrupted between its first checkpoint and its end"
-  finish(launch(workdir, 2, 4, cache))
-  for stage in STAGES:
-    want, got = final_params(tmp_path / "two" / stage), final_params(workdir / stage)
-    for name in want:
-      np.testing.assert_array_equal(got[name], want[name], err_msg=f"{stage} {name}")
-    check_written_once(workdir / stage, stage, runs=2)   # killed + resumed
+  finish(launch(workdir, 2, 4, cache, "sft"))
+  want, got = final_params(tmp_path / "two" / "sft"), final_params(workdir / "sft")
+  for name in want:
+    np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+  check_written_once(workdir / "sft", "sft", runs=2)   # killed + resumed
+  assert any(p.name.startswith("jit_step-") for p in cache.iterdir())   # the step was cached

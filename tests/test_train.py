@@ -1,12 +1,10 @@
 """The training system end to end: every recipe for a few steps, CLI errors, resume after
-SIGKILL, sharded equals unsharded, non-finite loss handling, multi-stage experiments."""
+a torn checkpoint, a three-axis mesh equals one device, non-finite loss handling,
+multi-stage experiments, several teachers. (Resume after SIGKILL: tests/test_multihost.py.)"""
 
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -150,14 +148,14 @@ def test_memory_plan_counts_each_term_and_stops_over_the_limit(teacher_dir, mesh
 
 def test_three_axis_mesh_equals_one_device(teacher_dir, tmp_path):
   """data x fsdp x tensor = (2, 2, 2): sampled OPD (the sampler runs on the sharded batch and
-  weights) and evaluation give the losses and parameters of one device."""
+  weights) gives the losses and parameters of one device."""
   def run(shape, axes, workdir):
     config = tiny("opd", estimator="sampled")
     config.teacher.checkpoint = str(teacher_dir)
     config.train.steps = 3
     config.train.log_every = 1
     config.train.save_every = 3
-    config.eval.every = 3
+    config.eval.every = 0   # evaluation on a sharded batch: tests/test_multihost.py
     config.mesh.shape, config.mesh.axes = shape, axes
     result = trainer.run(config, workdir, quiet=True)
     model_config = checkpoint.read_model_config(workdir)
@@ -168,7 +166,7 @@ def test_three_axis_mesh_equals_one_device(teacher_dir, tmp_path):
   history_1, params_1 = run((1,), ("data",), tmp_path / "one")
   history_8, params_8 = run((2, 2, 2), ("data", "fsdp", "tensor"), tmp_path / "eight")
   for a, b in zip(history_1, history_8, strict=True):
-    for key in ("loss", "grad_norm", "accuracy_sampled", "sequence_reverse_kl"):
+    for key in ("loss", "grad_norm"):
       if key in a:
         np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-6, err_msg=key)
   for (path, a), (_, b) in zip(nnx.to_flat_state(params_1), nnx.to_flat_state(params_8)):
@@ -222,53 +220,6 @@ def test_non_finite_loss_stops_without_overwriting(tmp_path):
   if last is not None:
     params = checkpoint.restore_params(tmp_path, abstract)
     assert all(np.isfinite(np.asarray(v.get_value())).all() for _, v in nnx.to_flat_state(params))
-
-
-def _child_command(workdir, steps):
-  return [sys.executable, "-m", "opdjax.train", "--exp", "teacher_sft", "--workdir", str(workdir),
-          "--exp.student.preset=student-tiny", f"--exp.train.steps={steps}",
-          "--exp.train.batch_size=8", "--exp.train.save_every=5", "--exp.train.log_every=5",
-          "--exp.task.train_size=64", "--exp.task.eval_size=8", "--exp.task.difficulty=1",
-          "--exp.task.completion_length=4", "--exp.eval.every=0", "--exp.mesh.shape=(1,)",
-          "--exp.train.tensorboard=false"]
-
-
-def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
-  cache = tmp_path / "xla_cache"   # the CLI's persistent compilation cache, here per test
-  env = dict(os.environ, PYTHONUNBUFFERED="1", OPDJAX_COMPILATION_CACHE=str(cache),
-             OPDJAX_COMPILATION_CACHE_MIN_SECONDS="0")
-  steps = 60
-  reference = subprocess.run(_child_command(tmp_path / "reference", steps), cwd=REPO, env=env,
-                             capture_output=True, text=True, timeout=600)
-  assert reference.returncode == 0, reference.stderr[-2000:]
-
-  killed_dir = tmp_path / "killed"
-  child = subprocess.Popen(_child_command(killed_dir, steps), cwd=REPO, env=env,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + 300
-  ckpt_dir = killed_dir / "checkpoints"
-  while time.time() < deadline and child.poll() is None:
-    if ckpt_dir.exists() and any(p.name.isdigit() for p in ckpt_dir.iterdir()):
-      break
-    time.sleep(0.05)
-  child.send_signal(signal.SIGKILL)
-  child.wait()
-  latest = checkpoint.Checkpointer(killed_dir).latest_step()
-  assert latest is not None and latest < steps, f"the run was not interrupted (latest={latest})"
-
-  resumed = subprocess.run(_child_command(killed_dir, steps), cwd=REPO, env=env,
-                           capture_output=True, text=True, timeout=600)
-  assert resumed.returncode == 0, resumed.stderr[-2000:]
-  abstract = nnx.state(Decoder(checkpoint.read_model_config(killed_dir), rngs=nnx.Rngs(0)))
-  a = checkpoint.restore_params(tmp_path / "reference", abstract)
-  b = checkpoint.restore_params(killed_dir, abstract)
-  for (path, x), (_, y) in zip(nnx.to_flat_state(a), nnx.to_flat_state(b)):
-    np.testing.assert_array_equal(np.asarray(x.get_value()), np.asarray(y.get_value()),
-                                  err_msg=str(path))
-  # The metrics log has each step once, as if nothing had happened.
-  steps_logged = [json.loads(l)["step"] for l in (killed_dir / "metrics.jsonl").read_text().splitlines()]
-  assert steps_logged == sorted(set(steps_logged))
-  assert any(p.name.startswith("jit_step-") for p in cache.iterdir())   # the step was cached
 
 
 # ---------------------------------------------------------------- command line
@@ -417,6 +368,8 @@ def test_default_precision_is_float32_master_weights_with_bfloat16_compute(teach
   assert models["student"].hidden_states(tokens).dtype == jnp.bfloat16
   assert models["student"](tokens).dtype == jnp.float32          # logits are float32
 
+  config.train.steps = config.train.save_every = 2   # bfloat16 is slow on CPUs
+  config.eval.every = 0
   result = trainer.run(config, tmp_path, quiet=True)
   assert all(np.isfinite(r["loss"]) for r in result.history if r["split"] == "train")
   abstract = nnx.state(Decoder(checkpoint.read_model_config(tmp_path), rngs=nnx.Rngs(0)))
