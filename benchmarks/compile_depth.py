@@ -11,7 +11,6 @@ the StableHLO text size.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
@@ -20,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from opdjax.models import Decoder, ModelConfig
+from _jsonl import emit  # noqa: E402  (benchmarks/, next to this script)
 
 
 def measure(num_layers: int, scan_layers: bool, remat: str) -> dict:
@@ -48,11 +48,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   for scan_layers in (False, True):
     for layers in args.layers:
-      line = json.dumps(measure(layers, scan_layers, args.remat))
-      print(line, flush=True)
-      if args.out:
-        with open(args.out, "a") as f:
-          f.write(line + "\n")
+      emit(measure(layers, scan_layers, args.remat), args.out)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
+from _jsonl import emit  # noqa: E402  (benchmarks/, next to this script)
 
 SHAPES = ((4096, 256, 32768), (8192, 512, 65536))
 IMPLS = ("opdjax", "opdjax_vjp", "naive", "liger", "liger_compiled")
@@ -179,10 +180,7 @@ def main():
                     error=(proc.stderr.strip().splitlines() or ["no output"])[-1])
       else:
         line = json.loads(proc.stdout.strip().splitlines()[-1])
-      print(json.dumps(line), flush=True)
-      if args.out:
-        with open(args.out, "a") as f:
-          f.write(json.dumps(line) + "\n")
+      emit(line, args.out)
 
 
 if __name__ == "__main__":

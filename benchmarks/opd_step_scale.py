@@ -17,7 +17,6 @@ peak on an accelerator).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -36,6 +35,7 @@ from opdjax.evaluation import forward_hidden
 from opdjax.models import Decoder, ModelConfig
 from opdjax.sampling import SamplingParams, generate
 from opdjax.trainer import make_optimizer, make_train_step
+from _jsonl import emit  # noqa: E402  (benchmarks/, next to this script)
 
 
 def peak_bytes() -> int:
@@ -143,10 +143,7 @@ def main(argv=None):
               bt_v_float32_gb=b * (args.seq - 1) * args.vocab * 4 / 1e9,
               **{k: round(v, 4) for k, v in timings.items()})
   line["step_median_s"] = round(sum(v for k, v in timings.items() if k.endswith("median_s")), 4)
-  print(json.dumps(line), flush=True)
-  if args.out:
-    with open(args.out, "a") as f:
-      f.write(json.dumps(line) + "\n")
+  emit(line, args.out)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import re  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -29,6 +28,7 @@ from flax import nnx  # noqa: E402
 from opdjax import sharding  # noqa: E402
 from opdjax.models import Decoder, ModelConfig  # noqa: E402
 from opdjax.sampling import SamplingParams, _generate_jit, bucket_size, generate  # noqa: E402
+from _jsonl import emit  # noqa: E402  (benchmarks/, next to this script)
 
 
 def main():
@@ -73,10 +73,7 @@ def main():
                 all_gathers=len(re.findall(r"= \S+ all-gather(?:-start)?\(", hlo)),
                 all_reduces=len(re.findall(r"= \S+ all-reduce(?:-start)?\(", hlo)),
                 device=jax.devices()[0].device_kind, devices=jax.device_count())
-    print(json.dumps(line), flush=True)
-    if args.out:
-      with open(args.out, "a") as f:
-        f.write(json.dumps(line) + "\n")
+    emit(line, args.out)
 
 
 if __name__ == "__main__":
