@@ -369,18 +369,13 @@ def privileged_hidden(graphdef, state, privileged: recipes.Sequences, *, prompt_
   return jnp.concatenate([pad, completion], axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def drift_kl(graphdef, teacher_state, current_state, privileged: recipes.Sequences):
-  """`(Σ, count)` over completion tokens of `KL(q_θ'(·|x⊕c, y<t) ‖ π_θ(·|x⊕c, y<t))`: how far
-  the teacher's weights have moved from the student's, seen with the privileged context."""
-  tokens, mask = recipes.inputs_of(privileged)
-  targets = recipes.targets_of(privileged)
-  heads = []
-  for state in (teacher_state, current_state):
-    model = nnx.merge(graphdef, state)
-    heads.append(obj.Head(model.hidden_states(tokens, attention_mask=mask), model.head_kernel()))
-  values = obj.token_values(lambda t, c, _: {"kl": obj.reverse_kl(t, c)}, heads[0],
-                            targets.tokens, teacher=heads[1])
+@jax.jit
+def drift_kl(teacher: obj.Head, current: obj.Head, targets: recipes.Targets):
+  """`(Σ, count)` over completion tokens of `KL(q_θ'(·|x⊕c, y<t) ‖ π_θ(·|x⊕c, y<t))`, both
+  read from hidden states already moved to the student's positions: how far the teacher's
+  weights have moved from the student's, seen with the privileged context."""
+  values = obj.token_values(lambda t, c, _: {"kl": obj.reverse_kl(t, c)}, teacher,
+                            targets.tokens, teacher=current)
   return recipes.base.pair(values["kl"], targets.mask)
 
 
@@ -665,7 +660,7 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
     writer.write(step, "eval", results)
     return results
 
-  def frozen_heads(tokens, mask, batch):
+  def frozen_heads(tokens, mask, rows):
     """`{role: Head}` of a rollout: each frozen model's `[B, T, H]` hidden states (never
     `[B, T, V]`), laid out as the memory plan compiled the step; routed teachers as one."""
     heads = {}
@@ -675,8 +670,7 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
       if len(names) == 1:
         heads[role] = obj.Head(put(hidden[0]), frozen_parts[names[0]][2])
       else:
-        route = to_global(repeat_rows(batch, recipe.group_size)["route"])
-        heads[role] = obj.Head(put(route_hidden(hidden, route)), routed_kernels[role])
+        heads[role] = obj.Head(put(route_hidden(hidden, rows["route"])), routed_kernels[role])
     return heads or None
 
   def self_teacher_weights(role, params, extra):
@@ -684,27 +678,34 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
     return (params if kind == "current" else extra["ema"] if kind == "ema"
             else frozen_parts[role][1])
 
-  def self_teacher_heads(batch, params, extra, seq):
+  def self_teacher_heads(rows, params, extra, seq):
     """Self-distillation: each role is the student's graph with its weights (initial,
     current or EMA) reading the privileged prompt + the student's completion, its hidden
-    states moved to the student's completion positions. Also the drift metric."""
-    rows = to_global(repeat_rows(batch, recipe.group_size))
+    states moved to the student's completion positions. Also the drift of the first
+    non-current role from the current weights on that same input."""
     privileged = join(rows["privileged_tokens"], rows["privileged_mask"],
                       seq.tokens[:, prompt_length:], seq.attention_mask[:, prompt_length:])
-    heads, drift = {}, None
+    moved = lambda weights: put(privileged_hidden(graphdef, weights, privileged,
+                                                  prompt_length=prompt_length,
+                                                  completion_length=completion_length))
+    heads = {}
     for role in recipe.roles:
+      kind = self_teacher.kind(role)
       weights = self_teacher_weights(role, params, extra)
-      hidden = privileged_hidden(graphdef, weights, privileged, prompt_length=prompt_length,
-                                 completion_length=completion_length)
-      heads[role] = obj.Head(put(hidden), head_kernel(graphdef, weights))
-      if self_teacher.kind(role) != "current" and drift is None:
-        drift = drift_kl(graphdef, weights, params, privileged)
-    return heads, drift
+      kernel = frozen_parts[role][2] if kind == "initial" else head_kernel(graphdef, weights)
+      heads[role] = obj.Head(moved(weights), kernel)
+    drifting = [r for r in recipe.roles if self_teacher.kind(r) != "current"]
+    if not drifting:
+      return heads, None
+    current = next((heads[r] for r in recipe.roles if self_teacher.kind(r) == "current"), None)
+    if current is None:   # no role holds the current weights: one more forward
+      current = obj.Head(moved(params), head_kernel(graphdef, params))
+    return heads, drift_kl(heads[drifting[0]], current, recipes.targets_of(seq))
 
-  def rollout(step, key, batch, params):
-    """Completions for this step's prompts; `batch` is this process's rows of them."""
+  def rollout(step, key, batch, rows, params):
+    """Completions for this step's prompts: `batch` is this process's rows of them (host),
+    `rows` the global batch with each prompt repeated for its group's G samples."""
     source = recipe.source_at(config.seed, step)
-    rows = to_global(repeat_rows(batch, recipe.group_size))   # a group's G rows share their prompt
     prompts, prompt_mask = rows["prompt_tokens"], rows["prompt_mask"]
     if source == "dataset":
       return join(prompts, prompt_mask, rows["answer_tokens"], rows["answer_mask"])
@@ -752,11 +753,12 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
     drift = None
     if step % config.train.updates_per_rollout == 0 or seq is None:
       batch = next(data)
-      seq = put(rollout(step, key, batch, params))
+      rows = to_global(repeat_rows(batch, recipe.group_size))   # a group's G rows share their prompt
+      seq = put(rollout(step, key, batch, rows, params))
       if self_teacher:
-        frozen, drift = self_teacher_heads(batch, params, extra, seq)
+        frozen, drift = self_teacher_heads(rows, params, extra, seq)
       else:   # kept while the rollout is reused
-        frozen = frozen_heads(*recipes.inputs_of(seq), batch)
+        frozen = frozen_heads(*recipes.inputs_of(seq), rows)
     params, opt_state, step_metrics = train_step(params, opt_state, seq, frozen)
     if ema_step is not None:
       extra = {"ema": ema_step(extra["ema"], params)}
