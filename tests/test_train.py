@@ -75,16 +75,19 @@ def test_every_recipe_runs(variant, teacher_dir, tmp_path):
   if variant == "opd_full":  # scanned layers throughout; the teacher was saved per-layer
     config.student.scan_layers = config.teacher.scan_layers = True
     config.student.remat = "save_dots"
+  else:   # evaluation does not depend on the recipe: one variant evaluates (suite time)
+    config.eval.every = 0
   result = trainer.run(config, tmp_path, quiet=True)
   train_rows = [r for r in result.history if r["split"] == "train"]
   assert [r["step"] for r in train_rows] == [2, 4]
   assert all(np.isfinite(r["loss"]) for r in train_rows)
-  for key in ("accuracy_greedy", "accuracy_sampled", "sequence_reverse_kl", "sequence_forward_kl",
-              "token_reverse_kl", "token_forward_kl", "student_entropy", "completion_length",
-              "truncation_rate"):
-    assert key in result.final_eval, key
+  if variant == "opd_full":
+    for key in ("accuracy_greedy", "accuracy_sampled", "sequence_reverse_kl",
+                "sequence_forward_kl", "token_reverse_kl", "token_forward_kl", "student_entropy",
+                "completion_length", "truncation_rate"):
+      assert key in result.final_eval, key
+    assert result.plot is not None and result.plot.exists()
   assert checkpoint.Checkpointer(tmp_path).latest_step() == 4
-  assert result.plot is not None and result.plot.exists()
   if variant.startswith("opd") or variant == "gkd" or variant == "supervised_kd":
     assert "token_reverse_kl" in train_rows[-1]
   if variant == "opd_topk":
@@ -313,11 +316,11 @@ def test_vocabulary_mismatch_is_reported_before_compiling(capsys, tmp_path):
 
 def test_compare_objectives_tiny(capsys, tmp_path):
   code, out, err = run_cli(capsys, "--exp", "compare_objectives:tiny", "--workdir", str(tmp_path),
-                           "--exp.methods=sft,opd_reverse_kl")
+                           "--exp.methods=opd_reverse_kl")   # one method: suite time
   assert code == 0, err
   assert "opd_reverse_kl" in out and "teacher held-out greedy accuracy" in out
   summary = json.loads((tmp_path / "compare_objectives.json").read_text())
-  assert set(summary["methods"]) == {"sft", "opd_reverse_kl"}
+  assert set(summary["methods"]) == {"opd_reverse_kl"}
   assert (tmp_path / "compare_objectives.png").exists()
 
 
