@@ -16,6 +16,7 @@ from flax import nnx
 from opdjax import objectives as obj
 from opdjax.data import PromptSet, verify
 from opdjax.distributed import all_rows, global_batch, local_rows
+from opdjax.sharding import row_splits
 from opdjax.recipes.base import inputs_of, join, metric_pairs, sampled_token_values, targets_of
 from opdjax.sampling import Generation, SamplingParams, generate
 
@@ -67,7 +68,7 @@ def evaluate(student, prompts: PromptSet, tokenizer, *, key, max_new_tokens: int
   are full-vocabulary per-token values at the student's sampled prefixes. Rows go
   `batch_size` at a time; block i samples with `fold_in(key, i)`.
 
-  With a `batch_sharding` (a `NamedSharding` whose first dimension splits rows), each
+  With a `batch_sharding` (`opdjax.sharding.batch_sharding(mesh)`), each
   block is laid out by it (its size rounded to a multiple of the devices it splits over);
   on several processes each process feeds and verifies its share of a block's rows and the
   means are taken over all of them, so every process returns the same numbers.
@@ -76,11 +77,7 @@ def evaluate(student, prompts: PromptSet, tokenizer, *, key, max_new_tokens: int
   token_sums: dict[str, list] = {}
   sample = SamplingParams(temperature=temperature)
   models = (*nnx.split(student), *nnx.split(teacher)) if teacher is not None else ()
-  splits = 1
-  if batch_sharding is not None:
-    axes = batch_sharding.spec[0] if batch_sharding.spec else None
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    splits = int(np.prod([batch_sharding.mesh.shape[a] for a in axes]))
+  splits = 1 if batch_sharding is None else row_splits(batch_sharding.mesh)
   batch_size = max(splits, batch_size // splits * splits)
   processes, me = jax.process_count(), jax.process_index()
   for block, start in enumerate(range(0, len(prompts.answers), batch_size)):

@@ -150,10 +150,18 @@ def abstract_state(state, mesh: Mesh, rules: Sequence[tuple[str, P]] = DEFAULT_R
                       state, state_shardings(state, mesh, rules))
 
 
+DATA_AXES = ("data", "fsdp")   # the mesh axes that split batch rows
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Batch dimension split over every data-parallel axis the mesh has ("data", "fsdp")."""
-  axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
+  """Batch dimension split over every data-parallel axis the mesh has (`DATA_AXES`)."""
+  axes = tuple(a for a in DATA_AXES if a in mesh.axis_names)
   return NamedSharding(mesh, P(axes if axes else None))
+
+
+def row_splits(mesh: Mesh) -> int:
+  """Into how many blocks `batch_sharding(mesh)` splits the rows."""
+  return int(np.prod([mesh.shape[a] for a in DATA_AXES if a in mesh.shape]))
 
 
 def optimizer_shardings(tx, params, mesh: Mesh):

@@ -216,7 +216,7 @@ def validate(config, recipe, mesh, model_configs: dict[str, ModelConfig]):
     if role != "student" and other.vocab_size != student_cfg.vocab_size:
       raise ConfigError(f"student and {role} vocabularies differ: student vocab_size="
                         f"{student_cfg.vocab_size}, {role} vocab_size={other.vocab_size}")
-  data_devices = int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
+  data_devices = sharding.row_splits(mesh)
   rows = train.batch_size * recipe.group_size
   if rows % data_devices:
     grouped = (f" (x recipe.group_size={recipe.group_size} = {rows} rows)"
@@ -406,7 +406,8 @@ def setup(config) -> Setup:
   rules = build_rules(config)
   sections = {"student": config.student}
   routes = routes_of(config)
-  if config.teacher.hf_path or config.teacher.checkpoint:
+  external_teacher = bool(config.teacher.hf_path or config.teacher.checkpoint)
+  if external_teacher:
     if routes:
       raise ConfigError(f"set either teacher.* (one teacher) or teachers.* (routed: "
                         f"{list(routes)}), not both")
@@ -425,7 +426,7 @@ def setup(config) -> Setup:
     own = bool(config.reference.hf_path or config.reference.checkpoint)
     sections["reference"] = config.reference if own else config.student
   if recipe.self_teacher:   # the frozen roles are the student's own weights
-    if config.teacher.hf_path or config.teacher.checkpoint or routes:
+    if external_teacher or routes:
       raise ConfigError(f"recipe {recipe.name!r} is its own teacher (recipe.teacher_mode); "
                         "unset teacher.* and teachers.*")
     for role, _ in recipe.self_teacher.weights:
@@ -543,7 +544,7 @@ def memory_plan(config, run_setup: Setup) -> Plan:
     sampled_rows = max(sampled_rows, min(config.eval.batch_size, config.task.eval_size))
   if sampled_rows:
     cfg = run_setup.model_configs["student"]
-    data_devices = int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
+    data_devices = sharding.row_splits(mesh)
     itemsize = jnp.dtype(_dtype(config.student.dtype)).itemsize
     terms["KV cache (sampling)"] = (math.ceil(sampled_rows / data_devices) * length
                                     * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim
