@@ -90,8 +90,19 @@ def test_current_teacher_without_context_gives_zero_loss_and_gradient(tmp_path):
   for r in rows:
     assert abs(r["loss"]) < 1e-6 and r["grad_norm"] < 1e-5, r
   # With the answer in its prompt the same teacher differs from the student.
-  result = trainer.run(tiny_self_distill("current"), tmp_path / "with_answer", quiet=True)
-  assert [r for r in result.history if r["split"] == "train"][0]["loss"] > 1e-3
+  def losses(mode):
+    config = tiny_self_distill(mode)
+    config.train.steps, config.optimizer.warmup_steps = 3, 1   # update 0 has lr 0, update 1 not
+    result = trainer.run(config, tmp_path / mode, quiet=True)
+    return [r["loss"] for r in result.history if r["split"] == "train"]
+
+  current = losses("current")
+  assert current[0] > 1e-3
+  # Stale weights: a frozen teacher equals the current one until the parameters move (step 3
+  # here), so a "current" teacher that kept the initial weights would match it there too.
+  frozen = losses("frozen")
+  np.testing.assert_allclose(frozen[:2], current[:2], rtol=1e-6)
+  assert abs(frozen[2] - current[2]) > 1e-6 * abs(current[2]) + 1e-7
 
 
 def _ema_and_params(workdir, config):
