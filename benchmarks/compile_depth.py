@@ -16,18 +16,29 @@ import time
 
 import jax
 import jax.numpy as jnp
+from _jsonl import emit  # noqa: E402  (benchmarks/, next to this script)
 from flax import nnx
 
 from opdjax.models import Decoder, ModelConfig
-from _jsonl import emit  # noqa: E402  (benchmarks/, next to this script)
 
 
 def measure(num_layers: int, scan_layers: bool, remat: str) -> dict:
-  config = ModelConfig(vocab_size=4096, hidden_size=256, intermediate_size=768,
-                       num_layers=num_layers, num_heads=4, num_kv_heads=2, head_dim=64,
-                       model_type="qwen3", max_position_embeddings=512)
-  graphdef, state = nnx.split(nnx.eval_shape(
-      lambda: Decoder(config, rngs=nnx.Rngs(0), scan_layers=scan_layers, remat=remat)))
+  config = ModelConfig(
+      vocab_size=4096,
+      hidden_size=256,
+      intermediate_size=768,
+      num_layers=num_layers,
+      num_heads=4,
+      num_kv_heads=2,
+      head_dim=64,
+      model_type="qwen3",
+      max_position_embeddings=512,
+  )
+  graphdef, state = nnx.split(
+      nnx.eval_shape(
+          lambda: Decoder(config, rngs=nnx.Rngs(0), scan_layers=scan_layers, remat=remat)
+      )
+  )
   tokens = jax.ShapeDtypeStruct((4, 128), jnp.int32)
   loss = lambda state, tokens: jnp.mean(nnx.merge(graphdef, state)(tokens))
   start = time.perf_counter()
@@ -35,9 +46,16 @@ def measure(num_layers: int, scan_layers: bool, remat: str) -> dict:
   lowered_s = time.perf_counter() - start
   start = time.perf_counter()
   lowered.compile()
-  return dict(benchmark="compile_depth", device=jax.devices()[0].device_kind, layers=num_layers,
-              scan_layers=scan_layers, remat=remat, lower_s=round(lowered_s, 3),
-              compile_s=round(time.perf_counter() - start, 3), hlo_chars=len(lowered.as_text()))
+  return dict(
+      benchmark="compile_depth",
+      device=jax.devices()[0].device_kind,
+      layers=num_layers,
+      scan_layers=scan_layers,
+      remat=remat,
+      lower_s=round(lowered_s, 3),
+      compile_s=round(time.perf_counter() - start, 3),
+      hlo_chars=len(lowered.as_text()),
+  )
 
 
 def main(argv=None):

@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
+
 from _jsonl import emit  # noqa: E402  (benchmarks/, next to this script)
 
 SHAPES = ((4096, 256, 32768), (8192, 512, 65536))
@@ -50,14 +51,15 @@ def peak_mb() -> float:
 def run_jax(impl: str, bt: int, h: int, v: int, repeats: int, dtype: str, chunk: int = 0) -> dict:
   import jax
   import jax.numpy as jnp
+
   from opdjax import objectives as obj
 
   ks = jax.random.split(jax.random.key(0), 4)
   cast = lambda x: x.astype(dtype)
   hidden = cast(jax.random.normal(ks[0], (1, bt, h)) * 0.5)
-  kernel = cast(jax.random.normal(ks[1], (h, v)) * h ** -0.5)
+  kernel = cast(jax.random.normal(ks[1], (h, v)) * h**-0.5)
   t_hidden = cast(jax.random.normal(ks[2], (1, bt, h)) * 0.5)
-  t_kernel = cast(jax.random.normal(ks[3], (h, v)) * h ** -0.5)
+  t_kernel = cast(jax.random.normal(ks[3], (h, v)) * h**-0.5)
   device = jax.devices()[0]
   on_gpu = device.platform != "cpu"
   tokens = jnp.zeros((1, bt), jnp.int32)
@@ -67,16 +69,29 @@ def run_jax(impl: str, bt: int, h: int, v: int, repeats: int, dtype: str, chunk:
     weights = jnp.full((1, bt), 1.0 / bt)
 
     def loss(hidden, kernel):
-      return obj.fused.weighted_token_sum(lambda s, t, a: {"loss": jsd(s, t)},
-                                          obj.Head(hidden, kernel), tokens, weights,
-                                          teacher=obj.Head(t_hidden, t_kernel),
-                                          chunk_size=chunk)[0]
+      return obj.fused.weighted_token_sum(
+          lambda s, t, a: {"loss": jsd(s, t)},
+          obj.Head(hidden, kernel),
+          tokens,
+          weights,
+          teacher=obj.Head(t_hidden, t_kernel),
+          chunk_size=chunk,
+      )[0]
+
   elif impl == "opdjax":
+
     def loss(hidden, kernel):
-      values = obj.token_values(lambda s, t, a: {"d": jsd(s, t)}, obj.Head(hidden, kernel),
-                                tokens, teacher=obj.Head(t_hidden, t_kernel), chunk_size=chunk)
+      values = obj.token_values(
+          lambda s, t, a: {"d": jsd(s, t)},
+          obj.Head(hidden, kernel),
+          tokens,
+          teacher=obj.Head(t_hidden, t_kernel),
+          chunk_size=chunk,
+      )
       return jnp.mean(values["d"])
+
   else:
+
     def loss(hidden, kernel):
       f32 = lambda x: x.astype(jnp.float32)
       return jnp.mean(jsd(f32(hidden @ kernel), f32(t_hidden @ t_kernel)))
@@ -94,8 +109,13 @@ def run_jax(impl: str, bt: int, h: int, v: int, repeats: int, dtype: str, chunk:
     times.append(time.perf_counter() - start)
   temp = step.lower(hidden, kernel).compile().memory_analysis().temp_size_in_bytes
   peak = device.memory_stats()["peak_bytes_in_use"] / 2**20 if on_gpu else peak_mb()
-  return dict(first_s=first, median_s=statistics.median(times), device=device.device_kind,
-              peak_extra_mb=peak - base, xla_temp_mb=temp / 2**20)
+  return dict(
+      first_s=first,
+      median_s=statistics.median(times),
+      device=device.device_kind,
+      peak_extra_mb=peak - base,
+      xla_temp_mb=temp / 2**20,
+  )
 
 
 def run_liger(impl: str, bt: int, h: int, v: int, repeats: int, dtype: str, chunk: int = 0) -> dict:
@@ -104,14 +124,14 @@ def run_liger(impl: str, bt: int, h: int, v: int, repeats: int, dtype: str, chun
 
   cuda = torch.cuda.is_available()
   dev = "cuda" if cuda else "cpu"
-  torch.set_float32_matmul_precision("high")   # TF32 on a GPU, as XLA's default precision
+  torch.set_float32_matmul_precision("high")  # TF32 on a GPU, as XLA's default precision
   torch.manual_seed(0)
   dt = getattr(torch, dtype)
   make = lambda *shape, scale: (torch.randn(*shape, device=dev) * scale).to(dt)
   hidden = make(bt, h, scale=0.5).requires_grad_()
-  weight = make(v, h, scale=h ** -0.5).requires_grad_()
+  weight = make(v, h, scale=h**-0.5).requires_grad_()
   t_hidden = make(bt, h, scale=0.5)
-  t_weight = make(v, h, scale=h ** -0.5)
+  t_weight = make(v, h, scale=h**-0.5)
   labels = torch.zeros(bt, dtype=torch.long, device=dev)
   module = LigerFusedLinearJSDLoss(beta=0.5)
   if impl == "liger_compiled":
@@ -136,8 +156,12 @@ def run_liger(impl: str, bt: int, h: int, v: int, repeats: int, dtype: str, chun
     step()
     times.append(time.perf_counter() - start)
   peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_mb()
-  return dict(first_s=first, median_s=statistics.median(times), peak_extra_mb=peak - base,
-              device=torch.cuda.get_device_name() if cuda else "cpu")
+  return dict(
+      first_s=first,
+      median_s=statistics.median(times),
+      peak_extra_mb=peak - base,
+      device=torch.cuda.get_device_name() if cuda else "cpu",
+  )
 
 
 def one(impl: str, bt: int, h: int, v: int, repeats: int, dtype: str, chunk: int = 0) -> dict:
@@ -146,9 +170,20 @@ def one(impl: str, bt: int, h: int, v: int, repeats: int, dtype: str, chunk: int
   # The matmuls any implementation must do: the student and teacher head forward (2·BT·H·V
   # each) and the student's backward to hidden and head (2·BT·H·V each).
   flops = 4 * 2 * bt * h * v
-  return dict(impl=impl, bt=bt, h=h, v=v, dtype=dtype, repeats=repeats, chunk_size=chunk,
-              machine=platform.machine(), cpus=os.cpu_count(), forward_flops=2 * bt * h * v,
-              matmul_tflop_per_s=flops / result["median_s"] / 1e12, **result)
+  return dict(
+      impl=impl,
+      bt=bt,
+      h=h,
+      v=v,
+      dtype=dtype,
+      repeats=repeats,
+      chunk_size=chunk,
+      machine=platform.machine(),
+      cpus=os.cpu_count(),
+      forward_flops=2 * bt * h * v,
+      matmul_tflop_per_s=flops / result["median_s"] / 1e12,
+      **result,
+  )
 
 
 def main():
@@ -157,27 +192,52 @@ def main():
   parser.add_argument("--impls", default=",".join(IMPLS))
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-  parser.add_argument("--chunk_sizes", default="0",
-                      help="comma-separated tokens per chunk for the opdjax impls (0 = auto)")
+  parser.add_argument(
+      "--chunk_sizes",
+      default="0",
+      help="comma-separated tokens per chunk for the opdjax impls (0 = auto)",
+  )
   parser.add_argument("--out", default=None, help="append JSON lines here")
   parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.one:
     impl, bt, h, v = args.one.split(",")
-    print(json.dumps(one(impl, int(bt), int(h), int(v), args.repeats, args.dtype,
-                         int(args.chunk_sizes))))
+    print(
+        json.dumps(
+            one(impl, int(bt), int(h), int(v), args.repeats, args.dtype, int(args.chunk_sizes))
+        )
+    )
     return
-  runs = [(impl, chunk) for impl in args.impls.split(",")
-          for chunk in (args.chunk_sizes.split(",") if impl.startswith("opdjax") else ["0"])]
+  runs = [
+      (impl, chunk)
+      for impl in args.impls.split(",")
+      for chunk in (args.chunk_sizes.split(",") if impl.startswith("opdjax") else ["0"])
+  ]
   for shape in args.shapes:
     for impl, chunk in runs:
-      proc = subprocess.run([sys.executable, __file__, "--one", f"{impl},{shape}",
-                             "--repeats", str(args.repeats), "--dtype", args.dtype,
-                             "--chunk_sizes", chunk],
-                            capture_output=True, text=True)
+      proc = subprocess.run(
+          [
+              sys.executable,
+              __file__,
+              "--one",
+              f"{impl},{shape}",
+              "--repeats",
+              str(args.repeats),
+              "--dtype",
+              args.dtype,
+              "--chunk_sizes",
+              chunk,
+          ],
+          capture_output=True,
+          text=True,
+      )
       if proc.returncode:
-        line = dict(impl=impl, shape=shape, dtype=args.dtype,
-                    error=(proc.stderr.strip().splitlines() or ["no output"])[-1])
+        line = dict(
+            impl=impl,
+            shape=shape,
+            dtype=args.dtype,
+            error=(proc.stderr.strip().splitlines() or ["no output"])[-1],
+        )
       else:
         line = json.loads(proc.stdout.strip().splitlines()[-1])
       emit(line, args.out)

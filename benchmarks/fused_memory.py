@@ -27,26 +27,40 @@ def temporaries(path: str, chunk_size: int) -> int:
     weights = mask / jnp.maximum(jnp.sum(mask), 1)
     student, teacher = obj.Head(hidden, kernel), obj.Head(t_hidden, t_kernel)
     if path == "one_pass":
-      return obj.fused.weighted_token_sum(fn, student, tokens, weights, teacher=teacher,
-                                          chunk_size=chunk_size)[0]
+      return obj.fused.weighted_token_sum(
+          fn, student, tokens, weights, teacher=teacher, chunk_size=chunk_size
+      )[0]
     values = obj.token_values(fn, student, tokens, teacher=teacher, chunk_size=chunk_size)
     return jnp.sum(weights * values["loss"])
 
   f32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.float32)
   step = jax.jit(jax.grad(loss, argnums=(0, 1)))
-  compiled = step.lower(f32((BATCH, LENGTH, WIDTH)), f32((WIDTH, VOCAB)),
-                        f32((BATCH, LENGTH, WIDTH)), f32((WIDTH, VOCAB)),
-                        jax.ShapeDtypeStruct((BATCH, LENGTH), jnp.int32),
-                        f32((BATCH, LENGTH))).compile()
+  compiled = step.lower(
+      f32((BATCH, LENGTH, WIDTH)),
+      f32((WIDTH, VOCAB)),
+      f32((BATCH, LENGTH, WIDTH)),
+      f32((WIDTH, VOCAB)),
+      jax.ShapeDtypeStruct((BATCH, LENGTH), jnp.int32),
+      f32((BATCH, LENGTH)),
+  ).compile()
   return compiled.memory_analysis().temp_size_in_bytes
 
 
 def main():
   for path, chunk_size in (("one_pass", 0), ("remat_scan", 0), ("remat_scan", BATCH * LENGTH)):
     temp = temporaries(path, chunk_size)
-    print(json.dumps(dict(path=path, chunk_size=chunk_size or "auto", vocab=VOCAB,
-                          tokens=BATCH * LENGTH, temp_gb=round(temp / 1e9, 3),
-                          full_logits_gb=round(BATCH * LENGTH * VOCAB * 4 / 1e9, 3))))
+    print(
+        json.dumps(
+            dict(
+                path=path,
+                chunk_size=chunk_size or "auto",
+                vocab=VOCAB,
+                tokens=BATCH * LENGTH,
+                temp_gb=round(temp / 1e9, 3),
+                full_logits_gb=round(BATCH * LENGTH * VOCAB * 4 / 1e9, 3),
+            )
+        )
+    )
 
 
 if __name__ == "__main__":

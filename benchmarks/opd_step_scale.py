@@ -27,6 +27,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _jsonl import emit  # noqa: E402  (benchmarks/, next to this script)
 from flax import nnx
 
 from opdjax import configs, recipes, sharding
@@ -35,7 +36,6 @@ from opdjax.evaluation import forward_hidden
 from opdjax.models import Decoder, ModelConfig
 from opdjax.sampling import SamplingParams, generate
 from opdjax.trainer import make_optimizer, make_train_step
-from _jsonl import emit  # noqa: E402  (benchmarks/, next to this script)
 
 
 def peak_bytes() -> int:
@@ -79,29 +79,44 @@ def main(argv=None):
   p.add_argument("--out", default=None)
   args = p.parse_args(argv)
 
-  config = ModelConfig(vocab_size=args.vocab, hidden_size=args.hidden,
-                       intermediate_size=args.intermediate, num_layers=args.layers,
-                       num_heads=args.heads, num_kv_heads=args.kv_heads, head_dim=args.head_dim,
-                       model_type="qwen3", tie_word_embeddings=True,
-                       max_position_embeddings=max(args.seq, 512))
+  config = ModelConfig(
+      vocab_size=args.vocab,
+      hidden_size=args.hidden,
+      intermediate_size=args.intermediate,
+      num_layers=args.layers,
+      num_heads=args.heads,
+      num_kv_heads=args.kv_heads,
+      head_dim=args.head_dim,
+      model_type="qwen3",
+      tie_word_embeddings=True,
+      max_position_embeddings=max(args.seq, 512),
+  )
   compute = jnp.dtype(args.dtype)
   mesh = sharding.make_mesh((1,), ("data",))
   layout = dict(scan_layers=args.scan_layers)
-  student = Decoder(config, dtype=compute, param_dtype=jnp.float32, rngs=nnx.Rngs(0),
-                    remat=args.remat, **layout)
+  student = Decoder(
+      config, dtype=compute, param_dtype=jnp.float32, rngs=nnx.Rngs(0), remat=args.remat, **layout
+  )
   teacher = Decoder(config, dtype=compute, param_dtype=compute, rngs=nnx.Rngs(1), **layout)
   run_config = configs.base_config()
   run_config.recipe.divergence = "generalized_jsd"
   run_config.recipe.divergence_kwargs = {"beta": 0.5}
   recipe = recipes.build(run_config.recipe)
   graphdef, params = nnx.split(student)
-  params = sharding.place_state(params, mesh)   # as the trainer places them: no recompiles
+  params = sharding.place_state(params, mesh)  # as the trainer places them: no recompiles
   t_graphdef, t_state = nnx.split(teacher)
   tx = make_optimizer(run_config)
   opt_state = sharding.init_optimizer(tx, params, mesh)
   shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
-  step = make_train_step(graphdef, recipe, tx, shardings(params), shardings(opt_state),
-                         microbatches=args.microbatches, chunk_size=args.loss_chunk_size)
+  step = make_train_step(
+      graphdef,
+      recipe,
+      tx,
+      shardings(params),
+      shardings(opt_state),
+      microbatches=args.microbatches,
+      chunk_size=args.loss_chunk_size,
+  )
 
   b, new = args.batch, args.seq - args.prompt
   rng = np.random.default_rng(0)
@@ -109,8 +124,14 @@ def main(argv=None):
   prompt_mask = jnp.ones((b, args.prompt), bool)
   timings = {}
   if args.sample:
-    sample = lambda: generate(student, prompts, prompt_mask, key=jax.random.key(0),
-                              max_new_tokens=new, sampling=SamplingParams()).tokens
+    sample = lambda: generate(
+        student,
+        prompts,
+        prompt_mask,
+        key=jax.random.key(0),
+        max_new_tokens=new,
+        sampling=SamplingParams(),
+    ).tokens
     completion, timings["sample_first_s"], timings["sample_median_s"] = timed(sample, args.repeats)
   else:
     completion = jnp.asarray(rng.integers(1, args.vocab, (b, new)), jnp.int32)
@@ -128,20 +149,34 @@ def main(argv=None):
   state = {"params": params, "opt_state": opt_state}
 
   def update():
-    state["params"], state["opt_state"], m = compiled(state["params"], state["opt_state"], seq, frozen)
+    state["params"], state["opt_state"], m = compiled(
+        state["params"], state["opt_state"], seq, frozen
+    )
     return m["loss"][0]
 
   loss, timings["update_first_s"], timings["update_median_s"] = timed(update, args.repeats)
-  line = dict(benchmark="opd_step_scale", device=jax.devices()[0].device_kind,
-              platform=jax.devices()[0].platform, cpus=os.cpu_count(),
-              machine=platform.machine(), layers=args.layers, hidden=args.hidden,
-              vocab=args.vocab, batch=b, seq=args.seq, dtype=args.dtype,
-              microbatches=args.microbatches, scan_layers=args.scan_layers, remat=args.remat,
-              params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)),
-              loss=float(loss), step_temporaries_gb=temporaries / 1e9,
-              peak_gb=peak_bytes() / 1e9,
-              bt_v_float32_gb=b * (args.seq - 1) * args.vocab * 4 / 1e9,
-              **{k: round(v, 4) for k, v in timings.items()})
+  line = dict(
+      benchmark="opd_step_scale",
+      device=jax.devices()[0].device_kind,
+      platform=jax.devices()[0].platform,
+      cpus=os.cpu_count(),
+      machine=platform.machine(),
+      layers=args.layers,
+      hidden=args.hidden,
+      vocab=args.vocab,
+      batch=b,
+      seq=args.seq,
+      dtype=args.dtype,
+      microbatches=args.microbatches,
+      scan_layers=args.scan_layers,
+      remat=args.remat,
+      params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)),
+      loss=float(loss),
+      step_temporaries_gb=temporaries / 1e9,
+      peak_gb=peak_bytes() / 1e9,
+      bt_v_float32_gb=b * (args.seq - 1) * args.vocab * 4 / 1e9,
+      **{k: round(v, 4) for k, v in timings.items()},
+  )
   line["step_median_s"] = round(sum(v for k, v in timings.items() if k.endswith("median_s")), 4)
   emit(line, args.out)
 

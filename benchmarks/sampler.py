@@ -35,13 +35,29 @@ from opdjax.sampling import SamplingParams, generate
 
 CONFIGS = {
     "tiny": tiny_config("qwen3"),
-    "small": ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=688, num_layers=4,
-                         num_heads=8, num_kv_heads=4, head_dim=32, model_type="qwen3",
-                         max_position_embeddings=1024),
-    "qwen3-0.6b": ModelConfig(vocab_size=151_936, hidden_size=1024, intermediate_size=3072,
-                              num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128,
-                              model_type="qwen3", tie_word_embeddings=True,
-                              max_position_embeddings=4096),
+    "small": ModelConfig(
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=688,
+        num_layers=4,
+        num_heads=8,
+        num_kv_heads=4,
+        head_dim=32,
+        model_type="qwen3",
+        max_position_embeddings=1024,
+    ),
+    "qwen3-0.6b": ModelConfig(
+        vocab_size=151_936,
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_layers=28,
+        num_heads=16,
+        num_kv_heads=8,
+        head_dim=128,
+        model_type="qwen3",
+        tie_word_embeddings=True,
+        max_position_embeddings=4096,
+    ),
 }
 
 
@@ -66,8 +82,14 @@ def decode_bytes(config, params_bytes, batch, prompt_len, new_tokens, itemsize) 
 
 
 def time_opdjax(model, prompts, mask, new_tokens, repeats):
-  run = lambda seed: generate(model, prompts, mask, key=jax.random.key(seed),
-                              max_new_tokens=new_tokens, sampling=SamplingParams(greedy=True))
+  run = lambda seed: generate(
+      model,
+      prompts,
+      mask,
+      key=jax.random.key(seed),
+      max_new_tokens=new_tokens,
+      sampling=SamplingParams(greedy=True),
+  )
   start = time.perf_counter()
   out = run(0)
   jax.block_until_ready(out.tokens)
@@ -83,12 +105,21 @@ def time_opdjax(model, prompts, mask, new_tokens, repeats):
 def time_transformers(directory, prompts, new_tokens, repeats, dtype):
   import torch
   import transformers
+
   device = "cuda" if torch.cuda.is_available() else "cpu"
-  model = transformers.AutoModelForCausalLM.from_pretrained(
-      directory, dtype=getattr(torch, dtype)).to(device).eval()
+  model = (
+      transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, dtype))
+      .to(device)
+      .eval()
+  )
   ids = torch.tensor(np.asarray(prompts), device=device)
-  kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                eos_token_id=None, pad_token_id=0)
+  kwargs = dict(
+      max_new_tokens=new_tokens,
+      min_new_tokens=new_tokens,
+      do_sample=False,
+      eos_token_id=None,
+      pad_token_id=0,
+  )
   with torch.no_grad():
     out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
     times = []
@@ -98,7 +129,7 @@ def time_transformers(directory, prompts, new_tokens, repeats, dtype):
       if device == "cuda":
         torch.cuda.synchronize()
       times.append(time.perf_counter() - start)
-  return out[:, ids.shape[1]:].cpu().numpy(), statistics.median(times)
+  return out[:, ids.shape[1] :].cpu().numpy(), statistics.median(times)
 
 
 def main(argv=None):
@@ -121,42 +152,73 @@ def main(argv=None):
 
   for name in args.models:
     config = CONFIGS[name]
-    model = Decoder(config, dtype=dtype, param_dtype=dtype, attention=args.attention,
-                    rngs=nnx.Rngs(0))
+    model = Decoder(
+        config, dtype=dtype, param_dtype=dtype, attention=args.attention, rngs=nnx.Rngs(0)
+    )
     params_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     directory = tempfile.mkdtemp()
     save_pretrained(model, directory)
     for batch in args.batches:
-      prompts = jax.random.randint(jax.random.key(batch), (batch, args.prompt_len), 1,
-                                   config.vocab_size)
+      prompts = jax.random.randint(
+          jax.random.key(batch), (batch, args.prompt_len), 1, config.vocab_size
+      )
       mask = jnp.ones(prompts.shape, bool)
       ours, first, steady = time_opdjax(model, prompts, mask, args.new_tokens, args.repeats)
       generated = batch * args.new_tokens
-      rows = [dict(impl="opdjax", tokens_per_s=generated / steady, steady_s=steady,
-                   compile_plus_first_run_s=first, compile_s_estimate=first - steady)]
+      rows = [
+          dict(
+              impl="opdjax",
+              tokens_per_s=generated / steady,
+              steady_s=steady,
+              compile_plus_first_run_s=first,
+              compile_s_estimate=first - steady,
+          )
+      ]
       if bandwidth:
-        step_bytes = decode_bytes(config, params_bytes, batch, args.prompt_len, args.new_tokens,
-                                  dtype.itemsize)
+        step_bytes = decode_bytes(
+            config, params_bytes, batch, args.prompt_len, args.new_tokens, dtype.itemsize
+        )
         roofline = batch * bandwidth / step_bytes
-        rows[0].update(roofline_tokens_per_s=roofline, fraction_of_roofline=generated / steady / roofline,
-                       copy_bandwidth_gb_s=bandwidth / 1e9)
+        rows[0].update(
+            roofline_tokens_per_s=roofline,
+            fraction_of_roofline=generated / steady / roofline,
+            copy_bandwidth_gb_s=bandwidth / 1e9,
+        )
       if not args.no_transformers:
-        theirs, hf_steady = time_transformers(directory, prompts, args.new_tokens, args.repeats,
-                                              args.dtype)
-        rows.append(dict(impl="transformers", tokens_per_s=generated / hf_steady,
-                         steady_s=hf_steady, greedy_token_agreement=float(np.mean(ours == theirs))))
+        theirs, hf_steady = time_transformers(
+            directory, prompts, args.new_tokens, args.repeats, args.dtype
+        )
+        rows.append(
+            dict(
+                impl="transformers",
+                tokens_per_s=generated / hf_steady,
+                steady_s=hf_steady,
+                greedy_token_agreement=float(np.mean(ours == theirs)),
+            )
+        )
       for row in rows:
-        line = json.dumps(dict(benchmark="sampler", model=name, device=device, device_kind=kind,
-                               dtype=args.dtype, attention=args.attention, batch=batch,
-                               prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                               params=sum(int(np.prod(v.get_value().shape)) for _, v in
-                                          nnx.to_flat_state(nnx.state(model, nnx.Param))),
-                               **{k: round(v, 4) if isinstance(v, float) else v
-                                  for k, v in row.items()}))
+        line = json.dumps(
+            dict(
+                benchmark="sampler",
+                model=name,
+                device=device,
+                device_kind=kind,
+                dtype=args.dtype,
+                attention=args.attention,
+                batch=batch,
+                prompt_len=args.prompt_len,
+                new_tokens=args.new_tokens,
+                params=sum(
+                    int(np.prod(v.get_value().shape))
+                    for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+                ),
+                **{k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()},
+            )
+        )
         print(line, flush=True)
         if sink:
           sink.write(line + "\n")
-          sink.flush()   # a part killed by its time limit keeps what it measured
+          sink.flush()  # a part killed by its time limit keeps what it measured
   if sink:
     sink.close()
 

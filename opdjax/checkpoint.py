@@ -26,7 +26,6 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from opdjax import distributed
-
 from opdjax.models.config import ModelConfig
 
 CONFIG_FILE = "model_config.json"
@@ -51,8 +50,10 @@ class Checkpointer:
     self.async_save = async_save
     self.manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                             enable_async_checkpointing=async_save))
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+        ),
+    )
 
   def latest_step(self) -> int | None:
     """The newest step, the same on every process (or an error saying they differ)."""
@@ -62,9 +63,16 @@ class Checkpointer:
     """Saves; with `async_save` returns once the arrays are copied to host memory. `extra`
     is `{name: tree}` of state a recipe keeps besides the parameters (an EMA teacher)."""
     items = {name: ocp.args.StandardSave(tree) for name, tree in (extra or {}).items()}
-    self.manager.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
-        meta=ocp.args.JsonSave(meta), **items), force=True)
+    self.manager.save(
+        step,
+        args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params),
+            opt_state=ocp.args.StandardSave(opt_state),
+            meta=ocp.args.JsonSave(meta),
+            **items,
+        ),
+        force=True,
+    )
     if not self.async_save:
       self.manager.wait_until_finished()
 
@@ -72,13 +80,21 @@ class Checkpointer:
     """Restores into the structure and shardings of the given (freshly built) trees:
     `(params, opt_state, meta, extra)`."""
     extra = extra or {}
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract_like(params)),
-        opt_state=ocp.args.StandardRestore(abstract_like(opt_state)),
-        meta=ocp.args.JsonRestore(),
-        **{name: ocp.args.StandardRestore(abstract_like(tree)) for name, tree in extra.items()}))
-    return (restored["params"], restored["opt_state"], restored["meta"],
-            {name: restored[name] for name in extra})
+    restored = self.manager.restore(
+        step,
+        args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_like(params)),
+            opt_state=ocp.args.StandardRestore(abstract_like(opt_state)),
+            meta=ocp.args.JsonRestore(),
+            **{name: ocp.args.StandardRestore(abstract_like(tree)) for name, tree in extra.items()},
+        ),
+    )
+    return (
+        restored["params"],
+        restored["opt_state"],
+        restored["meta"],
+        {name: restored[name] for name in extra},
+    )
 
   def restore_latest(self, params, opt_state, extra=None):
     """`(step, params, opt_state, meta, extra)` of the newest checkpoint that restores, or
@@ -91,11 +107,16 @@ class Checkpointer:
       except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: fall back
         older = [s for s in steps if s < step]
         if not older:
-          raise RuntimeError(f"checkpoint {self.directory / str(step)} cannot be restored and "
-                             f"there is no older one: {type(e).__name__}: {e}") from e
-        warnings.warn(f"checkpoint {self.directory / str(step)} cannot be restored "
-                      f"({type(e).__name__}: {str(e)[:200]}); deleting it and resuming from "
-                      f"step {older[0]}", stacklevel=2)
+          raise RuntimeError(
+              f"checkpoint {self.directory / str(step)} cannot be restored and "
+              f"there is no older one: {type(e).__name__}: {e}"
+          ) from e
+        warnings.warn(
+            f"checkpoint {self.directory / str(step)} cannot be restored "
+            f"({type(e).__name__}: {str(e)[:200]}); deleting it and resuming from "
+            f"step {older[0]}",
+            stacklevel=2,
+        )
         self.manager.delete(step)
     return None
 
@@ -135,7 +156,8 @@ def restore_params(workdir: str | os.PathLike, params_like, *, step: int | None 
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {resolve(workdir) / 'checkpoints'}")
-  restored = manager.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(abstract_like(params_like))))
+  restored = manager.restore(
+      step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_like(params_like)))
+  )
   manager.close()
   return restored["params"]

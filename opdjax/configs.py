@@ -13,31 +13,31 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.task = ml_collections.ConfigDict()
-  c.task.name = "addition"          # synthetic task: addition | modular_chain
-  c.task.difficulty = 2             # digits (addition) or steps (modular_chain)
-  c.task.seed = 0                   # which problems (the train/held-out split is fixed by hash)
+  c.task.name = "addition"  # synthetic task: addition | modular_chain
+  c.task.difficulty = 2  # digits (addition) or steps (modular_chain)
+  c.task.seed = 0  # which problems (the train/held-out split is fixed by hash)
   c.task.train_size = 4000
   c.task.eval_size = 128
-  c.task.prompt_length = 8          # prompt tokens (left-padded)
-  c.task.completion_length = 8      # answer tokens incl. EOS; also the sampler's max_new_tokens
-  c.task.train_jsonl = ""           # JSONL prompts instead of a synthetic task
+  c.task.prompt_length = 8  # prompt tokens (left-padded)
+  c.task.completion_length = 8  # answer tokens incl. EOS; also the sampler's max_new_tokens
+  c.task.train_jsonl = ""  # JSONL prompts instead of a synthetic task
   c.task.eval_jsonl = ""
 
   c.student = ml_collections.ConfigDict()
   c.student.preset = "student-tiny"  # opdjax.trainer.MODEL_PRESETS, when not loading weights
-  c.student.hf_path = ""            # a local Hugging Face directory
-  c.student.init_from = ""          # warm start from an earlier run's workdir
-  c.student.dtype = "bfloat16"       # compute dtype (activations, KV cache)
+  c.student.hf_path = ""  # a local Hugging Face directory
+  c.student.init_from = ""  # warm start from an earlier run's workdir
+  c.student.dtype = "bfloat16"  # compute dtype (activations, KV cache)
   c.student.param_dtype = "float32"  # master weights and optimizer state
-  c.student.attention = "auto"      # auto (cuDNN on GPU for 16-bit, else XLA) | xla | cudnn
-  c.student.scan_layers = False     # stacked layers in one lax.scan: flat compile time in depth
-  c.student.remat = "none"          # none | full | save_dots: recompute layers in backward
+  c.student.attention = "auto"  # auto (cuDNN on GPU for 16-bit, else XLA) | xla | cudnn
+  c.student.scan_layers = False  # stacked layers in one lax.scan: flat compile time in depth
+  c.student.remat = "none"  # none | full | save_dots: recompute layers in backward
 
   c.teacher = ml_collections.ConfigDict()
   c.teacher.preset = "teacher-small"
   c.teacher.hf_path = ""
-  c.teacher.checkpoint = ""         # an earlier run's workdir (read-only)
-  c.teacher.dtype = "bfloat16"       # the teacher is bfloat16 throughout
+  c.teacher.checkpoint = ""  # an earlier run's workdir (read-only)
+  c.teacher.dtype = "bfloat16"  # the teacher is bfloat16 throughout
   c.teacher.param_dtype = "bfloat16"
   c.teacher.attention = "auto"
   c.teacher.scan_layers = False
@@ -47,48 +47,48 @@ def base_config() -> ml_collections.ConfigDict:
   # When set, `teacher` itself stays unset.
   c.teachers = ml_collections.ConfigDict()
 
-  c.reference = ml_collections.ConfigDict()   # gopd: default the student's initial weights
+  c.reference = ml_collections.ConfigDict()  # gopd: default the student's initial weights
   c.reference.preset = ""
   c.reference.hf_path = ""
-  c.reference.checkpoint = ""       # an earlier run's workdir, e.g. the teacher's base model
+  c.reference.checkpoint = ""  # an earlier run's workdir, e.g. the teacher's base model
   c.reference.dtype = "bfloat16"
   c.reference.param_dtype = "bfloat16"
   c.reference.attention = "auto"
   c.reference.scan_layers = False
 
   c.recipe = ml_collections.ConfigDict()
-  c.recipe.name = "opd"             # sft | seqkd | supervised_kd | gkd | opd | gopd | grpo | self_distill
-  c.recipe.estimator = "full"       # opd: full | topk | sampled; gopd: sampled | full
+  c.recipe.name = "opd"  # sft | seqkd | supervised_kd | gkd | opd | gopd | grpo | self_distill
+  c.recipe.estimator = "full"  # opd: full | topk | sampled; gopd: sampled | full
   c.recipe.divergence = "reverse_kl"
   c.recipe.divergence_kwargs = ml_collections.ConfigDict()
   c.recipe.top_k = 0
   c.recipe.tail_bucket = False
-  c.recipe.gamma = 0.0              # sampled: reward-to-go discount
-  c.recipe.correction = "none"      # sampled: none | plain | truncated | ppo_clip
+  c.recipe.gamma = 0.0  # sampled: reward-to-go discount
+  c.recipe.correction = "none"  # sampled: none | plain | truncated | ppo_clip
   c.recipe.clip_epsilon = 0.2
   c.recipe.truncation = 2.0
-  c.recipe.lambda_on = 0.5          # gkd: probability of on-policy student samples
-  c.recipe.reward_scale = 1.0       # gopd: λ (1 = opd, > 1 = ExOPD)
-  c.recipe.group_size = 4           # grpo: completions per prompt
-  c.recipe.normalize_std = True     # grpo: divide by the group's std (False = Dr. GRPO)
-  c.recipe.opd_weight = 0.0         # grpo: weight of the teacher's dense OPD advantage
-  c.recipe.loss_mean = "token"      # grpo: token | sequence (average each completion first)
+  c.recipe.lambda_on = 0.5  # gkd: probability of on-policy student samples
+  c.recipe.reward_scale = 1.0  # gopd: λ (1 = opd, > 1 = ExOPD)
+  c.recipe.group_size = 4  # grpo: completions per prompt
+  c.recipe.normalize_std = True  # grpo: divide by the group's std (False = Dr. GRPO)
+  c.recipe.opd_weight = 0.0  # grpo: weight of the teacher's dense OPD advantage
+  c.recipe.loss_mean = "token"  # grpo: token | sequence (average each completion first)
   c.recipe.teacher_mode = "frozen"  # self_distill: frozen | current | ema | trust_region
-  c.recipe.privileged = "answer {answer}; {prompt}"   # self_distill: the teacher's prompt
-  c.recipe.privileged_length = 0    # self_distill: its tokens; 0 = prompt + completion length + 32
-  c.recipe.ema_rate = 0.05          # self_distill (ema): θ' ← θ' + r·(θ − θ')
-  c.recipe.trust_region_alpha = 0.5 # self_distill (trust_region): weight of the current weights
+  c.recipe.privileged = "answer {answer}; {prompt}"  # self_distill: the teacher's prompt
+  c.recipe.privileged_length = 0  # self_distill: its tokens; 0 = prompt + completion length + 32
+  c.recipe.ema_rate = 0.05  # self_distill (ema): θ' ← θ' + r·(θ − θ')
+  c.recipe.trust_region_alpha = 0.5  # self_distill (trust_region): weight of the current weights
 
   c.sampling = ml_collections.ConfigDict()
   c.sampling.temperature = 1.0
   c.sampling.top_k = 0
   c.sampling.top_p = 1.0
-  c.sampling.layout = "train"       # train | tensor | replicated: the student's layout while it samples
+  c.sampling.layout = "train"  # train | tensor | replicated: the student's layout while it samples
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 1e-3
   c.optimizer.warmup_steps = 10
-  c.optimizer.schedule = "cosine"   # cosine | constant
+  c.optimizer.schedule = "cosine"  # cosine | constant
   c.optimizer.final_lr_fraction = 0.1
   c.optimizer.weight_decay = 0.0
   c.optimizer.grad_clip = 1.0
@@ -97,9 +97,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.steps = 100
   c.train.batch_size = 32
   c.train.updates_per_rollout = 1
-  c.train.microbatches = 1          # row blocks per step, gradients summed (same update)
-  c.train.loss_chunk_size = 0       # tokens per fused-loss chunk; 0 = auto (logits per chunk: 4M CPU, 134M GPU, 16M TPU)
-  c.train.memory_limit_gb = 0.0     # per-device plan limit; 0 = the device's own (none on CPU)
+  c.train.microbatches = 1  # row blocks per step, gradients summed (same update)
+  c.train.loss_chunk_size = (
+      0  # tokens per fused-loss chunk; 0 = auto (logits per chunk: 4M CPU, 134M GPU, 16M TPU)
+  )
+  c.train.memory_limit_gb = 0.0  # per-device plan limit; 0 = the device's own (none on CPU)
   c.train.log_every = 10
   c.train.save_every = 50
   c.train.keep_checkpoints = 2
@@ -107,17 +109,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.async_checkpointing = "auto"  # auto (on for GPU/TPU) | on | off
 
   c.eval = ml_collections.ConfigDict()
-  c.eval.every = 50                 # 0 = no held-out evaluation
+  c.eval.every = 50  # 0 = no held-out evaluation
   c.eval.at_start = True
   c.eval.temperature = 1.0
-  c.eval.batch_size = 128           # rows generated and scored at once
+  c.eval.batch_size = 128  # rows generated and scored at once
 
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.shape = (-1,)              # -1: all remaining devices
-  c.mesh.axes = ("fsdp",)           # data | fsdp | tensor; fsdp splits the batch and the weights
+  c.mesh.shape = (-1,)  # -1: all remaining devices
+  c.mesh.axes = ("fsdp",)  # data | fsdp | tensor; fsdp splits the batch and the weights
   # Partition rules: (regex on a parameter path, one mesh axis or None per dimension); the
   # first match wins. See opdjax.sharding; `--dry_run` prints where each parameter lands.
   from opdjax.sharding import RULES
+
   c.sharding = ml_collections.ConfigDict()
   c.sharding.rules = RULES
   return c
@@ -150,7 +153,7 @@ def teacher_config(task: str = "addition") -> ml_collections.ConfigDict:
     c.task.difficulty = 3
     c.task.prompt_length = 12
     c.task.completion_length = 8
-  c.student.preset = "teacher-small"   # the model being trained here is the teacher
+  c.student.preset = "teacher-small"  # the model being trained here is the teacher
   c.recipe.name = "sft"
   c.optimizer.learning_rate = 2e-3
   c.optimizer.warmup_steps = 30
@@ -170,7 +173,7 @@ def warmstart_config() -> ml_collections.ConfigDict:
   c.student.preset = "student-small"
   c.optimizer.learning_rate = 2e-3
   c.train.batch_size = 64
-  c.train.steps = 1000          # the student starts to solve 2-digit addition after ~700
+  c.train.steps = 1000  # the student starts to solve 2-digit addition after ~700
   c.train.save_every = 1000
   c.eval.every = 1000
   c.eval.at_start = False
@@ -180,7 +183,7 @@ def warmstart_config() -> ml_collections.ConfigDict:
 def distill_config(recipe: dict) -> ml_collections.ConfigDict:
   """A distillation stage from the `warmstart` stage toward the `teacher` stage."""
   c = float32(base_config())
-  c.student.preset = "student-small"   # informational: the weights come from init_from
+  c.student.preset = "student-small"  # informational: the weights come from init_from
   c.student.init_from = "@warmstart"
   c.teacher.checkpoint = "@teacher"
   c.recipe.update(recipe)

@@ -23,9 +23,11 @@ from jax.sharding import NamedSharding
 
 from opdjax.errors import ConfigError
 
-ENV = {"coordinator_address": "OPDJAX_COORDINATOR_ADDRESS",
-       "num_processes": "OPDJAX_NUM_PROCESSES",
-       "process_id": "OPDJAX_PROCESS_ID"}
+ENV = {
+    "coordinator_address": "OPDJAX_COORDINATOR_ADDRESS",
+    "num_processes": "OPDJAX_NUM_PROCESSES",
+    "process_id": "OPDJAX_PROCESS_ID",
+}
 
 
 def _cluster_detected() -> bool:
@@ -35,8 +37,11 @@ def _cluster_detected() -> bool:
   return "," in hosts or int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1
 
 
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> bool:
+def initialize(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> bool:
   """Joins the processes of a multi-host run; returns whether it did.
 
   The three values are those of `jax.distributed.initialize`, from the arguments or else
@@ -45,8 +50,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   environment, and anything else (one process) is left alone. On CPU the processes talk
   over gloo, which is how the tests run two processes on one machine.
   """
-  given = dict(coordinator_address=coordinator_address, num_processes=num_processes,
-               process_id=process_id)
+  given = dict(
+      coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+  )
   for name, variable in ENV.items():
     if given[name] is None and os.environ.get(variable):
       given[name] = os.environ[variable]
@@ -57,19 +63,24 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     return True
   missing = [name for name, v in given.items() if v is None]
   if missing:
-    raise ConfigError(f"a multi-process run needs --coordinator_address, --num_processes and "
-                      f"--process_id (or ${ENV['coordinator_address']} ...); missing: "
-                      f"{', '.join('--' + m for m in missing)}")
+    raise ConfigError(
+        f"a multi-process run needs --coordinator_address, --num_processes and "
+        f"--process_id (or ${ENV['coordinator_address']} ...); missing: "
+        f"{', '.join('--' + m for m in missing)}"
+    )
   try:
     count, index = int(given["num_processes"]), int(given["process_id"])
   except ValueError:
-    raise ConfigError(f"--num_processes and --process_id must be integers, got "
-                      f"{given['num_processes']!r} and {given['process_id']!r}") from None
+    raise ConfigError(
+        f"--num_processes and --process_id must be integers, got "
+        f"{given['num_processes']!r} and {given['process_id']!r}"
+    ) from None
   if count < 1 or not 0 <= index < count:
     raise ConfigError(f"--process_id={index} must be in [0, --num_processes={count})")
   if ":" not in str(given["coordinator_address"]):
-    raise ConfigError(f"--coordinator_address must be HOST:PORT, got "
-                      f"{given['coordinator_address']!r}")
+    raise ConfigError(
+        f"--coordinator_address must be HOST:PORT, got " f"{given['coordinator_address']!r}"
+    )
   if count == 1:
     return False
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -87,8 +98,9 @@ def global_batch(local, sharding: NamedSharding):
   host arrays in, a tree of global arrays out). On one process: `device_put`."""
   if jax.process_count() == 1:
     return jax.device_put(local, sharding)
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
-                      local)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local
+  )
 
 
 def local_rows(x: jax.Array) -> np.ndarray:
@@ -101,10 +113,12 @@ def local_rows(x: jax.Array) -> np.ndarray:
 
 def to_host(tree):
   """Every row of each global array, on every process (an all-gather: small arrays only)."""
+
   def one(x):
     if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
       return np.asarray(x)
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
   return jax.tree.map(one, tree)
 
 
@@ -123,8 +137,10 @@ def same_on_every_process(value: int | None, what: str) -> int | None:
   mine = np.int64(-1 if value is None else value)
   first = int(multihost_utils.broadcast_one_to_all(mine))
   if first != int(mine):
-    raise RuntimeError(f"{what} differs between processes: process 0 has {first}, process "
-                       f"{jax.process_index()} has {int(mine)} (is the workdir shared?)")
+    raise RuntimeError(
+        f"{what} differs between processes: process 0 has {first}, process "
+        f"{jax.process_index()} has {int(mine)} (is the workdir shared?)"
+    )
   return None if first == -1 else first
 
 

@@ -16,9 +16,9 @@ from flax import nnx
 from opdjax import objectives as obj
 from opdjax.data import PromptSet, verify
 from opdjax.distributed import all_rows, global_batch, local_rows
-from opdjax.sharding import row_splits
 from opdjax.recipes.base import inputs_of, join, metric_pairs, sampled_token_values, targets_of
 from opdjax.sampling import Generation, SamplingParams, generate
+from opdjax.sharding import row_splits
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -42,8 +42,9 @@ def accuracy(tokenizer, gen: Generation, answers) -> float:
 
 
 @functools.partial(jax.jit, static_argnames=("student_graphdef", "teacher_graphdef", "chunk_size"))
-def _sequence_scores(student_graphdef, student_state, teacher_graphdef, teacher_state,
-                     seq, chunk_size):
+def _sequence_scores(
+    student_graphdef, student_state, teacher_graphdef, teacher_state, seq, chunk_size
+):
   """Per-row `Σ_t log p(a_t) − log q(a_t)` on `seq`'s completions, plus token metrics."""
   tokens, mask = inputs_of(seq)
   targets = targets_of(seq)
@@ -51,16 +52,33 @@ def _sequence_scores(student_graphdef, student_state, teacher_graphdef, teacher_
   for graphdef, state in ((student_graphdef, student_state), (teacher_graphdef, teacher_state)):
     model = nnx.merge(graphdef, state)
     heads.append(obj.Head(model.hidden_states(tokens, attention_mask=mask), model.head_kernel()))
-  values = obj.token_values(sampled_token_values, heads[0], targets.tokens, teacher=heads[1],
-                            chunk_size=chunk_size)
+  values = obj.token_values(
+      sampled_token_values, heads[0], targets.tokens, teacher=heads[1], chunk_size=chunk_size
+  )
   log_ratio = values["log_p"] - values["log_q"]
   per_row = jnp.sum(jnp.where(targets.mask, log_ratio, 0.0), axis=1)
   return per_row, metric_pairs(values, targets.mask)
 
 
-def evaluate(student, prompts: PromptSet, tokenizer, *, key, max_new_tokens: int,
-             teacher=None, temperature: float = 1.0, batch_size: int = 128,
-             chunk_size: int = 0, batch_sharding=None) -> dict[str, float]:
+def _score_completions(models, prompt_tokens, prompt_mask, gen: Generation, *, chunk_size):
+  return _sequence_scores(
+      *models, join(prompt_tokens, prompt_mask, gen.tokens, gen.mask), chunk_size
+  )
+
+
+def evaluate(
+    student,
+    prompts: PromptSet,
+    tokenizer,
+    *,
+    key,
+    max_new_tokens: int,
+    teacher=None,
+    temperature: float = 1.0,
+    batch_size: int = 128,
+    chunk_size: int = 0,
+    batch_sharding=None,
+) -> dict[str, float]:
   """Greedy and sampled accuracy, lengths, truncation; with a teacher, KLs to it.
 
   `sequence_reverse_kl` is `E_{y~student}[Σ_t log p/q]` and `sequence_forward_kl`
@@ -83,34 +101,43 @@ def evaluate(student, prompts: PromptSet, tokenizer, *, key, max_new_tokens: int
   for block, start in enumerate(range(0, len(prompts.answers), batch_size)):
     stop = min(start + batch_size, len(prompts.answers))
     share = (stop - start) // processes
-    rows = slice(start + me * share, start + (me + 1) * share)   # this process's rows
+    rows = slice(start + me * share, start + (me + 1) * share)  # this process's rows
     local = dict(tokens=prompts.prompt_tokens[rows], mask=prompts.prompt_mask[rows])
-    placed = (jax.tree.map(jnp.asarray, local) if batch_sharding is None
-              else global_batch(local, batch_sharding))
+    placed = (
+        jax.tree.map(jnp.asarray, local)
+        if batch_sharding is None
+        else global_batch(local, batch_sharding)
+    )
     prompt_tokens, prompt_mask = placed["tokens"], placed["mask"]
     answers = prompts.answers[rows]
     block_key = jax.random.fold_in(key, block)
-    run = lambda model, params, k: generate(model, prompt_tokens, prompt_mask, key=k,
-                                            max_new_tokens=max_new_tokens, sampling=params)
-    greedy = run(student, SamplingParams(greedy=True), block_key)
-    sampled = run(student, sample, jax.random.fold_in(block_key, 1))
+    run = functools.partial(
+        generate,
+        prompt_tokens=prompt_tokens,
+        prompt_mask=prompt_mask,
+        max_new_tokens=max_new_tokens,
+    )
+    greedy = run(student, key=block_key, sampling=SamplingParams(greedy=True))
+    sampled = run(student, key=jax.random.fold_in(block_key, 1), sampling=sample)
     greedy_ok += verified(tokenizer, greedy, answers)
     sampled_ok += verified(tokenizer, sampled, answers)
     lengths += local_rows(sampled.lengths).tolist()
     truncated += local_rows(sampled.truncated).tolist()
     if teacher is None:
       continue
-    score = lambda gen: _sequence_scores(
-        *models, join(prompt_tokens, prompt_mask, gen.tokens, gen.mask), chunk_size)
+    score = functools.partial(
+        _score_completions, models, prompt_tokens, prompt_mask, chunk_size=chunk_size
+    )
     per_row, token_metrics = score(sampled)
     reverse += local_rows(per_row).tolist()
     for name, (total, count) in token_metrics.items():
       token_sums.setdefault(name, []).append((float(total), float(count)))
-    per_row_teacher, _ = score(run(teacher, sample, jax.random.fold_in(block_key, 2)))
+    per_row_teacher, _ = score(run(teacher, key=jax.random.fold_in(block_key, 2), sampling=sample))
     forward += (-local_rows(per_row_teacher)).tolist()
   greedy_ok, sampled_ok, lengths, truncated, reverse, forward = (
-      all_rows(np.asarray(x, np.float64)) for x in (greedy_ok, sampled_ok, lengths, truncated,
-                                                     reverse, forward))
+      all_rows(np.asarray(x, np.float64))
+      for x in (greedy_ok, sampled_ok, lengths, truncated, reverse, forward)
+  )
   results = {
       "accuracy_greedy": float(np.mean(greedy_ok)),
       "accuracy_sampled": float(np.mean(sampled_ok)),

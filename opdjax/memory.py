@@ -44,8 +44,10 @@ def format_plan(terms: dict[str, int], limit: int | None) -> str:
   lines = ["memory plan (per device):"]
   lines += [f"  {name:<{width}}{size / GB:10.3f} GB" for name, size in terms.items()]
   total = sum(terms.values())
-  lines.append(f"  {'total':<{width}}{total / GB:10.3f} GB"
-               + (f"  (limit {limit / GB:.3f} GB)" if limit else "  (no device limit known)"))
+  lines.append(
+      f"  {'total':<{width}}{total / GB:10.3f} GB"
+      + (f"  (limit {limit / GB:.3f} GB)" if limit else "  (no device limit known)")
+  )
   return "\n".join(lines)
 
 
@@ -58,4 +60,5 @@ def check(terms: dict[str, int], limit: int | None) -> None:
         f"the run needs {total / GB:.2f} GB per device, above the {limit / GB:.2f} GB limit "
         f"(train.memory_limit_gb, 0 = the device's own); the biggest term is {name} "
         f"({terms[name] / GB:.2f} GB): shard it over more devices (mesh), lower "
-        "train.batch_size or raise train.microbatches, or use bfloat16 / remat")
+        "train.batch_size or raise train.microbatches, or use bfloat16 / remat"
+    )

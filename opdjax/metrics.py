@@ -25,7 +25,9 @@ class Accumulator:
       self.counts[name] += float(count)
 
   def means(self) -> dict[str, float]:
-    return {name: self.sums[name] / self.counts[name] for name in self.sums if self.counts[name] > 0}
+    return {
+        name: self.sums[name] / self.counts[name] for name in self.sums if self.counts[name] > 0
+    }
 
   def reset(self) -> None:
     self.sums.clear()
@@ -40,6 +42,7 @@ class Writer:
 
   def __init__(self, workdir, *, tensorboard: bool = True, enabled: bool = True):
     from etils import epath
+
     self.workdir = epath.Path(workdir)
     self.path = self.workdir / "metrics.jsonl"
     self.enabled = enabled
@@ -49,13 +52,17 @@ class Writer:
     self.workdir.mkdir(parents=True, exist_ok=True)
     if tensorboard:
       from tensorboardX import SummaryWriter
+
       self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
 
   def truncate_after(self, step: int) -> None:
     """Drops records past `step` (a resumed run redoes them)."""
     if self.enabled and self.path.exists():
-      keep = [line for line in self.path.read_text().splitlines()
-              if line.strip() and json.loads(line)["step"] <= step]
+      keep = [
+          line
+          for line in self.path.read_text().splitlines()
+          if line.strip() and json.loads(line)["step"] <= step
+      ]
       self.path.write_text("".join(line + "\n" for line in keep))
 
   def write(self, step: int, split: str, scalars: Mapping[str, float]) -> None:
@@ -75,6 +82,7 @@ class Writer:
 
 def read_history(path) -> list[dict]:
   from etils import epath
+
   path = epath.Path(path)
   if not path.exists():
     return []
@@ -84,23 +92,34 @@ def read_history(path) -> list[dict]:
 def format_table(rows: list[Mapping], columns: Iterable[str]) -> str:
   """A plain-text table (floats to 4 significant digits)."""
   columns = list(columns)
+
   def fmt(v):
     if isinstance(v, float):
       return "nan" if math.isnan(v) else f"{v:.4g}"
     return str(v)
+
   cells = [[fmt(row.get(c, "")) for c in columns] for row in rows]
-  widths = [max(len(c), *(len(r[i]) for r in cells)) if cells else len(c)
-            for i, c in enumerate(columns)]
+  widths = [
+      max(len(c), *(len(r[i]) for r in cells)) if cells else len(c) for i, c in enumerate(columns)
+  ]
   line = lambda values: "  ".join(v.rjust(w) for v, w in zip(values, widths))
   return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
 
 
-def plot_curves(series: Mapping[str, list[dict]], keys: Iterable[str], path: str | Path, *,
-                split: str = "eval", title: str = "") -> Path:
+def plot_curves(
+    series: Mapping[str, list[dict]],
+    keys: Iterable[str],
+    path: str | Path,
+    *,
+    split: str = "eval",
+    title: str = "",
+) -> Path:
   """One panel per metric key, one line per named run; saves a PNG and returns its path."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   keys = list(keys)
   fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
   for ax, key in zip(axes[0], keys):
@@ -117,8 +136,9 @@ def plot_curves(series: Mapping[str, list[dict]], keys: Iterable[str], path: str
     fig.suptitle(title)
   fig.tight_layout()
   from etils import epath
+
   path = epath.Path(path)
-  with path.open("wb") as f:   # through epath, so a gs:// workdir works
+  with path.open("wb") as f:  # through epath, so a gs:// workdir works
     fig.savefig(f, dpi=110, format="png")
   plt.close(fig)
   return path if "://" in str(path) else Path(str(path))

@@ -21,13 +21,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from opdjax.distributed import local_rows
 from opdjax.errors import ConfigError
 from opdjax.models.decoder import KVCache
 
-_CHUNK = 16      # decode steps per scan chunk between early-exit checks
+_CHUNK = 16  # decode steps per scan chunk between early-exit checks
 _MIN_BUCKET = 16
 _TOP_P_CANDIDATES = 256  # top-p looks for the nucleus among this many tokens first
 
@@ -96,12 +97,12 @@ class Generation(NamedTuple):
 class DecodeState(NamedTuple):
   """The decode loop's carry (B rows, N = bucketed new tokens, S cache slots, V vocab)."""
 
-  step: jax.Array           # [] int32, the next decode step (= completion index)
-  cache: KVCache            # per layer [B, S, K, Dh] keys/values, valid [B, S], index []
-  next_logits: jax.Array    # [B, V] float32 logits of the token to draw at `step`
+  step: jax.Array  # [] int32, the next decode step (= completion index)
+  cache: KVCache  # per layer [B, S, K, Dh] keys/values, valid [B, S], index []
+  next_logits: jax.Array  # [B, V] float32 logits of the token to draw at `step`
   next_position: jax.Array  # [B] int32 RoPE position of that token in its own row
-  done: jax.Array           # [B] bool, row has emitted EOS (or is past max_new_tokens)
-  buffers: dict             # {tokens, mask, sample_logprobs, model_logprobs[, logits]}: [B, N(, V)]
+  done: jax.Array  # [B] bool, row has emitted EOS (or is past max_new_tokens)
+  buffers: dict  # {tokens, mask, sample_logprobs, model_logprobs[, logits]}: [B, N(, V)]
 
 
 def bucket_size(n: int, minimum: int = _MIN_BUCKET) -> int:
@@ -133,13 +134,14 @@ def sampling_distribution(logits: jax.Array, sampling: SamplingParams) -> jax.Ar
 def _nucleus(logits, top_p: float, candidates: int):
   """`logits` with every token outside the top-p nucleus among the top `candidates` masked,
   and whether those candidates held at least `top_p` of the mass (then the mask is exact)."""
-  top_logits, top_ids = jax.lax.top_k(logits, candidates)          # sorted, descending
+  top_logits, top_ids = jax.lax.top_k(logits, candidates)  # sorted, descending
   log_z = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
   top_probs = jnp.exp(top_logits - log_z)
   mass_before = jnp.cumsum(top_probs, axis=-1) - top_probs
-  keep_sorted = mass_before < top_p                                 # the first token stays
-  kept = jnp.put_along_axis(jnp.zeros(logits.shape, bool), top_ids, keep_sorted, axis=-1,
-                            inplace=False)
+  keep_sorted = mass_before < top_p  # the first token stays
+  kept = jnp.put_along_axis(
+      jnp.zeros(logits.shape, bool), top_ids, keep_sorted, axis=-1, inplace=False
+  )
   enough = jnp.all(jnp.sum(top_probs, axis=-1) >= top_p)
   return jnp.where(kept, logits, -jnp.inf), enough
 
@@ -172,10 +174,13 @@ def _draw(logits, key, sampling: SamplingParams):
 def _repeat_rows(cache: KVCache, count: int, stacked: bool) -> KVCache:
   """Each prompt's cache rows `count` times in a row (the samples of a prompt are adjacent)."""
   repeat = lambda x, axis: jnp.repeat(x, count, axis=axis)
-  kv_axis = 1 if stacked else 0   # [L, B, S, K, Dh] or per layer [B, S, K, Dh]
-  return KVCache(keys=jax.tree.map(lambda k: repeat(k, kv_axis), cache.keys),
-                 values=jax.tree.map(lambda v: repeat(v, kv_axis), cache.values),
-                 valid=repeat(cache.valid, 0), index=cache.index)
+  kv_axis = 1 if stacked else 0  # [L, B, S, K, Dh] or per layer [B, S, K, Dh]
+  return KVCache(
+      keys=jax.tree.map(lambda k: repeat(k, kv_axis), cache.keys),
+      values=jax.tree.map(lambda v: repeat(v, kv_axis), cache.values),
+      valid=repeat(cache.valid, 0),
+      index=cache.index,
+  )
 
 
 def _shard_rows(cache: KVCache, rows, stacked: bool, tensor: bool) -> KVCache:
@@ -188,27 +193,55 @@ def _shard_rows(cache: KVCache, rows, stacked: bool, tensor: bool) -> KVCache:
   heads = "tensor" if tensor else None
   kv = NamedSharding(mesh, P(*lead, row_axes, None, heads, None))
   constrain = lambda x, s: jax.lax.with_sharding_constraint(x, s)
-  return KVCache(keys=jax.tree.map(lambda k: constrain(k, kv), cache.keys),
-                 values=jax.tree.map(lambda v: constrain(v, kv), cache.values),
-                 valid=constrain(cache.valid, NamedSharding(mesh, P(row_axes, None))),
-                 index=cache.index)
+  return KVCache(
+      keys=jax.tree.map(lambda k: constrain(k, kv), cache.keys),
+      values=jax.tree.map(lambda v: constrain(v, kv), cache.values),
+      valid=constrain(cache.valid, NamedSharding(mesh, P(row_axes, None))),
+      index=cache.index,
+  )
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "eos_ids", "steps",
-                                             "return_logits", "num_samples", "rows"))
-def _generate_jit(graphdef, state, prompt_tokens, prompt_mask, key, max_new_tokens, *,
-                  sampling: SamplingParams, eos_ids: tuple[int, ...], steps: int,
-                  return_logits: bool, num_samples: int, rows):
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "graphdef",
+        "sampling",
+        "eos_ids",
+        "steps",
+        "return_logits",
+        "num_samples",
+        "rows",
+    ),
+)
+def _generate_jit(
+    graphdef,
+    state,
+    prompt_tokens,
+    prompt_mask,
+    key,
+    max_new_tokens,
+    *,
+    sampling: SamplingParams,
+    eos_ids: tuple[int, ...],
+    steps: int,
+    return_logits: bool,
+    num_samples: int,
+    rows,
+):
   model = nnx.merge(graphdef, state)
   batch, prompt_len = prompt_tokens.shape
   positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0).astype(jnp.int32)
-  tensor = (rows is not None and rows.mesh.shape.get("tensor", 1) > 1
-            and model.config.num_kv_heads % rows.mesh.shape["tensor"] == 0)
+  tensor = (
+      rows is not None
+      and rows.mesh.shape.get("tensor", 1) > 1
+      and model.config.num_kv_heads % rows.mesh.shape["tensor"] == 0
+  )
   pin = lambda c: _shard_rows(c, rows, model.scan_layers, tensor)
   cache = pin(model.init_cache(batch, prompt_len + steps))
   last_real = prompt_len - 1 - jnp.argmax(prompt_mask[:, ::-1], axis=1)
-  next_logits, cache = model.prefill(prompt_tokens, positions, cache, token_mask=prompt_mask,
-                                     logits_at=last_real)
+  next_logits, cache = model.prefill(
+      prompt_tokens, positions, cache, token_mask=prompt_mask, logits_at=last_real
+  )
   next_position = jnp.sum(prompt_mask, axis=1).astype(jnp.int32)
   if num_samples > 1:  # one prefill per prompt, then num_samples decode rows each
     cache = pin(_repeat_rows(cache, num_samples, model.scan_layers))
@@ -217,30 +250,45 @@ def _generate_jit(graphdef, state, prompt_tokens, prompt_mask, key, max_new_toke
     batch *= num_samples
   eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
 
-  buffers = dict(tokens=jnp.zeros((batch, steps), jnp.int32),
-                 mask=jnp.zeros((batch, steps), bool),
-                 sample_logprobs=jnp.zeros((batch, steps), jnp.float32),
-                 model_logprobs=jnp.zeros((batch, steps), jnp.float32))
+  buffers = dict(
+      tokens=jnp.zeros((batch, steps), jnp.int32),
+      mask=jnp.zeros((batch, steps), bool),
+      sample_logprobs=jnp.zeros((batch, steps), jnp.float32),
+      model_logprobs=jnp.zeros((batch, steps), jnp.float32),
+  )
   if return_logits:
     buffers["logits"] = jnp.zeros((batch, steps, next_logits.shape[-1]), jnp.float32)
 
   def step_fn(state: DecodeState, _):
     active = ~state.done & (state.step < max_new_tokens)
-    token, sample_lp, model_lp = _draw(state.next_logits, jax.random.fold_in(key, state.step),
-                                       sampling)
+    token, sample_lp, model_lp = _draw(
+        state.next_logits, jax.random.fold_in(key, state.step), sampling
+    )
     token = jnp.where(active, token, 0)
-    updates = dict(tokens=token, mask=active, sample_logprobs=jnp.where(active, sample_lp, 0.0),
-                   model_logprobs=jnp.where(active, model_lp, 0.0))
+    updates = dict(
+        tokens=token,
+        mask=active,
+        sample_logprobs=jnp.where(active, sample_lp, 0.0),
+        model_logprobs=jnp.where(active, model_lp, 0.0),
+    )
     if return_logits:
       updates["logits"] = state.next_logits.astype(jnp.float32)
-    buffers = {name: jax.lax.dynamic_update_slice_in_dim(buf, updates[name][:, None], state.step,
-                                                         axis=1)
-               for name, buf in state.buffers.items()}
+    buffers = {
+        name: jax.lax.dynamic_update_slice_in_dim(buf, updates[name][:, None], state.step, axis=1)
+        for name, buf in state.buffers.items()
+    }
     new_logits, cache = model.decode(token, state.next_position, state.cache, active=active)
-    return DecodeState(step=state.step + 1, cache=cache, next_logits=new_logits,
-                       next_position=state.next_position + active.astype(jnp.int32),
-                       done=state.done | ~active | jnp.isin(token, eos),
-                       buffers=buffers), None
+    return (
+        DecodeState(
+            step=state.step + 1,
+            cache=cache,
+            next_logits=new_logits,
+            next_position=state.next_position + active.astype(jnp.int32),
+            done=state.done | ~active | jnp.isin(token, eos),
+            buffers=buffers,
+        ),
+        None,
+    )
 
   def chunk(state):
     state, _ = jax.lax.scan(step_fn, state, None, length=min(_CHUNK, steps))
@@ -249,9 +297,14 @@ def _generate_jit(graphdef, state, prompt_tokens, prompt_mask, key, max_new_toke
   def keep_going(state):
     return (state.step < jnp.minimum(max_new_tokens, steps)) & ~jnp.all(state.done)
 
-  state = DecodeState(step=jnp.zeros((), jnp.int32), cache=cache, next_logits=next_logits,
-                      next_position=next_position, done=jnp.zeros((batch,), bool),
-                      buffers=buffers)
+  state = DecodeState(
+      step=jnp.zeros((), jnp.int32),
+      cache=cache,
+      next_logits=next_logits,
+      next_position=next_position,
+      done=jnp.zeros((batch,), bool),
+      buffers=buffers,
+  )
   buffers = jax.lax.while_loop(keep_going, chunk, state).buffers
   return buffers
 
@@ -259,15 +312,28 @@ def _generate_jit(graphdef, state, prompt_tokens, prompt_mask, key, max_new_toke
 def _row_sharding(x):
   """`x`'s sharding if it is a `NamedSharding` that splits rows, else None."""
   sharding = getattr(x, "sharding", None)
-  if (isinstance(sharding, NamedSharding) and sharding.spec and sharding.spec[0] is not None
-      and not isinstance(x, jax.core.Tracer)):
+  if (
+      isinstance(sharding, NamedSharding)
+      and sharding.spec
+      and sharding.spec[0] is not None
+      and not isinstance(x, jax.core.Tracer)
+  ):
     return sharding
   return None
 
 
-def generate(model, prompt_tokens, prompt_mask, *, key: jax.Array, max_new_tokens: int,
-             sampling: SamplingParams = SamplingParams(), return_logits: bool = False,
-             max_cache_length: int | None = None, num_samples: int = 1) -> Generation:
+def generate(
+    model,
+    prompt_tokens,
+    prompt_mask,
+    *,
+    key: jax.Array,
+    max_new_tokens: int,
+    sampling: SamplingParams = SamplingParams(),
+    return_logits: bool = False,
+    max_cache_length: int | None = None,
+    num_samples: int = 1,
+) -> Generation:
   """Samples up to `max_new_tokens` completion tokens for every prompt row.
 
   Args:
@@ -287,32 +353,38 @@ def generate(model, prompt_tokens, prompt_mask, *, key: jax.Array, max_new_token
   Returns:
     A `Generation`.
   """
-  rows = _row_sharding(prompt_tokens)   # the sampler keeps the prompts' row layout
+  rows = _row_sharding(prompt_tokens)  # the sampler keeps the prompts' row layout
   prompt_tokens = jnp.asarray(prompt_tokens)
   prompt_mask = jnp.asarray(prompt_mask).astype(bool)
   if prompt_tokens.ndim != 2 or not jnp.issubdtype(prompt_tokens.dtype, jnp.integer):
-    raise ValueError(f"prompt_tokens must be int ids [B, P], got {prompt_tokens.dtype} "
-                     f"{prompt_tokens.shape}")
+    raise ValueError(
+        f"prompt_tokens must be int ids [B, P], got {prompt_tokens.dtype} " f"{prompt_tokens.shape}"
+    )
   if prompt_mask.shape != prompt_tokens.shape:
-    raise ValueError(f"prompt_mask {prompt_mask.shape} must match prompt_tokens {prompt_tokens.shape}")
+    raise ValueError(
+        f"prompt_mask {prompt_mask.shape} must match prompt_tokens {prompt_tokens.shape}"
+    )
   batch, prompt_len = prompt_tokens.shape
   if batch == 0 or prompt_len == 0:
     raise ValueError(f"empty prompt batch: prompt_tokens has shape {prompt_tokens.shape}")
-  if not isinstance(prompt_mask, jax.core.Tracer):   # this process's rows (all, on one)
+  if not isinstance(prompt_mask, jax.core.Tracer):  # this process's rows (all, on one)
     empty_rows = np.flatnonzero(~local_rows(prompt_mask).any(axis=1))
     if empty_rows.size:
       where = f" of process {jax.process_index()}" if jax.process_count() > 1 else ""
-      raise ValueError(f"prompt rows {empty_rows.tolist()}{where} have no real tokens "
-                       "(all-False prompt_mask)")
+      raise ValueError(
+          f"prompt rows {empty_rows.tolist()}{where} have no real tokens " "(all-False prompt_mask)"
+      )
   if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
   if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
     raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
   limit = max_cache_length or model.config.max_position_embeddings
   if prompt_len + max_new_tokens > limit:
-    raise ValueError(f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} = "
-                     f"{prompt_len + max_new_tokens} exceeds the KV cache limit of {limit} "
-                     "(max_cache_length / the model's max_position_embeddings)")
+    raise ValueError(
+        f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} = "
+        f"{prompt_len + max_new_tokens} exceeds the KV cache limit of {limit} "
+        "(max_cache_length / the model's max_position_embeddings)"
+    )
 
   padded_len = bucket_size(prompt_len)
   steps = bucket_size(max_new_tokens)
@@ -322,15 +394,30 @@ def generate(model, prompt_tokens, prompt_mask, *, key: jax.Array, max_new_token
     prompt_mask = jnp.pad(prompt_mask, ((0, 0), (0, extra)))
   eos_ids = sampling.eos_ids if sampling.eos_ids is not None else tuple(model.config.eos_token_ids)
   graphdef, state = nnx.split(model)
-  out = _generate_jit(graphdef, state, prompt_tokens.astype(jnp.int32), prompt_mask, key,
-                      jnp.int32(max_new_tokens), sampling=sampling, eos_ids=tuple(eos_ids),
-                      steps=steps, return_logits=return_logits, num_samples=num_samples,
-                      rows=rows)
+  out = _generate_jit(
+      graphdef,
+      state,
+      prompt_tokens.astype(jnp.int32),
+      prompt_mask,
+      key,
+      jnp.int32(max_new_tokens),
+      sampling=sampling,
+      eos_ids=tuple(eos_ids),
+      steps=steps,
+      return_logits=return_logits,
+      num_samples=num_samples,
+      rows=rows,
+  )
   out = {name: value[:, :max_new_tokens] for name, value in out.items()}
   lengths = jnp.sum(out["mask"], axis=1).astype(jnp.int32)
   last = jnp.take_along_axis(out["tokens"], jnp.maximum(lengths - 1, 0)[:, None], axis=1)[:, 0]
   ended = jnp.isin(last, jnp.asarray(eos_ids if eos_ids else (-1,)))
-  return Generation(tokens=out["tokens"], mask=out["mask"], lengths=lengths,
-                    truncated=(lengths == max_new_tokens) & ~ended,
-                    sample_logprobs=out["sample_logprobs"], model_logprobs=out["model_logprobs"],
-                    logits=out.get("logits"))
+  return Generation(
+      tokens=out["tokens"],
+      mask=out["mask"],
+      lengths=lengths,
+      truncated=(lengths == max_new_tokens) & ~ended,
+      sample_logprobs=out["sample_logprobs"],
+      model_logprobs=out["model_logprobs"],
+      logits=out.get("logits"),
+  )

@@ -15,7 +15,8 @@ from typing import Sequence
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 # FSDP over the "fsdp" axis, tensor parallelism over "tensor" (Megatron layout: column-
 # parallel q/k/v/gate/up, row-parallel o/down, vocabulary-parallel embeddings and head).
@@ -56,8 +57,9 @@ def partition_rules(rules) -> tuple[tuple[str, P], ...]:
       names = (axis,) if isinstance(axis, str) else tuple(axis or ())
       unknown = [a for a in names if a not in MESH_AXES]
       if unknown:
-        raise ValueError(f"partition rule {pattern!r}: unknown mesh axes {unknown}; valid: "
-                         f"{MESH_AXES}")
+        raise ValueError(
+            f"partition rule {pattern!r}: unknown mesh axes {unknown}; valid: " f"{MESH_AXES}"
+        )
     out.append((pattern, P(*spec)))
   return tuple(out)
 
@@ -70,17 +72,22 @@ def sampling_rules(rules, layout: str) -> tuple[tuple[str, P], ...]:
     return tuple(rules)
   if layout == "replicated":
     return ((r".*", P()),)
-  drop = lambda axis: (None if axis == "fsdp" else
-                       tuple(a for a in axis if a != "fsdp") or None
-                       if isinstance(axis, tuple) else axis)
+  drop = lambda axis: (
+      None
+      if axis == "fsdp"
+      else tuple(a for a in axis if a != "fsdp") or None
+      if isinstance(axis, tuple)
+      else axis
+  )
   return tuple((pattern, P(*(drop(a) for a in spec))) for pattern, spec in rules)
 
 
 DEFAULT_RULES = partition_rules(RULES)
 
 
-def make_mesh(shape: Sequence[int] = (-1,), axis_names: Sequence[str] = ("data",),
-              devices=None) -> Mesh:
+def make_mesh(
+    shape: Sequence[int] = (-1,), axis_names: Sequence[str] = ("data",), devices=None
+) -> Mesh:
   """A device mesh; one `-1` in `shape` takes the remaining devices.
 
   Without a `-1`, the mesh uses the first `prod(shape)` devices (so `(1,)` is one device).
@@ -88,7 +95,7 @@ def make_mesh(shape: Sequence[int] = (-1,), axis_names: Sequence[str] = ("data",
   devices = jax.devices() if devices is None else devices
   shape = list(shape)
   if -1 not in shape and 0 < int(np.prod(shape)) <= len(devices):
-    devices = devices[:int(np.prod(shape))]
+    devices = devices[: int(np.prod(shape))]
   if len(shape) != len(axis_names):
     raise ValueError(f"mesh shape {shape} and axis names {list(axis_names)} differ in length")
   known = int(np.prod([s for s in shape if s != -1]))
@@ -98,21 +105,21 @@ def make_mesh(shape: Sequence[int] = (-1,), axis_names: Sequence[str] = ("data",
   if int(np.prod(shape)) != len(devices):
     raise ValueError(f"mesh shape {shape} needs {int(np.prod(shape))} devices, have {len(devices)}")
   # Auto axes: XLA propagates shardings from the annotated parameters and batches.
-  return jax.make_mesh(tuple(shape), tuple(axis_names), devices=devices,
-                       axis_types=(AxisType.Auto,) * len(shape))
+  return jax.make_mesh(
+      tuple(shape), tuple(axis_names), devices=devices, axis_types=(AxisType.Auto,) * len(shape)
+  )
 
 
 def path_string(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
-def spec_for(path: str, shape: Sequence[int], mesh: Mesh,
-             rules: Sequence[tuple[str, P]] = DEFAULT_RULES) -> P:
+def spec_for(
+    path: str, shape: Sequence[int], mesh: Mesh, rules: Sequence[tuple[str, P]] = DEFAULT_RULES
+) -> P:
   """The PartitionSpec of the first rule matching `path`, fitted to `shape` and `mesh`."""
-  for pattern, spec in rules:
-    if re.search(pattern, path):
-      break
-  else:
+  spec = next((spec for pattern, spec in rules if re.search(pattern, path)), None)
+  if spec is None:
     return P()
   if re.match(r"layers/(?!\d)", path):  # stacked (scanned) layers: the layer axis is whole
     spec = P(None, *spec)
@@ -125,17 +132,22 @@ def spec_for(path: str, shape: Sequence[int], mesh: Mesh,
   return P(*fitted)
 
 
-def sharding_for(path: str, shape: Sequence[int], mesh: Mesh,
-                 rules: Sequence[tuple[str, P]] = DEFAULT_RULES) -> NamedSharding:
+def sharding_for(
+    path: str, shape: Sequence[int], mesh: Mesh, rules: Sequence[tuple[str, P]] = DEFAULT_RULES
+) -> NamedSharding:
   return NamedSharding(mesh, spec_for(path, shape, mesh, rules))
 
 
 def state_shardings(state, mesh: Mesh, rules: Sequence[tuple[str, P]] = DEFAULT_RULES):
   """The `NamedSharding` of every leaf of an NNX state (concrete or abstract), by `rules`."""
   from flax import nnx
+
   return nnx.from_flat_state(
-      [(path, v.replace(sharding_for(path_string(path), v.get_value().shape, mesh, rules)))
-       for path, v in nnx.to_flat_state(state)])
+      [
+          (path, v.replace(sharding_for(path_string(path), v.get_value().shape, mesh, rules)))
+          for path, v in nnx.to_flat_state(state)
+      ]
+  )
 
 
 def place_state(state, mesh: Mesh, rules: Sequence[tuple[str, P]] = DEFAULT_RULES):
@@ -146,11 +158,14 @@ def place_state(state, mesh: Mesh, rules: Sequence[tuple[str, P]] = DEFAULT_RULE
 def abstract_state(state, mesh: Mesh, rules: Sequence[tuple[str, P]] = DEFAULT_RULES):
   """`ShapeDtypeStruct`s of an (abstract) NNX state with their shardings on `mesh`: a
   restore target that allocates nothing."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      state, state_shardings(state, mesh, rules))
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      state,
+      state_shardings(state, mesh, rules),
+  )
 
 
-DATA_AXES = ("data", "fsdp")   # the mesh axes that split batch rows
+DATA_AXES = ("data", "fsdp")  # the mesh axes that split batch rows
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -169,10 +184,16 @@ def optimizer_shardings(tx, params, mesh: Mesh):
   its parameter's sharding, anything else (step counts) is replicated. (`jax.jit(tx.init)`
   alone would put the whole state on one device: zeros do not inherit a sharding.)"""
   import optax
+
   replicated = NamedSharding(mesh, P())
   param_shardings = jax.tree.map(lambda x: x.sharding, params)
-  return optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params),
-                               param_shardings, transform_non_params=lambda _: replicated)
+  return optax.tree_map_params(
+      tx,
+      lambda _, s: s,
+      jax.eval_shape(tx.init, params),
+      param_shardings,
+      transform_non_params=lambda _: replicated,
+  )
 
 
 def init_optimizer(tx, params, mesh: Mesh):

@@ -23,14 +23,17 @@ def resolve_references(config: ml_collections.ConfigDict, workdirs: dict[str, Pa
     elif isinstance(value, str) and value.startswith("@"):
       stage = value[1:]
       if stage not in workdirs:
-        raise trainer.ConfigError(f"{key}={value!r} names stage {stage!r}, which does not run "
-                                  f"before it; earlier stages: {sorted(workdirs)}")
+        raise trainer.ConfigError(
+            f"{key}={value!r} names stage {stage!r}, which does not run "
+            f"before it; earlier stages: {sorted(workdirs)}"
+        )
       config[key] = str(workdirs[stage])
   return config
 
 
-def run_stages(stages: ml_collections.ConfigDict, order, workdir: str | Path, *,
-               quiet: bool = False):
+def run_stages(
+    stages: ml_collections.ConfigDict, order, workdir: str | Path, *, quiet: bool = False
+):
   """Runs the stage configs named in `order` (ConfigDict keys are unordered).
 
   Returns:
@@ -39,14 +42,19 @@ def run_stages(stages: ml_collections.ConfigDict, order, workdir: str | Path, *,
   workdir = checkpoint.resolve(workdir)
   missing = [name for name in order if name not in stages]
   if missing:
-    raise trainer.ConfigError(f"stage order names unknown stages {missing}; stages: {sorted(stages)}")
+    raise trainer.ConfigError(
+        f"stage order names unknown stages {missing}; stages: {sorted(stages)}"
+    )
   results, workdirs = {}, {}
   for name in order:
     config = stages[name]
     config = resolve_references(ml_collections.ConfigDict(config.to_dict()), workdirs)
     if not quiet and distributed.is_main():
-      print(f"== stage {name}: {config.recipe.name} for {config.train.steps} steps "
-            f"-> {workdir / name}", flush=True)
+      print(
+          f"== stage {name}: {config.recipe.name} for {config.train.steps} steps "
+          f"-> {workdir / name}",
+          flush=True,
+      )
     results[name] = trainer.run(config, workdir / name, quiet=quiet)
     workdirs[name] = workdir / name
   return results

@@ -10,10 +10,10 @@ experiments); otherwise the config is one `opdjax.trainer.run`.
 from __future__ import annotations
 
 import argparse
-import os
 import ast
 import importlib
 import importlib.util
+import os
 import pkgutil
 import sys
 from pathlib import Path
@@ -29,8 +29,9 @@ class CLIError(ConfigError):
 
 
 def experiment_names() -> list[str]:
-  return sorted(m.name for m in pkgutil.iter_modules(experiments.__path__)
-                if not m.name.startswith("_"))
+  return sorted(
+      m.name for m in pkgutil.iter_modules(experiments.__path__) if not m.name.startswith("_")
+  )
 
 
 def load_experiment(name: str):
@@ -45,8 +46,10 @@ def load_experiment(name: str):
   elif name in experiment_names():
     module = importlib.import_module(f"opdjax.experiments.{name}")
   else:
-    raise CLIError(f"unknown experiment {name!r}; valid: {', '.join(experiment_names())} "
-                   "(or a path ending in .py)")
+    raise CLIError(
+        f"unknown experiment {name!r}; valid: {', '.join(experiment_names())} "
+        "(or a path ending in .py)"
+    )
   if not callable(getattr(module, "get_config", None)):
     raise CLIError(f"experiment {name!r} defines no get_config(arg)")
   return module
@@ -110,16 +113,24 @@ def apply_override(config: ml_collections.ConfigDict, key: str, raw: str) -> Non
 
 
 def parse_args(argv):
-  parser = argparse.ArgumentParser(prog="python -m opdjax.train", description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(
+      prog="python -m opdjax.train", description=__doc__.splitlines()[0]
+  )
   parser.add_argument("--exp", help="experiment name or path/to/file.py, optionally with :ARG")
   parser.add_argument("--workdir", default=None, help="output directory (default workdirs/NAME)")
   parser.add_argument("--list", action="store_true", help="list the experiments and exit")
-  parser.add_argument("--dry_run", action="store_true", help="print the resolved config and the memory plan, and exit")
+  parser.add_argument(
+      "--dry_run",
+      action="store_true",
+      help="print the resolved config and the memory plan, and exit",
+  )
   parser.add_argument("--debug", action="store_true", help="show tracebacks for config errors")
   hosts = parser.add_argument_group(
-      "several processes", "as jax.distributed.initialize takes them (also from "
+      "several processes",
+      "as jax.distributed.initialize takes them (also from "
       "$OPDJAX_COORDINATOR_ADDRESS, $OPDJAX_NUM_PROCESSES, $OPDJAX_PROCESS_ID); a TPU VM "
-      "slice or a SLURM job with several tasks needs none of them")
+      "slice or a SLURM job with several tasks needs none of them",
+  )
   hosts.add_argument("--coordinator_address", default=None, help="HOST:PORT of process 0")
   hosts.add_argument("--num_processes", type=int, default=None)
   hosts.add_argument("--process_id", type=int, default=None)
@@ -128,7 +139,7 @@ def parse_args(argv):
   for item in rest:
     if not item.startswith("--exp.") or "=" not in item:
       raise CLIError(f"unrecognised argument {item!r}; overrides look like --exp.train.steps=100")
-    key, raw = item[len("--exp."):].split("=", 1)
+    key, raw = item[len("--exp.") :].split("=", 1)
     overrides.append((key, raw))
   return args, overrides
 
@@ -139,14 +150,18 @@ def enable_compilation_cache() -> str | None:
   `$OPDJAX_COMPILATION_CACHE`, by default `~/.cache/opdjax/xla`; set it empty to turn the
   cache off. Programs that compile in under `$OPDJAX_COMPILATION_CACHE_MIN_SECONDS`
   (default 1) are not stored."""
-  directory = os.environ.get("OPDJAX_COMPILATION_CACHE",
-                             str(Path.home() / ".cache" / "opdjax" / "xla"))
+  directory = os.environ.get(
+      "OPDJAX_COMPILATION_CACHE", str(Path.home() / ".cache" / "opdjax" / "xla")
+  )
   if not directory:
     return None
   import jax
+
   jax.config.update("jax_compilation_cache_dir", directory)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs",
-                    float(os.environ.get("OPDJAX_COMPILATION_CACHE_MIN_SECONDS", "1")))
+  jax.config.update(
+      "jax_persistent_cache_min_compile_time_secs",
+      float(os.environ.get("OPDJAX_COMPILATION_CACHE_MIN_SECONDS", "1")),
+  )
   return directory
 
 
@@ -167,15 +182,17 @@ def main(argv=None) -> int:
     for key, raw in overrides:
       apply_override(config, key, raw)
     from opdjax import distributed
+
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     if args.dry_run and distributed.is_main():
       print(config)
     workdir = args.workdir or str(Path("workdirs") / (name + (f"_{arg}" if arg else "")))
     enable_compilation_cache()
     from opdjax import trainer  # heavy imports only when training
+
     try:
       if args.dry_run:
-        if "recipe" in config:   # one run (a staged experiment plans each stage at its start)
+        if "recipe" in config:  # one run (a staged experiment plans each stage at its start)
           run_setup = trainer.setup(config)
           if distributed.is_main():
             print(trainer.format_layout(run_setup))
@@ -188,12 +205,12 @@ def main(argv=None) -> int:
     except trainer.NonFiniteLossError as e:
       print(f"error: {e}", file=sys.stderr)
       return 3
-    except (ConfigError, FileNotFoundError) as e:   # anything else is a bug: traceback
+    except (ConfigError, FileNotFoundError) as e:  # anything else is a bug: traceback
       if args.debug:
         raise
       print(f"error: {e}", file=sys.stderr)
       return 2
-  except ConfigError as e:   # CLIError included
+  except ConfigError as e:  # CLIError included
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0

@@ -25,13 +25,24 @@ from tqdm.auto import tqdm
 
 from opdjax import checkpoint, distributed, memory, metrics, recipes, sharding
 from opdjax import objectives as obj
-from opdjax.data import (PromptSet, PromptSource, batches, char_tokenizer, encode, load_jsonl,
-                         synthetic_records)
+from opdjax.data import (
+    PromptSet,
+    PromptSource,
+    batches,
+    char_tokenizer,
+    encode,
+    load_jsonl,
+    synthetic_records,
+)
 from opdjax.errors import ConfigError
 from opdjax.evaluation import evaluate, forward_hidden, verified
 from opdjax.models import Decoder, ModelConfig, load_pretrained, load_tokenizer, read_config
-from opdjax.models.decoder import (ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES, stack_layers,
-                                   unstack_layers)
+from opdjax.models.decoder import (
+    ATTENTION_IMPLEMENTATIONS,
+    REMAT_POLICIES,
+    stack_layers,
+    unstack_layers,
+)
 from opdjax.models.hf import abstract_model
 from opdjax.recipes.base import batch_loss, frozen_argument, join
 from opdjax.recipes.self_distill import ema_update
@@ -40,12 +51,30 @@ from opdjax.sampling import SamplingParams, generate
 # Model shapes for the synthetic experiments (vocabulary and special ids come from the
 # tokenizer). Width, depth and heads only: a Qwen3-style decoder.
 MODEL_PRESETS = {
-    "student-tiny": dict(hidden_size=64, intermediate_size=192, num_layers=2, num_heads=4,
-                         num_kv_heads=2, head_dim=16),
-    "student-small": dict(hidden_size=96, intermediate_size=288, num_layers=2, num_heads=4,
-                          num_kv_heads=2, head_dim=24),
-    "teacher-small": dict(hidden_size=128, intermediate_size=384, num_layers=3, num_heads=4,
-                          num_kv_heads=2, head_dim=32),
+    "student-tiny": dict(
+        hidden_size=64,
+        intermediate_size=192,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+    ),
+    "student-small": dict(
+        hidden_size=96,
+        intermediate_size=288,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=24,
+    ),
+    "teacher-small": dict(
+        hidden_size=128,
+        intermediate_size=384,
+        num_layers=3,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+    ),
 }
 
 
@@ -66,6 +95,7 @@ class RunResult:
 
 # ---------------------------------------------------------------- building blocks
 
+
 def _dtype(name: str):
   if name not in ("float32", "bfloat16"):
     raise ConfigError(f"dtype and param_dtype must be 'float32' or 'bfloat16', got {name!r}")
@@ -81,8 +111,7 @@ def build_tokenizer(config):
   return char_tokenizer()
 
 
-def build_data(config, tokenizer, routes=None,
-               privileged=None) -> tuple[PromptSource, PromptSet]:
+def build_data(config, tokenizer, routes=None, privileged=None) -> tuple[PromptSource, PromptSet]:
   """The training prompts (tokenised as they are read) and the held-out set (tokenised now).
 
   With `routes` (the routed teachers' names) every example must name one of them; with
@@ -91,21 +120,35 @@ def build_data(config, tokenizer, routes=None,
   Every process checks an interleaved 1/N of the training records at start-up, so a record
   that does not fit stops the run before the first step, and no host tokenises them all."""
   task = config.task
-  length = dict(prompt_length=task.prompt_length, answer_length=task.completion_length,
-                routes=routes)
+  length = dict(
+      prompt_length=task.prompt_length, answer_length=task.completion_length, routes=routes
+  )
   if task.train_jsonl:
     eval_path = task.eval_jsonl or task.train_jsonl
-    train = PromptSource(load_jsonl(task.train_jsonl, tokenizer), tokenizer,
-                         source=task.train_jsonl, privileged=privileged, **length)
-    held_out = encode(load_jsonl(eval_path, tokenizer)[:task.eval_size], tokenizer,
-                      source=eval_path, **length)
+    train = PromptSource(
+        load_jsonl(task.train_jsonl, tokenizer),
+        tokenizer,
+        source=task.train_jsonl,
+        privileged=privileged,
+        **length,
+    )
+    held_out = encode(
+        load_jsonl(eval_path, tokenizer)[: task.eval_size], tokenizer, source=eval_path, **length
+    )
   else:
-    make = lambda size, held_out: synthetic_records(task.name, difficulty=task.difficulty,
-                                                    size=size, held_out=held_out, seed=task.seed)
-    train = PromptSource(make(task.train_size, False), tokenizer, source=f"{task.name}/train",
-                         privileged=privileged, **length)
-    held_out = encode(make(task.eval_size, True), tokenizer, source=f"{task.name}/held_out",
-                      **length)
+    make = lambda size, held_out: synthetic_records(
+        task.name, difficulty=task.difficulty, size=size, held_out=held_out, seed=task.seed
+    )
+    train = PromptSource(
+        make(task.train_size, False),
+        tokenizer,
+        source=f"{task.name}/train",
+        privileged=privileged,
+        **length,
+    )
+    held_out = encode(
+        make(task.eval_size, True), tokenizer, source=f"{task.name}/held_out", **length
+    )
   train.check(range(jax.process_index(), len(train), jax.process_count()))
   return train, held_out
 
@@ -119,14 +162,22 @@ def model_config_of(model_config, tokenizer) -> ModelConfig:
   if model_config.get("init_from"):
     return checkpoint.read_model_config(model_config.init_from)
   if model_config.preset not in MODEL_PRESETS:
-    raise ConfigError(f"unknown model preset {model_config.preset!r}; valid: {sorted(MODEL_PRESETS)}")
-  return ModelConfig(vocab_size=len(tokenizer), model_type="qwen3",
-                     eos_token_ids=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id,
-                     max_position_embeddings=512, **MODEL_PRESETS[model_config.preset])
+    raise ConfigError(
+        f"unknown model preset {model_config.preset!r}; valid: {sorted(MODEL_PRESETS)}"
+    )
+  return ModelConfig(
+      vocab_size=len(tokenizer),
+      model_type="qwen3",
+      eos_token_ids=(tokenizer.eos_token_id,),
+      pad_token_id=tokenizer.pad_token_id,
+      max_position_embeddings=512,
+      **MODEL_PRESETS[model_config.preset],
+  )
 
 
-def build_model(model_config, config_of: ModelConfig, *, seed: int, mesh,
-                rules=sharding.DEFAULT_RULES):
+def build_model(
+    model_config, config_of: ModelConfig, *, seed: int, mesh, rules=sharding.DEFAULT_RULES
+):
   """A model on `mesh`: from a HF directory, an earlier run's checkpoint, or a fresh init.
 
   Parameters are stored in the section's `param_dtype` and computed in its `dtype`, with
@@ -134,20 +185,22 @@ def build_model(model_config, config_of: ModelConfig, *, seed: int, mesh,
   converted on restore. Parameters are laid out on `mesh` by the partition `rules`."""
   kwargs = _model_kwargs(model_config)
   if model_config.hf_path:
-    model, _ = load_pretrained(model_config.hf_path, mesh=mesh, rules=rules, with_tokenizer=False,
-                               **kwargs)
+    model, _ = load_pretrained(
+        model_config.hf_path, mesh=mesh, rules=rules, with_tokenizer=False, **kwargs
+    )
     return model
   source = model_config.get("checkpoint") or model_config.get("init_from")
   if source:  # restore straight into the shardings; no throw-away random init
     graphdef, abstract = nnx.split(abstract_model(config_of, **kwargs))
-    return nnx.merge(graphdef, restore_either_layout(source, abstract, mesh, rules,
-                                                     scanned=kwargs["scan_layers"]))
+    return nnx.merge(
+        graphdef,
+        restore_either_layout(source, abstract, mesh, rules, scanned=kwargs["scan_layers"]),
+    )
   graphdef, state = nnx.split(Decoder(config_of, rngs=nnx.Rngs(seed), **kwargs))
   return nnx.merge(graphdef, sharding.place_state(state, mesh, rules))
 
 
-def restore_either_layout(source, abstract, mesh, rules=sharding.DEFAULT_RULES, *,
-                          scanned: bool):
+def restore_either_layout(source, abstract, mesh, rules=sharding.DEFAULT_RULES, *, scanned: bool):
   """A run's parameters restored into `abstract`'s layer layout (`scanned` or per-layer),
   whichever of the two layouts the checkpoint was saved in."""
   try:
@@ -163,17 +216,22 @@ def build_mesh(config):
   shape, axes = tuple(config.mesh.shape), tuple(config.mesh.axes)
   unknown = [a for a in axes if a not in sharding.MESH_AXES]
   if unknown:
-    raise ConfigError(f"mesh.axes {axes} has unknown names {unknown}; valid: "
-                      f"{', '.join(sharding.MESH_AXES)}")
+    raise ConfigError(
+        f"mesh.axes {axes} has unknown names {unknown}; valid: " f"{', '.join(sharding.MESH_AXES)}"
+    )
   try:
     mesh = sharding.make_mesh(shape, axes)
   except ValueError as e:
-    raise ConfigError(f"mesh: {e} ({jax.process_count()} process(es) with "
-                      f"{jax.local_device_count()} device(s) each)") from None
+    raise ConfigError(
+        f"mesh: {e} ({jax.process_count()} process(es) with "
+        f"{jax.local_device_count()} device(s) each)"
+    ) from None
   if jax.process_count() > 1 and mesh.devices.size != jax.device_count():
-    raise ConfigError(f"mesh.shape={shape} uses {mesh.devices.size} of the {jax.device_count()} "
-                      f"devices of {jax.process_count()} process(es); a run uses all of them "
-                      "(use -1 for the remaining devices)")
+    raise ConfigError(
+        f"mesh.shape={shape} uses {mesh.devices.size} of the {jax.device_count()} "
+        f"devices of {jax.process_count()} process(es); a run uses all of them "
+        "(use -1 for the remaining devices)"
+    )
   return mesh
 
 
@@ -191,99 +249,155 @@ def validate(config, recipe, mesh, model_configs: dict[str, ModelConfig]):
   train = config.train
   student_cfg = model_configs["student"]
   sampler = config.sampling
-  off_policy = [why for why, on in (
-      (f"sampling.temperature={sampler.temperature}", sampler.temperature != 1.0),
-      (f"sampling.top_k={sampler.top_k}", bool(sampler.top_k)),
-      (f"sampling.top_p={sampler.top_p}", sampler.top_p < 1.0),
-      (f"train.updates_per_rollout={train.updates_per_rollout}", train.updates_per_rollout > 1))
-      if on]
+  off_policy = [
+      why
+      for why, on in (
+          (f"sampling.temperature={sampler.temperature}", sampler.temperature != 1.0),
+          (f"sampling.top_k={sampler.top_k}", bool(sampler.top_k)),
+          (f"sampling.top_p={sampler.top_p}", sampler.top_p < 1.0),
+          (f"train.updates_per_rollout={train.updates_per_rollout}", train.updates_per_rollout > 1),
+      )
+      if on
+  ]
   if recipe.correction == "none" and off_policy:
-    raise ConfigError(f"the sampled estimator is off-policy here ({', '.join(off_policy)}): the "
-                      "sampler's distribution is not the learner's, so recipe.correction='none' "
-                      "would train biased; set recipe.correction to plain, truncated or ppo_clip")
+    raise ConfigError(
+        f"the sampled estimator is off-policy here ({', '.join(off_policy)}): the "
+        "sampler's distribution is not the learner's, so recipe.correction='none' "
+        "would train biased; set recipe.correction to plain, truncated or ppo_clip"
+    )
   for role in ("student", "teacher", "reference"):
     if config[role].attention not in ATTENTION_IMPLEMENTATIONS:
-      raise ConfigError(f"{role}.attention must be one of {ATTENTION_IMPLEMENTATIONS}, got "
-                        f"{config[role].attention!r}")
+      raise ConfigError(
+          f"{role}.attention must be one of {ATTENTION_IMPLEMENTATIONS}, got "
+          f"{config[role].attention!r}"
+      )
     if config[role].get("remat", "none") not in REMAT_POLICIES:
-      raise ConfigError(f"{role}.remat must be one of {tuple(REMAT_POLICIES)}, got "
-                        f"{config[role].remat!r}")
+      raise ConfigError(
+          f"{role}.remat must be one of {tuple(REMAT_POLICIES)}, got " f"{config[role].remat!r}"
+      )
   if recipe.needs_teacher or recipe.source == "teacher":
     if not any(role.partition("/")[0] == "teacher" for role in model_configs):
-      raise ConfigError(f"recipe {recipe.name!r} needs a teacher: set teacher.checkpoint "
-                        "(an earlier run's workdir) or teacher.hf_path, or teachers.NAME.*")
+      raise ConfigError(
+          f"recipe {recipe.name!r} needs a teacher: set teacher.checkpoint "
+          "(an earlier run's workdir) or teacher.hf_path, or teachers.NAME.*"
+      )
   for role, other in model_configs.items():
     if role != "student" and other.vocab_size != student_cfg.vocab_size:
-      raise ConfigError(f"student and {role} vocabularies differ: student vocab_size="
-                        f"{student_cfg.vocab_size}, {role} vocab_size={other.vocab_size}")
+      raise ConfigError(
+          f"student and {role} vocabularies differ: student vocab_size="
+          f"{student_cfg.vocab_size}, {role} vocab_size={other.vocab_size}"
+      )
   data_devices = sharding.row_splits(mesh)
   rows = train.batch_size * recipe.group_size
   if rows % data_devices:
-    grouped = (f" (x recipe.group_size={recipe.group_size} = {rows} rows)"
-               if recipe.group_size > 1 else "")
-    raise ConfigError(f"train.batch_size={train.batch_size}{grouped} is not divisible by the "
-                      f"{data_devices} data-parallel devices of mesh {dict(mesh.shape)}")
+    grouped = (
+        f" (x recipe.group_size={recipe.group_size} = {rows} rows)" if recipe.group_size > 1 else ""
+    )
+    raise ConfigError(
+        f"train.batch_size={train.batch_size}{grouped} is not divisible by the "
+        f"{data_devices} data-parallel devices of mesh {dict(mesh.shape)}"
+    )
   if recipe.group_size > 1 and recipe.source != "student":
     raise ConfigError(f"recipe {recipe.name!r} samples groups, so its source must be the student")
   if config.task.eval_size % data_devices:
-    raise ConfigError(f"task.eval_size={config.task.eval_size} is not divisible by the "
-                      f"{data_devices} data-parallel devices of mesh {dict(mesh.shape)}")
-  for name in ("steps", "batch_size", "updates_per_rollout", "save_every", "log_every",
-               "microbatches"):
+    raise ConfigError(
+        f"task.eval_size={config.task.eval_size} is not divisible by the "
+        f"{data_devices} data-parallel devices of mesh {dict(mesh.shape)}"
+    )
+  for name in (
+      "steps",
+      "batch_size",
+      "updates_per_rollout",
+      "save_every",
+      "log_every",
+      "microbatches",
+  ):
     if train[name] < 1:
       raise ConfigError(f"train.{name} must be >= 1, got {train[name]}")
   if rows % train.microbatches:
-    raise ConfigError(f"train.batch_size={train.batch_size} ({rows} rows) is not divisible by "
-                      f"train.microbatches={train.microbatches}")
+    raise ConfigError(
+        f"train.batch_size={train.batch_size} ({rows} rows) is not divisible by "
+        f"train.microbatches={train.microbatches}"
+    )
   if recipe.group_size > 1 and rows % (train.microbatches * recipe.group_size):
-    raise ConfigError(f"train.microbatches={train.microbatches} would split a group of "
-                      f"{recipe.group_size} samples: {rows} rows must divide into "
-                      f"micro-batches of whole groups")
+    raise ConfigError(
+        f"train.microbatches={train.microbatches} would split a group of "
+        f"{recipe.group_size} samples: {rows} rows must divide into "
+        f"micro-batches of whole groups"
+    )
   if sampler.get("layout", "train") not in sharding.SAMPLING_LAYOUTS:
-    raise ConfigError(f"sampling.layout must be one of {sharding.SAMPLING_LAYOUTS}, got "
-                      f"{sampler.layout!r}")
+    raise ConfigError(
+        f"sampling.layout must be one of {sharding.SAMPLING_LAYOUTS}, got " f"{sampler.layout!r}"
+    )
   if train.get("async_checkpointing", "auto") not in ASYNC_CHECKPOINTING:
-    raise ConfigError(f"train.async_checkpointing must be one of {ASYNC_CHECKPOINTING}, got "
-                      f"{train.async_checkpointing!r}")
+    raise ConfigError(
+        f"train.async_checkpointing must be one of {ASYNC_CHECKPOINTING}, got "
+        f"{train.async_checkpointing!r}"
+    )
   if rows % jax.process_count() or config.task.eval_size % jax.process_count():
-    raise ConfigError(f"train.batch_size={train.batch_size} ({rows} rows) and task.eval_size="
-                      f"{config.task.eval_size} must divide among the {jax.process_count()} "
-                      "processes")
+    raise ConfigError(
+        f"train.batch_size={train.batch_size} ({rows} rows) and task.eval_size="
+        f"{config.task.eval_size} must divide among the {jax.process_count()} "
+        "processes"
+    )
   if train.loss_chunk_size < 0:
     raise ConfigError(f"train.loss_chunk_size must be >= 0 (0 = auto), got {train.loss_chunk_size}")
   if config.eval.batch_size < 1:
     raise ConfigError(f"eval.batch_size must be >= 1, got {config.eval.batch_size}")
   if train.save_every % train.updates_per_rollout:
-    raise ConfigError(f"train.save_every={train.save_every} must be a multiple of "
-                      f"train.updates_per_rollout={train.updates_per_rollout} (a checkpoint "
-                      "must not fall in the middle of a reused rollout)")
+    raise ConfigError(
+        f"train.save_every={train.save_every} must be a multiple of "
+        f"train.updates_per_rollout={train.updates_per_rollout} (a checkpoint "
+        "must not fall in the middle of a reused rollout)"
+    )
   if recipe.self_teacher:
     length = privileged_length(config)
     if length < 1 or length + config.task.completion_length > student_cfg.max_position_embeddings:
-      raise ConfigError(f"recipe.privileged_length={length} must be >= 1 and, with "
-                        f"task.completion_length, fit the student's max_position_embeddings="
-                        f"{student_cfg.max_position_embeddings}")
-  if config.task.prompt_length + config.task.completion_length > student_cfg.max_position_embeddings:
-    raise ConfigError(f"task.prompt_length + task.completion_length exceeds the student's "
-                      f"max_position_embeddings={student_cfg.max_position_embeddings}")
+      raise ConfigError(
+          f"recipe.privileged_length={length} must be >= 1 and, with "
+          f"task.completion_length, fit the student's max_position_embeddings="
+          f"{student_cfg.max_position_embeddings}"
+      )
+  if (
+      config.task.prompt_length + config.task.completion_length
+      > student_cfg.max_position_embeddings
+  ):
+    raise ConfigError(
+        f"task.prompt_length + task.completion_length exceeds the student's "
+        f"max_position_embeddings={student_cfg.max_position_embeddings}"
+    )
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
   opt = config.optimizer
   if opt.schedule == "cosine":
-    lr = optax.warmup_cosine_decay_schedule(0.0, opt.learning_rate, max(opt.warmup_steps, 1),
-                                            max(config.train.steps, opt.warmup_steps + 1),
-                                            end_value=opt.learning_rate * opt.final_lr_fraction)
+    lr = optax.warmup_cosine_decay_schedule(
+        0.0,
+        opt.learning_rate,
+        max(opt.warmup_steps, 1),
+        max(config.train.steps, opt.warmup_steps + 1),
+        end_value=opt.learning_rate * opt.final_lr_fraction,
+    )
   elif opt.schedule == "constant":
     lr = optax.linear_schedule(0.0, opt.learning_rate, max(opt.warmup_steps, 1))
   else:
     raise ConfigError(f"optimizer.schedule must be 'cosine' or 'constant', got {opt.schedule!r}")
-  return optax.chain(optax.clip_by_global_norm(opt.grad_clip),
-                     optax.adamw(lr, b1=0.9, b2=0.98, weight_decay=opt.weight_decay))
+  return optax.chain(
+      optax.clip_by_global_norm(opt.grad_clip),
+      optax.adamw(lr, b1=0.9, b2=0.98, weight_decay=opt.weight_decay),
+  )
 
 
-def make_train_step(graphdef, recipe, tx, param_shardings, opt_shardings, *,
-                    microbatches: int = 1, chunk_size: int = 0):
+def make_train_step(
+    graphdef,
+    recipe,
+    tx,
+    param_shardings,
+    opt_shardings,
+    *,
+    microbatches: int = 1,
+    chunk_size: int = 0,
+):
   """`(params, opt_state, seq, frozen) -> (params, opt_state, metrics)`, jitted.
 
   `frozen` is `{role: Head}` for the recipe's roles (their hidden states and heads, computed
@@ -294,6 +408,7 @@ def make_train_step(graphdef, recipe, tx, param_shardings, opt_shardings, *,
   in a `lax.scan`; the loss is normalised by the whole batch's completion tokens (or rows,
   for a recipe's sequence mean), so the update equals the whole-batch one.
   """
+
   def grads_of(params, seq, frozen_hidden, frozen_kernels, num_tokens, num_rows):
     tokens, mask = recipes.inputs_of(seq)
     targets = recipes.targets_of(seq)
@@ -302,8 +417,15 @@ def make_train_step(graphdef, recipe, tx, param_shardings, opt_shardings, *,
     def loss_fn(params):
       model = nnx.merge(graphdef, params)
       student = obj.Head(model.hidden_states(tokens, attention_mask=mask), model.head_kernel())
-      return batch_loss(recipe, student, frozen_argument(recipe, frozen), targets,
-                        num_tokens=num_tokens, num_rows=num_rows, chunk_size=chunk_size)
+      return batch_loss(
+          recipe,
+          student,
+          frozen_argument(recipe, frozen),
+          targets,
+          num_tokens=num_tokens,
+          num_rows=num_rows,
+          chunk_size=chunk_size,
+      )
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     return loss, metrics, grads
@@ -326,15 +448,19 @@ def make_train_step(graphdef, recipe, tx, param_shardings, opt_shardings, *,
         return jax.tree.map(jnp.add, total, out), None
 
       first = jax.tree.map(lambda x: x[0], blocks)
-      zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
-                           jax.eval_shape(grads_of, params, *first, kernels, num_tokens,
-                                          num_rows))
+      zeros = jax.tree.map(
+          lambda x: jnp.zeros(x.shape, x.dtype),
+          jax.eval_shape(grads_of, params, *first, kernels, num_tokens, num_rows),
+      )
       (loss, step_metrics, grads), _ = jax.lax.scan(accumulate, zeros, blocks)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    step_metrics = dict(step_metrics, loss=(loss, jnp.float32(1)),
-                        grad_norm=(optax.tree.norm(grads), jnp.float32(1)),
-                        completion_tokens=(jnp.sum(targets.mask), jnp.float32(seq.tokens.shape[0])))
+    step_metrics = dict(
+        step_metrics,
+        loss=(loss, jnp.float32(1)),
+        grad_norm=(optax.tree.norm(grads), jnp.float32(1)),
+        completion_tokens=(jnp.sum(targets.mask), jnp.float32(seq.tokens.shape[0])),
+    )
     return params, opt_state, step_metrics
 
   return jax.jit(step, donate_argnums=(0, 1), out_shardings=(param_shardings, opt_shardings, None))
@@ -356,15 +482,16 @@ route_hidden = jax.jit(obj.route_hidden)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "prompt_length", "completion_length"))
-def privileged_hidden(graphdef, state, privileged: recipes.Sequences, *, prompt_length: int,
-                      completion_length: int):
+def privileged_hidden(
+    graphdef, state, privileged: recipes.Sequences, *, prompt_length: int, completion_length: int
+):
   """A self-distillation teacher's hidden states on `privileged` (its own prompt of P'
   tokens, then the student's N completion tokens), moved to the student's positions: the
   student's row is `[0]·(P−1) ++ h[P'−1:]`, so position P−1+j predicts completion token j
   in both layouts (prompt positions carry no loss)."""
   tokens, mask = recipes.inputs_of(privileged)
   hidden = nnx.merge(graphdef, state).hidden_states(tokens, attention_mask=mask)
-  completion = hidden[:, -completion_length:]   # = h[P'−1:], the N completion-predicting slots
+  completion = hidden[:, -completion_length:]  # = h[P'−1:], the N completion-predicting slots
   pad = jnp.zeros((hidden.shape[0], prompt_length - 1, hidden.shape[2]), hidden.dtype)
   return jnp.concatenate([pad, completion], axis=1)
 
@@ -374,8 +501,9 @@ def drift_kl(teacher: obj.Head, current: obj.Head, targets: recipes.Targets):
   """`(Σ, count)` over completion tokens of `KL(q_θ'(·|x⊕c, y<t) ‖ π_θ(·|x⊕c, y<t))`, both
   read from hidden states already moved to the student's positions: how far the teacher's
   weights have moved from the student's, seen with the privileged context."""
-  values = obj.token_values(lambda t, c, _: {"kl": obj.reverse_kl(t, c)}, teacher,
-                            targets.tokens, teacher=current)
+  values = obj.token_values(
+      lambda t, c, _: {"kl": obj.reverse_kl(t, c)}, teacher, targets.tokens, teacher=current
+  )
   return recipes.base.pair(values["kl"], targets.mask)
 
 
@@ -386,16 +514,18 @@ def all_finite(tree) -> jax.Array:
 
 # ---------------------------------------------------------------- the run
 
+
 @dataclasses.dataclass
 class Setup:
   """What a run decides before it allocates anything."""
+
   recipe: recipes.Recipe
   tokenizer: object
   mesh: object
-  rules: tuple        # (regex, PartitionSpec) partition rules of every model
-  sections: dict      # role -> config section of each model the run builds
+  rules: tuple  # (regex, PartitionSpec) partition rules of every model
+  sections: dict  # role -> config section of each model the run builds
   model_configs: dict  # role -> ModelConfig
-  routes: tuple = ()   # routed teachers' names; row route k -> section teacher/routes[k]
+  routes: tuple = ()  # routed teachers' names; row route k -> section teacher/routes[k]
 
 
 def setup(config) -> Setup:
@@ -409,26 +539,32 @@ def setup(config) -> Setup:
   external_teacher = bool(config.teacher.hf_path or config.teacher.checkpoint)
   if external_teacher:
     if routes:
-      raise ConfigError(f"set either teacher.* (one teacher) or teachers.* (routed: "
-                        f"{list(routes)}), not both")
+      raise ConfigError(
+          f"set either teacher.* (one teacher) or teachers.* (routed: " f"{list(routes)}), not both"
+      )
     sections["teacher"] = config.teacher
   if routes:
     if not recipe.needs_teacher:
-      raise ConfigError(f"recipe {recipe.name!r} reads no teacher, so teachers {list(routes)} "
-                        "would be unused")
+      raise ConfigError(
+          f"recipe {recipe.name!r} reads no teacher, so teachers {list(routes)} " "would be unused"
+      )
     if recipe.source not in ("student", "dataset"):
-      raise ConfigError(f"routing between teachers needs a recipe whose completions come from "
-                        f"the student or the dataset; {recipe.name!r} samples from a teacher")
+      raise ConfigError(
+          f"routing between teachers needs a recipe whose completions come from "
+          f"the student or the dataset; {recipe.name!r} samples from a teacher"
+      )
     for name in routes:
       sections[f"teacher/{name}"] = config.teachers[name]
   if "reference" in recipe.roles:
     # The reference (G-OPD) is the section's model, or else the student's initial weights.
     own = bool(config.reference.hf_path or config.reference.checkpoint)
     sections["reference"] = config.reference if own else config.student
-  if recipe.self_teacher:   # the frozen roles are the student's own weights
+  if recipe.self_teacher:  # the frozen roles are the student's own weights
     if external_teacher or routes:
-      raise ConfigError(f"recipe {recipe.name!r} is its own teacher (recipe.teacher_mode); "
-                        "unset teacher.* and teachers.*")
+      raise ConfigError(
+          f"recipe {recipe.name!r} is its own teacher (recipe.teacher_mode); "
+          "unset teacher.* and teachers.*"
+      )
     for role, _ in recipe.self_teacher.weights:
       sections[role] = config.student
   model_configs = {role: model_config_of(section, tokenizer) for role, section in sections.items()}
@@ -439,8 +575,10 @@ def setup(config) -> Setup:
 def privileged_length(config) -> int:
   """Tokens of the self-distillation teacher's prompt (0 in the config: the prompt, the
   answer (at most `completion_length`) and 32 for the template)."""
-  return int(config.recipe.get("privileged_length", 0) or
-             config.task.prompt_length + config.task.completion_length + 32)
+  return int(
+      config.recipe.get("privileged_length", 0)
+      or config.task.prompt_length + config.task.completion_length + 32
+  )
 
 
 def routes_of(config) -> tuple[str, ...]:
@@ -457,20 +595,29 @@ def members(run_setup: "Setup", role: str) -> list[str]:
 
 
 def _model_kwargs(section) -> dict:
-  return dict(dtype=_dtype(section.dtype), param_dtype=_dtype(section.param_dtype),
-              attention=section.attention, scan_layers=bool(section.get("scan_layers", False)),
-              remat=section.get("remat", "none"))
+  return dict(
+      dtype=_dtype(section.dtype),
+      param_dtype=_dtype(section.param_dtype),
+      attention=section.attention,
+      scan_layers=bool(section.get("scan_layers", False)),
+      remat=section.get("remat", "none"),
+  )
 
 
 def format_layout(run_setup: Setup) -> str:
   """The mesh, the partition rules and where each student parameter lands (`--dry_run`)."""
   mesh, rules = run_setup.mesh, run_setup.rules
-  lines = [f"mesh {dict(mesh.shape)}: {mesh.devices.size} device(s), {jax.process_count()} "
-           f"process(es); batch rows split over {sharding.batch_sharding(mesh).spec[0]}",
-           "partition rules (first match wins):"]
+  lines = [
+      f"mesh {dict(mesh.shape)}: {mesh.devices.size} device(s), {jax.process_count()} "
+      f"process(es); batch rows split over {sharding.batch_sharding(mesh).spec[0]}",
+      "partition rules (first match wins):",
+  ]
   lines += [f"  {pattern:34s} {spec}" for pattern, spec in rules]
-  _, state = nnx.split(abstract_model(run_setup.model_configs["student"],
-                                      **_model_kwargs(run_setup.sections["student"])))
+  _, state = nnx.split(
+      abstract_model(
+          run_setup.model_configs["student"], **_model_kwargs(run_setup.sections["student"])
+      )
+  )
   placed = {}
   for path, variable in nnx.to_flat_state(state):
     name = sharding.path_string(path)
@@ -489,8 +636,8 @@ def routed_kernel_sharding(run_setup: Setup, width: int):
 
 
 class Plan(NamedTuple):
-  terms: dict[str, int]   # per-device bytes of each part of a step
-  train_step: Callable    # the compiled step; the run calls it (so it compiles once)
+  terms: dict[str, int]  # per-device bytes of each part of a step
+  train_step: Callable  # the compiled step; the run calls it (so it compiles once)
 
 
 def memory_plan(config, run_setup: Setup) -> Plan:
@@ -502,41 +649,55 @@ def memory_plan(config, run_setup: Setup) -> Plan:
   for role, section in run_setup.sections.items():
     if role != "student" and role.partition("/")[0] not in recipe.roles:
       continue
-    graphdef, state = nnx.split(abstract_model(run_setup.model_configs[role],
-                                               **_model_kwargs(section)))
+    graphdef, state = nnx.split(
+        abstract_model(run_setup.model_configs[role], **_model_kwargs(section))
+    )
     abstract[role] = (graphdef, sharding.abstract_state(state, mesh, run_setup.rules))
   graphdef, params = abstract["student"]
   tx = make_optimizer(config)
-  opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                           jax.eval_shape(tx.init, params),
-                           sharding.optimizer_shardings(tx, params, mesh))
-  terms = {"student parameters": memory.per_device_bytes(params),
-           "optimizer state": memory.per_device_bytes(opt_state)}
+  opt_state = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      jax.eval_shape(tx.init, params),
+      sharding.optimizer_shardings(tx, params, mesh),
+  )
+  terms = {
+      "student parameters": memory.per_device_bytes(params),
+      "optimizer state": memory.per_device_bytes(opt_state),
+  }
   rows = config.train.batch_size * recipe.group_size
   length = config.task.prompt_length + config.task.completion_length
   batch = sharding.batch_sharding(mesh)
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=batch)
   seq = recipes.Sequences(
-      tokens=spec((rows, length), jnp.int32), attention_mask=spec((rows, length), bool),
+      tokens=spec((rows, length), jnp.int32),
+      attention_mask=spec((rows, length), bool),
       completion_mask=spec((rows, length), bool),
       behaviour_logprobs=spec((rows, length), jnp.float32),
       model_logprobs=spec((rows, length), jnp.float32),
-      rewards=spec((rows,), jnp.float32))
+      rewards=spec((rows,), jnp.float32),
+  )
   frozen = {}
   for role in recipe.roles:
     names = members(run_setup, role)
     terms[f"{role} parameters"] = sum(memory.per_device_bytes(abstract[n][1]) for n in names)
     widths = [run_setup.model_configs[n].hidden_size for n in names]
     dtype = jnp.result_type(*[_dtype(run_setup.sections[n].dtype) for n in names])
-    kernels = [jax.eval_shape(functools.partial(head_kernel, abstract[n][0]), abstract[n][1])
-               for n in names]
+    kernels = [
+        jax.eval_shape(functools.partial(head_kernel, abstract[n][0]), abstract[n][1])
+        for n in names
+    ]
     if len(names) == 1:
       kernel_sharding = head_kernel.lower(*abstract[role]).compile().output_shardings
     else:
       kernel_sharding = routed_kernel_sharding(run_setup, sum(widths))
-    frozen[role] = obj.Head(spec((rows, length - 1, sum(widths)), dtype), jax.ShapeDtypeStruct(
-        (sum(widths), kernels[0].shape[1]), jnp.result_type(*[k.dtype for k in kernels]),
-        sharding=kernel_sharding))
+    frozen[role] = obj.Head(
+        spec((rows, length - 1, sum(widths)), dtype),
+        jax.ShapeDtypeStruct(
+            (sum(widths), kernels[0].shape[1]),
+            jnp.result_type(*[k.dtype for k in kernels]),
+            sharding=kernel_sharding,
+        ),
+    )
   if frozen:
     terms["frozen hidden states"] = memory.per_device_bytes([h.hidden for h in frozen.values()])
   sampled_rows = rows if recipe.source != "dataset" else 0
@@ -546,13 +707,24 @@ def memory_plan(config, run_setup: Setup) -> Plan:
     cfg = run_setup.model_configs["student"]
     data_devices = sharding.row_splits(mesh)
     itemsize = jnp.dtype(_dtype(config.student.dtype)).itemsize
-    terms["KV cache (sampling)"] = (math.ceil(sampled_rows / data_devices) * length
-                                    * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim
-                                    * itemsize)
-  step = make_train_step(graphdef, recipe, tx, jax.tree.map(lambda x: x.sharding, params),
-                         jax.tree.map(lambda x: x.sharding, opt_state),
-                         microbatches=config.train.microbatches,
-                         chunk_size=config.train.loss_chunk_size)
+    terms["KV cache (sampling)"] = (
+        math.ceil(sampled_rows / data_devices)
+        * length
+        * cfg.num_layers
+        * 2
+        * cfg.num_kv_heads
+        * cfg.head_dim
+        * itemsize
+    )
+  step = make_train_step(
+      graphdef,
+      recipe,
+      tx,
+      jax.tree.map(lambda x: x.sharding, params),
+      jax.tree.map(lambda x: x.sharding, opt_state),
+      microbatches=config.train.microbatches,
+      chunk_size=config.train.loss_chunk_size,
+  )
   compiled = step.lower(params, opt_state, seq, frozen or None).compile()
   terms["train step temporaries"] = int(compiled.memory_analysis().temp_size_in_bytes)
   return Plan(terms, compiled)
@@ -573,7 +745,12 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
   """Trains (or resumes, or returns a finished run from) `workdir`. See `opdjax/experiments/`."""
   workdir = checkpoint.resolve(workdir)
   run_setup = setup(config)
-  recipe, tokenizer, mesh, rules = run_setup.recipe, run_setup.tokenizer, run_setup.mesh, run_setup.rules
+  recipe, tokenizer, mesh, rules = (
+      run_setup.recipe,
+      run_setup.tokenizer,
+      run_setup.mesh,
+      run_setup.rules,
+  )
   main_process = distributed.is_main()
   student_cfg = run_setup.model_configs["student"]
   teacher_cfg = run_setup.model_configs.get("teacher")
@@ -582,32 +759,43 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
   reference_section = run_setup.sections.get("reference")
   self_teacher = recipe.self_teacher
   train_set, eval_set = build_data(
-      config, tokenizer, routes=run_setup.routes or None,
-      privileged=(self_teacher.privileged, privileged_length(config)) if self_teacher else None)
+      config,
+      tokenizer,
+      routes=run_setup.routes or None,
+      privileged=(self_teacher.privileged, privileged_length(config)) if self_teacher else None,
+  )
   if config.train.batch_size > len(train_set):
-    raise ConfigError(f"train.batch_size={config.train.batch_size} exceeds the "
-                      f"{len(train_set)} training prompts")
+    raise ConfigError(
+        f"train.batch_size={config.train.batch_size} exceeds the "
+        f"{len(train_set)} training prompts"
+    )
   if config.train.memory_limit_gb < 0:
-    raise ConfigError(f"train.memory_limit_gb must be >= 0 (0 = the device's own limit), got "
-                      f"{config.train.memory_limit_gb}")
+    raise ConfigError(
+        f"train.memory_limit_gb must be >= 0 (0 = the device's own limit), got "
+        f"{config.train.memory_limit_gb}"
+    )
   train_step = check_memory(config, run_setup, quiet=quiet or not main_process).train_step
 
   place = dict(mesh=mesh, rules=rules)
   student = build_model(config.student, student_cfg, seed=config.seed, **place)
-  teacher = (build_model(config.teacher, teacher_cfg, seed=config.seed + 1, **place)
-             if has_teacher else None)
-  frozen_models = {}   # section name -> the frozen model the step reads
+  teacher = (
+      build_model(config.teacher, teacher_cfg, seed=config.seed + 1, **place)
+      if has_teacher
+      else None
+  )
+  frozen_models = {}  # section name -> the frozen model the step reads
   for name in (n for role in recipe.roles for n in members(run_setup, role)):
-    if self_teacher:    # the student's initial weights (also an EMA's start); none for current
+    if self_teacher:  # the student's initial weights (also an EMA's start); none for current
       if self_teacher.kind(name) != "current":
         frozen_models[name] = build_model(config.student, student_cfg, seed=config.seed, **place)
     elif name == "teacher":
       frozen_models[name] = teacher
-    elif name == "reference":   # same seed: a fresh copy of the student's initial weights
+    elif name == "reference":  # same seed: a fresh copy of the student's initial weights
       frozen_models[name] = build_model(reference_section, reference_cfg, seed=config.seed, **place)
-    else:                       # a routed teacher, teacher/NAME
-      frozen_models[name] = build_model(run_setup.sections[name], run_setup.model_configs[name],
-                                        seed=config.seed + 1, **place)
+    else:  # a routed teacher, teacher/NAME
+      frozen_models[name] = build_model(
+          run_setup.sections[name], run_setup.model_configs[name], seed=config.seed + 1, **place
+      )
   checkpoint.write_model_config(workdir, student.config)
   graphdef, params = nnx.split(student)
   tx = make_optimizer(config)
@@ -618,46 +806,80 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
     model_def, state = nnx.split(model)
     frozen_parts[name] = (model_def, state, head_kernel(model_def, state))
   # An EMA teacher's weights: updated after every step, saved with the checkpoint.
-  ema_role = next((r for r, kind in self_teacher.weights if kind == "ema"), None) if self_teacher else None
+  ema_role = (
+      next((r for r, kind in self_teacher.weights if kind == "ema"), None) if self_teacher else None
+  )
   extra = {"ema": frozen_parts[ema_role][1]} if ema_role else {}
-  ema_step = (jax.jit(functools.partial(ema_update, rate=self_teacher.ema_rate), donate_argnums=0)
-              if ema_role else None)
-  routed_kernels = {   # routed teachers' heads stacked once: [ΣD, V] (objectives.route_hidden)
-      role: jax.device_put(jnp.concatenate([frozen_parts[n][2] for n in members(run_setup, role)]),
-                           routed_kernel_sharding(run_setup, sum(
-                               run_setup.model_configs[n].hidden_size
-                               for n in members(run_setup, role))))
-      for role in recipe.roles if len(members(run_setup, role)) > 1}
+  ema_step = (
+      jax.jit(functools.partial(ema_update, rate=self_teacher.ema_rate), donate_argnums=0)
+      if ema_role
+      else None
+  )
+  routed_kernels = {  # routed teachers' heads stacked once: [ΣD, V] (objectives.route_hidden)
+      role: jax.device_put(
+          jnp.concatenate([frozen_parts[n][2] for n in members(run_setup, role)]),
+          routed_kernel_sharding(
+              run_setup,
+              sum(run_setup.model_configs[n].hidden_size for n in members(run_setup, role)),
+          ),
+      )
+      for role in recipe.roles
+      if len(members(run_setup, role)) > 1
+  }
 
-  data = iter(batches(train_set, batch_size=config.train.batch_size, seed=config.seed,
-                      process_index=jax.process_index(), process_count=jax.process_count()))
-  async_save = {"on": True, "off": False}.get(config.train.async_checkpointing,
-                                               jax.default_backend() != "cpu")
+  data = iter(
+      batches(
+          train_set,
+          batch_size=config.train.batch_size,
+          seed=config.seed,
+          process_index=jax.process_index(),
+          process_count=jax.process_count(),
+      )
+  )
+  async_save = {"on": True, "off": False}.get(
+      config.train.async_checkpointing, jax.default_backend() != "cpu"
+  )
   ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints, async_save=async_save)
   writer = metrics.Writer(workdir, tensorboard=config.train.tensorboard, enabled=main_process)
   start = 0
   restored = ckpt.restore_latest(params, opt_state, extra)
   if restored:
     start, params, opt_state, meta, extra = restored
-    data.set_state(meta["data_state"])   # a position in the global stream: one for all processes
+    data.set_state(meta["data_state"])  # a position in the global stream: one for all processes
     writer.truncate_after(start)
   total = config.train.steps
   base_key = jax.random.key(config.seed)
   eval_key = jax.random.key(config.seed + 1_000_003)
-  sampling = SamplingParams(temperature=config.sampling.temperature, top_k=config.sampling.top_k,
-                            top_p=config.sampling.top_p)
+  sampling = SamplingParams(
+      temperature=config.sampling.temperature,
+      top_k=config.sampling.top_k,
+      top_p=config.sampling.top_p,
+  )
   completion_length, prompt_length = config.task.completion_length, config.task.prompt_length
   put = lambda tree: jax.device_put(tree, batch_sharding)
   to_global = lambda local: distributed.global_batch(local, batch_sharding)
   # The student's layout while it samples (sampling.layout): resharded once per rollout.
-  sample_shardings = (None if config.sampling.layout == "train" else sharding.state_shardings(
-      params, mesh, sharding.sampling_rules(rules, config.sampling.layout)))
+  sample_shardings = (
+      None
+      if config.sampling.layout == "train"
+      else sharding.state_shardings(
+          params, mesh, sharding.sampling_rules(rules, config.sampling.layout)
+      )
+  )
 
   def run_eval(step, params):
-    results = evaluate(nnx.merge(graphdef, params), eval_set, tokenizer, key=eval_key,
-                       max_new_tokens=completion_length, teacher=teacher,
-                       temperature=config.eval.temperature, batch_size=config.eval.batch_size,
-                       chunk_size=config.train.loss_chunk_size, batch_sharding=batch_sharding)
+    results = evaluate(
+        nnx.merge(graphdef, params),
+        eval_set,
+        tokenizer,
+        key=eval_key,
+        max_new_tokens=completion_length,
+        teacher=teacher,
+        temperature=config.eval.temperature,
+        batch_size=config.eval.batch_size,
+        chunk_size=config.train.loss_chunk_size,
+        batch_sharding=batch_sharding,
+    )
     writer.write(step, "eval", results)
     return results
 
@@ -676,19 +898,28 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
 
   def self_teacher_weights(role, params, extra):
     kind = self_teacher.kind(role)
-    return (params if kind == "current" else extra["ema"] if kind == "ema"
-            else frozen_parts[role][1])
+    return params if kind == "current" else extra["ema"] if kind == "ema" else frozen_parts[role][1]
 
   def self_teacher_heads(rows, params, extra, seq):
     """Self-distillation: each role is the student's graph with its weights (initial,
     current or EMA) reading the privileged prompt + the student's completion, its hidden
     states moved to the student's completion positions. Also the drift of the first
     non-current role from the current weights on that same input."""
-    privileged = join(rows["privileged_tokens"], rows["privileged_mask"],
-                      seq.tokens[:, prompt_length:], seq.attention_mask[:, prompt_length:])
-    moved = lambda weights: put(privileged_hidden(graphdef, weights, privileged,
-                                                  prompt_length=prompt_length,
-                                                  completion_length=completion_length))
+    privileged = join(
+        rows["privileged_tokens"],
+        rows["privileged_mask"],
+        seq.tokens[:, prompt_length:],
+        seq.attention_mask[:, prompt_length:],
+    )
+    moved = lambda weights: put(
+        privileged_hidden(
+            graphdef,
+            weights,
+            privileged,
+            prompt_length=prompt_length,
+            completion_length=completion_length,
+        )
+    )
     heads = {}
     for role in recipe.roles:
       kind = self_teacher.kind(role)
@@ -699,7 +930,7 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
     if not drifting:
       return heads, None
     current = next((heads[r] for r in recipe.roles if self_teacher.kind(r) == "current"), None)
-    if current is None:   # no role holds the current weights: one more forward
+    if current is None:  # no role holds the current weights: one more forward
       current = obj.Head(moved(params), head_kernel(graphdef, params))
     return heads, drift_kl(heads[drifting[0]], current, recipes.targets_of(seq))
 
@@ -713,24 +944,38 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
     if source == "teacher":
       model = teacher
     else:
-      model = nnx.merge(graphdef, params if sample_shardings is None
-                        else jax.device_put(params, sample_shardings))
+      model = nnx.merge(
+          graphdef, params if sample_shardings is None else jax.device_put(params, sample_shardings)
+      )
     unique = to_global({k: batch[k] for k in ("prompt_tokens", "prompt_mask")})
-    gen = generate(model, unique["prompt_tokens"], unique["prompt_mask"], key=key,
-                   max_new_tokens=completion_length, sampling=sampling,
-                   num_samples=recipe.group_size)   # one prefill per prompt
+    gen = generate(
+        model,
+        unique["prompt_tokens"],
+        unique["prompt_mask"],
+        key=key,
+        max_new_tokens=completion_length,
+        sampling=sampling,
+        num_samples=recipe.group_size,
+    )  # one prefill per prompt
     rewards = None
-    if recipe.verifier_reward:   # each process verifies its own rows
+    if recipe.verifier_reward:  # each process verifies its own rows
       answers = [train_set.answers[i] for i in repeat_rows(batch, recipe.group_size)["index"]]
       rewards = to_global(np.asarray(verified(tokenizer, gen, answers), np.float32))
-    return join(prompts, prompt_mask, gen.tokens, gen.mask, gen.sample_logprobs,
-                gen.model_logprobs, rewards)
+    return join(
+        prompts, prompt_mask, gen.tokens, gen.mask, gen.sample_logprobs, gen.model_logprobs, rewards
+    )
 
   if start == 0 and config.eval.every and config.eval.at_start:
     run_eval(0, params)
   accumulator = metrics.Accumulator()
-  progress = tqdm(total=total, initial=start, desc=f"{recipe.name}", disable=quiet or not main_process,
-                  dynamic_ncols=True, mininterval=0.5)
+  progress = tqdm(
+      total=total,
+      initial=start,
+      desc=f"{recipe.name}",
+      disable=quiet or not main_process,
+      dynamic_ncols=True,
+      mininterval=0.5,
+  )
   last_eval = {}
   pending = []  # (step, on-device metrics) not yet read back: the host syncs only below
   seq = frozen = None
@@ -738,8 +983,10 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
 
   def fail(message):
     progress.close()
-    raise NonFiniteLossError(f"{message}; stopped without saving, the last good checkpoint "
-                             f"(step {ckpt.latest_step()}) in {ckpt.directory} is kept")
+    raise NonFiniteLossError(
+        f"{message}; stopped without saving, the last good checkpoint "
+        f"(step {ckpt.latest_step()}) in {ckpt.directory} is kept"
+    )
 
   def read_back():
     for done_step, values in jax.device_get(pending):
@@ -754,11 +1001,11 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
     drift = None
     if step % config.train.updates_per_rollout == 0 or seq is None:
       batch = next(data)
-      rows = to_global(repeat_rows(batch, recipe.group_size))   # a group's G rows share their prompt
+      rows = to_global(repeat_rows(batch, recipe.group_size))  # a group's G rows share their prompt
       seq = put(rollout(step, key, batch, rows, params))
       if self_teacher:
         frozen, drift = self_teacher_heads(rows, params, extra, seq)
-      else:   # kept while the rollout is reused
+      else:  # kept while the rollout is reused
         frozen = frozen_heads(*recipes.inputs_of(seq), rows)
     params, opt_state, step_metrics = train_step(params, opt_state, seq, frozen)
     if ema_step is not None:
@@ -779,30 +1026,49 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
       started = time.perf_counter()
       writer.write(done, "train", means)
       accumulator.reset()
-      progress.set_postfix({k: f"{means[k]:.3g}" for k in ("loss", "token_reverse_kl", "nll")
-                            if k in means} | ({"acc": f"{last_eval['accuracy_greedy']:.2f}"}
-                                              if "accuracy_greedy" in last_eval else {}))
+      progress.set_postfix(
+          {k: f"{means[k]:.3g}" for k in ("loss", "token_reverse_kl", "nll") if k in means}
+          | (
+              {"acc": f"{last_eval['accuracy_greedy']:.2f}"}
+              if "accuracy_greedy" in last_eval
+              else {}
+          )
+      )
     if eval_now:
       last_eval = run_eval(done, params)
     if save_now:
       if not all_finite(params):
         fail(f"non-finite parameters after step {done}")
-      ckpt.save(done, params, opt_state,
-                {"step": done, "data_state": data.get_state(), "seed": config.seed}, extra=extra)
+      ckpt.save(
+          done,
+          params,
+          opt_state,
+          {"step": done, "data_state": data.get_state(), "seed": config.seed},
+          extra=extra,
+      )
   progress.close()
-  ckpt.close()   # waits for an asynchronous save
+  ckpt.close()  # waits for an asynchronous save
   writer.close()
-  distributed.barrier("opdjax_run_end")   # process 0 has written everything
+  distributed.barrier("opdjax_run_end")  # process 0 has written everything
 
   history = metrics.read_history(writer.path)
   evals = [r for r in history if r["split"] == "eval"]
   final_eval = {k: v for k, v in evals[-1].items() if k not in ("step", "split")} if evals else {}
   plot = None
   if evals and main_process:
-    keys = [k for k in ("accuracy_greedy", "sequence_reverse_kl", "token_reverse_kl") if k in evals[-1]]
-    plot = metrics.plot_curves({recipe.name: history}, keys, workdir / "curves.png",
-                               title=f"{recipe.name}: held-out metrics")
+    keys = [
+        k for k in ("accuracy_greedy", "sequence_reverse_kl", "token_reverse_kl") if k in evals[-1]
+    ]
+    plot = metrics.plot_curves(
+        {recipe.name: history},
+        keys,
+        workdir / "curves.png",
+        title=f"{recipe.name}: held-out metrics",
+    )
   if not quiet and main_process and final_eval:
-    print(metrics.format_table([{"metric": k, "value": v} for k, v in final_eval.items()],
-                               ["metric", "value"]))
+    print(
+        metrics.format_table(
+            [{"metric": k, "value": v} for k, v in final_eval.items()], ["metric", "value"]
+        )
+    )
   return RunResult(workdir=workdir, history=history, final_eval=final_eval, plot=plot)

@@ -8,8 +8,9 @@ os.environ["OPDJAX_COMPILATION_CACHE"] = ""
 # Eight simulated CPU devices, so sharding is tested on every machine (the default device,
 # and so every unsharded computation, is still device 0).
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             " --xla_force_host_platform_device_count=8").strip()
+  os.environ["XLA_FLAGS"] = (
+      os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  ).strip()
 
 import pytest  # noqa: E402
 
@@ -21,6 +22,6 @@ def pytest_sessionfinish(session, exitstatus):
   skipped = [r for key in ("skipped", "xfailed", "xpassed") for r in reporter.stats.get(key, [])]
   if skipped and session.exitstatus == pytest.ExitCode.OK:
     reporter.write_line(
-        f"FAILED: {len(skipped)} test(s) skipped or xfailed; this suite runs everything.",
-        red=True)
+        f"FAILED: {len(skipped)} test(s) skipped or xfailed; this suite runs everything.", red=True
+    )
     session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -6,9 +6,16 @@ import numpy as np
 import pytest
 
 from opdjax import metrics
-from opdjax.data import (PromptSource, batches, char_tokenizer, encode, load_jsonl,
-                         synthetic_records, verify)
-from opdjax.data import tasks
+from opdjax.data import (
+    PromptSource,
+    batches,
+    char_tokenizer,
+    encode,
+    load_jsonl,
+    synthetic_records,
+    tasks,
+    verify,
+)
 
 
 def test_tasks_are_deterministic_verifiable_and_split():
@@ -38,27 +45,37 @@ def test_tokenizer_round_trip_and_encoding():
   tok = char_tokenizer()
   ids = tok("12+34=", add_special_tokens=False)["input_ids"]
   assert tok.decode(ids) == "12+34=" and len(ids) == 6
-  prompts = encode(synthetic_records("addition", difficulty=2, size=10, held_out=False), tok,
-                   prompt_length=8, answer_length=5)
+  prompts = encode(
+      synthetic_records("addition", difficulty=2, size=10, held_out=False),
+      tok,
+      prompt_length=8,
+      answer_length=5,
+  )
   assert prompts.prompt_tokens.shape == (10, 8)
   # Left-padded prompts, right-padded answers ending in EOS.
   assert prompts.prompt_mask[:, -1].all()
   lengths = prompts.answer_mask.sum(1)
   assert (prompts.answer_tokens[np.arange(10), lengths - 1] == tok.eos_token_id).all()
-  with pytest.raises(ValueError, match=r"addition\[0\]: prompt has 6 tokens, more than prompt_length=3"):
-    encode([tasks.Problem("12+34=", "46")], tok, prompt_length=3, answer_length=5, source="addition")
+  with pytest.raises(
+      ValueError, match=r"addition\[0\]: prompt has 6 tokens, more than prompt_length=3"
+  ):
+    encode(
+        [tasks.Problem("12+34=", "46")], tok, prompt_length=3, answer_length=5, source="addition"
+    )
 
 
 def test_jsonl_prompts_and_errors(tmp_path):
   tok = char_tokenizer()
   good = tmp_path / "good.jsonl"
-  good.write_text('{"prompt": "1+2=", "answer": "3"}\n\n'
-                  '{"messages": [{"role": "user", "content": "2+2="}], "answer": "4"}\n')
+  good.write_text(
+      '{"prompt": "1+2=", "answer": "3"}\n\n'
+      '{"messages": [{"role": "user", "content": "2+2="}], "answer": "4"}\n'
+  )
   records = load_jsonl(good, tok)
   assert [(r.prompt, r.answer) for r in records] == [("1+2=", "3"), ("2+2=", "4")]
   cases = {
       '{"prompt": "1+2=", "answer": "3"}\n{"prompt": oops}\n': r"bad.jsonl:2: not valid JSON",
-      '[1, 2]\n': r"bad.jsonl:1: expected a JSON object, got list",
+      "[1, 2]\n": r"bad.jsonl:1: expected a JSON object, got list",
       '{"question": "1+1="}\n': r"bad.jsonl:1: needs a 'prompt' or a 'messages' field, got keys \['question'\]",
       '{"prompt": "", "answer": "1"}\n': r"bad.jsonl:1: 'prompt' must be a non-empty string",
       '{"prompt": "1+1=", "answer": 2}\n': r"bad.jsonl:1: 'answer' must be a string",
@@ -75,11 +92,21 @@ def test_jsonl_prompts_and_errors(tmp_path):
 
 def test_batches_are_deterministic_and_resumable():
   tok = char_tokenizer()
-  prompts = encode(synthetic_records("addition", difficulty=2, size=40, held_out=False), tok,
-                   prompt_length=8, answer_length=5)
-  first = [b["index"].tolist() for _, b in zip(range(12), iter(batches(prompts, batch_size=8, seed=1)))]
-  again = [b["index"].tolist() for _, b in zip(range(12), iter(batches(prompts, batch_size=8, seed=1)))]
-  other = [b["index"].tolist() for _, b in zip(range(12), iter(batches(prompts, batch_size=8, seed=2)))]
+  prompts = encode(
+      synthetic_records("addition", difficulty=2, size=40, held_out=False),
+      tok,
+      prompt_length=8,
+      answer_length=5,
+  )
+  first = [
+      b["index"].tolist() for _, b in zip(range(12), iter(batches(prompts, batch_size=8, seed=1)))
+  ]
+  again = [
+      b["index"].tolist() for _, b in zip(range(12), iter(batches(prompts, batch_size=8, seed=1)))
+  ]
+  other = [
+      b["index"].tolist() for _, b in zip(range(12), iter(batches(prompts, batch_size=8, seed=2)))
+  ]
   assert first == again and first != other
   assert sorted(sum(first[:5], [])) == list(range(40))  # one epoch covers every row once
   it = iter(batches(prompts, batch_size=8, seed=1))
@@ -101,23 +128,25 @@ def test_process_shares_make_the_same_global_batches_and_tokenise_only_their_row
   read = []
 
   class Counting(PromptSource):
+
     def __getitem__(self, index):
       read.append(int(index))
       return super().__getitem__(index)
 
   make = lambda: Counting(records, tok, prompt_length=8, answer_length=5)
   whole = batches(make(), batch_size=8, seed=3)
-  shares = [batches(make(), batch_size=8, seed=3, process_index=p, process_count=4)
-            for p in range(4)]
-  for step in range(6):   # random access: batch `step` alone, no read-ahead
+  shares = [
+      batches(make(), batch_size=8, seed=3, process_index=p, process_count=4) for p in range(4)
+  ]
+  for step in range(6):  # random access: batch `step` alone, no read-ahead
     want = whole[step]
     for p, share in enumerate(shares):
       read.clear()
       got = share[step]
-      assert read == want["index"][2 * p:2 * p + 2].tolist()   # only its own rows
+      assert read == want["index"][2 * p : 2 * p + 2].tolist()  # only its own rows
       for name in want:
-        np.testing.assert_array_equal(got[name], want[name][2 * p:2 * p + 2])
-  single, share = iter(whole), iter(shares[1])   # the iterators agree too (state included)
+        np.testing.assert_array_equal(got[name], want[name][2 * p : 2 * p + 2])
+  single, share = iter(whole), iter(shares[1])  # the iterators agree too (state included)
   first = next(single)
   np.testing.assert_array_equal(next(share)["index"], first["index"][2:4])
   assert share.get_state() == single.get_state()
@@ -125,14 +154,15 @@ def test_process_shares_make_the_same_global_batches_and_tokenise_only_their_row
     batches(make(), batch_size=8, seed=0, process_index=0, process_count=3)
   # A record that does not fit names its index when checked (every process checks 1/N).
   with pytest.raises(ValueError, match=r"records\[1\]: prompt has"):
-    PromptSource([records[0], tasks.Problem("1" * 20, "1")], tok, prompt_length=8,
-                 answer_length=5).check(range(2))
+    PromptSource(
+        [records[0], tasks.Problem("1" * 20, "1")], tok, prompt_length=8, answer_length=5
+    ).check(range(2))
 
 
 def test_accumulator_is_token_weighted():
   acc = metrics.Accumulator()
-  acc.add({"kl": (6.0, 3.0)})     # 3 tokens averaging 2
-  acc.add({"kl": (1.0, 1.0)})     # 1 token of 1
+  acc.add({"kl": (6.0, 3.0)})  # 3 tokens averaging 2
+  acc.add({"kl": (1.0, 1.0)})  # 1 token of 1
   acc.add({"empty": (0.0, 0.0)})  # no tokens: no value rather than NaN
   assert acc.means() == {"kl": 7.0 / 4.0}
   acc.reset()
@@ -151,6 +181,7 @@ def test_writer_truncates_after_resume_and_table(tmp_path):
   assert any((tmp_path / "tensorboard").iterdir())
   table = metrics.format_table([{"a": 1.23456, "b": "x"}], ["a", "b"])
   assert "1.235" in table and "x" in table
-  path = metrics.plot_curves({"run": [{"step": 1, "split": "eval", "acc": 0.5}]}, ["acc"],
-                             tmp_path / "plot.png")
+  path = metrics.plot_curves(
+      {"run": [{"step": 1, "split": "eval", "acc": 0.5}]}, ["acc"], tmp_path / "plot.png"
+  )
   assert path.stat().st_size > 1000

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 from flax import nnx
 
 from opdjax import checkpoint
@@ -26,31 +25,61 @@ REPO = Path(__file__).resolve().parent.parent
 EXPERIMENT = REPO / "tests" / "experiments" / "two_stages.py"
 STAGES = ("sft", "opd")
 
+
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
 
 
-def launch(workdir: Path, processes: int, devices: int, cache: Path,
-           arg: str = "") -> list[subprocess.Popen]:
+def launch(
+    workdir: Path, processes: int, devices: int, cache: Path, arg: str = ""
+) -> list[subprocess.Popen]:
   """`processes` CLI processes of the two-stage experiment (`arg` "sft": its first stage
   only), `devices` CPU devices each, sharing the compilation cache `cache` (a rerun loads
   what the first run compiled)."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", OPDJAX_COMPILATION_CACHE=str(cache),
-             OPDJAX_COMPILATION_CACHE_MIN_SECONDS="0",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  command = [sys.executable, "-m", "opdjax.train", "--exp",
-             f"{EXPERIMENT}:{arg}" if arg else str(EXPERIMENT), "--workdir", str(workdir)]
+  env = dict(
+      os.environ,
+      JAX_PLATFORMS="cpu",
+      OPDJAX_COMPILATION_CACHE=str(cache),
+      OPDJAX_COMPILATION_CACHE_MIN_SECONDS="0",
+      XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  )
+  command = [
+      sys.executable,
+      "-m",
+      "opdjax.train",
+      "--exp",
+      f"{EXPERIMENT}:{arg}" if arg else str(EXPERIMENT),
+      "--workdir",
+      str(workdir),
+  ]
   if processes == 1:
-    return [subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)]
+    return [
+        subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+    ]
   address = f"127.0.0.1:{_free_port()}"
-  return [subprocess.Popen(command + ["--coordinator_address", address, "--num_processes",
-                                      str(processes), "--process_id", str(i)],
-                           cwd=REPO, env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True)
-          for i in range(processes)]
+  return [
+      subprocess.Popen(
+          command
+          + [
+              "--coordinator_address",
+              address,
+              "--num_processes",
+              str(processes),
+              "--process_id",
+              str(i),
+          ],
+          cwd=REPO,
+          env=env,
+          stdout=subprocess.PIPE,
+          stderr=subprocess.STDOUT,
+          text=True,
+      )
+      for i in range(processes)
+  ]
 
 
 def finish(procs, timeout=600) -> None:
@@ -76,13 +105,14 @@ def check_equal(one: Path, two: Path, stage: str) -> None:
   for x, y in zip(a, b):
     for key in x:
       if key not in ("steps_per_s", "split"):
-        np.testing.assert_allclose(y[key], x[key], rtol=1e-5, atol=1e-6,
-                                   err_msg=f"{stage} step {x['step']} {key}")
+        np.testing.assert_allclose(
+            y[key], x[key], rtol=1e-5, atol=1e-6, err_msg=f"{stage} step {x['step']} {key}"
+        )
   pa, pb = final_params(one), final_params(two)
   assert pa.keys() == pb.keys()
   for name in pa:
     np.testing.assert_allclose(pb[name], pa[name], atol=1e-5, err_msg=f"{stage} {name}")
-  if stage == "opd":   # the sampler ran: a sampled-token metric was logged
+  if stage == "opd":  # the sampler ran: a sampled-token metric was logged
     assert "sampled_log_ratio" in a[0]
 
 
@@ -92,13 +122,13 @@ def check_written_once(workdir: Path, stage: str, *, runs: int = 1) -> None:
   assert len(steps) == len(set(steps)), f"{stage}: metrics.jsonl has lines from two processes"
   assert len(list((workdir / "tensorboard").iterdir())) <= runs
   assert (workdir / "model_config.json").exists()
-  assert (workdir / "curves.png").exists() == (stage == "opd")   # the stage that evaluates
+  assert (workdir / "curves.png").exists() == (stage == "opd")  # the stage that evaluates
 
 
 def test_two_processes_equal_one_and_resume_exactly_after_sigkill(tmp_path):
   """One test (so one xdist worker pays for the runs): 1 x 8 devices and 2 x 4 devices run
   together; then a 2 x 4 SFT run is SIGKILLed once a checkpoint exists and rerun."""
-  cache = tmp_path / "xla"   # the reruns load what the first 2 x 4 run compiled
+  cache = tmp_path / "xla"  # the reruns load what the first 2 x 4 run compiled
   one = launch(tmp_path / "one", 1, 8, cache)
   two = launch(tmp_path / "two", 2, 4, cache)
   finish(one + two)
@@ -116,11 +146,12 @@ def test_two_processes_equal_one_and_resume_exactly_after_sigkill(tmp_path):
   for p in procs:
     p.send_signal(signal.SIGKILL)
     p.wait()
-  assert saved() and not (checkpoints / "4").exists(), \
-      "the run was not interrupted between its first checkpoint and its end"
+  assert (
+      saved() and not (checkpoints / "4").exists()
+  ), "the run was not interrupted between its first checkpoint and its end"
   finish(launch(workdir, 2, 4, cache, "sft"))
   want, got = final_params(tmp_path / "two" / "sft"), final_params(workdir / "sft")
   for name in want:
     np.testing.assert_array_equal(got[name], want[name], err_msg=name)
-  check_written_once(workdir / "sft", "sft", runs=2)   # killed + resumed
-  assert any(p.name.startswith("jit_step-") for p in cache.iterdir())   # the step was cached
+  check_written_once(workdir / "sft", "sft", runs=2)  # killed + resumed
+  assert any(p.name.startswith("jit_step-") for p in cache.iterdir())  # the step was cached

@@ -27,10 +27,14 @@ def fixture_model():
 
 
 def mixed_prompts():
-  tokens = jnp.array([[5, 6, 7, 8, 9, 10],
-                      [0, 0, 0, 11, 12, 13],   # left padded
-                      [14, 15, 0, 0, 0, 0],    # right padded
-                      [0, 16, 17, 18, 0, 0]])  # both
+  tokens = jnp.array(
+      [
+          [5, 6, 7, 8, 9, 10],
+          [0, 0, 0, 11, 12, 13],  # left padded
+          [14, 15, 0, 0, 0, 0],  # right padded
+          [0, 16, 17, 18, 0, 0],
+      ]
+  )  # both
   return tokens, tokens != 0
 
 
@@ -59,21 +63,30 @@ def test_greedy_equals_naive_loop(model):
 def test_logprobs_equal_teacher_forcing(model):
   tokens, mask = mixed_prompts()
   sampling = SamplingParams(temperature=0.7, top_k=10)
-  gen = generate(model, tokens, mask, key=jax.random.key(1), max_new_tokens=6, sampling=sampling,
-                 return_logits=True)
+  gen = generate(
+      model,
+      tokens,
+      mask,
+      key=jax.random.key(1),
+      max_new_tokens=6,
+      sampling=sampling,
+      return_logits=True,
+  )
   full = jnp.concatenate([tokens, gen.tokens], axis=1)
   full_mask = jnp.concatenate([mask, gen.mask], axis=1)
   logits = model(full, attention_mask=full_mask)
   # The logits that predict completion token n sit at the previous real slot.
   prompt_len = tokens.shape[1]
   last_prompt = prompt_len - 1 - jnp.argmax(mask[:, ::-1], axis=1)
-  predictors = jnp.concatenate([logits[jnp.arange(4), last_prompt][:, None],
-                                logits[:, prompt_len:-1]], axis=1)
+  predictors = jnp.concatenate(
+      [logits[jnp.arange(4), last_prompt][:, None], logits[:, prompt_len:-1]], axis=1
+  )
   np.testing.assert_allclose(gen.logits, predictors, atol=1e-5)
   model_lp = jnp.take_along_axis(jax.nn.log_softmax(predictors), gen.tokens[..., None], -1)[..., 0]
   np.testing.assert_allclose(gen.model_logprobs, model_lp, atol=1e-5)
-  sample_lp = jnp.take_along_axis(sampling_distribution(predictors, sampling),
-                                  gen.tokens[..., None], -1)[..., 0]
+  sample_lp = jnp.take_along_axis(
+      sampling_distribution(predictors, sampling), gen.tokens[..., None], -1
+  )[..., 0]
   np.testing.assert_allclose(gen.sample_logprobs, sample_lp, atol=1e-5)
   # The two differ (truncation and temperature change the distribution).
   assert float(jnp.max(jnp.abs(gen.sample_logprobs - gen.model_logprobs))) > 0.1
@@ -84,14 +97,27 @@ def first_step_distribution(model, prompt, sampling):
   return np.asarray(jnp.exp(sampling_distribution(logits[None], sampling)[0]), np.float64)
 
 
-@pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=1.5),
-                                      SamplingParams(top_k=5), SamplingParams(top_p=0.8),
-                                      SamplingParams(min_p=0.05)])
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        SamplingParams(),
+        SamplingParams(temperature=1.5),
+        SamplingParams(top_k=5),
+        SamplingParams(top_p=0.8),
+        SamplingParams(min_p=0.05),
+    ],
+)
 def test_samples_follow_the_distribution(model, sampling):
   prompt = jnp.array([3, 9, 4])
   rows = 4000
-  gen = generate(model, jnp.tile(prompt, (rows, 1)), jnp.ones((rows, 3), bool),
-                 key=jax.random.key(2), max_new_tokens=1, sampling=sampling)
+  gen = generate(
+      model,
+      jnp.tile(prompt, (rows, 1)),
+      jnp.ones((rows, 3), bool),
+      key=jax.random.key(2),
+      max_new_tokens=1,
+      sampling=sampling,
+  )
   expected = first_step_distribution(model, prompt, sampling)
   expected /= expected.sum()
   counts = np.bincount(np.asarray(gen.tokens[:, 0]), minlength=expected.size)
@@ -104,8 +130,11 @@ def test_samples_follow_the_distribution(model, sampling):
   for e, o in zip(exp_counts, obs_counts):
     acc_e, acc_o = acc_e + e, acc_o + o
     if acc_e >= 5:
-      pooled_exp.append(acc_e); pooled_obs.append(acc_o); acc_e, acc_o = 0.0, 0
-  pooled_exp[-1] += acc_e; pooled_obs[-1] += acc_o
+      pooled_exp.append(acc_e)
+      pooled_obs.append(acc_o)
+      acc_e, acc_o = 0.0, 0
+  pooled_exp[-1] += acc_e
+  pooled_obs[-1] += acc_o
   if len(pooled_exp) > 1:
     _, p_value = stats.chisquare(pooled_obs, pooled_exp)
     assert p_value > 1e-3, (p_value, pooled_obs, pooled_exp)
@@ -118,20 +147,41 @@ def test_samples_follow_the_distribution(model, sampling):
 def test_truncation_never_emits_excluded_tokens(model):
   tokens, mask = mixed_prompts()
   for sampling in (SamplingParams(top_k=2), SamplingParams(top_p=0.5)):
-    gen = generate(model, tokens, mask, key=jax.random.key(3), max_new_tokens=8,
-                   sampling=sampling, return_logits=True)
+    gen = generate(
+        model,
+        tokens,
+        mask,
+        key=jax.random.key(3),
+        max_new_tokens=8,
+        sampling=sampling,
+        return_logits=True,
+    )
     allowed = jnp.isfinite(sampling_distribution(gen.logits, sampling))
-    assert bool(jnp.all(jnp.take_along_axis(allowed, gen.tokens[..., None], -1)[..., 0] | ~gen.mask))
+    assert bool(
+        jnp.all(jnp.take_along_axis(allowed, gen.tokens[..., None], -1)[..., 0] | ~gen.mask)
+    )
 
 
 def test_low_temperature_equals_greedy(model):
   tokens, mask = mixed_prompts()
   greedy = generate(model, tokens, mask, key=jax.random.key(0), max_new_tokens=6, sampling=GREEDY)
-  cold = generate(model, tokens, mask, key=jax.random.key(4), max_new_tokens=6,
-                  sampling=SamplingParams(temperature=1e-4))
+  cold = generate(
+      model,
+      tokens,
+      mask,
+      key=jax.random.key(4),
+      max_new_tokens=6,
+      sampling=SamplingParams(temperature=1e-4),
+  )
   np.testing.assert_array_equal(cold.tokens, greedy.tokens)
-  zero = generate(model, tokens, mask, key=jax.random.key(4), max_new_tokens=6,
-                  sampling=SamplingParams(temperature=0.0))
+  zero = generate(
+      model,
+      tokens,
+      mask,
+      key=jax.random.key(4),
+      max_new_tokens=6,
+      sampling=SamplingParams(temperature=0.0),
+  )
   np.testing.assert_array_equal(zero.tokens, greedy.tokens)
 
 
@@ -141,8 +191,14 @@ def test_eos_stops_rows_independently(model):
   row0 = [int(t) for t in free.tokens[0]]
   stop_at = next(i for i in range(1, 9) if row0[i] not in row0[:i])  # a mid-sequence first hit
   eos = row0[stop_at]
-  gen = generate(model, tokens, mask, key=jax.random.key(0), max_new_tokens=9,
-                 sampling=SamplingParams(greedy=True, eos_ids=(eos, 999)))
+  gen = generate(
+      model,
+      tokens,
+      mask,
+      key=jax.random.key(0),
+      max_new_tokens=9,
+      sampling=SamplingParams(greedy=True, eos_ids=(eos, 999)),
+  )
   for row in range(4):
     seq = np.asarray(free.tokens[row])
     hits = np.flatnonzero(seq == eos)
@@ -166,20 +222,35 @@ def test_keys_and_bucketing(model):
   assert (np.asarray(a.tokens) != np.asarray(c.tokens)).any()
   # A longer request (another bucket) reproduces the shorter one as its prefix, and an
   # extra padding column in the prompt changes nothing.
-  longer = generate(model, tokens, mask, key=jax.random.key(5), max_new_tokens=20, sampling=sampling)
+  longer = generate(
+      model, tokens, mask, key=jax.random.key(5), max_new_tokens=20, sampling=sampling
+  )
   np.testing.assert_array_equal(longer.tokens[:, :10], a.tokens)
-  padded = generate(model, jnp.pad(tokens, ((0, 0), (0, 1))), jnp.pad(mask, ((0, 0), (0, 1))),
-                    key=jax.random.key(5), max_new_tokens=10, sampling=sampling)
+  padded = generate(
+      model,
+      jnp.pad(tokens, ((0, 0), (0, 1))),
+      jnp.pad(mask, ((0, 0), (0, 1))),
+      key=jax.random.key(5),
+      max_new_tokens=10,
+      sampling=sampling,
+  )
   np.testing.assert_array_equal(padded.tokens, a.tokens)
   assert [bucket_size(n) for n in (1, 16, 17, 100)] == [16, 16, 32, 128]
 
 
 def test_one_compilation_per_bucket(model):
   from opdjax import sampling as sampling_lib
+
   before = sampling_lib._generate_jit._cache_size()
   for prompt_len, new in ((3, 5), (7, 9), (12, 16), (5, 2)):
-    generate(model, jnp.ones((2, prompt_len), jnp.int32), jnp.ones((2, prompt_len), bool),
-             key=jax.random.key(0), max_new_tokens=new, sampling=SamplingParams(top_k=3))
+    generate(
+        model,
+        jnp.ones((2, prompt_len), jnp.int32),
+        jnp.ones((2, prompt_len), bool),
+        key=jax.random.key(0),
+        max_new_tokens=new,
+        sampling=SamplingParams(top_k=3),
+    )
   assert sampling_lib._generate_jit._cache_size() - before == 1
 
 
@@ -196,8 +267,13 @@ def test_bad_input(model):
   with pytest.raises(ValueError, match="top_k must be an integer >= 0"):
     SamplingParams(top_k=-3)
   with pytest.raises(ValueError, match=r"empty prompt batch"):
-    generate(model, jnp.zeros((2, 0), jnp.int32), jnp.zeros((2, 0), bool), key=jax.random.key(0),
-             max_new_tokens=4)
+    generate(
+        model,
+        jnp.zeros((2, 0), jnp.int32),
+        jnp.zeros((2, 0), bool),
+        key=jax.random.key(0),
+        max_new_tokens=4,
+    )
   with pytest.raises(ValueError, match=r"prompt rows \[1\] have no real tokens"):
     generate(model, tokens, mask.at[1].set(False), key=jax.random.key(0), max_new_tokens=4)
   with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1, got 0"):
@@ -211,12 +287,17 @@ def test_top_p_prefilter_is_exact_on_a_large_vocabulary():
   flat row here) fall back to the full sort. Both must equal the sorted-nucleus reference."""
   rng = np.random.RandomState(0)
   vocab = 1000
-  logits = np.stack([rng.randn(vocab) * 4.0,          # peaked: nucleus well inside the top 256
-                     rng.randn(vocab) * 0.01,         # flat: needs most of the vocabulary
-                     np.where(np.arange(vocab) < 3, 5.0, 0.0)])   # ties at the top
+  logits = np.stack(
+      [
+          rng.randn(vocab) * 4.0,  # peaked: nucleus well inside the top 256
+          rng.randn(vocab) * 0.01,  # flat: needs most of the vocabulary
+          np.where(np.arange(vocab) < 3, 5.0, 0.0),
+      ]
+  )  # ties at the top
   for top_p in (0.3, 0.9):
-    got = np.asarray(sampling_distribution(jnp.asarray(logits, jnp.float32),
-                                           SamplingParams(top_p=top_p)))
+    got = np.asarray(
+        sampling_distribution(jnp.asarray(logits, jnp.float32), SamplingParams(top_p=top_p))
+    )
     for row, out in zip(logits, got):
       probs = np.exp(row - row.max()) / np.exp(row - row.max()).sum()
       order = np.argsort(-row, kind="stable")
@@ -234,12 +315,18 @@ def test_num_samples_shares_the_prefill_and_equals_repeated_prompts(model, scan_
   gives with the same key (same draws, same log-probs), and a prompt's samples differ."""
   if scan_layers:
     from opdjax.models import stack_layers
+
     graphdef, _ = nnx.split(Decoder(model.config, rngs=nnx.Rngs(0), scan_layers=True))
     model = nnx.merge(graphdef, stack_layers(nnx.state(model)))
   tokens, mask = mixed_prompts()
   shared = generate(model, tokens, mask, key=jax.random.key(3), max_new_tokens=6, num_samples=3)
-  repeated = generate(model, jnp.repeat(tokens, 3, axis=0), jnp.repeat(mask, 3, axis=0),
-                      key=jax.random.key(3), max_new_tokens=6)
+  repeated = generate(
+      model,
+      jnp.repeat(tokens, 3, axis=0),
+      jnp.repeat(mask, 3, axis=0),
+      key=jax.random.key(3),
+      max_new_tokens=6,
+  )
   assert shared.tokens.shape == (12, 6)
   np.testing.assert_array_equal(shared.tokens, repeated.tokens)
   np.testing.assert_allclose(shared.model_logprobs, repeated.model_logprobs, atol=1e-6)
@@ -256,6 +343,7 @@ def test_sharded_prompts_give_batch_sharded_outputs_equal_to_one_device(model, s
   what one device samples."""
   from opdjax import sharding
   from opdjax.models import stack_layers
+
   mesh = sharding.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"))
   graphdef, state = nnx.split(model)
   if scan_layers:
@@ -264,12 +352,18 @@ def test_sharded_prompts_give_batch_sharded_outputs_equal_to_one_device(model, s
   single = nnx.merge(graphdef, state)
   placed = nnx.merge(graphdef, sharding.place_state(state, mesh))
   tokens, mask = mixed_prompts()
-  tokens, mask = jnp.concatenate([tokens, tokens]), jnp.concatenate([mask, mask])   # 8 rows
+  tokens, mask = jnp.concatenate([tokens, tokens]), jnp.concatenate([mask, mask])  # 8 rows
   rows = sharding.batch_sharding(mesh)
   key = jax.random.key(3)
   want = generate(single, tokens, mask, key=key, max_new_tokens=5, num_samples=2)
-  got = generate(placed, jax.device_put(tokens, rows), jax.device_put(mask, rows), key=key,
-                 max_new_tokens=5, num_samples=2)
+  got = generate(
+      placed,
+      jax.device_put(tokens, rows),
+      jax.device_put(mask, rows),
+      key=key,
+      max_new_tokens=5,
+      num_samples=2,
+  )
   for name in ("tokens", "sample_logprobs", "model_logprobs"):
     out = getattr(got, name)
     assert out.sharding.spec[0] == ("data", "fsdp"), (name, out.sharding)

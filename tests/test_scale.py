@@ -14,7 +14,7 @@ from tests.models.hf_fixtures import save_tiny_tokenizer
 
 VOCAB = 151_936
 
-EXPERIMENT = '''
+EXPERIMENT = """
 from opdjax import configs
 
 def get_config(arg=None):
@@ -26,7 +26,7 @@ def get_config(arg=None):
   c.train.batch_size, c.train.steps, c.train.save_every = 16, 1, 1
   c.train.tensorboard, c.eval.every, c.mesh.shape = False, 0, (1,)
   return c
-'''
+"""
 
 # Runs the CLI in this process and prints its resident memory once the heavy modules are
 # imported and the backend is up (the baseline: torch comes in with the HF tokenizer), and
@@ -51,29 +51,57 @@ print("RSS_BYTES", baseline, peak, code)
 
 def test_cli_run_at_qwen3_vocabulary_peaks_far_below_one_btv_tensor(tmp_path):
   for name, seed in (("student", 0), ("teacher", 1)):
-    config = tiny_config("qwen3", vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                         num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
-                         eos_token_ids=(1,), pad_token_id=0, tie_word_embeddings=True)
+    config = tiny_config(
+        "qwen3",
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=16,
+        eos_token_ids=(1,),
+        pad_token_id=0,
+        tie_word_embeddings=True,
+    )
     save_pretrained(Decoder(config, rngs=nnx.Rngs(seed)), tmp_path / name)
     save_tiny_tokenizer(tmp_path / name, 64)
   rows = [json.dumps({"prompt": f"w{3 + i % 50} w{4 + i % 40}", "answer": "w9"}) for i in range(32)]
   (tmp_path / "train.jsonl").write_text("\n".join(rows) + "\n")
-  (tmp_path / "scale_exp.py").write_text(EXPERIMENT.format(
-      student=str(tmp_path / "student"), teacher=str(tmp_path / "teacher"),
-      data=str(tmp_path / "train.jsonl")))
-  env = dict(os.environ, XLA_FLAGS="")   # one CPU device, as a user's run has
-  proc = subprocess.run([sys.executable, "-c", RUNNER, "--exp", str(tmp_path / "scale_exp.py"),
-                         "--workdir", str(tmp_path / "run")], capture_output=True, text=True,
-                        timeout=600, env=env)
+  (tmp_path / "scale_exp.py").write_text(
+      EXPERIMENT.format(
+          student=str(tmp_path / "student"),
+          teacher=str(tmp_path / "teacher"),
+          data=str(tmp_path / "train.jsonl"),
+      )
+  )
+  env = dict(os.environ, XLA_FLAGS="")  # one CPU device, as a user's run has
+  proc = subprocess.run(
+      [
+          sys.executable,
+          "-c",
+          RUNNER,
+          "--exp",
+          str(tmp_path / "scale_exp.py"),
+          "--workdir",
+          str(tmp_path / "run"),
+      ],
+      capture_output=True,
+      text=True,
+      timeout=600,
+      env=env,
+  )
   marker = [l.split() for l in proc.stdout.splitlines() if l.startswith("RSS_BYTES")]
   assert marker and marker[0][3] in ("0", "None"), proc.stdout[-2000:] + proc.stderr[-3000:]
   baseline, peak = int(marker[0][1]), int(marker[0][2])
   history = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in history if r["split"] == "train"] == [1]
-  assert history[-1]["completion_tokens"] > 200        # per row: long completions trained
-  one_tensor = 16 * (8 + 256 - 1) * VOCAB * 4                # one float32 [B, T, V]: 2.56 GB
-  print(f"peak RSS {peak / 1e9:.2f} GB, {(peak - baseline) / 1e9:.2f} GB above the imports; "
-        f"one [B, T, V] float32 tensor {one_tensor / 1e9:.2f} GB")
+  assert history[-1]["completion_tokens"] > 200  # per row: long completions trained
+  one_tensor = 16 * (8 + 256 - 1) * VOCAB * 4  # one float32 [B, T, V]: 2.56 GB
+  print(
+      f"peak RSS {peak / 1e9:.2f} GB, {(peak - baseline) / 1e9:.2f} GB above the imports; "
+      f"one [B, T, V] float32 tensor {one_tensor / 1e9:.2f} GB"
+  )
   # What remains above the imports is mostly XLA's compilers; the step's own temporaries,
   # as the run's memory plan prints them, are a small fraction of one [B, T, V] tensor.
   temporaries = float(re.search(r"train step temporaries\s+([0-9.]+) GB", proc.stdout)[1])

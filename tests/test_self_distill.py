@@ -36,19 +36,25 @@ def tiny_self_distill(mode: str, **recipe):
 def test_the_privileged_context_is_in_the_teachers_prompt_only():
   tok = char_tokenizer()
   records = synthetic_records("addition", difficulty=1, size=4, held_out=False)
-  source = PromptSource(records, tok, prompt_length=6, answer_length=4,
-                        privileged=("answer {answer}; {prompt}", 24))
+  source = PromptSource(
+      records, tok, prompt_length=6, answer_length=4, privileged=("answer {answer}; {prompt}", 24)
+  )
   row = source[0]
   decode = lambda ids, mask: tok.decode(ids[mask])
-  student, teacher = (decode(row["prompt_tokens"], row["prompt_mask"]),
-                      decode(row["privileged_tokens"], row["privileged_mask"]))
+  student, teacher = (
+      decode(row["prompt_tokens"], row["prompt_mask"]),
+      decode(row["privileged_tokens"], row["privileged_mask"]),
+  )
   assert student == records[0].prompt
   assert teacher == f"answer {records[0].answer}; {records[0].prompt}"
   assert "answer" not in student
-  with pytest.raises(ConfigError, match=r"the privileged prompt has \d+ tokens, more than "
-                                        r"recipe.privileged_length=5"):
-    PromptSource(records, tok, prompt_length=6, answer_length=4,
-                 privileged=("answer {answer}; {prompt}", 5))[0]
+  with pytest.raises(
+      ConfigError,
+      match=r"the privileged prompt has \d+ tokens, more than " r"recipe.privileged_length=5",
+  ):
+    PromptSource(
+        records, tok, prompt_length=6, answer_length=4, privileged=("answer {answer}; {prompt}", 5)
+    )[0]
 
 
 def test_privileged_hidden_states_land_on_the_students_completion_positions():
@@ -58,16 +64,19 @@ def test_privileged_hidden_states_land_on_the_students_completion_positions():
   graphdef, state = nnx.split(model)
   completion = jnp.array([[5, 6, 7], [8, 9, 0]])
   completion_mask = jnp.array([[True, True, True], [True, True, False]])
-  privileged = recipes.join(jnp.array([[0, 1, 2, 3, 4], [0, 0, 0, 3, 2]]),
-                            jnp.array([[False, True, True, True, True],
-                                       [False, False, False, True, True]]),
-                            completion, completion_mask)
-  moved = trainer.privileged_hidden(graphdef, state, privileged, prompt_length=4,
-                                    completion_length=3)
+  privileged = recipes.join(
+      jnp.array([[0, 1, 2, 3, 4], [0, 0, 0, 3, 2]]),
+      jnp.array([[False, True, True, True, True], [False, False, False, True, True]]),
+      completion,
+      completion_mask,
+  )
+  moved = trainer.privileged_hidden(
+      graphdef, state, privileged, prompt_length=4, completion_length=3
+  )
   assert moved.shape == (2, 4 + 3 - 1, model.config.hidden_size)
   tokens, mask = recipes.inputs_of(privileged)
   direct = model.hidden_states(tokens, attention_mask=mask)
-  np.testing.assert_allclose(moved[:, 3:], direct[:, 4:], atol=1e-6)   # P'−1 = 4
+  np.testing.assert_allclose(moved[:, 3:], direct[:, 4:], atol=1e-6)  # P'−1 = 4
   np.testing.assert_array_equal(moved[:, :3], 0.0)
 
 
@@ -89,10 +98,11 @@ def test_current_teacher_without_context_gives_zero_loss_and_gradient(tmp_path):
   assert [r["step"] for r in rows] == [1, 2]
   for r in rows:
     assert abs(r["loss"]) < 1e-6 and r["grad_norm"] < 1e-5, r
+
   # With the answer in its prompt the same teacher differs from the student.
   def losses(mode):
     config = tiny_self_distill(mode)
-    config.train.steps, config.optimizer.warmup_steps = 3, 1   # update 0 has lr 0, update 1 not
+    config.train.steps, config.optimizer.warmup_steps = 3, 1  # update 0 has lr 0, update 1 not
     result = trainer.run(config, tmp_path / mode, quiet=True)
     return [r["loss"] for r in result.history if r["split"] == "train"]
 
@@ -109,8 +119,9 @@ def _ema_and_params(workdir, config):
   abstract = nnx.state(Decoder(checkpoint.read_model_config(workdir), rngs=nnx.Rngs(0)))
   ckpt = checkpoint.Checkpointer(workdir)
   step = ckpt.latest_step()
-  params, _, _, extra = ckpt.restore(step, abstract, trainer.make_optimizer(config).init(abstract),
-                                     {"ema": abstract})
+  params, _, _, extra = ckpt.restore(
+      step, abstract, trainer.make_optimizer(config).init(abstract), {"ema": abstract}
+  )
   ckpt.close()
   flat = lambda tree: {str(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(tree)}
   return flat(params), flat(extra["ema"])
@@ -130,8 +141,12 @@ def test_ema_teacher_survives_a_resume_exactly(tmp_path):
   trainer.run(config, tmp_path / "resumed", quiet=True)
   params, ema = _ema_and_params(tmp_path / "whole", config)
   params_r, ema_r = _ema_and_params(tmp_path / "resumed", config)
-  model = trainer.build_model(config.student, checkpoint.read_model_config(tmp_path / "whole"),
-                              seed=config.seed, mesh=trainer.build_mesh(config))
+  model = trainer.build_model(
+      config.student,
+      checkpoint.read_model_config(tmp_path / "whole"),
+      seed=config.seed,
+      mesh=trainer.build_mesh(config),
+  )
   initial = {str(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model))}
   for name in params:
     np.testing.assert_array_equal(params_r[name], params[name], err_msg=name)
@@ -141,8 +156,9 @@ def test_ema_teacher_survives_a_resume_exactly(tmp_path):
 
 
 def test_trust_region_teacher_trains(tmp_path):
-  result = trainer.run(tiny_self_distill("trust_region", trust_region_alpha=0.5), tmp_path,
-                       quiet=True)
+  result = trainer.run(
+      tiny_self_distill("trust_region", trust_region_alpha=0.5), tmp_path, quiet=True
+  )
   rows = [r for r in result.history if r["split"] == "train"]
   assert all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in rows)
   assert "teacher_drift_kl" in rows[0]

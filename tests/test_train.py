@@ -3,8 +3,6 @@ a torn checkpoint, a three-axis mesh equals one device, non-finite loss handling
 multi-stage experiments, several teachers. (Resume after SIGKILL: tests/test_multihost.py.)"""
 
 import json
-import os
-import sys
 from pathlib import Path
 
 import jax
@@ -57,7 +55,9 @@ RECIPES = {
     "supervised_kd": dict(divergence="forward_kl"),
     "gkd": dict(divergence="generalized_jsd", divergence_kwargs={"beta": 0.5}, lambda_on=0.5),
     "opd_full": dict(name="opd", estimator="full", divergence="reverse_kl"),
-    "opd_topk": dict(name="opd", estimator="topk", divergence="reverse_kl", top_k=4, tail_bucket=True),
+    "opd_topk": dict(
+        name="opd", estimator="topk", divergence="reverse_kl", top_k=4, tail_bucket=True
+    ),
     "opd_sampled": dict(name="opd", estimator="sampled", gamma=1.0, correction="ppo_clip"),
     "gopd_sampled": dict(name="gopd", estimator="sampled", reward_scale=1.25),
     "grpo_opd": dict(name="grpo", group_size=2, opd_weight=0.5, correction="ppo_clip"),
@@ -71,20 +71,28 @@ def test_every_recipe_runs(variant, teacher_dir, tmp_path):
   config.teacher.checkpoint = str(teacher_dir)
   config.teacher.preset = "student-tiny"
   if variant in ("opd_sampled", "grpo_opd"):
-    config.train.updates_per_rollout = 2   # reuse each rollout: exercises the IS correction
+    config.train.updates_per_rollout = 2  # reuse each rollout: exercises the IS correction
   if variant == "opd_full":  # scanned layers throughout; the teacher was saved per-layer
     config.student.scan_layers = config.teacher.scan_layers = True
     config.student.remat = "save_dots"
-  else:   # evaluation does not depend on the recipe: one variant evaluates (suite time)
+  else:  # evaluation does not depend on the recipe: one variant evaluates (suite time)
     config.eval.every = 0
   result = trainer.run(config, tmp_path, quiet=True)
   train_rows = [r for r in result.history if r["split"] == "train"]
   assert [r["step"] for r in train_rows] == [2, 4]
   assert all(np.isfinite(r["loss"]) for r in train_rows)
   if variant == "opd_full":
-    for key in ("accuracy_greedy", "accuracy_sampled", "sequence_reverse_kl",
-                "sequence_forward_kl", "token_reverse_kl", "token_forward_kl", "student_entropy",
-                "completion_length", "truncation_rate"):
+    for key in (
+        "accuracy_greedy",
+        "accuracy_sampled",
+        "sequence_reverse_kl",
+        "sequence_forward_kl",
+        "token_reverse_kl",
+        "token_forward_kl",
+        "student_entropy",
+        "completion_length",
+        "truncation_rate",
+    ):
       assert key in result.final_eval, key
     assert result.plot is not None and result.plot.exists()
   assert checkpoint.Checkpointer(tmp_path).latest_step() == 4
@@ -107,6 +115,7 @@ def test_every_recipe_runs(variant, teacher_dir, tmp_path):
 def assert_restores_in_both_layouts(config, workdir):
   """A scanned run's checkpoint restores into a per-layer model (and back) unchanged."""
   from opdjax.models import stack_layers
+
   mesh = trainer.build_mesh(config)
   model_config = checkpoint.read_model_config(workdir)
   section = config.student.copy_and_resolve_references()
@@ -130,35 +139,49 @@ def test_memory_plan_counts_each_term_and_stops_over_the_limit(teacher_dir, mesh
   config.mesh.shape, config.mesh.axes = mesh_shape, ("fsdp",)
   run_setup = trainer.setup(config)
   terms = trainer.memory_plan(config, run_setup).terms
-  student = trainer.build_model(config.student, run_setup.model_configs["student"], seed=0,
-                                mesh=run_setup.mesh)
+  student = trainer.build_model(
+      config.student, run_setup.model_configs["student"], seed=0, mesh=run_setup.mesh
+  )
   whole = sum(x.nbytes for x in jax.tree.leaves(nnx.state(student)))
-  on_device_0 = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(nnx.state(student)))
+  on_device_0 = sum(
+      x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(nnx.state(student))
+  )
   assert terms["student parameters"] == on_device_0
-  assert on_device_0 < 0.4 * whole                        # FSDP over 4 devices
-  assert 2 * on_device_0 <= terms["optimizer state"] <= 2 * on_device_0 + 64   # Adam: mu, nu
+  assert on_device_0 < 0.4 * whole  # FSDP over 4 devices
+  assert 2 * on_device_0 <= terms["optimizer state"] <= 2 * on_device_0 + 64  # Adam: mu, nu
   teacher_cfg = run_setup.model_configs["teacher"]
   rows, length = 8 // mesh_shape[0], 6 + 4
-  assert terms["KV cache (sampling)"] == (rows * length * teacher_cfg.num_layers * 2
-                                          * teacher_cfg.num_kv_heads * teacher_cfg.head_dim * 4)
+  assert terms["KV cache (sampling)"] == (
+      rows
+      * length
+      * teacher_cfg.num_layers
+      * 2
+      * teacher_cfg.num_kv_heads
+      * teacher_cfg.head_dim
+      * 4
+  )
   assert terms["frozen hidden states"] == rows * (length - 1) * teacher_cfg.hidden_size * 4
   assert terms["train step temporaries"] > 0
   config.train.memory_limit_gb = sum(terms.values()) / 2e9
-  with pytest.raises(ConfigError, match=r"GB per device, above the .* limit .* the biggest "
-                                        r"term is (student|teacher|optimizer|train step)"):
+  with pytest.raises(
+      ConfigError,
+      match=r"GB per device, above the .* limit .* the biggest "
+      r"term is (student|teacher|optimizer|train step)",
+  ):
     trainer.check_memory(config, run_setup, quiet=True)
 
 
 def test_three_axis_mesh_equals_one_device(teacher_dir, tmp_path):
   """data x fsdp x tensor = (2, 2, 2): sampled OPD (the sampler runs on the sharded batch and
   weights) gives the losses and parameters of one device."""
+
   def run(shape, axes, workdir):
     config = tiny("opd", estimator="sampled")
     config.teacher.checkpoint = str(teacher_dir)
     config.train.steps = 3
     config.train.log_every = 1
     config.train.save_every = 3
-    config.eval.every = 0   # evaluation on a sharded batch: tests/test_multihost.py
+    config.eval.every = 0  # evaluation on a sharded batch: tests/test_multihost.py
     config.mesh.shape, config.mesh.axes = shape, axes
     result = trainer.run(config, workdir, quiet=True)
     model_config = checkpoint.read_model_config(workdir)
@@ -173,21 +196,24 @@ def test_three_axis_mesh_equals_one_device(teacher_dir, tmp_path):
       if key in a:
         np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-6, err_msg=key)
   for (path, a), (_, b) in zip(nnx.to_flat_state(params_1), nnx.to_flat_state(params_8)):
-    np.testing.assert_allclose(np.asarray(b.get_value()), np.asarray(a.get_value()), atol=1e-5,
-                               err_msg=str(path))
+    np.testing.assert_allclose(
+        np.asarray(b.get_value()), np.asarray(a.get_value()), atol=1e-5, err_msg=str(path)
+    )
 
 
 def test_torn_checkpoint_falls_back_to_the_previous_one(teacher_dir, tmp_path):
   """A truncated file in the newest checkpoint: the run warns, deletes it, resumes from the
   one before and ends with the parameters of the uninterrupted run."""
   import shutil
+
   workdir = tmp_path / "torn"
   shutil.copytree(teacher_dir, workdir)
   newest = workdir / "checkpoints" / "6"
-  data = max((p for p in (newest / "params").rglob("*") if p.is_file()),
-             key=lambda p: p.stat().st_size)
-  data.write_bytes(data.read_bytes()[:data.stat().st_size // 2])
-  config = tiny("sft")   # the teacher fixture's config
+  data = max(
+      (p for p in (newest / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size
+  )
+  data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+  config = tiny("sft")  # the teacher fixture's config
   config.train.steps = 6
   config.eval.every = 0
   with pytest.warns(UserWarning, match=r"checkpoints/6 cannot be restored.*resuming from step 4"):
@@ -196,8 +222,9 @@ def test_torn_checkpoint_falls_back_to_the_previous_one(teacher_dir, tmp_path):
   want = checkpoint.restore_params(teacher_dir, abstract)
   got = checkpoint.restore_params(workdir, abstract)
   for (path, a), (_, b) in zip(nnx.to_flat_state(want), nnx.to_flat_state(got)):
-    np.testing.assert_array_equal(np.asarray(b.get_value()), np.asarray(a.get_value()),
-                                  err_msg=str(path))
+    np.testing.assert_array_equal(
+        np.asarray(b.get_value()), np.asarray(a.get_value()), err_msg=str(path)
+    )
 
 
 def test_workdir_uris_keep_their_scheme(tmp_path):
@@ -227,6 +254,7 @@ def test_non_finite_loss_stops_without_overwriting(tmp_path):
 
 # ---------------------------------------------------------------- command line
 
+
 def run_cli(capsys, *argv):
   code = cli_main(list(argv))
   out, err = capsys.readouterr()
@@ -244,50 +272,95 @@ def test_cli_list_and_dry_run(capsys):
 
 def test_cli_runs_a_users_own_experiment_file(capsys, tmp_path):
   path = tmp_path / "my_exp.py"
-  path.write_text('"""My experiment."""\nfrom opdjax import configs\n\n'
-                  'def get_config(arg=None):\n  c = configs.base_config()\n'
-                  '  c.recipe.name = "sft"\n'
-                  '  c.train.steps = int(arg or 5)\n  return c\n')
+  path.write_text(
+      '"""My experiment."""\nfrom opdjax import configs\n\n'
+      "def get_config(arg=None):\n  c = configs.base_config()\n"
+      '  c.recipe.name = "sft"\n'
+      "  c.train.steps = int(arg or 5)\n  return c\n"
+  )
   code, out, _ = run_cli(capsys, "--exp", f"{path}:9", "--dry_run")
   assert code == 0 and "steps: 9" in out
   code, _, err = run_cli(capsys, "--exp", str(tmp_path / "missing.py"))
   assert code == 2 and "missing.py' does not exist" in err
 
 
-@pytest.mark.parametrize("argv,message", [
-    (("--exp", "nope"), "unknown experiment 'nope'; valid: "),
-    (("--exp", "teacher_sft", "--exp.train.stepz=3"), "unknown override key 'train.stepz': no 'stepz' at train; valid: ["),
-    (("--exp", "teacher_sft", "--exp.train.steps=many"), "--exp.train.steps: expected an int, got 'many'"),
-    (("--exp", "teacher_sft", "--exp.train.tensorboard=maybe"), "expected a bool"),
-    (("--exp", "teacher_sft", "--train.steps=3"), "unrecognised argument '--train.steps=3'"),
-    (("--exp", "teacher_sft", "--exp.recipe.name=ppo"), "unknown recipe 'ppo'; valid: "),
-    (("--exp", "teacher_sft", "--exp.student.remat=some"),
-     "student.remat must be one of ('none', 'full', 'save_dots'), got 'some'"),
-    (("--exp", "teacher_sft", "--exp.train.memory_limit_gb=0.001", "--dry_run"),
-     "GB per device, above the 0.00 GB limit (train.memory_limit_gb, 0 = the device's own); "
-     "the biggest term is train step temporaries"),
-    (("--exp", "teacher_sft", "--exp.recipe.name=opd", "--exp.recipe.divergence=jsd"),
-     "unknown divergence 'jsd'; valid: ['alpha_divergence'"),
-    (("--exp", "teacher_sft", "--exp.train.batch_size=12", "--exp.mesh.shape=(8,)"),
-     "train.batch_size=12 is not divisible by the 8 data-parallel devices"),
-    (("--exp", "teacher_sft", "--exp.recipe.name=opd"), "recipe 'opd' needs a teacher"),
-    (("--exp", "teacher_sft", "--exp.task.name=sorting"), "unknown task 'sorting'; valid: "),
-    (("--exp", "teacher_sft", "--exp.sampling.top_p=1.5"), "top_p must be in (0, 1], got 1.5"),
-    (("--exp", "compare_objectives:huge"), "takes no arg, 'full' or 'tiny', got 'huge'"),
-    (("--exp", "teacher_sft", "--exp.recipe.name=opd", "--exp.recipe.estimator=sampled",
-      "--exp.sampling.temperature=0.7"),
-     "the sampled estimator is off-policy here (sampling.temperature=0.7)"),
-    (("--exp", "teacher_sft", "--num_processes", "2", "--process_id", "0"),
-     "missing: --coordinator_address"),
-    (("--exp", "teacher_sft", "--coordinator_address", "h:1", "--num_processes", "2",
-      "--process_id", "2"), "--process_id=2 must be in [0, --num_processes=2)"),
-    (("--exp", "teacher_sft", "--exp.sampling.layout=fsdp"),
-     "sampling.layout must be one of ('train', 'tensor', 'replicated'), got 'fsdp'"),
-    (("--exp", "teacher_sft", "--exp.train.async_checkpointing=yes"),
-     "train.async_checkpointing must be one of ('auto', 'on', 'off'), got 'yes'"),
-    (("--exp", "teacher_sft", "--exp.sharding.rules=(('embed', ('vocab',)),)"),
-     "sharding.rules: partition rule 'embed': unknown mesh axes ['vocab']"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (("--exp", "nope"), "unknown experiment 'nope'; valid: "),
+        (
+            ("--exp", "teacher_sft", "--exp.train.stepz=3"),
+            "unknown override key 'train.stepz': no 'stepz' at train; valid: [",
+        ),
+        (
+            ("--exp", "teacher_sft", "--exp.train.steps=many"),
+            "--exp.train.steps: expected an int, got 'many'",
+        ),
+        (("--exp", "teacher_sft", "--exp.train.tensorboard=maybe"), "expected a bool"),
+        (("--exp", "teacher_sft", "--train.steps=3"), "unrecognised argument '--train.steps=3'"),
+        (("--exp", "teacher_sft", "--exp.recipe.name=ppo"), "unknown recipe 'ppo'; valid: "),
+        (
+            ("--exp", "teacher_sft", "--exp.student.remat=some"),
+            "student.remat must be one of ('none', 'full', 'save_dots'), got 'some'",
+        ),
+        (
+            ("--exp", "teacher_sft", "--exp.train.memory_limit_gb=0.001", "--dry_run"),
+            "GB per device, above the 0.00 GB limit (train.memory_limit_gb, 0 = the device's own); "
+            "the biggest term is train step temporaries",
+        ),
+        (
+            ("--exp", "teacher_sft", "--exp.recipe.name=opd", "--exp.recipe.divergence=jsd"),
+            "unknown divergence 'jsd'; valid: ['alpha_divergence'",
+        ),
+        (
+            ("--exp", "teacher_sft", "--exp.train.batch_size=12", "--exp.mesh.shape=(8,)"),
+            "train.batch_size=12 is not divisible by the 8 data-parallel devices",
+        ),
+        (("--exp", "teacher_sft", "--exp.recipe.name=opd"), "recipe 'opd' needs a teacher"),
+        (("--exp", "teacher_sft", "--exp.task.name=sorting"), "unknown task 'sorting'; valid: "),
+        (("--exp", "teacher_sft", "--exp.sampling.top_p=1.5"), "top_p must be in (0, 1], got 1.5"),
+        (("--exp", "compare_objectives:huge"), "takes no arg, 'full' or 'tiny', got 'huge'"),
+        (
+            (
+                "--exp",
+                "teacher_sft",
+                "--exp.recipe.name=opd",
+                "--exp.recipe.estimator=sampled",
+                "--exp.sampling.temperature=0.7",
+            ),
+            "the sampled estimator is off-policy here (sampling.temperature=0.7)",
+        ),
+        (
+            ("--exp", "teacher_sft", "--num_processes", "2", "--process_id", "0"),
+            "missing: --coordinator_address",
+        ),
+        (
+            (
+                "--exp",
+                "teacher_sft",
+                "--coordinator_address",
+                "h:1",
+                "--num_processes",
+                "2",
+                "--process_id",
+                "2",
+            ),
+            "--process_id=2 must be in [0, --num_processes=2)",
+        ),
+        (
+            ("--exp", "teacher_sft", "--exp.sampling.layout=fsdp"),
+            "sampling.layout must be one of ('train', 'tensor', 'replicated'), got 'fsdp'",
+        ),
+        (
+            ("--exp", "teacher_sft", "--exp.train.async_checkpointing=yes"),
+            "train.async_checkpointing must be one of ('auto', 'on', 'off'), got 'yes'",
+        ),
+        (
+            ("--exp", "teacher_sft", "--exp.sharding.rules=(('embed', ('vocab',)),)"),
+            "sharding.rules: partition rule 'embed': unknown mesh axes ['vocab']",
+        ),
+    ],
+)
 def test_cli_errors_are_one_clear_line(capsys, tmp_path, argv, message):
   code, _, err = run_cli(capsys, *argv, "--workdir", str(tmp_path))
   assert code == 2
@@ -297,8 +370,10 @@ def test_cli_errors_are_one_clear_line(capsys, tmp_path, argv, message):
 
 def test_a_bugs_value_error_keeps_its_traceback(capsys, tmp_path, monkeypatch):
   """Only configuration errors become one line; a ValueError from a bug propagates."""
+
   def broken(config, workdir, **kwargs):
     raise ValueError("an internal shape bug")
+
   monkeypatch.setattr(trainer, "run", broken)
   with pytest.raises(ValueError, match="an internal shape bug"):
     run_cli(capsys, "--exp", "teacher_sft", "--workdir", str(tmp_path))
@@ -307,16 +382,30 @@ def test_a_bugs_value_error_keeps_its_traceback(capsys, tmp_path, monkeypatch):
 def test_vocabulary_mismatch_is_reported_before_compiling(capsys, tmp_path):
   teacher = Decoder(tiny_config("qwen3", vocab_size=40), rngs=nnx.Rngs(0))
   save_pretrained(teacher, tmp_path / "hf_teacher")
-  code, _, err = run_cli(capsys, "--exp", "teacher_sft", "--exp.recipe.name=opd",
-                         f"--exp.teacher.hf_path={tmp_path / 'hf_teacher'}",
-                         "--workdir", str(tmp_path / "run"))
+  code, _, err = run_cli(
+      capsys,
+      "--exp",
+      "teacher_sft",
+      "--exp.recipe.name=opd",
+      f"--exp.teacher.hf_path={tmp_path / 'hf_teacher'}",
+      "--workdir",
+      str(tmp_path / "run"),
+  )
   assert code == 2
-  assert "student and teacher vocabularies differ: student vocab_size=51, teacher vocab_size=40" in err
+  assert (
+      "student and teacher vocabularies differ: student vocab_size=51, teacher vocab_size=40" in err
+  )
 
 
 def test_compare_objectives_tiny(capsys, tmp_path):
-  code, out, err = run_cli(capsys, "--exp", "compare_objectives:tiny", "--workdir", str(tmp_path),
-                           "--exp.methods=opd_reverse_kl")   # one method: suite time
+  code, out, err = run_cli(
+      capsys,
+      "--exp",
+      "compare_objectives:tiny",
+      "--workdir",
+      str(tmp_path),
+      "--exp.methods=opd_reverse_kl",
+  )  # one method: suite time
   assert code == 0, err
   assert "opd_reverse_kl" in out and "teacher held-out greedy accuracy" in out
   summary = json.loads((tmp_path / "compare_objectives.json").read_text())
@@ -326,11 +415,15 @@ def test_compare_objectives_tiny(capsys, tmp_path):
 
 def test_hf_teacher_and_jsonl_prompts(tmp_path):
   from opdjax.data import char_tokenizer
+
   tok = char_tokenizer()
-  teacher = Decoder(tiny_config("llama", vocab_size=len(tok), eos_token_ids=(tok.eos_token_id,)),
-                    rngs=nnx.Rngs(0))
+  teacher = Decoder(
+      tiny_config("llama", vocab_size=len(tok), eos_token_ids=(tok.eos_token_id,)), rngs=nnx.Rngs(0)
+  )
   save_pretrained(teacher, tmp_path / "hf_teacher")
-  lines = [json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}) for a in range(4) for b in range(4)]
+  lines = [
+      json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}) for a in range(4) for b in range(4)
+  ]
   (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
   config = tiny("opd", estimator="full", divergence="reverse_kl")
   config.teacher.hf_path = str(tmp_path / "hf_teacher")
@@ -352,7 +445,9 @@ def test_default_precision_is_float32_master_weights_with_bfloat16_compute(teach
   computes in bfloat16; the teacher, restored from a float32 checkpoint, is bfloat16."""
   import jax
   import jax.numpy as jnp
+
   from opdjax import sharding
+
   defaults = configs.base_config()
   config = tiny("opd", estimator="full", divergence="reverse_kl")
   for role in ("student", "teacher"):
@@ -362,16 +457,22 @@ def test_default_precision_is_float32_master_weights_with_bfloat16_compute(teach
   config.teacher.checkpoint = str(teacher_dir)
   mesh = sharding.make_mesh((1,), ("data",))
   tokenizer = trainer.build_tokenizer(config)
-  models = {role: trainer.build_model(config[role], trainer.model_config_of(config[role], tokenizer),
-                                      seed=0, mesh=mesh) for role in ("student", "teacher")}
-  dtypes = {role: {x.dtype for x in jax.tree.leaves(nnx.state(m, nnx.Param))}
-            for role, m in models.items()}
+  models = {
+      role: trainer.build_model(
+          config[role], trainer.model_config_of(config[role], tokenizer), seed=0, mesh=mesh
+      )
+      for role in ("student", "teacher")
+  }
+  dtypes = {
+      role: {x.dtype for x in jax.tree.leaves(nnx.state(m, nnx.Param))}
+      for role, m in models.items()
+  }
   assert dtypes == {"student": {jnp.dtype("float32")}, "teacher": {jnp.dtype("bfloat16")}}
   tokens = jnp.ones((2, 5), jnp.int32)
   assert models["student"].hidden_states(tokens).dtype == jnp.bfloat16
-  assert models["student"](tokens).dtype == jnp.float32          # logits are float32
+  assert models["student"](tokens).dtype == jnp.float32  # logits are float32
 
-  config.train.steps = config.train.save_every = 2   # bfloat16 is slow on CPUs
+  config.train.steps = config.train.save_every = 2  # bfloat16 is slow on CPUs
   config.eval.every = 0
   result = trainer.run(config, tmp_path, quiet=True)
   assert all(np.isfinite(r["loss"]) for r in result.history if r["split"] == "train")
@@ -388,8 +489,11 @@ def test_no_recompilation_across_steps(teacher_dir, tmp_path, monkeypatch):
   config.train.steps, config.train.log_every, config.train.save_every = 5, 1, 5
   config.eval.every = 0
   compiles, at_step = [], {}
-  listener = lambda event, duration, **kw: compiles.append(event) if event == \
-      "/jax/core/compile/backend_compile_duration" else None
+  listener = (
+      lambda event, duration, **kw: compiles.append(event)
+      if event == "/jax/core/compile/backend_compile_duration"
+      else None
+  )
   jax.monitoring.register_event_duration_secs_listener(listener)
   write = trainer.metrics.Writer.write
 
@@ -407,24 +511,34 @@ def test_no_recompilation_across_steps(teacher_dir, tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- several teachers
 
+
 def test_teachers_score_each_row_by_the_teacher_it_names(tmp_path):
   """Routing every row to "a" equals the single teacher a; a mix of a and b differs from
   it (so b's rows are scored by b); a missing or unknown name and a teacher with another
   vocabulary are one-line errors."""
   from opdjax.data import char_tokenizer
+
   tok = char_tokenizer()
   for name, seed in (("a", 0), ("b", 1)):
-    model = Decoder(tiny_config("llama", vocab_size=len(tok), eos_token_ids=(tok.eos_token_id,)),
-                    rngs=nnx.Rngs(seed))
+    model = Decoder(
+        tiny_config("llama", vocab_size=len(tok), eos_token_ids=(tok.eos_token_id,)),
+        rngs=nnx.Rngs(seed),
+    )
     save_pretrained(model, tmp_path / name)
   save_pretrained(Decoder(tiny_config("llama", vocab_size=40), rngs=nnx.Rngs(0)), tmp_path / "v40")
   sums = [(a, b) for a in range(4) for b in range(4)]
 
   def run(tag, names, *, single=None, b_path=tmp_path / "b"):
     path = tmp_path / f"{tag}.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b),
-                                        **({"teacher": n} if n else {})}) + "\n"
-                            for (a, b), n in zip(sums, names)))
+    path.write_text(
+        "".join(
+            json.dumps(
+                {"prompt": f"{a}+{b}=", "answer": str(a + b), **({"teacher": n} if n else {})}
+            )
+            + "\n"
+            for (a, b), n in zip(sums, names)
+        )
+    )
     config = tiny("opd", estimator="full", divergence="reverse_kl")
     config.task.train_jsonl = str(path)
     config.train.steps = 2
@@ -433,8 +547,9 @@ def test_teachers_score_each_row_by_the_teacher_it_names(tmp_path):
       config.teacher.hf_path = str(single)
     else:
       for name, where in (("a", tmp_path / "a"), ("b", b_path)):
-        config.teachers[name] = configs.teacher_section(hf_path=str(where), dtype="float32",
-                                                        param_dtype="float32")
+        config.teachers[name] = configs.teacher_section(
+            hf_path=str(where), dtype="float32", param_dtype="float32"
+        )
     trainer.run(config, tmp_path / tag, quiet=True)
     abstract = nnx.state(Decoder(checkpoint.read_model_config(tmp_path / tag), rngs=nnx.Rngs(0)))
     flat = nnx.to_flat_state(checkpoint.restore_params(tmp_path / tag, abstract))
@@ -446,11 +561,17 @@ def test_teachers_score_each_row_by_the_teacher_it_names(tmp_path):
   for name in single_a:
     np.testing.assert_allclose(routed_a[name], single_a[name], atol=1e-6, err_msg=name)
   assert max(np.abs(mixed[n] - routed_a[n]).max() for n in mixed) > 1e-4
-  with pytest.raises(ConfigError, match=r"missing.jsonl\[3\]: no 'teacher' field; with several "
-                     r"teachers every example names one of \['a', 'b'\]"):
+  with pytest.raises(
+      ConfigError,
+      match=r"missing.jsonl\[3\]: no 'teacher' field; with several "
+      r"teachers every example names one of \['a', 'b'\]",
+  ):
     run("missing", ["a", "b", "a", ""] * 4)
-  with pytest.raises(ConfigError, match=r"unknown.jsonl\[1\]: teacher 'c' is not one of the "
-                     r"configured teachers \['a', 'b'\]"):
+  with pytest.raises(
+      ConfigError,
+      match=r"unknown.jsonl\[1\]: teacher 'c' is not one of the "
+      r"configured teachers \['a', 'b'\]",
+  ):
     run("unknown", ["a", "c"] * 8)
   with pytest.raises(ConfigError, match="student and teacher/b vocabularies differ"):
     run("vocab", ["a", "b"] * 8, b_path=tmp_path / "v40")

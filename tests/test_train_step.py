@@ -19,11 +19,26 @@ BATCH, PROMPT, NEW = 8, 6, 5
 
 
 def recipe_of(**kwargs):
-  c = ml_collections.ConfigDict(dict(
-      name="opd", estimator="full", divergence="reverse_kl", divergence_kwargs={}, top_k=0,
-      tail_bucket=False, gamma=0.0, correction="none", clip_epsilon=0.2, truncation=2.0,
-      lambda_on=0.5, reward_scale=1.0, group_size=2, normalize_std=True, opd_weight=0.0,
-      loss_mean="token"))
+  c = ml_collections.ConfigDict(
+      dict(
+          name="opd",
+          estimator="full",
+          divergence="reverse_kl",
+          divergence_kwargs={},
+          top_k=0,
+          tail_bucket=False,
+          gamma=0.0,
+          correction="none",
+          clip_epsilon=0.2,
+          truncation=2.0,
+          lambda_on=0.5,
+          reward_scale=1.0,
+          group_size=2,
+          normalize_std=True,
+          opd_weight=0.0,
+          loss_mean="token",
+      )
+  )
   c.update(kwargs)
   return recipes.build(c)
 
@@ -32,15 +47,22 @@ def recipe_of(**kwargs):
 def fixture_setup():
   config = tiny_config("qwen3", vocab_size=23, eos_token_ids=(1,))
   student = Decoder(config, rngs=nnx.Rngs(0))
-  teacher = Decoder(tiny_config("qwen3", vocab_size=23, eos_token_ids=(1,), hidden_size=48),
-                    rngs=nnx.Rngs(1))
+  teacher = Decoder(
+      tiny_config("qwen3", vocab_size=23, eos_token_ids=(1,), hidden_size=48), rngs=nnx.Rngs(1)
+  )
   rng = np.random.RandomState(0)
   prompts = jnp.asarray(rng.randint(2, 23, (BATCH, PROMPT)))
   prompt_mask = np.ones((BATCH, PROMPT), bool)
-  prompt_mask[1, :3] = prompt_mask[4, :1] = prompt_mask[6, :5] = False    # left padding
+  prompt_mask[1, :3] = prompt_mask[4, :1] = prompt_mask[6, :5] = False  # left padding
   prompt_mask = jnp.asarray(prompt_mask)
-  gen = generate(student, prompts, prompt_mask, key=jax.random.key(3), max_new_tokens=NEW,
-                 sampling=SamplingParams(eos_ids=(1,)))
+  gen = generate(
+      student,
+      prompts,
+      prompt_mask,
+      key=jax.random.key(3),
+      max_new_tokens=NEW,
+      sampling=SamplingParams(eos_ids=(1,)),
+  )
   seq = join(prompts, prompt_mask, gen.tokens, gen.mask, gen.sample_logprobs, gen.model_logprobs)
   return student, teacher, seq
 
@@ -56,36 +78,53 @@ def one_step(student, teacher, seq, recipe, *, microbatches=1, tx=None, referenc
   params = jax.tree.map(jnp.copy, params)
   tx = tx or optax.adam(1e-3)
   opt_state = tx.init(params)
-  step = trainer.make_train_step(graphdef, recipe, tx, sharding.state_shardings(params, mesh),
-                                 jax.tree.map(lambda _: None, opt_state),
-                                 microbatches=microbatches, chunk_size=7)
+  step = trainer.make_train_step(
+      graphdef,
+      recipe,
+      tx,
+      sharding.state_shardings(params, mesh),
+      jax.tree.map(lambda _: None, opt_state),
+      microbatches=microbatches,
+      chunk_size=7,
+  )
   models = {"teacher": teacher, "reference": reference if reference is not None else student}
   frozen = {role: teacher_head(models[role], seq) for role in recipe.roles} or None
   params, _, metrics = step(params, opt_state, seq, frozen)
   return nnx.merge(graphdef, params), jax.device_get(metrics)
 
 
-@pytest.mark.parametrize("recipe_kwargs", [dict(name="sft"), dict(estimator="full"),
-                                           dict(estimator="sampled", gamma=1.0),
-                                           dict(name="gopd", estimator="sampled", reward_scale=1.25),
-                                           dict(name="grpo", group_size=2, loss_mean="sequence")],
-                         ids=["sft", "opd_full", "opd_sampled", "gopd_sampled", "grpo_sequence_mean"])
+@pytest.mark.parametrize(
+    "recipe_kwargs",
+    [
+        dict(name="sft"),
+        dict(estimator="full"),
+        dict(estimator="sampled", gamma=1.0),
+        dict(name="gopd", estimator="sampled", reward_scale=1.25),
+        dict(name="grpo", group_size=2, loss_mean="sequence"),
+    ],
+    ids=["sft", "opd_full", "opd_sampled", "gopd_sampled", "grpo_sequence_mean"],
+)
 def test_four_microbatches_equal_the_whole_batch(setup, recipe_kwargs):
   student, teacher, seq = setup
   recipe = recipe_of(**recipe_kwargs)
-  if recipe.verifier_reward:   # groups of 2 with unequal rewards, so the update is not zero
+  if recipe.verifier_reward:  # groups of 2 with unequal rewards, so the update is not zero
     seq = seq._replace(rewards=jnp.array([1, 0, 0, 1, 1, 0, 1, 1], jnp.float32))
   # SGD, so the parameters compare the summed gradients (Adam's first step is lr·sign(g)).
   whole, metrics_1 = one_step(student, teacher, seq, recipe, microbatches=1, tx=optax.sgd(1.0))
   split, metrics_4 = one_step(student, teacher, seq, recipe, microbatches=4, tx=optax.sgd(1.0))
   np.testing.assert_allclose(metrics_4["loss"][0], metrics_1["loss"][0], rtol=1e-6, atol=1e-7)
   np.testing.assert_allclose(metrics_4["grad_norm"][0], metrics_1["grad_norm"][0], rtol=1e-5)
-  for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(whole)),
-                               nnx.to_flat_state(nnx.state(split))):
+  for (path, a), (_, b) in zip(
+      nnx.to_flat_state(nnx.state(whole)), nnx.to_flat_state(nnx.state(split))
+  ):
     np.testing.assert_allclose(b.get_value(), a.get_value(), atol=1e-6, err_msg=str(path))
   # And the step really moved the parameters (an update of zero would also "agree").
-  moved = [np.abs(a.get_value() - b.get_value()).max() for (_, a), (_, b) in
-           zip(nnx.to_flat_state(nnx.state(student)), nnx.to_flat_state(nnx.state(whole)))]
+  moved = [
+      np.abs(a.get_value() - b.get_value()).max()
+      for (_, a), (_, b) in zip(
+          nnx.to_flat_state(nnx.state(student)), nnx.to_flat_state(nnx.state(whole))
+      )
+  ]
   assert max(moved) > 1e-4
 
 
@@ -97,14 +136,21 @@ def test_sampler_logprobs_align_with_the_step_targets(setup):
   log_p = obj.token_log_probs(student(tokens, attention_mask=mask), targets.tokens)
   on = np.asarray(targets.mask)
   assert on.sum() > BATCH
-  np.testing.assert_allclose(np.asarray(log_p)[on], np.asarray(targets.model_logprobs)[on],
-                             atol=1e-5)
+  np.testing.assert_allclose(
+      np.asarray(log_p)[on], np.asarray(targets.model_logprobs)[on], atol=1e-5
+  )
   shifted = obj.token_log_probs(student(tokens, attention_mask=mask)[:, 1:], targets.tokens[:, :-1])
-  assert np.abs(np.asarray(shifted)[on[:, :-1]] - np.asarray(targets.model_logprobs)[:, :-1][on[:, :-1]]).max() > 1e-2
+  assert (
+      np.abs(
+          np.asarray(shifted)[on[:, :-1]] - np.asarray(targets.model_logprobs)[:, :-1][on[:, :-1]]
+      ).max()
+      > 1e-2
+  )
   # The first masked target of every row is its first completion token.
   first = np.argmax(on, axis=1)
-  np.testing.assert_array_equal(np.asarray(targets.tokens)[np.arange(BATCH), first],
-                                np.asarray(seq.tokens)[:, PROMPT])
+  np.testing.assert_array_equal(
+      np.asarray(targets.tokens)[np.arange(BATCH), first], np.asarray(seq.tokens)[:, PROMPT]
+  )
   np.testing.assert_array_equal(first, PROMPT - 1)
 
 
@@ -115,8 +161,9 @@ def test_an_opd_update_lowers_the_reverse_kl_on_its_rollout(setup):
   targets = recipes.targets_of(seq)
 
   def token_reverse_kl(model):
-    values = obj.reverse_kl(model(tokens, attention_mask=mask),
-                            teacher(tokens, attention_mask=mask))
+    values = obj.reverse_kl(
+        model(tokens, attention_mask=mask), teacher(tokens, attention_mask=mask)
+    )
     return float(obj.token_mean(values, targets.mask))
 
   updated, _ = one_step(student, teacher, seq, recipe)
@@ -137,31 +184,45 @@ def test_sampled_opd_updates_lower_the_reverse_kl_on_average():
   gradient: over 8 rollouts, one small SGD step lowers the token reverse KL on average."""
   config = tiny_config("qwen3", vocab_size=23, eos_token_ids=(1,))
   student = Decoder(config, rngs=nnx.Rngs(0))
-  teacher = Decoder(tiny_config("qwen3", vocab_size=23, eos_token_ids=(1,), hidden_size=48),
-                    rngs=nnx.Rngs(1))
+  teacher = Decoder(
+      tiny_config("qwen3", vocab_size=23, eos_token_ids=(1,), hidden_size=48), rngs=nnx.Rngs(1)
+  )
   prompts = jnp.asarray(np.random.RandomState(1).randint(2, 23, (BATCH, PROMPT)))
   prompt_mask = jnp.ones((BATCH, PROMPT), bool)
   recipe = recipe_of(estimator="sampled", gamma=0.0)
   mesh = sharding.make_mesh((1,), ("data",))
   graphdef, params = nnx.split(student)
   tx = optax.sgd(0.05)
-  step = trainer.make_train_step(graphdef, recipe, tx, sharding.state_shardings(params, mesh),
-                                 jax.tree.map(lambda _: None, tx.init(params)), chunk_size=7)
+  step = trainer.make_train_step(
+      graphdef,
+      recipe,
+      tx,
+      sharding.state_shardings(params, mesh),
+      jax.tree.map(lambda _: None, tx.init(params)),
+      chunk_size=7,
+  )
   t_graphdef, t_state = nnx.split(teacher)
 
   @jax.jit
   def token_reverse_kl(params, seq):
     tokens, mask = recipes.inputs_of(seq)
-    values = obj.reverse_kl(nnx.merge(graphdef, params)(tokens, attention_mask=mask),
-                            nnx.merge(t_graphdef, t_state)(tokens, attention_mask=mask))
+    values = obj.reverse_kl(
+        nnx.merge(graphdef, params)(tokens, attention_mask=mask),
+        nnx.merge(t_graphdef, t_state)(tokens, attention_mask=mask),
+    )
     return obj.token_mean(values, recipes.targets_of(seq).mask)
 
   drops = []
   for seed in range(8):
-    gen = generate(student, prompts, prompt_mask, key=jax.random.key(100 + seed),
-                   max_new_tokens=NEW, sampling=SamplingParams(eos_ids=(1,)))
-    seq = join(prompts, prompt_mask, gen.tokens, gen.mask, gen.sample_logprobs,
-               gen.model_logprobs)
+    gen = generate(
+        student,
+        prompts,
+        prompt_mask,
+        key=jax.random.key(100 + seed),
+        max_new_tokens=NEW,
+        sampling=SamplingParams(eos_ids=(1,)),
+    )
+    seq = join(prompts, prompt_mask, gen.tokens, gen.mask, gen.sample_logprobs, gen.model_logprobs)
     fresh = jax.tree.map(jnp.copy, params)
     new_params, _, _ = step(fresh, tx.init(fresh), seq, {"teacher": teacher_head(teacher, seq)})
     drops.append(float(token_reverse_kl(params, seq) - token_reverse_kl(new_params, seq)))
@@ -199,16 +260,17 @@ def test_sampled_loss_gradient_is_minus_reward_times_score(setup):
 
 def test_gkd_coin_is_on_policy_with_probability_lambda_on():
   from opdjax.recipes.gkd import on_policy_coin
+
   steps = 4000
   for lambda_on in (0.0, 0.3, 1.0):
     on = sum(on_policy_coin(7, step, lambda_on=lambda_on) == "student" for step in range(steps))
     if lambda_on in (0.0, 1.0):
       assert on == lambda_on * steps
-    else:   # 5 standard deviations of a binomial(4000, 0.3) is ±145
+    else:  # 5 standard deviations of a binomial(4000, 0.3) is ±145
       assert abs(on - lambda_on * steps) < 5 * np.sqrt(steps * lambda_on * (1 - lambda_on))
   recipe = recipe_of(name="gkd", lambda_on=0.3)
   assert {recipe.source_at(0, s) for s in range(50)} == {"student", "dataset"}
-  assert recipe.source_at(3, 11) == on_policy_coin(3, 11, lambda_on=0.3)   # the trainer's draw
+  assert recipe.source_at(3, 11) == on_policy_coin(3, 11, lambda_on=0.3)  # the trainer's draw
 
 
 def test_gopd_with_lambda_one_is_opd_bitwise(setup):
@@ -216,17 +278,34 @@ def test_gopd_with_lambda_one_is_opd_bitwise(setup):
   student, teacher, seq = setup
   reference = Decoder(tiny_config("qwen3", vocab_size=23, eos_token_ids=(1,)), rngs=nnx.Rngs(9))
   opd, _ = one_step(student, teacher, seq, recipe_of(estimator="sampled", gamma=0.5))
-  gopd, _ = one_step(student, teacher, seq, recipe_of(name="gopd", estimator="sampled",
-                                                      gamma=0.5, reward_scale=1.0),
-                     reference=reference)
-  for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(opd)), nnx.to_flat_state(nnx.state(gopd))):
+  gopd, _ = one_step(
+      student,
+      teacher,
+      seq,
+      recipe_of(name="gopd", estimator="sampled", gamma=0.5, reward_scale=1.0),
+      reference=reference,
+  )
+  for (path, a), (_, b) in zip(
+      nnx.to_flat_state(nnx.state(opd)), nnx.to_flat_state(nnx.state(gopd))
+  ):
     np.testing.assert_array_equal(b.get_value(), a.get_value(), err_msg=str(path))
   # λ ≠ 1 with that reference is a different update.
-  other, _ = one_step(student, teacher, seq, recipe_of(name="gopd", estimator="sampled",
-                                                       gamma=0.5, reward_scale=0.5),
-                      reference=reference)
-  assert max(np.abs(a.get_value() - b.get_value()).max() for (_, a), (_, b) in zip(
-      nnx.to_flat_state(nnx.state(opd)), nnx.to_flat_state(nnx.state(other)))) > 1e-6
+  other, _ = one_step(
+      student,
+      teacher,
+      seq,
+      recipe_of(name="gopd", estimator="sampled", gamma=0.5, reward_scale=0.5),
+      reference=reference,
+  )
+  assert (
+      max(
+          np.abs(a.get_value() - b.get_value()).max()
+          for (_, a), (_, b) in zip(
+              nnx.to_flat_state(nnx.state(opd)), nnx.to_flat_state(nnx.state(other))
+          )
+      )
+      > 1e-6
+  )
 
 
 @pytest.mark.parametrize("estimator", ["full", "sampled"])
@@ -244,9 +323,10 @@ def test_gopd_with_lambda_zero_pulls_toward_the_reference(setup, estimator):
   if estimator == "full":
     updated, _ = one_step(student, teacher, seq, recipe, reference=reference)
     assert kl_to(updated, reference) < kl_to(student, reference) - 1e-4
-  else:   # a sampled estimate: the reward is log r − log p_old, so log p moves toward log r
-    updated, metrics = one_step(student, teacher, seq, recipe, reference=reference,
-                                tx=optax.sgd(0.1))
+  else:  # a sampled estimate: the reward is log r − log p_old, so log p moves toward log r
+    updated, metrics = one_step(
+        student, teacher, seq, recipe, reference=reference, tx=optax.sgd(0.1)
+    )
     log_p = lambda m: obj.token_log_probs(m(tokens, attention_mask=mask), targets.tokens)
     log_r = obj.token_log_probs(reference(tokens, attention_mask=mask), targets.tokens)
     on = np.asarray(targets.mask)
@@ -259,9 +339,13 @@ def grpo_targets():
   """Two groups of two rows: rewards (1, 0) and (1, 1); three completion tokens per row."""
   mask = jnp.array([[0, 1, 1, 1], [0, 1, 1, 0], [0, 1, 1, 1], [0, 0, 1, 1]], bool)
   old = -jnp.arange(16, dtype=jnp.float32).reshape(4, 4) / 10
-  return recipes.Targets(tokens=jnp.zeros((4, 4), jnp.int32), mask=mask,
-                         behaviour_logprobs=old, model_logprobs=old,
-                         rewards=jnp.array([1.0, 0.0, 1.0, 1.0]))
+  return recipes.Targets(
+      tokens=jnp.zeros((4, 4), jnp.int32),
+      mask=mask,
+      behaviour_logprobs=old,
+      model_logprobs=old,
+      rewards=jnp.array([1.0, 0.0, 1.0, 1.0]),
+  )
 
 
 @pytest.mark.parametrize("normalize_std", [True, False])
@@ -275,12 +359,15 @@ def test_grpo_loss_by_hand(normalize_std):
   per_token, metrics = recipe.loss({"log_p": log_p, "student_entropy": jnp.zeros((4, 4))}, targets)
   # Group (1, 0): mean 0.5, centred ±0.5, std 0.5. Group (1, 1): all 0.
   advantage = np.array([0.5, -0.5, 0.0, 0.0]) / (0.5 + 1e-6 if normalize_std else 1.0)
-  expected = np.where(targets.mask, advantage[:, None], 0.0)     # −Â·log p with log p = −1
+  expected = np.where(targets.mask, advantage[:, None], 0.0)  # −Â·log p with log p = −1
   np.testing.assert_allclose(np.where(targets.mask, per_token, 0.0), expected, rtol=1e-5)
   np.testing.assert_allclose(metrics["verifier_reward"][0] / metrics["verifier_reward"][1], 0.75)
-  grad = jax.grad(lambda lp: obj.masked_sum(recipe.loss({"log_p": lp, "student_entropy": lp},
-                                                        targets)[0], targets.mask))(log_p)
-  np.testing.assert_array_equal(grad[2:], 0.0)                  # the (1, 1) group
+  grad = jax.grad(
+      lambda lp: obj.masked_sum(
+          recipe.loss({"log_p": lp, "student_entropy": lp}, targets)[0], targets.mask
+      )
+  )(log_p)
+  np.testing.assert_array_equal(grad[2:], 0.0)  # the (1, 1) group
   assert np.abs(grad[:2]).max() > 0.4
 
 
@@ -289,8 +376,9 @@ def test_sequence_mean_weighs_each_completion_equally():
   same whatever its length; "token": every token of the batch weighs 1/N."""
   mask = jnp.array([[0, 1, 1, 0, 0], [0, 1, 1, 1, 1]], bool)
   token = recipes.base.token_weights(recipe_of(name="grpo"), mask, num_tokens=6.0, num_rows=2.0)
-  sequence = recipes.base.token_weights(recipe_of(name="grpo", loss_mean="sequence"), mask,
-                                        num_tokens=6.0, num_rows=2.0)
+  sequence = recipes.base.token_weights(
+      recipe_of(name="grpo", loss_mean="sequence"), mask, num_tokens=6.0, num_rows=2.0
+  )
   np.testing.assert_allclose(token, np.where(mask, 1 / 6, 0.0))
   np.testing.assert_allclose(sequence, np.where(mask, [[1 / 4], [1 / 8]], 0.0))
   with pytest.raises(Exception, match="recipe.loss_mean must be one of .*got 'row'"):
@@ -305,10 +393,14 @@ def test_grpo_opd_weight_adds_the_teachers_dense_advantage():
   mixed_recipe = recipe_of(name="grpo", group_size=2, opd_weight=0.5, gamma=0.0)
   assert mixed_recipe.roles == ("teacher",)
   mixed, _ = mixed_recipe.loss(values, targets)
-  dense = np.asarray(log_q - targets.model_logprobs)              # γ = 0: per-token rewards
+  dense = np.asarray(log_q - targets.model_logprobs)  # γ = 0: per-token rewards
   # loss = −A·log p = A (log p = −1), so the difference is 0.5·dense on the mask.
-  np.testing.assert_allclose(np.where(targets.mask, mixed - pure, 0.0),
-                             np.where(targets.mask, 0.5 * dense, 0.0), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+      np.where(targets.mask, mixed - pure, 0.0),
+      np.where(targets.mask, 0.5 * dense, 0.0),
+      rtol=1e-5,
+      atol=1e-6,
+  )
 
 
 def test_group_rows_keep_each_prompt_with_its_index():
@@ -325,6 +417,11 @@ def test_sampled_recipes_declare_their_correction_and_full_ones_none():
   assert recipe_of(estimator="sampled").correction == "none"
   assert recipe_of(name="gopd", estimator="sampled").correction == "none"
   assert recipe_of(name="grpo").correction == "none"
-  for kwargs in (dict(estimator="full"), dict(estimator="topk", top_k=3), dict(name="sft"),
-                 dict(name="gkd"), dict(name="gopd", estimator="full")):
+  for kwargs in (
+      dict(estimator="full"),
+      dict(estimator="topk", top_k=3),
+      dict(name="sft"),
+      dict(name="gkd"),
+      dict(name="gopd", estimator="full"),
+  ):
     assert recipe_of(**kwargs).correction is None, kwargs

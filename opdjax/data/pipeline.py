@@ -27,28 +27,32 @@ from opdjax.errors import ConfigError
 class Record:
   prompt: str
   answer: str
-  teacher: str = ""   # the teacher that scores this example, when a run routes between several
+  teacher: str = ""  # the teacher that scores this example, when a run routes between several
 
 
 @dataclasses.dataclass
 class PromptSet:
   """Token arrays of N prompts and their reference answers (numpy, host memory)."""
 
-  prompt_tokens: np.ndarray   # [N, P] int32, left-padded
-  prompt_mask: np.ndarray     # [N, P] bool
-  answer_tokens: np.ndarray   # [N, A] int32, right-padded, EOS after the answer
-  answer_mask: np.ndarray     # [N, A] bool
-  answers: list[str]          # the answer strings, for verification
-  route: np.ndarray | None = None   # [N] int32 teacher index of each row (several teachers)
+  prompt_tokens: np.ndarray  # [N, P] int32, left-padded
+  prompt_mask: np.ndarray  # [N, P] bool
+  answer_tokens: np.ndarray  # [N, A] int32, right-padded, EOS after the answer
+  answer_mask: np.ndarray  # [N, A] bool
+  answers: list[str]  # the answer strings, for verification
+  route: np.ndarray | None = None  # [N] int32 teacher index of each row (several teachers)
 
   def __len__(self) -> int:
     return len(self.answers)
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    return dict(prompt_tokens=self.prompt_tokens[index], prompt_mask=self.prompt_mask[index],
-                answer_tokens=self.answer_tokens[index], answer_mask=self.answer_mask[index],
-                index=np.int32(index),
-                route=np.int32(0 if self.route is None else self.route[index]))
+    return dict(
+        prompt_tokens=self.prompt_tokens[index],
+        prompt_mask=self.prompt_mask[index],
+        answer_tokens=self.answer_tokens[index],
+        answer_mask=self.answer_mask[index],
+        index=np.int32(index),
+        route=np.int32(0 if self.route is None else self.route[index]),
+    )
 
 
 def _route(record: Record, index: int, routes: Sequence[str] | None, source: str) -> int:
@@ -57,17 +61,29 @@ def _route(record: Record, index: int, routes: Sequence[str] | None, source: str
     return 0
   name = getattr(record, "teacher", "")
   if not name:
-    raise ConfigError(f"{source}[{index}]: no 'teacher' field; with several teachers every "
-                      f"example names one of {list(routes)}")
+    raise ConfigError(
+        f"{source}[{index}]: no 'teacher' field; with several teachers every "
+        f"example names one of {list(routes)}"
+    )
   if name not in routes:
-    raise ConfigError(f"{source}[{index}]: teacher {name!r} is not one of the configured "
-                      f"teachers {list(routes)}")
+    raise ConfigError(
+        f"{source}[{index}]: teacher {name!r} is not one of the configured "
+        f"teachers {list(routes)}"
+    )
   return routes.index(name)
 
 
-def _encode_one(record: Record, index: int, tokenizer, *, prompt_length: int,
-                answer_length: int, source: str, routes: Sequence[str] | None = None,
-                privileged: tuple[str, int] | None = None) -> dict[str, np.ndarray]:
+def _encode_one(
+    record: Record,
+    index: int,
+    tokenizer,
+    *,
+    prompt_length: int,
+    answer_length: int,
+    source: str,
+    routes: Sequence[str] | None = None,
+    privileged: tuple[str, int] | None = None,
+) -> dict[str, np.ndarray]:
   """One record as a left-padded prompt and a right-padded answer (EOS appended), and the
   index of its teacher in `routes`; an empty or too-long prompt or answer, or a missing or
   unknown teacher name, raises with the record's index."""
@@ -79,31 +95,40 @@ def _encode_one(record: Record, index: int, tokenizer, *, prompt_length: int,
   if not prompt:
     raise ConfigError(f"{source}[{index}]: empty prompt")
   if len(prompt) > prompt_length:
-    raise ConfigError(f"{source}[{index}]: prompt has {len(prompt)} tokens, more than "
-                     f"prompt_length={prompt_length}")
+    raise ConfigError(
+        f"{source}[{index}]: prompt has {len(prompt)} tokens, more than "
+        f"prompt_length={prompt_length}"
+    )
   if len(answer) > answer_length:
-    raise ConfigError(f"{source}[{index}]: answer has {len(answer)} tokens with EOS, more than "
-                     f"answer_length={answer_length}")
-  row = dict(prompt_tokens=np.full(prompt_length, pad, np.int32),
-             prompt_mask=np.zeros(prompt_length, bool),
-             answer_tokens=np.full(answer_length, pad, np.int32),
-             answer_mask=np.zeros(answer_length, bool), index=np.int32(index),
-             route=np.int32(route))
-  row["prompt_tokens"][prompt_length - len(prompt):] = prompt
-  row["prompt_mask"][prompt_length - len(prompt):] = True
-  row["answer_tokens"][:len(answer)] = answer
-  row["answer_mask"][:len(answer)] = True
-  if privileged:   # self-distillation: the teacher's prompt, with the privileged context
+    raise ConfigError(
+        f"{source}[{index}]: answer has {len(answer)} tokens with EOS, more than "
+        f"answer_length={answer_length}"
+    )
+  row = dict(
+      prompt_tokens=np.full(prompt_length, pad, np.int32),
+      prompt_mask=np.zeros(prompt_length, bool),
+      answer_tokens=np.full(answer_length, pad, np.int32),
+      answer_mask=np.zeros(answer_length, bool),
+      index=np.int32(index),
+      route=np.int32(route),
+  )
+  row["prompt_tokens"][prompt_length - len(prompt) :] = prompt
+  row["prompt_mask"][prompt_length - len(prompt) :] = True
+  row["answer_tokens"][: len(answer)] = answer
+  row["answer_mask"][: len(answer)] = True
+  if privileged:  # self-distillation: the teacher's prompt, with the privileged context
     template, length = privileged
     text = template.format(prompt=record.prompt, answer=record.answer)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) > length:
-      raise ConfigError(f"{source}[{index}]: the privileged prompt has {len(ids)} tokens, more "
-                        f"than recipe.privileged_length={length}")
+      raise ConfigError(
+          f"{source}[{index}]: the privileged prompt has {len(ids)} tokens, more "
+          f"than recipe.privileged_length={length}"
+      )
     row["privileged_tokens"] = np.full(length, pad, np.int32)
     row["privileged_mask"] = np.zeros(length, bool)
-    row["privileged_tokens"][length - len(ids):] = ids
-    row["privileged_mask"][length - len(ids):] = True
+    row["privileged_tokens"][length - len(ids) :] = ids
+    row["privileged_mask"][length - len(ids) :] = True
   return row
 
 
@@ -116,14 +141,29 @@ class PromptSource:
   instead of at the step that first draws it.
   """
 
-  def __init__(self, records: Sequence[Record], tokenizer, *, prompt_length: int,
-               answer_length: int, source: str = "records", routes: Sequence[str] | None = None,
-               privileged: tuple[str, int] | None = None):
+  def __init__(
+      self,
+      records: Sequence[Record],
+      tokenizer,
+      *,
+      prompt_length: int,
+      answer_length: int,
+      source: str = "records",
+      routes: Sequence[str] | None = None,
+      privileged: tuple[str, int] | None = None,
+  ):
     self.records = list(records)
     self.answers = [r.answer for r in self.records]
-    self._encode = lambda i: _encode_one(self.records[i], i, tokenizer, source=source,
-                                         prompt_length=prompt_length, answer_length=answer_length,
-                                         routes=routes, privileged=privileged)
+    self._encode = lambda i: _encode_one(
+        self.records[i],
+        i,
+        tokenizer,
+        source=source,
+        prompt_length=prompt_length,
+        answer_length=answer_length,
+        routes=routes,
+        privileged=privileged,
+    )
 
   def __len__(self) -> int:
     return len(self.records)
@@ -136,22 +176,43 @@ class PromptSource:
       self._encode(i)
 
 
-def encode(records: Sequence[Record], tokenizer, *, prompt_length: int,
-           answer_length: int, source: str = "records",
-           routes: Sequence[str] | None = None) -> PromptSet:
+def encode(
+    records: Sequence[Record],
+    tokenizer,
+    *,
+    prompt_length: int,
+    answer_length: int,
+    source: str = "records",
+    routes: Sequence[str] | None = None,
+) -> PromptSet:
   """Tokenizes records into fixed shapes; too-long prompts or answers raise with the index."""
-  lazy = PromptSource(records, tokenizer, prompt_length=prompt_length,
-                      answer_length=answer_length, source=source, routes=routes)
+  lazy = PromptSource(
+      records,
+      tokenizer,
+      prompt_length=prompt_length,
+      answer_length=answer_length,
+      source=source,
+      routes=routes,
+  )
   rows = [lazy[i] for i in range(len(lazy))]
   stack = lambda name: np.stack([row[name] for row in rows])
-  return PromptSet(stack("prompt_tokens"), stack("prompt_mask"), stack("answer_tokens"),
-                   stack("answer_mask"), lazy.answers, stack("route"))
+  return PromptSet(
+      stack("prompt_tokens"),
+      stack("prompt_mask"),
+      stack("answer_tokens"),
+      stack("answer_mask"),
+      lazy.answers,
+      stack("route"),
+  )
 
 
-def synthetic_records(task: str, *, difficulty: int, size: int, held_out: bool,
-                      seed: int = 0) -> list[Record]:
-  return [Record(p.prompt, p.answer, teacher=task) for p in
-          tasks.split(task, difficulty=difficulty, size=size, held_out=held_out, seed=seed)]
+def synthetic_records(
+    task: str, *, difficulty: int, size: int, held_out: bool, seed: int = 0
+) -> list[Record]:
+  return [
+      Record(p.prompt, p.answer, teacher=task)
+      for p in tasks.split(task, difficulty=difficulty, size=size, held_out=held_out, seed=seed)
+  ]
 
 
 def load_jsonl(path: str | Path, tokenizer=None) -> list[Record]:
@@ -185,15 +246,22 @@ def load_jsonl(path: str | Path, tokenizer=None) -> list[Record]:
         prompt = item["prompt"]
       elif "messages" in item:
         messages = item["messages"]
-        if (not isinstance(messages, list) or not messages or
-            not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)):
-          raise ConfigError(f"{where}: 'messages' must be a non-empty list of "
-                           "{'role': ..., 'content': ...} objects")
+        if (
+            not isinstance(messages, list)
+            or not messages
+            or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)
+        ):
+          raise ConfigError(
+              f"{where}: 'messages' must be a non-empty list of "
+              "{'role': ..., 'content': ...} objects"
+          )
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
           raise ConfigError(f"{where}: chat messages need a tokenizer with a chat template")
         prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
       else:
-        raise ConfigError(f"{where}: needs a 'prompt' or a 'messages' field, got keys {sorted(item)}")
+        raise ConfigError(
+            f"{where}: needs a 'prompt' or a 'messages' field, got keys {sorted(item)}"
+        )
       teacher = item.get("teacher", "")
       if not isinstance(teacher, str):
         raise ConfigError(f"{where}: 'teacher' must be a string, got {type(teacher).__name__}")
@@ -203,8 +271,9 @@ def load_jsonl(path: str | Path, tokenizer=None) -> list[Record]:
   return records
 
 
-def batches(prompts, *, batch_size: int, seed: int, process_index: int = 0,
-            process_count: int = 1) -> grain.MapDataset:
+def batches(
+    prompts, *, batch_size: int, seed: int, process_index: int = 0, process_count: int = 1
+) -> grain.MapDataset:
   """This process's rows of a shuffled (per epoch, by `seed`), repeated, batched stream.
 
   `prompts` is a `PromptSet` or a `PromptSource` (anything indexable by row). The global
@@ -224,5 +293,10 @@ def batches(prompts, *, batch_size: int, seed: int, process_index: int = 0,
     items = [prompts[int(i)] for i in indices[mine]]
     return {name: np.stack([item[name] for item in items]) for name in items[0]}
 
-  return (grain.MapDataset.range(len(prompts)).shuffle(seed=seed).repeat()
-          .batch(batch_size, drop_remainder=True).map(rows))
+  return (
+      grain.MapDataset.range(len(prompts))
+      .shuffle(seed=seed)
+      .repeat()
+      .batch(batch_size, drop_remainder=True)
+      .map(rows)
+  )

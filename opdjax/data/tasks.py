@@ -24,7 +24,7 @@ class Problem:
 
 def addition(rng: np.random.Generator, *, digits: int) -> Problem:
   """`a+b=` -> `c`, with a and b of up to `digits` digits."""
-  high = 10 ** digits
+  high = 10**digits
   a, b = int(rng.integers(0, high)), int(rng.integers(0, high))
   return Problem(prompt=f"{a}+{b}=", answer=str(a + b))
 
@@ -69,8 +69,9 @@ def is_held_out(problem: Problem, fraction: float = 0.1) -> bool:
   return int.from_bytes(digest[:8], "little") / 2**64 < fraction
 
 
-def split(task: str, *, difficulty: int, size: int, held_out: bool, seed: int = 0,
-          fraction: float = 0.1) -> list[Problem]:
+def split(
+    task: str, *, difficulty: int, size: int, held_out: bool, seed: int = 0, fraction: float = 0.1
+) -> list[Problem]:
   """`size` distinct problems from one side of the fixed train/held-out split."""
   problems, seen, index = [], set(), 0
   while len(problems) < size:
@@ -80,8 +81,10 @@ def split(task: str, *, difficulty: int, size: int, held_out: bool, seed: int = 
       seen.add(problem.prompt)
       problems.append(problem)
     if index > 50 * size + 10_000:
-      raise ConfigError(f"task {task!r} at difficulty {difficulty} has fewer than {size} "
-                       f"distinct {'held-out' if held_out else 'training'} problems")
+      raise ConfigError(
+          f"task {task!r} at difficulty {difficulty} has fewer than {size} "
+          f"distinct {'held-out' if held_out else 'training'} problems"
+      )
   return problems
 
 

@@ -19,6 +19,7 @@ def char_tokenizer():
   """A `PreTrainedTokenizerFast` with one token per character (pad 0, eos 1, bos 2)."""
   import transformers
   from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
   vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
   for char in CHARACTERS:
     vocab[char] = len(vocab)
@@ -26,7 +27,11 @@ def char_tokenizer():
   tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
   tokenizer.decoder = decoders.Fuse()
   fast = transformers.PreTrainedTokenizerFast(
-      tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
-      unk_token="<unk>")
-  fast.chat_template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+      tokenizer_object=tokenizer,
+      pad_token="<pad>",
+      eos_token="<eos>",
+      bos_token="<bos>",
+      unk_token="<unk>",
+  )
+  fast.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
   return fast

@@ -50,14 +50,21 @@ METHODS = {
     "sft": dict(name="sft"),
     "seqkd": dict(name="seqkd"),
     "supervised_kd": dict(name="supervised_kd", divergence="forward_kl"),
-    "gkd_jsd": dict(name="gkd", divergence="generalized_jsd", divergence_kwargs={"beta": 0.5},
-                    lambda_on=0.5),
+    "gkd_jsd": dict(
+        name="gkd", divergence="generalized_jsd", divergence_kwargs={"beta": 0.5}, lambda_on=0.5
+    ),
     "opd_reverse_kl": dict(name="opd", estimator="full", divergence="reverse_kl"),
     "opd_sampled_g0": dict(name="opd", estimator="sampled", gamma=0.0),
     "opd_top8": dict(name="opd", estimator="topk", divergence="reverse_kl", top_k=8),
 }
-REPORTED = ("accuracy_greedy", "accuracy_sampled", "sequence_reverse_kl", "sequence_forward_kl",
-            "token_reverse_kl", "completion_length")
+REPORTED = (
+    "accuracy_greedy",
+    "accuracy_sampled",
+    "sequence_reverse_kl",
+    "sequence_forward_kl",
+    "token_reverse_kl",
+    "completion_length",
+)
 
 
 def get_config(arg=None):
@@ -111,7 +118,7 @@ def _stages(config):
 def main(config, workdir):
   workdir = checkpoint.resolve(workdir)
   results = run_stages(*_stages(config), workdir)
-  if not distributed.is_main():   # process 0 reports for everyone
+  if not distributed.is_main():  # process 0 reports for everyone
     return results
   rows, series, summary = [], {}, {}
   for name in config.methods.split(","):
@@ -120,27 +127,40 @@ def main(config, workdir):
     for key in REPORTED:
       mean, std = metrics.mean_and_std(r.final_eval[key] for r in runs)
       row[key] = f"{mean:.3f} ± {std:.3f}"
-      summary.setdefault(name, {})[key] = {"mean": mean, "std": std,
-                                           "per_seed": [r.final_eval[key] for r in runs]}
+      summary.setdefault(name, {})[key] = {
+          "mean": mean,
+          "std": std,
+          "per_seed": [r.final_eval[key] for r in runs],
+      }
     rows.append(row)
     # Mean curve over seeds (the seeds share evaluation steps).
     steps = sorted({r["step"] for r in runs[0].history if r["split"] == "eval"})
     mean_curve = []
     for step in steps:
-      points = [next(h for h in r.history if h["split"] == "eval" and h["step"] == step) for r in runs]
-      mean_curve.append({"step": step, "split": "eval",
-                         **{k: float(np.mean([p[k] for p in points])) for k in REPORTED}})
+      points = [
+          next(h for h in r.history if h["split"] == "eval" and h["step"] == step) for r in runs
+      ]
+      mean_curve.append(
+          {
+              "step": step,
+              "split": "eval",
+              **{k: float(np.mean([p[k] for p in points])) for k in REPORTED},
+          }
+      )
     series[name] = mean_curve
   print()
   print(metrics.format_table(rows, ["method", *REPORTED]))
   teacher_accuracy = results["teacher"].final_eval.get("accuracy_greedy")
   if teacher_accuracy is not None:
     print(f"\nteacher held-out greedy accuracy: {teacher_accuracy:.3f}")
-  plot = metrics.plot_curves(series, ["accuracy_greedy", "sequence_reverse_kl",
-                                      "sequence_forward_kl"],
-                             workdir / "compare_objectives.png",
-                             title=f"held-out metrics, mean over {config.seeds} seed(s)")
-  (workdir / "compare_objectives.json").write_text(json.dumps(
-      {"teacher_accuracy_greedy": teacher_accuracy, "methods": summary}, indent=2))
+  plot = metrics.plot_curves(
+      series,
+      ["accuracy_greedy", "sequence_reverse_kl", "sequence_forward_kl"],
+      workdir / "compare_objectives.png",
+      title=f"held-out metrics, mean over {config.seeds} seed(s)",
+  )
+  (workdir / "compare_objectives.json").write_text(
+      json.dumps({"teacher_accuracy_greedy": teacher_accuracy, "methods": summary}, indent=2)
+  )
   print(f"plot: {plot}\nsummary: {workdir / 'compare_objectives.json'}")
   return results

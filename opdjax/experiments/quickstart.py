@@ -11,7 +11,6 @@ Time on a 2-core CPU: about 3½ minutes (3 min 18 s measured; a rerun reuses fin
     python -m opdjax.train --exp quickstart --exp.stages.opd.train.steps=400
 """
 
-
 import ml_collections
 
 from opdjax import checkpoint, distributed, metrics
@@ -38,27 +37,46 @@ def get_config(arg=None):
 
 def main(config, workdir):
   results = run_stages(config.stages, config.stage_order, workdir)
-  if not distributed.is_main():   # process 0 reports for everyone
+  if not distributed.is_main():  # process 0 reports for everyone
     return results
   opd = results["opd"]
   evals = [r for r in opd.history if r["split"] == "eval"]
   before, after = evals[0], evals[-1]
   teacher = results["teacher"].final_eval
-  plot = metrics.plot_curves({"opd": opd.history}, ["accuracy_greedy", "sequence_reverse_kl",
-                                                    "token_reverse_kl"],
-                             checkpoint.resolve(workdir) / "quickstart.png",
-                             title="quickstart: on-policy distillation")
+  plot = metrics.plot_curves(
+      {"opd": opd.history},
+      ["accuracy_greedy", "sequence_reverse_kl", "token_reverse_kl"],
+      checkpoint.resolve(workdir) / "quickstart.png",
+      title="quickstart: on-policy distillation",
+  )
   rows = [
-      {"model": "teacher", "accuracy_greedy": teacher.get("accuracy_greedy", float("nan")),
-       "sequence_reverse_kl": 0.0, "token_reverse_kl": 0.0},
+      {
+          "model": "teacher",
+          "accuracy_greedy": teacher.get("accuracy_greedy", float("nan")),
+          "sequence_reverse_kl": 0.0,
+          "token_reverse_kl": 0.0,
+      },
       # (A self-teaching recipe has no external teacher to measure KLs against: nan.)
-      {"model": f"student before OPD (step {before['step']})", **{k: before.get(k, float("nan"))
-       for k in ("accuracy_greedy", "sequence_reverse_kl", "token_reverse_kl")}},
-      {"model": f"student after OPD (step {after['step']})", **{k: after.get(k, float("nan"))
-       for k in ("accuracy_greedy", "sequence_reverse_kl", "token_reverse_kl")}},
+      {
+          "model": f"student before OPD (step {before['step']})",
+          **{
+              k: before.get(k, float("nan"))
+              for k in ("accuracy_greedy", "sequence_reverse_kl", "token_reverse_kl")
+          },
+      },
+      {
+          "model": f"student after OPD (step {after['step']})",
+          **{
+              k: after.get(k, float("nan"))
+              for k in ("accuracy_greedy", "sequence_reverse_kl", "token_reverse_kl")
+          },
+      },
   ]
   print()
-  print(metrics.format_table(rows, ["model", "accuracy_greedy", "sequence_reverse_kl",
-                                    "token_reverse_kl"]))
+  print(
+      metrics.format_table(
+          rows, ["model", "accuracy_greedy", "sequence_reverse_kl", "token_reverse_kl"]
+      )
+  )
   print(f"\nplot: {plot}")
   return results

@@ -11,8 +11,11 @@ import numpy as np
 from opdjax.errors import ConfigError
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama")
-_ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                  "llama": "LlamaForCausalLM"}
+_ARCHITECTURES = {
+    "qwen3": "Qwen3ForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "llama": "LlamaForCausalLM",
+}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -53,24 +56,35 @@ class ModelConfig:
   def __post_init__(self):
     if self.model_type not in SUPPORTED_MODEL_TYPES:
       raise ConfigError(
-          f"unsupported model_type {self.model_type!r}; supported: {SUPPORTED_MODEL_TYPES}")
+          f"unsupported model_type {self.model_type!r}; supported: {SUPPORTED_MODEL_TYPES}"
+      )
     if self.rope_type not in SUPPORTED_ROPE_TYPES:
       raise ConfigError(
-          f"unsupported rope_type {self.rope_type!r}; supported: {SUPPORTED_ROPE_TYPES}")
-    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                 "num_kv_heads", "head_dim"):
+          f"unsupported rope_type {self.rope_type!r}; supported: {SUPPORTED_ROPE_TYPES}"
+      )
+    for name in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_layers",
+        "num_heads",
+        "num_kv_heads",
+        "head_dim",
+    ):
       if getattr(self, name) < 1:
         raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
     if self.num_heads % self.num_kv_heads:
-      raise ConfigError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
-                       f"({self.num_kv_heads}) for grouped-query attention")
+      raise ConfigError(
+          f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+          f"({self.num_kv_heads}) for grouped-query attention"
+      )
     if self.head_dim % 2:
       raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
 
   def inverse_frequencies(self) -> np.ndarray:
     """RoPE inverse frequencies `[head_dim // 2]` (float32), with the config's scaling."""
     exponents = np.arange(0, self.head_dim, 2, dtype=np.int64).astype(np.float32) / self.head_dim
-    inv_freq = (1.0 / (self.rope_theta ** exponents)).astype(np.float32)
+    inv_freq = (1.0 / (self.rope_theta**exponents)).astype(np.float32)
     if self.rope_type == "linear":
       inv_freq = inv_freq / self.rope_factor
     elif self.rope_type == "llama3":
@@ -80,7 +94,8 @@ class ModelConfig:
       wavelen = 2 * math.pi / inv_freq
       scaled = np.where(wavelen > low_wavelen, inv_freq / self.rope_factor, inv_freq)
       smooth = (old / wavelen - self.rope_low_freq_factor) / (
-          self.rope_high_freq_factor - self.rope_low_freq_factor)
+          self.rope_high_freq_factor - self.rope_low_freq_factor
+      )
       smoothed = (1 - smooth) * scaled / self.rope_factor + smooth * scaled
       medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
       inv_freq = np.where(medium, smoothed, scaled).astype(np.float32)
@@ -93,9 +108,11 @@ class ModelConfig:
     """Builds a config from a Hugging Face `config.json` dict (transformers v4 or v5 keys)."""
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
-      raise ConfigError(f"{source}: unsupported architecture model_type={model_type!r} "
-                       f"(architectures={hf.get('architectures')}); supported: "
-                       f"{SUPPORTED_MODEL_TYPES}")
+      raise ConfigError(
+          f"{source}: unsupported architecture model_type={model_type!r} "
+          f"(architectures={hf.get('architectures')}); supported: "
+          f"{SUPPORTED_MODEL_TYPES}"
+      )
     if hf.get("hidden_act", "silu") != "silu":
       raise ConfigError(f"{source}: hidden_act={hf['hidden_act']!r} is not supported (only silu)")
     if hf.get("use_sliding_window"):
@@ -107,8 +124,10 @@ class ModelConfig:
       rope.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
-      raise ConfigError(f"{source}: rope_type={rope_type!r} is not supported; supported: "
-                       f"{SUPPORTED_ROPE_TYPES}")
+      raise ConfigError(
+          f"{source}: rope_type={rope_type!r} is not supported; supported: "
+          f"{SUPPORTED_ROPE_TYPES}"
+      )
     heads = hf["num_attention_heads"]
     eos = hf.get("eos_token_id")
     eos_ids = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
@@ -135,7 +154,8 @@ class ModelConfig:
         rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
         rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
         rope_original_max_position_embeddings=int(
-            rope.get("original_max_position_embeddings", 8192)),
+            rope.get("original_max_position_embeddings", 8192)
+        ),
         bos_token_id=hf.get("bos_token_id"),
         eos_token_ids=eos_ids,
         pad_token_id=hf.get("pad_token_id"),
@@ -147,11 +167,16 @@ class ModelConfig:
     if self.rope_type in ("linear", "llama3"):
       rope["factor"] = self.rope_factor
     if self.rope_type == "llama3":
-      rope.update(low_freq_factor=self.rope_low_freq_factor,
-                  high_freq_factor=self.rope_high_freq_factor,
-                  original_max_position_embeddings=self.rope_original_max_position_embeddings)
-    eos = None if not self.eos_token_ids else (
-        self.eos_token_ids[0] if len(self.eos_token_ids) == 1 else list(self.eos_token_ids))
+      rope.update(
+          low_freq_factor=self.rope_low_freq_factor,
+          high_freq_factor=self.rope_high_freq_factor,
+          original_max_position_embeddings=self.rope_original_max_position_embeddings,
+      )
+    eos = (
+        None
+        if not self.eos_token_ids
+        else (self.eos_token_ids[0] if len(self.eos_token_ids) == 1 else list(self.eos_token_ids))
+    )
     hf = {
         "architectures": [_ARCHITECTURES[self.model_type]],
         "model_type": self.model_type,
@@ -182,9 +207,18 @@ class ModelConfig:
 
 def tiny_config(model_type: str = "qwen3", **overrides) -> ModelConfig:
   """A few-layer model for tests and the synthetic CPU experiments (vocab of tens)."""
-  base = dict(vocab_size=48, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-              num_kv_heads=2, head_dim=16, model_type=model_type,
-              qk_norm=model_type == "qwen3", qkv_bias=model_type == "qwen2",
-              max_position_embeddings=512)
+  base = dict(
+      vocab_size=48,
+      hidden_size=64,
+      intermediate_size=128,
+      num_layers=2,
+      num_heads=4,
+      num_kv_heads=2,
+      head_dim=16,
+      model_type=model_type,
+      qk_norm=model_type == "qwen3",
+      qkv_bias=model_type == "qwen2",
+      max_position_embeddings=512,
+  )
   base.update(overrides)
   return ModelConfig(**base)

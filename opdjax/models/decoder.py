@@ -20,6 +20,7 @@ from flax import nnx
 
 from opdjax.models.config import ModelConfig
 
+
 class KVCache(NamedTuple):
   """Per-layer key/value buffers plus the bookkeeping that makes padding exact.
 
@@ -37,16 +38,26 @@ class KVCache(NamedTuple):
   index: jax.Array
 
   @classmethod
-  def create(cls, config: ModelConfig, batch_size: int, max_length: int,
-             dtype=jnp.float32, *, stacked: bool = False) -> "KVCache":
+  def create(
+      cls,
+      config: ModelConfig,
+      batch_size: int,
+      max_length: int,
+      dtype=jnp.float32,
+      *,
+      stacked: bool = False,
+  ) -> "KVCache":
     shape = (batch_size, max_length, config.num_kv_heads, config.head_dim)
     if stacked:
       make = lambda: jnp.zeros((config.num_layers,) + shape, dtype)
     else:
       make = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
-    return cls(keys=make(), values=make(),
-               valid=jnp.zeros((batch_size, max_length), bool),
-               index=jnp.zeros((), jnp.int32))
+    return cls(
+        keys=make(),
+        values=make(),
+        valid=jnp.zeros((batch_size, max_length), bool),
+        index=jnp.zeros((), jnp.int32),
+    )
 
   @property
   def max_length(self) -> int:
@@ -82,8 +93,15 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def _linear(din: int, dout: int, *, bias: bool, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Linear:
-  return nnx.Linear(din, dout, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
-                    kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+  return nnx.Linear(
+      din,
+      dout,
+      use_bias=bias,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      kernel_init=nnx.initializers.normal(0.02),
+      rngs=rngs,
+  )
 
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
@@ -98,12 +116,20 @@ def attend(q, k, v, mask, *, implementation: str = "auto") -> jax.Array:
   padding whose output is never read) rather than producing NaN.
   """
   if implementation not in ATTENTION_IMPLEMENTATIONS:
-    raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, "
-                     f"got {implementation!r}")
+    raise ValueError(
+        f"attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, "
+        f"got {implementation!r}"
+    )
   head_dim = q.shape[-1]
   if implementation == "auto":
-    implementation = ("cudnn" if jax.default_backend() == "gpu" and head_dim <= 128
-                      and head_dim % 8 == 0 and q.dtype in (jnp.bfloat16, jnp.float16) else "xla")
+    implementation = (
+        "cudnn"
+        if jax.default_backend() == "gpu"
+        and head_dim <= 128
+        and head_dim % 8 == 0
+        and q.dtype in (jnp.bfloat16, jnp.float16)
+        else "xla"
+    )
   if implementation != "cudnn":
     return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=implementation)
   length = q.shape[1]
@@ -133,18 +159,49 @@ def even_lengths(q, k, v, mask):
 class Attention(nnx.Module):
   """Grouped-query attention with RoPE and optional q/k RMSNorm (Qwen3)."""
 
-  def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs,
-               implementation: str = "auto"):
+  def __init__(
+      self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs, implementation: str = "auto"
+  ):
     c = config
     if implementation not in ATTENTION_IMPLEMENTATIONS:
-      raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, "
-                       f"got {implementation!r}")
+      raise ValueError(
+          f"attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, "
+          f"got {implementation!r}"
+      )
     self.implementation = implementation
     self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
-    self.q_proj = _linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.qkv_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.k_proj = _linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.v_proj = _linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.o_proj = _linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.o_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.q_proj = _linear(
+        c.hidden_size,
+        c.num_heads * c.head_dim,
+        bias=c.qkv_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+    )
+    self.k_proj = _linear(
+        c.hidden_size,
+        c.num_kv_heads * c.head_dim,
+        bias=c.qkv_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+    )
+    self.v_proj = _linear(
+        c.hidden_size,
+        c.num_kv_heads * c.head_dim,
+        bias=c.qkv_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+    )
+    self.o_proj = _linear(
+        c.num_heads * c.head_dim,
+        c.hidden_size,
+        bias=c.o_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+    )
     if c.qk_norm:
       self.q_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
       self.k_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
@@ -174,9 +231,30 @@ class MLP(nnx.Module):
 
   def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
     c = config
-    self.gate_proj = _linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.up_proj = _linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.down_proj = _linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.gate_proj = _linear(
+        c.hidden_size,
+        c.intermediate_size,
+        bias=c.mlp_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+    )
+    self.up_proj = _linear(
+        c.hidden_size,
+        c.intermediate_size,
+        bias=c.mlp_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+    )
+    self.down_proj = _linear(
+        c.intermediate_size,
+        c.hidden_size,
+        bias=c.mlp_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+    )
 
   def __call__(self, x):
     return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -185,14 +263,18 @@ class MLP(nnx.Module):
 class DecoderLayer(nnx.Module):
   """Pre-norm residual block: attention then MLP."""
 
-  def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs,
-               attention: str = "auto"):
-    self.input_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype,
-                         param_dtype=param_dtype)
-    self.attn = Attention(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                          implementation=attention)
-    self.post_attention_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype,
-                         param_dtype=param_dtype)
+  def __init__(
+      self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs, attention: str = "auto"
+  ):
+    self.input_norm = RMSNorm(
+        config.hidden_size, eps=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype
+    )
+    self.attn = Attention(
+        config, dtype=dtype, param_dtype=param_dtype, rngs=rngs, implementation=attention
+    )
+    self.post_attention_norm = RMSNorm(
+        config.hidden_size, eps=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype
+    )
     self.mlp = MLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, x, cos, sin, mask, kv=None, index=None):
@@ -202,8 +284,8 @@ class DecoderLayer(nnx.Module):
 
 
 REMAT_POLICIES = {
-    "none": None,                                         # keep every activation
-    "full": jax.checkpoint_policies.nothing_saveable,     # recompute each layer in backward
+    "none": None,  # keep every activation
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute each layer in backward
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep projections
 }
 
@@ -211,8 +293,10 @@ REMAT_POLICIES = {
 def _layer_fn(graphdef, remat: str):
   """`(state, x, cos, sin, mask, kv, index) -> (x, kv)` for one layer, rematerialised per
   `remat` (a `REMAT_POLICIES` name)."""
+
   def apply(state, x, cos, sin, mask, kv, index):
     return nnx.merge(graphdef, state)(x, cos, sin, mask, kv, index)
+
   if remat == "none":
     return apply
   return jax.checkpoint(apply, policy=REMAT_POLICIES[remat])
@@ -237,9 +321,17 @@ class Decoder(nnx.Module):
   dtype=jnp.bfloat16`. RMSNorm statistics, attention softmax and logits are float32.
   """
 
-  def __init__(self, config: ModelConfig, *, dtype=jnp.float32, param_dtype=None,
-               rngs: nnx.Rngs, attention: str = "auto", scan_layers: bool = False,
-               remat: str = "none"):
+  def __init__(
+      self,
+      config: ModelConfig,
+      *,
+      dtype=jnp.float32,
+      param_dtype=None,
+      rngs: nnx.Rngs,
+      attention: str = "auto",
+      scan_layers: bool = False,
+      remat: str = "none",
+  ):
     if remat not in REMAT_POLICIES:
       raise ValueError(f"remat must be one of {tuple(REMAT_POLICIES)}, got {remat!r}")
     self.config = config
@@ -247,25 +339,45 @@ class Decoder(nnx.Module):
     self.scan_layers = scan_layers
     self.remat = remat
     param_dtype = param_dtype or dtype
-    self.embed = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype,
-                           embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
-    make_layer = lambda rngs: DecoderLayer(config, dtype=dtype, param_dtype=param_dtype,
-                                           rngs=rngs, attention=attention)
+    self.embed = nnx.Embed(
+        config.vocab_size,
+        config.hidden_size,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        embedding_init=nnx.initializers.normal(0.02),
+        rngs=rngs,
+    )
+    make_layer = lambda rngs: DecoderLayer(
+        config, dtype=dtype, param_dtype=param_dtype, rngs=rngs, attention=attention
+    )
     if scan_layers:
       self.layers = nnx.split_rngs(splits=config.num_layers)(
-          nnx.vmap(make_layer, in_axes=0, out_axes=0))(rngs)
+          nnx.vmap(make_layer, in_axes=0, out_axes=0)
+      )(rngs)
     else:
       self.layers = nnx.List([make_layer(rngs) for _ in range(config.num_layers)])
-    self.final_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype,
-                         param_dtype=param_dtype)
-    self.lm_head = None if config.tie_word_embeddings else _linear(
-        config.hidden_size, config.vocab_size, bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.final_norm = RMSNorm(
+        config.hidden_size, eps=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype
+    )
+    self.lm_head = (
+        None
+        if config.tie_word_embeddings
+        else _linear(
+            config.hidden_size,
+            config.vocab_size,
+            bias=False,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+    )
 
   # ------------------------------------------------------------ full-sequence path
 
   def __call__(self, tokens, *, positions=None, attention_mask=None) -> jax.Array:
     return self.logits_from_hidden(
-        self.hidden_states(tokens, positions=positions, attention_mask=attention_mask))
+        self.hidden_states(tokens, positions=positions, attention_mask=attention_mask)
+    )
 
   def hidden_states(self, tokens, *, positions=None, attention_mask=None) -> jax.Array:
     """Final (normed) hidden states `[B, T, D]` without the LM head."""
@@ -284,14 +396,14 @@ class Decoder(nnx.Module):
 
   def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
     """LM head: `[..., D] -> [..., V]` float32 logits (tied or untied)."""
-    return jnp.einsum("...d,dv->...v", hidden, self.head_kernel(),
-                      preferred_element_type=jnp.float32)
+    return jnp.einsum(
+        "...d,dv->...v", hidden, self.head_kernel(), preferred_element_type=jnp.float32
+    )
 
   # ------------------------------------------------------------ cached path
 
   def init_cache(self, batch_size: int, max_length: int) -> KVCache:
-    return KVCache.create(self.config, batch_size, max_length, self.dtype,
-                          stacked=self.scan_layers)
+    return KVCache.create(self.config, batch_size, max_length, self.dtype, stacked=self.scan_layers)
 
   def prefill(self, tokens, positions, cache: KVCache, *, token_mask=None, logits_at=None):
     """Runs `tokens [B, T]` through the model, writing slots `[index, index+T)` of `cache`.
@@ -309,14 +421,17 @@ class Decoder(nnx.Module):
       `(logits, updated cache)`: logits `[B, T, V]` float32, or `[B, V]` with `logits_at`.
     """
     tokens = jnp.asarray(tokens)
-    token_mask = jnp.ones(tokens.shape, bool) if token_mask is None else jnp.asarray(token_mask, bool)
+    token_mask = (
+        jnp.ones(tokens.shape, bool) if token_mask is None else jnp.asarray(token_mask, bool)
+    )
     length = tokens.shape[1]
     valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, token_mask, cache.index, axis=1)
     query_slots = cache.index + jnp.arange(length)
-    causal = jnp.arange(cache.max_length)[None, :] <= query_slots[:, None]      # [T, S]
+    causal = jnp.arange(cache.max_length)[None, :] <= query_slots[:, None]  # [T, S]
     mask = causal[None] & valid[:, None, :]
-    hidden, keys, values = self._run(tokens, jnp.asarray(positions), mask,
-                                     kv=(cache.keys, cache.values), index=cache.index)
+    hidden, keys, values = self._run(
+        tokens, jnp.asarray(positions), mask, kv=(cache.keys, cache.values), index=cache.index
+    )
     cache = KVCache(keys=keys, values=values, valid=valid, index=cache.index + length)
     if logits_at is not None:
       hidden = jnp.take_along_axis(hidden, jnp.asarray(logits_at)[:, None, None], axis=1)[:, 0]
@@ -329,8 +444,13 @@ class Decoder(nnx.Module):
     """
     tokens = jnp.asarray(tokens)[:, None]
     token_mask = None if active is None else jnp.asarray(active, bool)[:, None]
-    return self.prefill(tokens, jnp.asarray(positions)[:, None], cache, token_mask=token_mask,
-                        logits_at=jnp.zeros(tokens.shape[:1], jnp.int32))
+    return self.prefill(
+        tokens,
+        jnp.asarray(positions)[:, None],
+        cache,
+        token_mask=token_mask,
+        logits_at=jnp.zeros(tokens.shape[:1], jnp.int32),
+    )
 
   # ------------------------------------------------------------ shared body
 
@@ -373,9 +493,15 @@ def stack_layers(state):
       groups.setdefault(("layers",) + tuple(path[2:]), []).append((path[1], variable))
     else:
       rest.append((path, variable))
-  stacked = [(path, parts[0][1].replace(jnp.stack([v.get_value() for _, v in sorted(
-      parts, key=lambda p: p[0])])))
-             for path, parts in groups.items()]
+  stacked = [
+      (
+          path,
+          parts[0][1].replace(
+              jnp.stack([v.get_value() for _, v in sorted(parts, key=lambda p: p[0])])
+          ),
+      )
+      for path, parts in groups.items()
+  ]
   return nnx.from_flat_state(rest + stacked)
 
 
@@ -385,8 +511,10 @@ def unstack_layers(state):
   for path, variable in nnx.to_flat_state(state):
     if len(path) > 1 and path[0] == "layers" and not isinstance(path[1], int):
       value = variable.get_value()
-      out += [(("layers", i) + tuple(path[1:]), variable.replace(value[i]))
-              for i in range(value.shape[0])]
+      out += [
+          (("layers", i) + tuple(path[1:]), variable.replace(value[i]))
+          for i in range(value.shape[0])
+      ]
     else:
       out.append((path, variable))
   return nnx.from_flat_state(out)
@@ -401,7 +529,9 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
 def _prepare(tokens, attention_mask, positions):
   tokens = jnp.asarray(tokens)
   if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-    raise ValueError(f"tokens must be integer ids of shape [B, T], got {tokens.dtype} {tokens.shape}")
+    raise ValueError(
+        f"tokens must be integer ids of shape [B, T], got {tokens.dtype} {tokens.shape}"
+    )
   if attention_mask is None:
     attention_mask = jnp.ones(tokens.shape, bool)
   attention_mask = jnp.asarray(attention_mask, bool)

@@ -38,7 +38,11 @@ NAME_TABLE: tuple[tuple[str, str, bool], ...] = (
     ("model.norm.weight", "final_norm/scale", False),
     ("lm_head.weight", "lm_head/kernel", True),
     ("model.layers.{i}.input_layernorm.weight", "layers/{i}/input_norm/scale", False),
-    ("model.layers.{i}.post_attention_layernorm.weight", "layers/{i}/post_attention_norm/scale", False),
+    (
+        "model.layers.{i}.post_attention_layernorm.weight",
+        "layers/{i}/post_attention_norm/scale",
+        False,
+    ),
     ("model.layers.{i}.self_attn.{p}_proj.weight", "layers/{i}/attn/{p}_proj/kernel", True),
     ("model.layers.{i}.self_attn.{p}_proj.bias", "layers/{i}/attn/{p}_proj/bias", False),
     ("model.layers.{i}.self_attn.{p}_norm.weight", "layers/{i}/attn/{p}_norm/scale", False),
@@ -69,6 +73,7 @@ def hf_name(path: str) -> tuple[str, bool]:
 
 # ---------------------------------------------------------------- loading
 
+
 def _weight_files(directory: Path) -> list[Path]:
   index = directory / "model.safetensors.index.json"
   if index.exists():
@@ -80,7 +85,9 @@ def _weight_files(directory: Path) -> list[Path]:
     return files
   files = sorted(directory.glob("*.safetensors"))
   if not files:
-    others = sorted(p.name for p in directory.glob("*.bin")) + sorted(p.name for p in directory.glob("*.pt"))
+    others = sorted(p.name for p in directory.glob("*.bin")) + sorted(
+        p.name for p in directory.glob("*.pt")
+    )
     hint = f" (found {others}: convert them to safetensors first)" if others else ""
     raise FileNotFoundError(f"no *.safetensors weights in {directory}{hint}")
   return files
@@ -98,18 +105,41 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
   return ModelConfig.from_hf(hf, source=str(config_file))
 
 
-def abstract_model(config: ModelConfig, dtype, *, param_dtype=None, attention: str = "auto",
-                   scan_layers: bool = False, remat: str = "none") -> Decoder:
+def abstract_model(
+    config: ModelConfig,
+    dtype,
+    *,
+    param_dtype=None,
+    attention: str = "auto",
+    scan_layers: bool = False,
+    remat: str = "none",
+) -> Decoder:
   """The model's structure with `ShapeDtypeStruct` leaves (allocates no parameters)."""
-  return nnx.eval_shape(lambda: Decoder(config, dtype=dtype, param_dtype=param_dtype,
-                                        rngs=nnx.Rngs(0), attention=attention,
-                                        scan_layers=scan_layers, remat=remat))
+  return nnx.eval_shape(
+      lambda: Decoder(
+          config,
+          dtype=dtype,
+          param_dtype=param_dtype,
+          rngs=nnx.Rngs(0),
+          attention=attention,
+          scan_layers=scan_layers,
+          remat=remat,
+      )
+  )
 
 
-def load_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=None,
-                    mesh: Mesh | None = None, rules: Sequence = sharding_lib.DEFAULT_RULES,
-                    with_tokenizer: bool = True, attention: str = "auto",
-                    scan_layers: bool = False, remat: str = "none"):
+def load_pretrained(
+    path: str | os.PathLike,
+    *,
+    dtype=jnp.float32,
+    param_dtype=None,
+    mesh: Mesh | None = None,
+    rules: Sequence = sharding_lib.DEFAULT_RULES,
+    with_tokenizer: bool = True,
+    attention: str = "auto",
+    scan_layers: bool = False,
+    remat: str = "none",
+):
   """Loads a local Hugging Face directory (`config.json` + `*.safetensors`, sharded or not).
 
   Args:
@@ -133,9 +163,16 @@ def load_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=N
     raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
   config = read_config(directory)
   param_dtype = param_dtype or dtype
-  graphdef, target = nnx.split(abstract_model(config, dtype, param_dtype=param_dtype,
-                                              attention=attention, scan_layers=scan_layers,
-                                              remat=remat))
+  graphdef, target = nnx.split(
+      abstract_model(
+          config,
+          dtype,
+          param_dtype=param_dtype,
+          attention=attention,
+          scan_layers=scan_layers,
+          remat=remat,
+      )
+  )
   # The files hold per-layer tensors: read into that layout, stack at the end if scanned.
   abstract_state = jax.eval_shape(unstack_layers, target) if scan_layers else target
   expected = {}  # hf name -> (opdjax path tuple, shape, transposed)
@@ -150,19 +187,27 @@ def load_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=N
       try:
         handle = safe_open(str(file), framework="flax")
       except SafetensorError as e:
-        raise ConfigError(f"{file} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+        raise ConfigError(
+            f"{file} is not a readable safetensors file (truncated or corrupt?): {e}"
+        ) from None
       handles[file] = handle
       for key in handle.keys():
         key_file[key] = file
-    unexpected = sorted(k for k in key_file if k not in expected and not IGNORED_HF_NAMES.search(k)
-                        and not (k == "lm_head.weight" and config.tie_word_embeddings))
+    unexpected = sorted(
+        k
+        for k in key_file
+        if k not in expected
+        and not IGNORED_HF_NAMES.search(k)
+        and not (k == "lm_head.weight" and config.tie_word_embeddings)
+    )
     missing = sorted(k for k in expected if k not in key_file)
     if missing or unexpected:
       raise ConfigError(
           f"checkpoint {directory} does not match its config.json ({config.model_type}, "
           f"{config.num_layers} layers, tie_word_embeddings={config.tie_word_embeddings}): "
           f"missing keys {missing[:8]}{'...' if len(missing) > 8 else ''}, unexpected keys "
-          f"{unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
+          f"{unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
+      )
 
     leaves = {}
     for name, (path_tuple, shape, transposed) in expected.items():
@@ -171,16 +216,24 @@ def load_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=N
       stored = tuple(tensor.get_shape())
       want = tuple(reversed(shape)) if transposed else tuple(shape)
       if stored != want:
-        raise ConfigError(f"{file}: tensor {name!r} has shape {stored}, but config.json implies "
-                         f"{want}")
-      leaves[path_tuple] = _read(tensor, shape, transposed, param_dtype,
-                                 None if mesh is None else sharding_lib.sharding_for(
-                                     sharding_lib.path_string(path_tuple), shape, mesh, rules))
+        raise ConfigError(
+            f"{file}: tensor {name!r} has shape {stored}, but config.json implies " f"{want}"
+        )
+      leaves[path_tuple] = _read(
+          tensor,
+          shape,
+          transposed,
+          param_dtype,
+          None
+          if mesh is None
+          else sharding_lib.sharding_for(sharding_lib.path_string(path_tuple), shape, mesh, rules),
+      )
   finally:
     handles.clear()
 
   state = nnx.from_flat_state(
-      [(p, v.replace(leaves[p])) for p, v in nnx.to_flat_state(abstract_state)])
+      [(p, v.replace(leaves[p])) for p, v in nnx.to_flat_state(abstract_state)]
+  )
   if scan_layers:
     state = stack_layers(state)
     if mesh is not None:
@@ -212,18 +265,22 @@ def load_tokenizer(path: str | os.PathLike, config: ModelConfig | None = None):
   if not any((directory / f).exists() for f in TOKENIZER_FILES):
     return None
   from transformers import AutoTokenizer  # heavy import, only when needed
+
   tokenizer = AutoTokenizer.from_pretrained(str(directory))
   if config is not None and len(tokenizer) > config.vocab_size:
     raise ConfigError(
         f"tokenizer in {directory} has {len(tokenizer)} tokens but config.json has "
-        f"vocab_size={config.vocab_size}: the tokenizer does not belong to this model")
+        f"vocab_size={config.vocab_size}: the tokenizer does not belong to this model"
+    )
   return tokenizer
 
 
 # ---------------------------------------------------------------- saving
 
-def save_pretrained(model: Decoder, path: str | os.PathLike, *, tokenizer=None,
-                    max_shard_bytes: int = 5 * 2**30) -> Path:
+
+def save_pretrained(
+    model: Decoder, path: str | os.PathLike, *, tokenizer=None, max_shard_bytes: int = 5 * 2**30
+) -> Path:
   """Writes `model` as a Hugging Face directory that `transformers` loads directly.
 
   Produces `config.json` and `model.safetensors` (or `model-0000k-of-0000n.safetensors`
@@ -241,7 +298,7 @@ def save_pretrained(model: Decoder, path: str | os.PathLike, *, tokenizer=None,
     params = unstack_layers(params)
   for path_tuple, variable in nnx.to_flat_state(params):
     name, transposed = hf_name(sharding_lib.path_string(path_tuple))
-    array = to_host(variable.get_value())   # host numpy, gathered across hosts if needed
+    array = to_host(variable.get_value())  # host numpy, gathered across hosts if needed
     dtype = array.dtype
     tensors[name] = np.ascontiguousarray(array.T if transposed else array)
   if jax.process_index() != 0:
@@ -257,7 +314,9 @@ def save_pretrained(model: Decoder, path: str | os.PathLike, *, tokenizer=None,
       size = 0
     shards[-1][name] = tensors[name]
     size += nbytes
-  for stale in list(directory.glob("model*.safetensors")) + list(directory.glob("model.safetensors.index.json")):
+  for stale in list(directory.glob("model*.safetensors")) + list(
+      directory.glob("model.safetensors.index.json")
+  ):
     stale.unlink()
   if len(shards) == 1:
     save_file(shards[0], str(directory / "model.safetensors"), metadata={"format": "pt"})
@@ -268,8 +327,9 @@ def save_pretrained(model: Decoder, path: str | os.PathLike, *, tokenizer=None,
       save_file(shard, str(directory / filename), metadata={"format": "pt"})
       weight_map.update({name: filename for name in shard})
     total = sum(t.size * t.dtype.itemsize for t in tensors.values())
-    (directory / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": int(total)}, "weight_map": weight_map}, indent=2))
+    (directory / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": int(total)}, "weight_map": weight_map}, indent=2)
+    )
   hf_config = model.config.to_hf(dtype=jnp.dtype(dtype).name)
   (directory / "config.json").write_text(json.dumps(hf_config, indent=2))
   if tokenizer is not None:

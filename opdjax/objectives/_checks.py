@@ -18,7 +18,8 @@ def static_float(name: str, value) -> float:
   if isinstance(value, jax.core.Tracer):
     raise TypeError(
         f"{name} must be a static Python number, got a traced value; pass it through "
-        "functools.partial or jax.jit(static_argnames=...) instead of as a traced array.")
+        "functools.partial or jax.jit(static_argnames=...) instead of as a traced array."
+    )
   if isinstance(value, bool) or not isinstance(value, numbers.Real):
     try:
       value = float(value)
@@ -58,11 +59,13 @@ def logits_pair(student_logits, teacher_logits, teacher_name: str = "teacher_log
     raise ValueError(
         f"vocabulary sizes differ: student_logits has V={student_logits.shape[-1]}, "
         f"{teacher_name} has V={teacher_logits.shape[-1]} (shapes {student_logits.shape} "
-        f"and {teacher_logits.shape})")
+        f"and {teacher_logits.shape})"
+    )
   if student_logits.shape != teacher_logits.shape:
     raise ValueError(
         f"student_logits {student_logits.shape} and {teacher_name} "
-        f"{teacher_logits.shape} must have the same shape")
+        f"{teacher_logits.shape} must have the same shape"
+    )
   return as_float(student_logits), as_float(teacher_logits)
 
 
@@ -79,8 +82,8 @@ def same_shape(**arrays):
   for name, x in items[1:]:
     if x.shape != first.shape:
       raise ValueError(
-          f"{name} has shape {x.shape} but {first_name} has shape {first.shape}; "
-          "they must match")
+          f"{name} has shape {x.shape} but {first_name} has shape {first.shape}; " "they must match"
+      )
   return [x for _, x in items]
 
 

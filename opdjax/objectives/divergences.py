@@ -13,7 +13,6 @@ Interpolating families share one knob convention: 0 = forward (teacher-weighted)
 from __future__ import annotations
 
 import inspect
-
 import math
 from typing import Callable
 
@@ -113,8 +112,14 @@ def reverse_kl(student_logits, teacher_logits, *, temperature: float = 1.0) -> j
   return kl_from_log_probs(log_p, log_q)
 
 
-def generalized_jsd(student_logits, teacher_logits, *, beta: float = 0.5,
-                    scaled: bool = False, temperature: float = 1.0) -> jax.Array:
+def generalized_jsd(
+    student_logits,
+    teacher_logits,
+    *,
+    beta: float = 0.5,
+    scaled: bool = False,
+    temperature: float = 1.0,
+) -> jax.Array:
   """Generalized Jensen–Shannon divergence (GKD, Agarwal et al. 2024; TRL's convention).
 
   `M = β q + (1−β) p`,  `JSD(β) = β KL(q‖M) + (1−β) KL(p‖M)`.
@@ -155,8 +160,9 @@ def generalized_jsd(student_logits, teacher_logits, *, beta: float = 0.5,
   return value / (beta * (1.0 - beta)) if scaled else value
 
 
-def alpha_divergence(student_logits, teacher_logits, *, alpha: float = 0.5,
-                     temperature: float = 1.0) -> jax.Array:
+def alpha_divergence(
+    student_logits, teacher_logits, *, alpha: float = 0.5, temperature: float = 1.0
+) -> jax.Array:
   """Alpha divergence `D_α = (Σ_v p_v^α q_v^(1−α) − 1) / (α(α−1))`, p student, q teacher.
 
   α → 0 is `forward_kl`, α → 1 is `reverse_kl` (both returned exactly at the endpoints),
@@ -188,7 +194,7 @@ def alpha_divergence(student_logits, teacher_logits, *, alpha: float = 0.5,
   log_p, log_q = log_probs_pair(student_logits, teacher_logits, temperature=temperature)
   if alpha < 0.5:  # expand around q: Σ q (e^{α log(p/q)} − 1)
     base_log, other_log, exponent = log_q, log_p, alpha
-  else:            # expand around p: Σ p (e^{(1−α) log(q/p)} − 1)
+  else:  # expand around p: Σ p (e^{(1−α) log(q/p)} − 1)
     base_log, other_log, exponent = log_p, log_q, 1.0 - alpha
   base = jnp.exp(base_log)
   live = base > 0
@@ -197,8 +203,9 @@ def alpha_divergence(student_logits, teacher_logits, *, alpha: float = 0.5,
   return jnp.sum(terms, axis=-1) / (alpha * (alpha - 1.0))
 
 
-def skew_forward_kl(student_logits, teacher_logits, *, alpha: float = 0.1,
-                    temperature: float = 1.0) -> jax.Array:
+def skew_forward_kl(
+    student_logits, teacher_logits, *, alpha: float = 0.1, temperature: float = 1.0
+) -> jax.Array:
   """Skew forward KL `KL(q ‖ α q + (1−α) p)` (DistiLLM, Ko et al. 2024; α = 0.1 there).
 
   α = 0 is `forward_kl`; α = 1 is identically 0.
@@ -224,8 +231,9 @@ def skew_forward_kl(student_logits, teacher_logits, *, alpha: float = 0.1,
   return kl_from_log_probs(log_q, log_mixture(log_q, log_p, alpha))
 
 
-def skew_reverse_kl(student_logits, teacher_logits, *, alpha: float = 0.1,
-                    temperature: float = 1.0) -> jax.Array:
+def skew_reverse_kl(
+    student_logits, teacher_logits, *, alpha: float = 0.1, temperature: float = 1.0
+) -> jax.Array:
   """Skew reverse KL `KL(p ‖ α p + (1−α) q)` (DistiLLM, Ko et al. 2024).
 
   α = 0 is `reverse_kl`; α = 1 is identically 0.

@@ -46,7 +46,8 @@ def token_log_probs(logits, tokens, *, temperature: float = 1.0) -> jax.Array:
   tokens = jnp.asarray(tokens)
   if logits.ndim < 1 or logits.shape[:-1] != tokens.shape:
     raise ValueError(
-        f"logits {logits.shape} must be tokens.shape + (V,), tokens has shape {tokens.shape}")
+        f"logits {logits.shape} must be tokens.shape + (V,), tokens has shape {tokens.shape}"
+    )
   if not jnp.issubdtype(tokens.dtype, jnp.integer):
     raise ValueError(f"tokens must be integer ids, got dtype {tokens.dtype}")
   log_probs = jax.nn.log_softmax(_checks.as_float(logits) / temperature, axis=-1)
@@ -59,7 +60,8 @@ def log_ratio(student_log_probs, teacher_log_probs) -> jax.Array:
   Differentiable through the student term only. The OPD reward is `ρ_t = −c_t`.
   """
   student_log_probs, teacher_log_probs = _checks.same_shape(
-      student_log_probs=student_log_probs, teacher_log_probs=teacher_log_probs)
+      student_log_probs=student_log_probs, teacher_log_probs=teacher_log_probs
+  )
   return _checks.as_float(student_log_probs) - _checks.as_float(sg(teacher_log_probs))
 
 
@@ -125,15 +127,21 @@ def sampled_reverse_kl_loss(student_log_probs, teacher_log_probs) -> jax.Array:
 def importance_ratio(log_probs, behaviour_log_probs) -> jax.Array:
   """`w_t = exp(log p(a_t) − log μ(a_t))`, differentiable through the learner term."""
   log_probs, behaviour_log_probs = _checks.same_shape(
-      log_probs=log_probs, behaviour_log_probs=behaviour_log_probs)
+      log_probs=log_probs, behaviour_log_probs=behaviour_log_probs
+  )
   return jnp.exp(_checks.as_float(log_probs) - _checks.as_float(sg(behaviour_log_probs)))
 
 
 def importance_weighted_pg_loss(
-    log_probs, behaviour_log_probs, advantages, *,
+    log_probs,
+    behaviour_log_probs,
+    advantages,
+    *,
     correction: Literal["plain", "truncated", "ppo_clip"] = "ppo_clip",
-    truncation: float = 2.0, clip_epsilon: float = 0.2,
-    clip_epsilon_high: float | None = None) -> jax.Array:
+    truncation: float = 2.0,
+    clip_epsilon: float = 0.2,
+    clip_epsilon_high: float | None = None,
+) -> jax.Array:
   """Policy-gradient loss for tokens sampled by a behaviour policy μ ≠ p (docs/theory.md §5).
 
   With `w = exp(log p − sg(log μ))` and `A = sg(advantages)`:
@@ -159,7 +167,8 @@ def importance_weighted_pg_loss(
     Schulman et al., PPO, arXiv:1707.06347; docs/theory.md §5.
   """
   log_probs, behaviour_log_probs, advantages = _checks.same_shape(
-      log_probs=log_probs, behaviour_log_probs=behaviour_log_probs, advantages=advantages)
+      log_probs=log_probs, behaviour_log_probs=behaviour_log_probs, advantages=advantages
+  )
   advantages = _checks.as_float(sg(advantages))
   ratio = importance_ratio(log_probs, behaviour_log_probs)
   if correction == "plain":
@@ -173,9 +182,13 @@ def importance_weighted_pg_loss(
     low = _checks.static_float("clip_epsilon", clip_epsilon)
     if not 0.0 < low < 1.0:
       raise ValueError(f"clip_epsilon must be in (0, 1), got {low}")
-    high = low if clip_epsilon_high is None else _checks.positive(
-        "clip_epsilon_high", clip_epsilon_high)
+    high = (
+        low
+        if clip_epsilon_high is None
+        else _checks.positive("clip_epsilon_high", clip_epsilon_high)
+    )
     clipped = jnp.clip(ratio, 1.0 - low, 1.0 + high)
     return -jnp.minimum(ratio * advantages, clipped * advantages)
   raise ValueError(
-      f"correction must be one of 'plain', 'truncated', 'ppo_clip', got {correction!r}")
+      f"correction must be one of 'plain', 'truncated', 'ppo_clip', got {correction!r}"
+  )

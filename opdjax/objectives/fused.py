@@ -30,7 +30,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Sequence, Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -84,8 +84,10 @@ def route_hidden(hiddens: Sequence[jax.Array], route: jax.Array) -> jax.Array:
   [[0.0, 2.0, 2.0], [1.0, 0.0, 0.0]]
   """
   dtype = jnp.result_type(*hiddens)
-  return jnp.concatenate([jnp.where((route == k)[:, None, None], h, 0).astype(dtype)
-                          for k, h in enumerate(hiddens)], axis=-1)
+  return jnp.concatenate(
+      [jnp.where((route == k)[:, None, None], h, 0).astype(dtype) for k, h in enumerate(hiddens)],
+      axis=-1,
+  )
 
 
 def logits_of(hidden: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -121,7 +123,7 @@ class _Chunks(NamedTuple):
 
   def join(self, v):
     """`[count, size, ...] -> [B, T, ...]`, dropping the padding."""
-    v = v.reshape((self.count * self.size,) + v.shape[2:])[:self.batch * self.length]
+    v = v.reshape((self.count * self.size,) + v.shape[2:])[: self.batch * self.length]
     return v.reshape((self.batch, self.length) + v.shape[1:])
 
 
@@ -131,8 +133,10 @@ def _chunked(student: Head, tokens, teacher, vocab_mask, chunk_size):
   the stop-gradiented teacher kernels and the teacher hidden states cut into chunks."""
   hidden, kernel = student
   if hidden.ndim != 3 or kernel.ndim != 2 or hidden.shape[-1] != kernel.shape[0]:
-    raise ValueError(f"student hidden must be [B, T, D] and kernel [D, V]; got {hidden.shape} "
-                     f"and {kernel.shape}")
+    raise ValueError(
+        f"student hidden must be [B, T, D] and kernel [D, V]; got {hidden.shape} "
+        f"and {kernel.shape}"
+    )
   batch, length, _ = hidden.shape
   vocab = kernel.shape[1]
   if tokens.shape != (batch, length):
@@ -141,8 +145,10 @@ def _chunked(student: Head, tokens, teacher, vocab_mask, chunk_size):
     if not _is_head(head):
       raise ValueError(f"teacher must be a Head or a pytree of Heads, got a leaf {type(head)}")
     if head.hidden.shape[:2] != (batch, length) or head.kernel.shape[1] != vocab:
-      raise ValueError(f"teacher hidden {head.hidden.shape} / kernel {head.kernel.shape} "
-                       f"do not match the student's [B, T] = {(batch, length)} and V = {vocab}")
+      raise ValueError(
+          f"teacher hidden {head.hidden.shape} / kernel {head.kernel.shape} "
+          f"do not match the student's [B, T] = {(batch, length)} and V = {vocab}"
+      )
   if vocab_mask is not None and vocab_mask.shape != (vocab,):
     raise ValueError(f"vocab_mask must have shape ({vocab},), got {vocab_mask.shape}")
   if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 0:
@@ -158,15 +164,23 @@ def _chunked(student: Head, tokens, teacher, vocab_mask, chunk_size):
     return logits if vocab_mask is None else jnp.where(vocab_mask, logits, -jnp.inf)
 
   def logits(hidden_c, kernel, teacher_hidden_c):
-    return (masked(logits_of(hidden_c, kernel)),
-            jax.tree.map(lambda h, w: masked(logits_of(h, w)), teacher_hidden_c, teacher_kernels))
+    return (
+        masked(logits_of(hidden_c, kernel)),
+        jax.tree.map(lambda h, w: masked(logits_of(h, w)), teacher_hidden_c, teacher_kernels),
+    )
 
   return chunks, logits, teacher_hidden
 
 
-def token_values(fn: TokenFn, student: Head, tokens: jax.Array, *,
-                 teacher=None, vocab_mask: jax.Array | None = None,
-                 chunk_size: int = 0) -> dict:
+def token_values(
+    fn: TokenFn,
+    student: Head,
+    tokens: jax.Array,
+    *,
+    teacher=None,
+    vocab_mask: jax.Array | None = None,
+    chunk_size: int = 0,
+) -> dict:
   """Applies the per-token function `fn` to chunks of `B·T` positions.
 
   Args:
@@ -198,9 +212,17 @@ def token_values(fn: TokenFn, student: Head, tokens: jax.Array, *,
   return jax.tree.map(chunks.join, out)
 
 
-def weighted_token_sum(fn: TokenFn, student: Head, tokens: jax.Array, weights: jax.Array, *,
-                       key: str = "loss", teacher=None, vocab_mask: jax.Array | None = None,
-                       chunk_size: int = 0):
+def weighted_token_sum(
+    fn: TokenFn,
+    student: Head,
+    tokens: jax.Array,
+    weights: jax.Array,
+    *,
+    key: str = "loss",
+    teacher=None,
+    vocab_mask: jax.Array | None = None,
+    chunk_size: int = 0,
+):
   """`Σ_t weights_t · fn(...)[key]_t` in one pass, with its gradient formed on the way.
 
   For losses that are a fixed-weight sum of one per-token value (every divergence loss and
@@ -224,34 +246,38 @@ def weighted_token_sum(fn: TokenFn, student: Head, tokens: jax.Array, weights: j
   hidden, kernel = student
   if weights.shape != hidden.shape[:2]:
     raise ValueError(f"weights {weights.shape} must be [B, T] = {hidden.shape[:2]}")
-  xs = (teacher_hidden, chunks.split(tokens),
-        chunks.split(jax.lax.stop_gradient(weights).astype(jnp.float32)))
+  xs = (
+      teacher_hidden,
+      chunks.split(tokens),
+      chunks.split(jax.lax.stop_gradient(weights).astype(jnp.float32)),
+  )
 
   def chunk_loss(hidden_c, kernel, teacher_hidden_c, tokens_c, weights_c):
     out = fn(*logits(hidden_c, kernel, teacher_hidden_c), tokens_c)
     return jnp.sum(weights_c * out[key]), out
 
-  def primal(hidden, kernel):   # no gradient wanted: the sum and values only
+  def primal(hidden, kernel):  # no gradient wanted: the sum and values only
     def body(carry, x):
       return carry, chunk_loss(x[0], kernel, *x[1:])
+
     _, (totals, out) = jax.lax.scan(body, None, (chunks.split(hidden),) + xs)
     return jnp.sum(totals), jax.tree.map(chunks.join, out)
 
   def forward(hidden, kernel):  # the sum, the values, and the gradient for `backward`
     def body(grad_kernel, x):
-      total, vjp, out = jax.vjp(lambda h, k: chunk_loss(h, k, *x[1:]), x[0], kernel,
-                                has_aux=True)
+      total, vjp, out = jax.vjp(lambda h, k: chunk_loss(h, k, *x[1:]), x[0], kernel, has_aux=True)
       grad_hidden_c, grad_kernel_c = vjp(jnp.ones_like(total))
       return grad_kernel + grad_kernel_c, (total, out, grad_hidden_c)
 
     grad_kernel, (totals, out, grad_hidden) = jax.lax.scan(
-        body, jnp.zeros(kernel.shape, jnp.float32), (chunks.split(hidden),) + xs)
+        body, jnp.zeros(kernel.shape, jnp.float32), (chunks.split(hidden),) + xs
+    )
     grad_hidden = chunks.join(grad_hidden.astype(hidden.dtype))
     return (jnp.sum(totals), jax.tree.map(chunks.join, out)), (grad_hidden, grad_kernel)
 
   def backward(residuals, cotangents):
     grad_hidden, grad_kernel = residuals
-    g = cotangents[0]     # the values are metrics: their cotangents are ignored
+    g = cotangents[0]  # the values are metrics: their cotangents are ignored
     return (g * grad_hidden).astype(hidden.dtype), (g * grad_kernel).astype(kernel.dtype)
 
   loss_and_values = jax.custom_vjp(primal)

@@ -57,8 +57,9 @@ def reward_to_go(rewards, mask, *, gamma: float) -> jax.Array:
     current = reward_t + gamma * future
     return current, current
 
-  _, returns = jax.lax.scan(step, jnp.zeros(rewards.shape[:1], rewards.dtype), rewards.T,
-                            reverse=True)
+  _, returns = jax.lax.scan(
+      step, jnp.zeros(rewards.shape[:1], rewards.dtype), rewards.T, reverse=True
+  )
   return jnp.where(live, returns.T, 0.0)
 
 
@@ -69,12 +70,14 @@ def opd_rewards(student_log_probs, teacher_log_probs) -> jax.Array:
     Agarwal et al., GKD, arXiv:2306.13649; docs/theory.md §2.
   """
   student_log_probs, teacher_log_probs = _checks.same_shape(
-      student_log_probs=student_log_probs, teacher_log_probs=teacher_log_probs)
+      student_log_probs=student_log_probs, teacher_log_probs=teacher_log_probs
+  )
   return sg(_checks.as_float(teacher_log_probs) - _checks.as_float(student_log_probs))
 
 
-def gopd_rewards(student_log_probs, teacher_log_probs, reference_log_probs, *,
-                 reward_scale: float = 1.0) -> jax.Array:
+def gopd_rewards(
+    student_log_probs, teacher_log_probs, reference_log_probs, *, reward_scale: float = 1.0
+) -> jax.Array:
   """G-OPD / ExOPD per-token reward (Generalized OPD with reward extrapolation, 2026).
 
   `ρ_t = λ (log q(a_t) − log r(a_t)) − (log p(a_t) − log r(a_t))`, whose optimum is
@@ -96,16 +99,20 @@ def gopd_rewards(student_log_probs, teacher_log_probs, reference_log_probs, *,
   lam = _checks.static_float("reward_scale", reward_scale)
   if lam < 0:
     raise ValueError(f"reward_scale (λ) must be >= 0, got {lam}")
-  p, q, r = (_checks.as_float(x) for x in _checks.same_shape(
-      student_log_probs=student_log_probs, teacher_log_probs=teacher_log_probs,
-      reference_log_probs=reference_log_probs))
+  p, q, r = (
+      _checks.as_float(x)
+      for x in _checks.same_shape(
+          student_log_probs=student_log_probs,
+          teacher_log_probs=teacher_log_probs,
+          reference_log_probs=reference_log_probs,
+      )
+  )
   if lam == 1.0:  # exactly OPD, even where the reference assigns zero probability
     return sg(q - p)
   return sg(lam * (q - r) - (p - r))
 
 
-def grpo_advantages(rewards, *, normalize_std: bool = True,
-                    epsilon: float = 1e-6) -> jax.Array:
+def grpo_advantages(rewards, *, normalize_std: bool = True, epsilon: float = 1e-6) -> jax.Array:
   """GRPO group-relative outcome advantages `Â_i = (R_i − mean_j R_j) / (std_j R_j + ε)`.
 
   Args:
@@ -131,8 +138,9 @@ def grpo_advantages(rewards, *, normalize_std: bool = True,
   return sg(centred)
 
 
-def mix_opd_rl_advantages(opd_advantages, sequence_advantages, mask, *,
-                          rl_weight: float) -> jax.Array:
+def mix_opd_rl_advantages(
+    opd_advantages, sequence_advantages, mask, *, rl_weight: float
+) -> jax.Array:
   """OPD + RL: `A_t = A_t^OPD + w_rl · Â_i`, the outcome advantage broadcast over tokens.
 
   Args:
@@ -156,6 +164,7 @@ def mix_opd_rl_advantages(opd_advantages, sequence_advantages, mask, *,
   if sequence_advantages.shape[0] != opd_advantages.shape[0]:
     raise ValueError(
         f"sequence_advantages has {sequence_advantages.shape[0]} rows, opd_advantages has "
-        f"{opd_advantages.shape[0]}")
+        f"{opd_advantages.shape[0]}"
+    )
   mixed = opd_advantages + rl_weight * _checks.as_float(sequence_advantages)[:, None]
   return sg(jnp.where(mask > 0, mixed, 0.0))

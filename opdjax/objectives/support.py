@@ -54,10 +54,16 @@ def _check_topk(k, vocab: int, source: str) -> None:
     raise ValueError(f"source must be 'teacher' or 'student', got {source!r}")
 
 
-def restrict_to_topk(student_logits, teacher_logits, *, k: int,
-                     source: Literal["teacher", "student"] = "teacher",
-                     sampled_tokens=None, tail_bucket: bool = False,
-                     temperature: float = 1.0) -> RestrictedLogits:
+def restrict_to_topk(
+    student_logits,
+    teacher_logits,
+    *,
+    k: int,
+    source: Literal["teacher", "student"] = "teacher",
+    sampled_tokens=None,
+    tail_bucket: bool = False,
+    temperature: float = 1.0,
+) -> RestrictedLogits:
   """Restricts both distributions to the top-K tokens of `source` (optionally ∪ sampled token).
 
   Args:
@@ -96,7 +102,8 @@ def restrict_to_topk(student_logits, teacher_logits, *, k: int,
     if sampled_tokens.shape != student_logits.shape[:-1]:
       raise ValueError(
           f"sampled_tokens has shape {sampled_tokens.shape}, expected the logits' leading "
-          f"shape {student_logits.shape[:-1]}")
+          f"shape {student_logits.shape[:-1]}"
+      )
     sampled_tokens = sampled_tokens.astype(token_ids.dtype)[..., None]
     duplicate = jnp.any(token_ids == sampled_tokens, axis=-1, keepdims=True)
     token_ids = jnp.concatenate([token_ids, sampled_tokens], axis=-1)
@@ -110,15 +117,25 @@ def restrict_to_topk(student_logits, teacher_logits, *, k: int,
     teacher = jnp.where(blank, -jnp.inf, teacher)
   if tail_bucket:
     student = jnp.concatenate(
-        [student, _log1mexp(jax.nn.logsumexp(student, axis=-1, keepdims=True))], axis=-1)
+        [student, _log1mexp(jax.nn.logsumexp(student, axis=-1, keepdims=True))], axis=-1
+    )
     teacher = jnp.concatenate(
-        [teacher, _log1mexp(jax.nn.logsumexp(teacher, axis=-1, keepdims=True))], axis=-1)
+        [teacher, _log1mexp(jax.nn.logsumexp(teacher, axis=-1, keepdims=True))], axis=-1
+    )
   return RestrictedLogits(student=student, teacher=teacher, token_ids=token_ids)
 
 
-def topk_divergence(divergence, student_logits, teacher_logits, *, k: int,
-                    source: Literal["teacher", "student"] = "teacher", sampled_tokens=None,
-                    tail_bucket: bool = False, temperature: float = 1.0) -> jax.Array:
+def topk_divergence(
+    divergence,
+    student_logits,
+    teacher_logits,
+    *,
+    k: int,
+    source: Literal["teacher", "student"] = "teacher",
+    sampled_tokens=None,
+    tail_bucket: bool = False,
+    temperature: float = 1.0,
+) -> jax.Array:
   """`divergence` between student and teacher renormalised on a top-K support.
 
   Args:
@@ -133,8 +150,14 @@ def topk_divergence(divergence, student_logits, teacher_logits, *, k: int,
     docs/theory.md §6.
   """
   restricted = restrict_to_topk(
-      student_logits, teacher_logits, k=k, source=source, sampled_tokens=sampled_tokens,
-      tail_bucket=tail_bucket, temperature=temperature)
+      student_logits,
+      teacher_logits,
+      k=k,
+      source=source,
+      sampled_tokens=sampled_tokens,
+      tail_bucket=tail_bucket,
+      temperature=temperature,
+  )
   return divergence(restricted.student, restricted.teacher)
 
 
@@ -152,13 +175,19 @@ class SupportDiagnostics(NamedTuple):
   overlap: jax.Array
 
 
-def support_diagnostics(student_logits, teacher_logits, *, k: int,
-                        source: Literal["teacher", "student"] = "teacher",
-                        temperature: float = 1.0) -> SupportDiagnostics:
+def support_diagnostics(
+    student_logits,
+    teacher_logits,
+    *,
+    k: int,
+    source: Literal["teacher", "student"] = "teacher",
+    temperature: float = 1.0,
+) -> SupportDiagnostics:
   """Masses on the `source` top-K support and the overlap of the two top-K sets."""
   temperature = _checks.positive("temperature", temperature)
   student_logits, teacher_logits = _checks.logits_pair(
-      jax.lax.stop_gradient(student_logits), jax.lax.stop_gradient(teacher_logits))
+      jax.lax.stop_gradient(student_logits), jax.lax.stop_gradient(teacher_logits)
+  )
   vocab = student_logits.shape[-1]
   _check_topk(k, vocab, source)
   log_p = jax.nn.log_softmax(student_logits / temperature, axis=-1)
@@ -168,5 +197,8 @@ def support_diagnostics(student_logits, teacher_logits, *, k: int,
   support = teacher_top if source == "teacher" else student_top
   mass = lambda log_probs: jnp.sum(jnp.exp(jnp.take_along_axis(log_probs, support, -1)), -1)
   shared = jnp.any(teacher_top[..., :, None] == student_top[..., None, :], axis=-1)
-  return SupportDiagnostics(teacher_mass=mass(log_q), student_mass=mass(log_p),
-                            overlap=jnp.mean(shared.astype(log_p.dtype), axis=-1))
+  return SupportDiagnostics(
+      teacher_mass=mass(log_q),
+      student_mass=mass(log_p),
+      overlap=jnp.mean(shared.astype(log_p.dtype), axis=-1),
+  )

@@ -8,8 +8,9 @@ import jax.numpy as jnp
 from opdjax.objectives import _checks
 
 
-def tilted_teacher_logits(teacher_logits, reference_logits, *, reward_scale: float,
-                          temperature: float = 1.0) -> jax.Array:
+def tilted_teacher_logits(
+    teacher_logits, reference_logits, *, reward_scale: float, temperature: float = 1.0
+) -> jax.Array:
   """G-OPD's optimum as a distribution: `log q̃ = log_softmax(λ log q + (1−λ) log r)`.
 
   Any §1 divergence between the student and this target is the full-vocabulary analogue
@@ -34,7 +35,8 @@ def tilted_teacher_logits(teacher_logits, reference_logits, *, reward_scale: flo
     raise ValueError(f"reward_scale (λ) must be >= 0, got {lam}")
   temperature = _checks.positive("temperature", temperature)
   teacher_logits, reference_logits = _checks.logits_pair(
-      teacher_logits, reference_logits, teacher_name="reference_logits")
+      teacher_logits, reference_logits, teacher_name="reference_logits"
+  )
   log_q = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_logits) / temperature, axis=-1)
   log_r = jax.nn.log_softmax(jax.lax.stop_gradient(reference_logits) / temperature, axis=-1)
   if lam == 1.0:

@@ -4,8 +4,16 @@ from opdjax.errors import ConfigError
 from opdjax.recipes import gkd, gopd, grpo, opd, self_distill, seqkd, sft, supervised_kd
 from opdjax.recipes.base import Recipe, Sequences, Targets, inputs_of, join, targets_of
 
-RECIPES = {"sft": sft, "seqkd": seqkd, "supervised_kd": supervised_kd, "gkd": gkd, "opd": opd,
-           "gopd": gopd, "grpo": grpo, "self_distill": self_distill}
+RECIPES = {
+    "sft": sft,
+    "seqkd": seqkd,
+    "supervised_kd": supervised_kd,
+    "gkd": gkd,
+    "opd": opd,
+    "gopd": gopd,
+    "grpo": grpo,
+    "self_distill": self_distill,
+}
 
 
 def build(config) -> Recipe:

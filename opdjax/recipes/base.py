@@ -23,26 +23,33 @@ from opdjax.errors import ConfigError
 class Sequences(NamedTuple):
   """Prompt + completion rows `[B, L]` (numpy or jax)."""
 
-  tokens: jax.Array               # int32
-  attention_mask: jax.Array       # bool, real tokens
-  completion_mask: jax.Array      # bool, completion tokens (the ones trained on)
-  behaviour_logprobs: jax.Array   # float32, log μ(a_t) of completion tokens (0 elsewhere)
-  model_logprobs: jax.Array       # float32, sampler's log p_old(a_t) at temperature 1
+  tokens: jax.Array  # int32
+  attention_mask: jax.Array  # bool, real tokens
+  completion_mask: jax.Array  # bool, completion tokens (the ones trained on)
+  behaviour_logprobs: jax.Array  # float32, log μ(a_t) of completion tokens (0 elsewhere)
+  model_logprobs: jax.Array  # float32, sampler's log p_old(a_t) at temperature 1
   rewards: jax.Array | None = None  # [B] float32 sequence reward (the task verifier; GRPO)
 
 
 class Targets(NamedTuple):
   """The shifted view: position t of every field refers to the token at slot t+1."""
 
-  tokens: jax.Array               # [B, L-1]
-  mask: jax.Array                 # [B, L-1] bool, completion tokens
-  behaviour_logprobs: jax.Array   # [B, L-1]
-  model_logprobs: jax.Array       # [B, L-1]
+  tokens: jax.Array  # [B, L-1]
+  mask: jax.Array  # [B, L-1] bool, completion tokens
+  behaviour_logprobs: jax.Array  # [B, L-1]
+  model_logprobs: jax.Array  # [B, L-1]
   rewards: jax.Array | None = None  # [B] sequence rewards
 
 
-def join(prompt_tokens, prompt_mask, completion_tokens, completion_mask,
-         behaviour_logprobs=None, model_logprobs=None, rewards=None) -> Sequences:
+def join(
+    prompt_tokens,
+    prompt_mask,
+    completion_tokens,
+    completion_mask,
+    behaviour_logprobs=None,
+    model_logprobs=None,
+    rewards=None,
+) -> Sequences:
   """Concatenates left-padded prompts `[B, P]` with right-padded completions `[B, N]`."""
   zeros_p = jnp.zeros(prompt_tokens.shape, jnp.float32)
   zeros_n = jnp.zeros(completion_tokens.shape, jnp.float32)
@@ -51,17 +58,27 @@ def join(prompt_tokens, prompt_mask, completion_tokens, completion_mask,
   return Sequences(
       tokens=jnp.concatenate([prompt_tokens, completion_tokens], 1).astype(jnp.int32),
       attention_mask=jnp.concatenate([prompt_mask, completion_mask], 1).astype(bool),
-      completion_mask=jnp.concatenate([jnp.zeros_like(prompt_mask), completion_mask], 1).astype(bool),
+      completion_mask=jnp.concatenate([jnp.zeros_like(prompt_mask), completion_mask], 1).astype(
+          bool
+      ),
       behaviour_logprobs=jnp.concatenate([zeros_p, behaviour], 1).astype(jnp.float32),
       model_logprobs=jnp.concatenate([zeros_p, model], 1).astype(jnp.float32),
-      rewards=(jnp.zeros(prompt_tokens.shape[:1], jnp.float32) if rewards is None
-               else jnp.asarray(rewards, jnp.float32)))
+      rewards=(
+          jnp.zeros(prompt_tokens.shape[:1], jnp.float32)
+          if rewards is None
+          else jnp.asarray(rewards, jnp.float32)
+      ),
+  )
 
 
 def targets_of(seq: Sequences) -> Targets:
-  return Targets(tokens=seq.tokens[:, 1:], mask=seq.completion_mask[:, 1:],
-                 behaviour_logprobs=seq.behaviour_logprobs[:, 1:],
-                 model_logprobs=seq.model_logprobs[:, 1:], rewards=seq.rewards)
+  return Targets(
+      tokens=seq.tokens[:, 1:],
+      mask=seq.completion_mask[:, 1:],
+      behaviour_logprobs=seq.behaviour_logprobs[:, 1:],
+      model_logprobs=seq.model_logprobs[:, 1:],
+      rewards=seq.rewards,
+  )
 
 
 def inputs_of(seq: Sequences):
@@ -80,8 +97,9 @@ def distribution_values(student_logits, teacher_logits) -> dict:
   full-vocabulary token reverse and forward KLs. Shapes `[..., V] -> [...]`."""
   student_logits = jax.lax.stop_gradient(student_logits)
   log_p = jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1)
-  values = {"student_entropy": -jnp.sum(jnp.where(log_p > -jnp.inf, jnp.exp(log_p) * log_p, 0.0),
-                                        axis=-1)}
+  values = {
+      "student_entropy": -jnp.sum(jnp.where(log_p > -jnp.inf, jnp.exp(log_p) * log_p, 0.0), axis=-1)
+  }
   if teacher_logits is not None:
     values["token_reverse_kl"] = obj.reverse_kl(student_logits, teacher_logits)
     values["token_forward_kl"] = obj.forward_kl(student_logits, teacher_logits)
@@ -98,21 +116,26 @@ def metric_pairs(values: dict, mask, names=METRIC_VALUES) -> dict:
 
 def sampled_token_values(student_logits, teacher_logits, tokens) -> dict:
   """Per token: `log p(a_t)` (differentiated), `log q(a_t)` and the distribution metrics."""
-  return dict(distribution_values(student_logits, teacher_logits),
-              log_p=obj.token_log_probs(student_logits, tokens),
-              log_q=obj.token_log_probs(teacher_logits, tokens))
+  return dict(
+      distribution_values(student_logits, teacher_logits),
+      log_p=obj.token_log_probs(student_logits, tokens),
+      log_q=obj.token_log_probs(teacher_logits, tokens),
+  )
 
 
 def nll_token_values(student_logits, teacher_logits, tokens) -> dict:
   """Per token: `−log p(y_t)` and the distribution metrics (SFT and SeqKD)."""
-  return dict(distribution_values(student_logits, teacher_logits),
-              nll=-obj.token_log_probs(student_logits, tokens))
+  return dict(
+      distribution_values(student_logits, teacher_logits),
+      nll=-obj.token_log_probs(student_logits, tokens),
+  )
 
 
 def nll_loss(values: dict, targets: Targets):
   """`−log p(y_t)` on the completion (SFT and SeqKD)."""
-  return values["nll"], dict(metric_pairs(values, targets.mask),
-                             nll=pair(values["nll"], targets.mask))
+  return values["nll"], dict(
+      metric_pairs(values, targets.mask), nll=pair(values["nll"], targets.mask)
+  )
 
 
 LOSS_MEANS = ("token", "sequence")
@@ -221,13 +244,15 @@ def frozen_argument(recipe: Recipe, by_role: dict):
   return {role: by_role[role] for role in recipe.roles}
 
 
-def loss_from_hidden(recipe: Recipe, student: obj.Head, frozen, targets: Targets, *,
-                     chunk_size: int = 0):
+def loss_from_hidden(
+    recipe: Recipe, student: obj.Head, frozen, targets: Targets, *, chunk_size: int = 0
+):
   """`recipe`'s `(per-token loss [B, T], metrics)` from hidden states, in token chunks.
 
   `frozen` is `frozen_argument(recipe, {role: Head})`."""
-  values = obj.token_values(recipe.token_values, student, targets.tokens, teacher=frozen,
-                            chunk_size=chunk_size)
+  values = obj.token_values(
+      recipe.token_values, student, targets.tokens, teacher=frozen, chunk_size=chunk_size
+  )
   return recipe.loss(values, targets)
 
 
@@ -243,8 +268,16 @@ def token_weights(recipe: Recipe, mask, *, num_tokens, num_rows):
   return mask / num_tokens
 
 
-def batch_loss(recipe: Recipe, student: obj.Head, frozen, targets: Targets, *, num_tokens,
-               num_rows=None, chunk_size: int = 0):
+def batch_loss(
+    recipe: Recipe,
+    student: obj.Head,
+    frozen,
+    targets: Targets,
+    *,
+    num_tokens,
+    num_rows=None,
+    chunk_size: int = 0,
+):
   """The scalar the trainer minimises, `Σ token_weights·per_token_loss`, and metrics.
 
   `num_tokens`/`num_rows` are the whole batch's completion tokens and rows (so micro-batches
@@ -255,9 +288,15 @@ def batch_loss(recipe: Recipe, student: obj.Head, frozen, targets: Targets, *, n
   if recipe.loss_value is None:
     per_token, metrics = loss_from_hidden(recipe, student, frozen, targets, chunk_size=chunk_size)
     return obj.masked_sum(per_token, weights), metrics
-  loss, values = obj.fused.weighted_token_sum(recipe.token_values, student, targets.tokens,
-                                              weights, key=recipe.loss_value, teacher=frozen,
-                                              chunk_size=chunk_size)
+  loss, values = obj.fused.weighted_token_sum(
+      recipe.token_values,
+      student,
+      targets.tokens,
+      weights,
+      key=recipe.loss_value,
+      teacher=frozen,
+      chunk_size=chunk_size,
+  )
   return loss, recipe.loss(values, targets)[1]
 
 

@@ -28,11 +28,15 @@ def divergence_token_values(config):
     del tokens
     values = distribution_values(student_logits, teacher_logits)
     if top_k:
-      values["divergence"] = obj.topk_divergence(divergence, student_logits, teacher_logits,
-                                                 k=top_k, tail_bucket=tail_bucket)
+      values["divergence"] = obj.topk_divergence(
+          divergence, student_logits, teacher_logits, k=top_k, tail_bucket=tail_bucket
+      )
       diag = obj.support_diagnostics(student_logits, teacher_logits, k=top_k)
-      values.update(topk_teacher_mass=diag.teacher_mass, topk_student_mass=diag.student_mass,
-                    topk_overlap=diag.overlap)
+      values.update(
+          topk_teacher_mass=diag.teacher_mass,
+          topk_student_mass=diag.student_mass,
+          topk_overlap=diag.overlap,
+      )
     else:
       values["divergence"] = divergence(student_logits, teacher_logits)
     return values

@@ -32,22 +32,26 @@ ESTIMATORS = ("sampled", "full")
 
 def gopd_token_values(student_logits, frozen_logits, tokens):
   """Per token: `log p`, `log q`, `log r` of the sampled token and the metrics."""
-  return dict(distribution_values(student_logits, frozen_logits["teacher"]),
-              log_p=obj.token_log_probs(student_logits, tokens),
-              log_q=obj.token_log_probs(frozen_logits["teacher"], tokens),
-              log_r=obj.token_log_probs(frozen_logits["reference"], tokens))
+  return dict(
+      distribution_values(student_logits, frozen_logits["teacher"]),
+      log_p=obj.token_log_probs(student_logits, tokens),
+      log_q=obj.token_log_probs(frozen_logits["teacher"], tokens),
+      log_r=obj.token_log_probs(frozen_logits["reference"], tokens),
+  )
 
 
 def gopd_rewards(values, targets, *, reward_scale: float):
-  return obj.gopd_rewards(targets.model_logprobs, values["log_q"], values["log_r"],
-                          reward_scale=reward_scale)
+  return obj.gopd_rewards(
+      targets.model_logprobs, values["log_q"], values["log_r"], reward_scale=reward_scale
+  )
 
 
 def tilted_token_values(divergence, reward_scale: float):
   def token_values(student_logits, frozen_logits, tokens):
     del tokens
-    target = obj.tilted_teacher_logits(frozen_logits["teacher"], frozen_logits["reference"],
-                                       reward_scale=reward_scale)
+    target = obj.tilted_teacher_logits(
+        frozen_logits["teacher"], frozen_logits["reference"], reward_scale=reward_scale
+    )
     values = distribution_values(student_logits, frozen_logits["teacher"])
     values["divergence"] = divergence(student_logits, target)
     return values
@@ -67,11 +71,18 @@ def build(config) -> Recipe:
     correction = config.correction
     token_values = gopd_token_values
     rewards = functools.partial(gopd_rewards, reward_scale=reward_scale)
-    loss = policy_gradient_loss(reward_to_go(rewards, gamma=float(config.gamma)),
-                                **pg_settings(config))
+    loss = policy_gradient_loss(
+        reward_to_go(rewards, gamma=float(config.gamma)), **pg_settings(config)
+    )
   else:
     token_values = tilted_token_values(divergence_from_config(config), reward_scale)
     loss, loss_value = divergence_loss, "divergence"
-  return Recipe(name="gopd", source="student", roles=("teacher", "reference"),
-                token_values=token_values, loss=loss, loss_value=loss_value,
-                correction=correction)
+  return Recipe(
+      name="gopd",
+      source="student",
+      roles=("teacher", "reference"),
+      token_values=token_values,
+      loss=loss,
+      loss_value=loss_value,
+      correction=correction,
+  )

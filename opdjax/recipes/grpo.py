@@ -28,19 +28,20 @@ from opdjax.recipes.opd import opd_rewards, pg_settings, policy_gradient_loss
 def policy_token_values(student_logits, frozen_logits, tokens):
   """Per token without a teacher: `log p(a_t)` and the student's entropy."""
   del frozen_logits
-  return dict(distribution_values(student_logits, None),
-              log_p=obj.token_log_probs(student_logits, tokens))
+  return dict(
+      distribution_values(student_logits, None), log_p=obj.token_log_probs(student_logits, tokens)
+  )
 
 
 def group_advantages(*, group_size: int, normalize_std: bool, opd_weight: float, gamma: float):
   """`advantages_of(values, targets) -> [B, T]` for rows grouped `group_size` at a time."""
+
   def advantages_of(values, targets):
     rewards = targets.rewards.reshape(-1, group_size)
     outcome = obj.grpo_advantages(rewards, normalize_std=normalize_std).reshape(-1)
     dense = jnp.zeros(targets.mask.shape, jnp.float32)
     if opd_weight:
-      dense = opd_weight * obj.reward_to_go(opd_rewards(values, targets), targets.mask,
-                                            gamma=gamma)
+      dense = opd_weight * obj.reward_to_go(opd_rewards(values, targets), targets.mask, gamma=gamma)
     return obj.mix_opd_rl_advantages(dense, outcome, targets.mask, rl_weight=1.0)
 
   return advantages_of
@@ -49,8 +50,10 @@ def group_advantages(*, group_size: int, normalize_std: bool, opd_weight: float,
 def build(config) -> Recipe:
   group_size = int(config.group_size)
   if group_size < 2:
-    raise ConfigError(f"recipe.group_size must be >= 2 for grpo (advantages are relative to "
-                      f"the group), got {group_size}")
+    raise ConfigError(
+        f"recipe.group_size must be >= 2 for grpo (advantages are relative to "
+        f"the group), got {group_size}"
+    )
   opd_weight = float(config.opd_weight)
   if not opd_weight >= 0:
     raise ConfigError(f"recipe.opd_weight must be >= 0, got {opd_weight}")
@@ -58,15 +61,28 @@ def build(config) -> Recipe:
   if not 0.0 <= gamma <= 1.0:
     raise ConfigError(f"recipe.gamma must be in [0, 1], got {gamma}")
   pg_loss = policy_gradient_loss(
-      group_advantages(group_size=group_size, normalize_std=bool(config.normalize_std),
-                       opd_weight=opd_weight, gamma=gamma), **pg_settings(config))
+      group_advantages(
+          group_size=group_size,
+          normalize_std=bool(config.normalize_std),
+          opd_weight=opd_weight,
+          gamma=gamma,
+      ),
+      **pg_settings(config),
+  )
 
   def loss(values, targets):
     per_token, metrics = pg_loss(values, targets)
     metrics["verifier_reward"] = pair(targets.rewards, jnp.ones_like(targets.rewards))
     return per_token, metrics
 
-  return Recipe(name="grpo", source="student", roles=("teacher",) if opd_weight else (),
-                token_values=sampled_token_values if opd_weight else policy_token_values,
-                loss=loss, group_size=group_size, verifier_reward=True,
-                correction=config.correction, loss_mean=config.get("loss_mean", "token"))
+  return Recipe(
+      name="grpo",
+      source="student",
+      roles=("teacher",) if opd_weight else (),
+      token_values=sampled_token_values if opd_weight else policy_token_values,
+      loss=loss,
+      group_size=group_size,
+      verifier_reward=True,
+      correction=config.correction,
+      loss_mean=config.get("loss_mean", "token"),
+  )

@@ -22,8 +22,7 @@ ESTIMATORS = ("full", "topk", "sampled")
 CORRECTIONS = ("none", "plain", "truncated", "ppo_clip")
 
 
-def policy_gradient_loss(advantages_of, *, correction: str, clip_epsilon: float,
-                         truncation: float):
+def policy_gradient_loss(advantages_of, *, correction: str, clip_epsilon: float, truncation: float):
   """The policy-gradient surrogate `−sg(A_t) log p(a_t)` for `advantages_of(values, targets)
   -> [B, T]`, reweighted by `p/μ` against the sampler's `behaviour_logprobs` when
   `correction` is not "none" (reused or truncated rollouts). Returns a `Recipe.loss`."""
@@ -38,8 +37,13 @@ def policy_gradient_loss(advantages_of, *, correction: str, clip_epsilon: float,
       per_token = obj.policy_gradient_loss(log_p, advantages)
     else:
       per_token = obj.importance_weighted_pg_loss(
-          log_p, targets.behaviour_logprobs, advantages, correction=correction,
-          clip_epsilon=clip_epsilon, truncation=truncation)
+          log_p,
+          targets.behaviour_logprobs,
+          advantages,
+          correction=correction,
+          clip_epsilon=clip_epsilon,
+          truncation=truncation,
+      )
     ratio = obj.importance_ratio(jax.lax.stop_gradient(log_p), targets.behaviour_logprobs)
     metrics = metric_pairs(values, mask)
     if "log_q" in values:
@@ -56,8 +60,9 @@ def reward_to_go(rewards_of, *, gamma: float):
   """`advantages_of` for per-token rewards: their reward-to-go with discount `gamma`."""
   if not 0.0 <= gamma <= 1.0:
     raise ConfigError(f"recipe.gamma must be in [0, 1], got {gamma}")
-  return lambda values, targets: obj.reward_to_go(rewards_of(values, targets), targets.mask,
-                                                  gamma=gamma)
+  return lambda values, targets: obj.reward_to_go(
+      rewards_of(values, targets), targets.mask, gamma=gamma
+  )
 
 
 def opd_rewards(values, targets):
@@ -66,8 +71,11 @@ def opd_rewards(values, targets):
 
 
 def pg_settings(config) -> dict:
-  return dict(correction=config.correction, clip_epsilon=float(config.clip_epsilon),
-              truncation=float(config.truncation))
+  return dict(
+      correction=config.correction,
+      clip_epsilon=float(config.clip_epsilon),
+      truncation=float(config.truncation),
+  )
 
 
 def build(config) -> Recipe:
@@ -78,8 +86,9 @@ def build(config) -> Recipe:
   if estimator == "sampled":
     correction = config.correction
     token_values = sampled_token_values
-    loss = policy_gradient_loss(reward_to_go(opd_rewards, gamma=float(config.gamma)),
-                                **pg_settings(config))
+    loss = policy_gradient_loss(
+        reward_to_go(opd_rewards, gamma=float(config.gamma)), **pg_settings(config)
+    )
   else:
     loss_value = "divergence"
     if estimator == "topk" and not int(config.top_k):
@@ -87,5 +96,12 @@ def build(config) -> Recipe:
     if estimator == "full" and int(config.get("top_k", 0) or 0):
       raise ConfigError("recipe.top_k is set but recipe.estimator='full'; use estimator='topk'")
     token_values, loss = divergence_token_values(config), divergence_loss
-  return Recipe(name="opd", source="student", roles=("teacher",), token_values=token_values,
-                loss=loss, loss_value=loss_value, correction=correction)
+  return Recipe(
+      name="opd",
+      source="student",
+      roles=("teacher",),
+      token_values=token_values,
+      loss=loss,
+      loss_value=loss_value,
+      correction=correction,
+  )

@@ -30,19 +30,26 @@ import jax.numpy as jnp
 
 from opdjax.errors import ConfigError
 from opdjax.recipes.base import Recipe, SelfTeacher, distribution_values
-from opdjax.recipes.divergence_losses import (divergence_from_config, divergence_loss,
-                                              divergence_token_values)
+from opdjax.recipes.divergence_losses import (
+    divergence_from_config,
+    divergence_loss,
+    divergence_token_values,
+)
 
 TEACHER_MODES = ("frozen", "current", "ema", "trust_region")
 # Which weights the trainer forms for each frozen role, by mode ("initial": a copy of the
 # student's initial weights; "current": the parameters that sampled the rollout).
-ROLE_WEIGHTS = {"frozen": (("teacher", "initial"),), "current": (("teacher", "current"),),
-                "ema": (("teacher", "ema"),),
-                "trust_region": (("teacher", "current"), ("reference", "initial"))}
+ROLE_WEIGHTS = {
+    "frozen": (("teacher", "initial"),),
+    "current": (("teacher", "current"),),
+    "ema": (("teacher", "ema"),),
+    "trust_region": (("teacher", "current"), ("reference", "initial")),
+}
 
 
-def trust_region_logits(frozen_logits: jax.Array, current_logits: jax.Array, *,
-                        alpha: float) -> jax.Array:
+def trust_region_logits(
+    frozen_logits: jax.Array, current_logits: jax.Array, *, alpha: float
+) -> jax.Array:
   """`log_softmax((1−α)·log q_frozen + α·log q_current)` in float32 (a geometric mix of
   the two teachers, renormalised).
 
@@ -52,15 +59,17 @@ def trust_region_logits(frozen_logits: jax.Array, current_logits: jax.Array, *,
   >>> np.round(np.exp(mixed), 3).tolist()
   [0.5, 0.5]
   """
-  mix = ((1.0 - alpha) * jax.nn.log_softmax(frozen_logits.astype(jnp.float32), axis=-1)
-         + alpha * jax.nn.log_softmax(current_logits.astype(jnp.float32), axis=-1))
+  mix = (1.0 - alpha) * jax.nn.log_softmax(
+      frozen_logits.astype(jnp.float32), axis=-1
+  ) + alpha * jax.nn.log_softmax(current_logits.astype(jnp.float32), axis=-1)
   return jax.nn.log_softmax(mix, axis=-1)
 
 
 def ema_update(ema, params, *, rate: float):
   """`θ' + rate·(θ − θ')` leaf by leaf (in the EMA's dtype)."""
-  return jax.tree.map(lambda e, p: (e + rate * (p.astype(e.dtype) - e)).astype(e.dtype),
-                      ema, params)
+  return jax.tree.map(
+      lambda e, p: (e + rate * (p.astype(e.dtype) - e)).astype(e.dtype), ema, params
+  )
 
 
 def build(config) -> Recipe:
@@ -69,8 +78,9 @@ def build(config) -> Recipe:
     raise ConfigError(f"recipe.teacher_mode must be one of {TEACHER_MODES}, got {mode!r}")
   template = config.privileged
   if "{prompt}" not in template:
-    raise ConfigError(f"recipe.privileged must contain {{prompt}} (and usually {{answer}}), "
-                      f"got {template!r}")
+    raise ConfigError(
+        f"recipe.privileged must contain {{prompt}} (and usually {{answer}}), " f"got {template!r}"
+    )
   rate = float(config.ema_rate)
   if mode == "ema" and not 0.0 < rate <= 1.0:
     raise ConfigError(f"recipe.ema_rate must be in (0, 1], got {rate}")
@@ -86,11 +96,20 @@ def build(config) -> Recipe:
 
     def token_values(student_logits, frozen_logits, tokens):
       del tokens
-      teacher = trust_region_logits(frozen_logits["reference"], frozen_logits["teacher"],
-                                    alpha=alpha)
-      return dict(distribution_values(student_logits, teacher),
-                  divergence=divergence(student_logits, teacher))
-  return Recipe(name="self_distill", source="student", roles=roles, token_values=token_values,
-                loss=divergence_loss, loss_value="divergence",
-                self_teacher=SelfTeacher(ROLE_WEIGHTS[mode], template,
-                                         rate if mode == "ema" else 0.0))
+      teacher = trust_region_logits(
+          frozen_logits["reference"], frozen_logits["teacher"], alpha=alpha
+      )
+      return dict(
+          distribution_values(student_logits, teacher),
+          divergence=divergence(student_logits, teacher),
+      )
+
+  return Recipe(
+      name="self_distill",
+      source="student",
+      roles=roles,
+      token_values=token_values,
+      loss=divergence_loss,
+      loss_value="divergence",
+      self_teacher=SelfTeacher(ROLE_WEIGHTS[mode], template, rate if mode == "ema" else 0.0),
+  )

@@ -5,5 +5,6 @@ from opdjax.recipes.base import Recipe, nll_loss, nll_token_values
 
 def build(config) -> Recipe:
   del config
-  return Recipe(name="seqkd", source="teacher", token_values=nll_token_values, loss=nll_loss,
-                loss_value="nll")
+  return Recipe(
+      name="seqkd", source="teacher", token_values=nll_token_values, loss=nll_loss, loss_value="nll"
+  )

@@ -5,6 +5,11 @@ from opdjax.recipes.divergence_losses import divergence_loss, divergence_token_v
 
 
 def build(config) -> Recipe:
-  return Recipe(name="supervised_kd", source="dataset", roles=("teacher",),
-                token_values=divergence_token_values(config), loss=divergence_loss,
-                loss_value="divergence")
+  return Recipe(
+      name="supervised_kd",
+      source="dataset",
+      roles=("teacher",),
+      token_values=divergence_token_values(config),
+      loss=divergence_loss,
+      loss_value="divergence",
+  )

@@ -23,7 +23,7 @@ def tiny(recipe: str) -> ml_collections.ConfigDict:
 
 def get_config(arg=None):
   sft = tiny("sft")
-  sft.eval.every = 0   # the OPD stage evaluates
+  sft.eval.every = 0  # the OPD stage evaluates
   opd = tiny("opd")
   opd.recipe.estimator = "sampled"
   opd.teacher.checkpoint = "@sft"

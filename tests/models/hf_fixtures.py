@@ -10,18 +10,33 @@ VOCAB = 40
 def build_hf_model(kind: str, seed: int = 0):
   """A tiny random `transformers` causal LM; norms and biases are perturbed so they matter."""
   torch.manual_seed(seed)
-  common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                num_attention_heads=4, max_position_embeddings=256)
+  common = dict(
+      vocab_size=VOCAB,
+      hidden_size=64,
+      intermediate_size=96,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      max_position_embeddings=256,
+  )
   if kind == "qwen3":  # tied embeddings, q/k norm, head_dim != hidden/heads
-    config = transformers.Qwen3Config(num_key_value_heads=2, head_dim=24,
-                                      tie_word_embeddings=True, **common)
+    config = transformers.Qwen3Config(
+        num_key_value_heads=2, head_dim=24, tie_word_embeddings=True, **common
+    )
     model = transformers.Qwen3ForCausalLM(config)
   elif kind == "llama":  # untied, GQA with one KV head, llama3 RoPE scaling
     config = transformers.LlamaConfig(
-        num_key_value_heads=1, tie_word_embeddings=False,
-        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                         "original_max_position_embeddings": 64}, **common)
+        num_key_value_heads=1,
+        tie_word_embeddings=False,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+        **common,
+    )
     model = transformers.LlamaForCausalLM(config)
   elif kind == "qwen2":  # q/k/v biases
     config = transformers.Qwen2Config(num_key_value_heads=2, tie_word_embeddings=False, **common)
@@ -50,20 +65,31 @@ def padded_batch(seed: int = 0):
 def hf_logits(model, tokens, mask):
   positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
   with torch.no_grad():
-    return model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask.astype(np.int64)),
-                 position_ids=torch.tensor(positions)).logits.float().numpy()
+    return (
+        model(
+            input_ids=torch.tensor(tokens),
+            attention_mask=torch.tensor(mask.astype(np.int64)),
+            position_ids=torch.tensor(positions),
+        )
+        .logits.float()
+        .numpy()
+    )
 
 
 def save_tiny_tokenizer(directory, num_tokens: int = VOCAB):
   """A word-level fast tokenizer of `num_tokens` entries with a chat template."""
   from tokenizers import Tokenizer, models, pre_tokenizers
+
   vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2}
   vocab.update({f"w{i}": i for i in range(3, num_tokens)})
   tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
   tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
   fast = transformers.PreTrainedTokenizerFast(
-      tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>")
-  fast.chat_template = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
-                        "{% if add_generation_prompt %}assistant {% endif %}")
+      tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>"
+  )
+  fast.chat_template = (
+      "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+      "{% if add_generation_prompt %}assistant {% endif %}"
+  )
   fast.save_pretrained(str(directory))
   return fast

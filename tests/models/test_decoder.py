@@ -16,16 +16,18 @@ def padded_prompts(vocab, seed=0):
   rng = np.random.RandomState(seed)
   prompts = rng.randint(0, vocab, (4, 6))
   mask = np.ones((4, 6), bool)
-  mask[1, :2] = False   # left padded
-  mask[2, 3:] = False   # right padded
-  mask[3, :1] = False   # padded on both sides
+  mask[1, :2] = False  # left padded
+  mask[2, 3:] = False  # right padded
+  mask[3, :1] = False  # padded on both sides
   mask[3, 4:] = False
   completion = rng.randint(0, vocab, (4, 5))
   return jnp.asarray(prompts), jnp.asarray(mask), jnp.asarray(completion)
 
 
-@pytest.mark.parametrize("kind,overrides", [("qwen3", {}), ("llama", dict(tie_word_embeddings=True)),
-                                            ("qwen2", dict(num_kv_heads=1))])
+@pytest.mark.parametrize(
+    "kind,overrides",
+    [("qwen3", {}), ("llama", dict(tie_word_embeddings=True)), ("qwen2", dict(num_kv_heads=1))],
+)
 def test_prefill_and_decode_equal_full_forward(kind, overrides):
   model = make_model(kind, **overrides)
   prompts, prompt_mask, completion = padded_prompts(model.config.vocab_size)
@@ -36,15 +38,17 @@ def test_prefill_and_decode_equal_full_forward(kind, overrides):
   full = model(full_tokens, attention_mask=full_mask)
 
   cache = model.init_cache(batch, prompt_len + steps)
-  logits, cache = model.prefill(prompts, positions_from_mask(prompt_mask), cache,
-                                token_mask=prompt_mask)
+  logits, cache = model.prefill(
+      prompts, positions_from_mask(prompt_mask), cache, token_mask=prompt_mask
+  )
   np.testing.assert_allclose(logits[prompt_mask], full[:, :prompt_len][prompt_mask], atol=1e-5)
   lengths = jnp.sum(prompt_mask, axis=1)
   decode = nnx.jit(lambda m, t, p, c: m.decode(t, p, c))
   for step in range(steps):
     step_logits, cache = decode(model, completion[:, step], lengths + step, cache)
-    np.testing.assert_allclose(step_logits, full[:, prompt_len + step], atol=1e-5,
-                               err_msg=f"step {step}")
+    np.testing.assert_allclose(
+        step_logits, full[:, prompt_len + step], atol=1e-5, err_msg=f"step {step}"
+    )
   assert int(cache.index) == prompt_len + steps
 
 
@@ -54,10 +58,15 @@ def test_chunked_prefill_equals_single_prefill():
   positions = positions_from_mask(prompt_mask)
   one, _ = model.prefill(prompts, positions, model.init_cache(4, 8), token_mask=prompt_mask)
   cache = model.init_cache(4, 8)
-  first, cache = model.prefill(prompts[:, :4], positions[:, :4], cache, token_mask=prompt_mask[:, :4])
-  second, cache = model.prefill(prompts[:, 4:], positions[:, 4:], cache, token_mask=prompt_mask[:, 4:])
-  np.testing.assert_allclose(jnp.concatenate([first, second], 1)[prompt_mask], one[prompt_mask],
-                             atol=1e-5)
+  first, cache = model.prefill(
+      prompts[:, :4], positions[:, :4], cache, token_mask=prompt_mask[:, :4]
+  )
+  second, cache = model.prefill(
+      prompts[:, 4:], positions[:, 4:], cache, token_mask=prompt_mask[:, 4:]
+  )
+  np.testing.assert_allclose(
+      jnp.concatenate([first, second], 1)[prompt_mask], one[prompt_mask], atol=1e-5
+  )
 
 
 def test_padding_never_changes_real_tokens():
@@ -111,9 +120,11 @@ def test_config_validation_and_hf_round_trip():
   v4.update(rope_theta=5e5, rope_scaling={"type": "linear", "factor": 2.0})
   linear = ModelConfig.from_hf(v4)
   assert linear.rope_type == "linear" and linear.rope_theta == 5e5
-  np.testing.assert_allclose(linear.inverse_frequencies() * 2.0,
-                             ModelConfig.from_hf({**v4, "rope_scaling": None}).inverse_frequencies(),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+      linear.inverse_frequencies() * 2.0,
+      ModelConfig.from_hf({**v4, "rope_scaling": None}).inverse_frequencies(),
+      rtol=1e-6,
+  )
   with pytest.raises(ValueError, match="use_sliding_window=true is not supported"):
     ModelConfig.from_hf({**config.to_hf(), "model_type": "qwen2", "use_sliding_window": True})
   with pytest.raises(ValueError, match="hidden_act='gelu' is not supported"):
@@ -124,7 +135,9 @@ def test_dot_product_attention_equals_the_einsum_reference():
   """`attend` (jax.nn.dot_product_attention) against a plain float32 einsum softmax, with GQA,
   padded keys and a query row that sees no key at all."""
   import jax
+
   from opdjax.models.decoder import attend
+
   ks = jax.random.split(jax.random.key(0), 3)
   batch, length, slots, heads, kv_heads, dim = 2, 5, 7, 4, 2, 8
   q = jax.random.normal(ks[0], (batch, length, heads, dim))
@@ -132,15 +145,16 @@ def test_dot_product_attention_equals_the_einsum_reference():
   v = jax.random.normal(ks[2], (batch, slots, kv_heads, dim))
   mask = np.tril(np.ones((length, slots), bool), k=2)[None].repeat(batch, 0)
   mask[1, :, 0] = False
-  mask[0, 3, :] = False                       # a padding query: no key
+  mask[0, 3, :] = False  # a padding query: no key
   groups = heads // kv_heads
   qg = q.reshape(batch, length, kv_heads, groups, dim)
-  scores = jnp.einsum("btkgd,bskd->bkgts", qg, k) * dim ** -0.5
+  scores = jnp.einsum("btkgd,bskd->bkgts", qg, k) * dim**-0.5
   scores = jnp.where(jnp.asarray(mask)[:, None, None], scores, jnp.finfo(jnp.float32).min)
   expected = jnp.einsum("bkgts,bskd->btkgd", jax.nn.softmax(scores, -1), v).reshape(q.shape)
   np.testing.assert_allclose(attend(q, k, v, jnp.asarray(mask)), expected, atol=2e-6)
-  np.testing.assert_allclose(attend(q, k, v, jnp.asarray(mask), implementation="xla"), expected,
-                             atol=2e-6)
+  np.testing.assert_allclose(
+      attend(q, k, v, jnp.asarray(mask), implementation="xla"), expected, atol=2e-6
+  )
   with pytest.raises(ValueError, match="one of .*'auto', 'xla', 'cudnn'.*got 'flash'"):
     attend(q, k, v, jnp.asarray(mask), implementation="flash")
 
@@ -152,7 +166,9 @@ def test_even_length_padding_for_cudnn_changes_no_output_or_gradient(length, slo
   run through XLA here, must give the same outputs (of every query that sees a key) and
   gradients."""
   import jax
+
   from opdjax.models.decoder import even_lengths
+
   ks = jax.random.split(jax.random.key(1), 4)
   q = jax.random.normal(ks[0], (2, length, 4, 8))
   k = jax.random.normal(ks[1], (2, slots, 2, 8))
@@ -168,8 +184,8 @@ def test_even_length_padding_for_cudnn_changes_no_output_or_gradient(length, slo
   def padded(q, k, v):
     qp, kp, vp, mp = even_lengths(q, k, v, mask)
     assert qp.shape[1] % 2 == 0 and kp.shape[1] % 2 == 0
-    assert bool(jnp.all(jnp.any(mp[:, length:], -1)))       # the added query sees a key
-    assert not bool(jnp.any(mp[:, :length, slots:]))         # no real query sees the added key
+    assert bool(jnp.all(jnp.any(mp[:, length:], -1)))  # the added query sees a key
+    assert not bool(jnp.any(mp[:, :length, slots:]))  # no real query sees the added key
     out = jax.nn.dot_product_attention(qp, kp, vp, mask=mp[:, None])[:, :length]
     return jnp.sum(out * cot)
 
@@ -182,6 +198,7 @@ def test_even_length_padding_for_cudnn_changes_no_output_or_gradient(length, slo
 
 def _max_diff(a, b):
   import jax
+
   return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(jnp.max(jnp.abs(x - y))), a, b)))
 
 
@@ -191,8 +208,10 @@ def test_scanned_layers_equal_the_per_layer_model(remat):
   logits, parameter gradients and greedy generations; `stack_layers`/`unstack_layers` are
   inverses."""
   import jax
+
   from opdjax.models import stack_layers, unstack_layers
   from opdjax.sampling import SamplingParams, generate
+
   config = tiny_config("qwen3")
   model = Decoder(config, rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(model)
@@ -201,8 +220,9 @@ def test_scanned_layers_equal_the_per_layer_model(remat):
   assert scanned.layers.attn.q_proj.kernel.get_value().shape[0] == config.num_layers
   tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, config.vocab_size)
   mask = jnp.ones((2, 9), bool).at[0, :3].set(False)
-  np.testing.assert_allclose(scanned(tokens, attention_mask=mask),
-                             model(tokens, attention_mask=mask), atol=1e-5)
+  np.testing.assert_allclose(
+      scanned(tokens, attention_mask=mask), model(tokens, attention_mask=mask), atol=1e-5
+  )
   assert _max_diff(unstack_layers(nnx.state(scanned)), state) == 0.0
 
   def loss(state, graphdef):
@@ -226,8 +246,11 @@ def test_scanned_program_size_is_flat_in_depth():
 
   def program_chars(num_layers, scan_layers):
     config = tiny_config("qwen3", num_layers=num_layers)
-    graphdef, state = nnx.split(nnx.eval_shape(
-        lambda: Decoder(config, rngs=nnx.Rngs(0), scan_layers=scan_layers, remat="full")))
+    graphdef, state = nnx.split(
+        nnx.eval_shape(
+            lambda: Decoder(config, rngs=nnx.Rngs(0), scan_layers=scan_layers, remat="full")
+        )
+    )
     tokens = jax.ShapeDtypeStruct((2, 16), jnp.int32)
     loss = lambda state, tokens: jnp.mean(nnx.merge(graphdef, state)(tokens))
     return len(jax.jit(jax.grad(loss)).lower(state, tokens).as_text())

@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 from safetensors.torch import load_file, save_file
 
 from opdjax import sharding
-from opdjax.models import load_pretrained, load_tokenizer, save_pretrained, tiny_config, Decoder
+from opdjax.models import Decoder, load_pretrained, load_tokenizer, save_pretrained, tiny_config
 from tests.models.hf_fixtures import build_hf_model, hf_logits, padded_batch, save_tiny_tokenizer
 
 KINDS = ("qwen3", "llama", "qwen2")
@@ -31,7 +31,9 @@ def fixture_checkpoints(tmp_path_factory):
 
 
 def params_of(model):
-  return {path: np.asarray(v.get_value()) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  return {
+      path: np.asarray(v.get_value()) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+  }
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -53,7 +55,8 @@ def test_round_trip_through_transformers(kind, checkpoints, tmp_path):
   model, _ = load_pretrained(directory)
   save_pretrained(model, tmp_path / "export")
   reloaded, info = transformers.AutoModelForCausalLM.from_pretrained(
-      tmp_path / "export", output_loading_info=True)
+      tmp_path / "export", output_loading_info=True
+  )
   assert not info["missing_keys"] and not info["unexpected_keys"], info
   assert not info.get("mismatched_keys"), info
   assert type(reloaded).__name__.lower().startswith(kind)
@@ -74,7 +77,9 @@ def test_opdjax_initialised_model_exports_and_sharded_files(tmp_path):
   save_pretrained(model, tmp_path, max_shard_bytes=40_000)  # forces several shards + index
   index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
   assert len(set(index["weight_map"].values())) > 1
-  reloaded, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+  reloaded, info = transformers.AutoModelForCausalLM.from_pretrained(
+      tmp_path, output_loading_info=True
+  )
   assert not info["missing_keys"] and not info["unexpected_keys"]
   tokens, mask = padded_batch(2)
   ours = np.asarray(model(jnp.asarray(tokens), attention_mask=jnp.asarray(mask)))
@@ -111,9 +116,11 @@ def test_load_into_mesh_reads_slices(checkpoints):
   for path, value in params_of(reference).items():
     np.testing.assert_array_equal(value, params_of(model)[path], err_msg=str(path))
   tokens, mask = padded_batch()
-  np.testing.assert_allclose(model(jnp.asarray(tokens), attention_mask=jnp.asarray(mask)),
-                             reference(jnp.asarray(tokens), attention_mask=jnp.asarray(mask)),
-                             atol=1e-5)
+  np.testing.assert_allclose(
+      model(jnp.asarray(tokens), attention_mask=jnp.asarray(mask)),
+      reference(jnp.asarray(tokens), attention_mask=jnp.asarray(mask)),
+      atol=1e-5,
+  )
 
 
 def test_scanned_layers_load_with_parity_shard_and_save_per_layer(checkpoints, tmp_path):
@@ -141,8 +148,9 @@ def test_tokenizer_with_chat_template(checkpoints, tmp_path):
   hf_model.save_pretrained(tmp_path)
   save_tiny_tokenizer(tmp_path)
   model, tokenizer = load_pretrained(tmp_path)
-  ids = tokenizer.apply_chat_template([{"role": "w5", "content": "w7 w8"}],
-                                      add_generation_prompt=False, tokenize=True)
+  ids = tokenizer.apply_chat_template(
+      [{"role": "w5", "content": "w7 w8"}], add_generation_prompt=False, tokenize=True
+  )
   ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
   assert list(ids) == [5, 7, 8]
   export = tmp_path / "export"
@@ -151,6 +159,7 @@ def test_tokenizer_with_chat_template(checkpoints, tmp_path):
 
 
 # ---------------------------------------------------------------- broken checkpoints
+
 
 def test_missing_config_or_weights(checkpoints, tmp_path):
   with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -182,8 +191,11 @@ def test_unsupported_architecture(checkpoints, tmp_path):
   bad = copy_checkpoint(directory, tmp_path / "a", lambda c: c.update(model_type="gpt2"))
   with pytest.raises(ValueError, match=r"config.json: unsupported architecture model_type='gpt2'"):
     load_pretrained(bad)
-  bad = copy_checkpoint(directory, tmp_path / "b", lambda c: c.update(
-      rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}))
+  bad = copy_checkpoint(
+      directory,
+      tmp_path / "b",
+      lambda c: c.update(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}),
+  )
   with pytest.raises(ValueError, match=r"rope_type='yarn' is not supported"):
     load_pretrained(bad)
 
@@ -191,19 +203,26 @@ def test_unsupported_architecture(checkpoints, tmp_path):
 def test_shape_mismatch_names_file_key_and_shapes(checkpoints, tmp_path):
   _, directory = checkpoints["qwen2"]
   bad = copy_checkpoint(directory, tmp_path, lambda c: c.update(intermediate_size=128))
-  with pytest.raises(ValueError, match=r"model.safetensors: tensor 'model.layers.0.mlp.\w+_proj.weight' "
-                                       r"has shape \(\d+, \d+\), but config.json implies \(\d+, \d+\)"):
+  with pytest.raises(
+      ValueError,
+      match=r"model.safetensors: tensor 'model.layers.0.mlp.\w+_proj.weight' "
+      r"has shape \(\d+, \d+\), but config.json implies \(\d+, \d+\)",
+  ):
     load_pretrained(bad)
 
 
 def test_missing_and_unexpected_keys(checkpoints, tmp_path):
   _, directory = checkpoints["llama"]
-  bad = copy_checkpoint(directory, tmp_path / "a",
-                        edit_tensors=lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+  bad = copy_checkpoint(
+      directory, tmp_path / "a", edit_tensors=lambda t: t.pop("model.layers.1.mlp.up_proj.weight")
+  )
   with pytest.raises(ValueError, match=r"missing keys \['model.layers.1.mlp.up_proj.weight'\]"):
     load_pretrained(bad)
-  bad = copy_checkpoint(directory, tmp_path / "b",
-                        edit_tensors=lambda t: t.update({"model.extra.weight": torch.zeros(2)}))
+  bad = copy_checkpoint(
+      directory,
+      tmp_path / "b",
+      edit_tensors=lambda t: t.update({"model.extra.weight": torch.zeros(2)}),
+  )
   with pytest.raises(ValueError, match=r"unexpected keys \['model.extra.weight'\]"):
     load_pretrained(bad)
 
@@ -221,5 +240,7 @@ def test_tokenizer_larger_than_vocabulary(checkpoints, tmp_path):
   _, directory = checkpoints["qwen3"]
   bad = copy_checkpoint(directory, tmp_path)
   save_tiny_tokenizer(bad, num_tokens=60)
-  with pytest.raises(ValueError, match=r"tokenizer in .* has 60 tokens but config.json has vocab_size=40"):
+  with pytest.raises(
+      ValueError, match=r"tokenizer in .* has 60 tokens but config.json has vocab_size=40"
+  ):
     load_pretrained(bad)

@@ -1,7 +1,6 @@
 """§1 divergences: worked example, analytic and finite-difference gradients, limits,
 invariants, numerics, bad input, jit/vmap."""
 
-
 import chex
 import jax
 import jax.numpy as jnp
@@ -10,12 +9,20 @@ import pytest
 from jax.test_util import check_grads
 
 from opdjax import objectives as obj
-from tests.objectives.helpers import DIVERGENCE_CASES, P_EXAMPLE, Q_EXAMPLE, np_kl, random_logits, softmax64
+from tests.objectives.helpers import (
+    DIVERGENCE_CASES,
+    P_EXAMPLE,
+    Q_EXAMPLE,
+    np_kl,
+    random_logits,
+    softmax64,
+)
 
 SHAPES = [(3,), (4, 7), (2, 3, 11)]
 
 
 # ---------------------------------------------------------------- worked example (docs/theory.md)
+
 
 def test_worked_example_values():
   z, y = jnp.log(P_EXAMPLE), jnp.log(Q_EXAMPLE)
@@ -25,12 +32,14 @@ def test_worked_example_values():
 
 def test_worked_example_logit_gradients():
   z, y = jnp.log(P_EXAMPLE), jnp.log(Q_EXAMPLE)
-  np.testing.assert_allclose(jax.grad(obj.reverse_kl)(z, y), [-0.385714, -0.081102, 0.466816],
-                             atol=1e-6)
+  np.testing.assert_allclose(
+      jax.grad(obj.reverse_kl)(z, y), [-0.385714, -0.081102, 0.466816], atol=1e-6
+  )
   np.testing.assert_allclose(jax.grad(obj.forward_kl)(z, y), [-0.5, 0.1, 0.4], atol=1e-6)
 
 
 # ---------------------------------------------------------------- analytic gradients
+
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_forward_kl_gradient_is_p_minus_q(shape):
@@ -51,8 +60,11 @@ def test_reverse_kl_gradient_is_p_times_centred_log_ratio(shape):
 @pytest.mark.parametrize("temperature", [0.5, 2.0])
 def test_temperature_scales_logits_and_gradient(temperature):
   z, y = random_logits(4, (3, 5)), random_logits(5, (3, 5))
-  np.testing.assert_allclose(obj.reverse_kl(z, y, temperature=temperature),
-                             obj.reverse_kl(z / temperature, y / temperature), rtol=1e-6)
+  np.testing.assert_allclose(
+      obj.reverse_kl(z, y, temperature=temperature),
+      obj.reverse_kl(z / temperature, y / temperature),
+      rtol=1e-6,
+  )
   grad = jax.grad(lambda z: jnp.sum(obj.forward_kl(z, y, temperature=temperature)))(z)
   expected = (jax.nn.softmax(z / temperature) - jax.nn.softmax(y / temperature)) / temperature
   np.testing.assert_allclose(grad, expected, atol=1e-6)
@@ -65,8 +77,7 @@ def test_finite_difference_gradients(name, shape):
   with jax.enable_x64(True):
     z = random_logits(6, shape, dtype=jnp.float64)
     y = random_logits(7, shape, dtype=jnp.float64)
-    check_grads(lambda z: fn(z, y), (z,), order=2, modes=("rev",), eps=1e-5, atol=1e-5,
-                rtol=1e-5)
+    check_grads(lambda z: fn(z, y), (z,), order=2, modes=("rev",), eps=1e-5, atol=1e-5, rtol=1e-5)
 
 
 def test_jsd_gradient_matches_closed_form():
@@ -85,11 +96,12 @@ def test_jsd_gradient_matches_closed_form():
 def test_teacher_receives_no_gradient():
   z, y = random_logits(10, (3, 5)), random_logits(11, (3, 5))
   for name, fn in DIVERGENCE_CASES.items():
-    grad = jax.grad(lambda y: jnp.sum(fn(z, y)))(y)
+    grad = jax.grad(lambda y, fn=fn: jnp.sum(fn(z, y)))(y)
     np.testing.assert_array_equal(grad, 0.0, err_msg=name)
 
 
 # ---------------------------------------------------------------- exact values by formula
+
 
 def test_values_against_numpy_formulas():
   z, y = random_logits(12, (6,)), random_logits(13, (6,))
@@ -101,11 +113,11 @@ def test_values_against_numpy_formulas():
       "jsd_0.5": 0.5 * np_kl(q, m(0.5, q, p)) + 0.5 * np_kl(p, m(0.5, q, p)),
       "jsd_0.1": 0.1 * np_kl(q, m(0.1, q, p)) + 0.9 * np_kl(p, m(0.1, q, p)),
       "jsd_0.9_scaled": (0.9 * np_kl(q, m(0.9, q, p)) + 0.1 * np_kl(p, m(0.9, q, p))) / 0.09,
-      "alpha_-1": (np.sum(p ** -1 * q ** 2) - 1) / 2,
-      "alpha_0.3": (np.sum(p ** 0.3 * q ** 0.7) - 1) / (0.3 * -0.7),
+      "alpha_-1": (np.sum(p**-1 * q**2) - 1) / 2,
+      "alpha_0.3": (np.sum(p**0.3 * q**0.7) - 1) / (0.3 * -0.7),
       "alpha_0.5": 4 * (1 - np.sum(np.sqrt(p * q))),
-      "alpha_0.8": (np.sum(p ** 0.8 * q ** 0.2) - 1) / (0.8 * -0.2),
-      "alpha_2": (np.sum(p ** 2 / q) - 1) / 2,
+      "alpha_0.8": (np.sum(p**0.8 * q**0.2) - 1) / (0.8 * -0.2),
+      "alpha_2": (np.sum(p**2 / q) - 1) / 2,
       "skew_forward_0.1": np_kl(q, m(0.1, q, p)),
       "skew_reverse_0.1": np_kl(p, m(0.1, p, q)),
       "skew_reverse_0.5": np_kl(p, m(0.5, p, q)),
@@ -117,6 +129,7 @@ def test_values_against_numpy_formulas():
 
 
 # ---------------------------------------------------------------- invariants and limits
+
 
 @pytest.mark.parametrize("name", sorted(DIVERGENCE_CASES))
 def test_zero_on_identical_and_nonnegative(name):
@@ -136,10 +149,12 @@ def test_direction_is_not_symmetric():
 def test_jsd_endpoints_are_exactly_the_kls():
   z, y = random_logits(16, (4, 5)), random_logits(17, (4, 5))
   for scaled in (False, True):
-    chex.assert_trees_all_equal(obj.generalized_jsd(z, y, beta=0.0, scaled=scaled),
-                                obj.forward_kl(z, y))
-    chex.assert_trees_all_equal(obj.generalized_jsd(z, y, beta=1.0, scaled=scaled),
-                                obj.reverse_kl(z, y))
+    chex.assert_trees_all_equal(
+        obj.generalized_jsd(z, y, beta=0.0, scaled=scaled), obj.forward_kl(z, y)
+    )
+    chex.assert_trees_all_equal(
+        obj.generalized_jsd(z, y, beta=1.0, scaled=scaled), obj.reverse_kl(z, y)
+    )
 
 
 def test_jsd_interior_limits():
@@ -151,11 +166,13 @@ def test_jsd_interior_limits():
   np.testing.assert_allclose(obj.generalized_jsd(z, y, beta=1 - eps) / eps, reverse, rtol=2e-3)
   # Scaled JSD is continuous at both ends.
   np.testing.assert_allclose(obj.generalized_jsd(z, y, beta=eps, scaled=True), forward, rtol=2e-3)
-  np.testing.assert_allclose(obj.generalized_jsd(z, y, beta=1 - eps, scaled=True), reverse,
-                             rtol=2e-3)
+  np.testing.assert_allclose(
+      obj.generalized_jsd(z, y, beta=1 - eps, scaled=True), reverse, rtol=2e-3
+  )
   # β = ½ is the symmetric Jensen–Shannon divergence.
-  np.testing.assert_allclose(obj.generalized_jsd(z, y, beta=0.5),
-                             obj.generalized_jsd(y, z, beta=0.5), rtol=1e-5)
+  np.testing.assert_allclose(
+      obj.generalized_jsd(z, y, beta=0.5), obj.generalized_jsd(y, z, beta=0.5), rtol=1e-5
+  )
 
 
 def test_alpha_divergence_limits():
@@ -167,8 +184,9 @@ def test_alpha_divergence_limits():
     np.testing.assert_allclose(obj.alpha_divergence(z, y, alpha=eps), forward, rtol=5e-3)
     np.testing.assert_allclose(obj.alpha_divergence(z, y, alpha=1 - eps), reverse, rtol=5e-3)
   p, q = jax.nn.softmax(z), jax.nn.softmax(y)
-  np.testing.assert_allclose(obj.alpha_divergence(z, y, alpha=0.5),
-                             4 * (1 - jnp.sum(jnp.sqrt(p * q), -1)), rtol=1e-5)
+  np.testing.assert_allclose(
+      obj.alpha_divergence(z, y, alpha=0.5), 4 * (1 - jnp.sum(jnp.sqrt(p * q), -1)), rtol=1e-5
+  )
 
 
 def test_skew_kl_limits():
@@ -184,7 +202,8 @@ def test_skew_kl_limits():
 def test_total_variation_bounds():
   z = random_logits(24, (6, 5))
   np.testing.assert_allclose(
-      obj.total_variation(jnp.array([0.0, -jnp.inf]), jnp.array([-jnp.inf, 0.0])), 1.0)
+      obj.total_variation(jnp.array([0.0, -jnp.inf]), jnp.array([-jnp.inf, 0.0])), 1.0
+  )
   assert np.all(obj.total_variation(z, -z) <= 1.0)
 
 
@@ -194,9 +213,12 @@ def test_get_divergence_binds_hyperparameters():
   np.testing.assert_allclose(fn(z, y), obj.generalized_jsd(z, y, beta=0.3))
   with pytest.raises(ValueError, match="unknown divergence 'kl'.*reverse_kl"):
     obj.get_divergence("kl")
-  with pytest.raises(ValueError, match=r"generalized_jsd has no hyperparameters \['bta'\]; "
-                                       r"valid: \['beta', 'scaled', 'temperature'\]"):
-    obj.get_divergence("generalized_jsd", bta=0.3)   # a typo fails when the config is read
+  with pytest.raises(
+      ValueError,
+      match=r"generalized_jsd has no hyperparameters \['bta'\]; "
+      r"valid: \['beta', 'scaled', 'temperature'\]",
+  ):
+    obj.get_divergence("generalized_jsd", bta=0.3)  # a typo fails when the config is read
 
 
 # ---------------------------------------------------------------- numerics
@@ -223,12 +245,21 @@ def test_masked_vocabulary_where_only_one_side_is_finite():
   # Teacher rules out token 3 that the student likes: forward KL stays finite (q = 0 there)
   # and reverse KL is infinite; the bounded divergences stay finite with finite gradients.
   z, y = MASKED_STUDENT[:1, :2].at[0, 1].set(0.3), jnp.array([[1.0, -jnp.inf]])
-  z = jnp.concatenate([z, jnp.array([[0.0]])], -1)       # student has mass on all 3
+  z = jnp.concatenate([z, jnp.array([[0.0]])], -1)  # student has mass on all 3
   y = jnp.concatenate([y, jnp.array([[-jnp.inf]])], -1)  # teacher only on token 0
-  for name in ("forward_kl", "jsd_0.5", "jsd_0.1", "alpha_0.3", "alpha_0.5", "alpha_0.8",
-               "skew_forward_0.1", "skew_reverse_0.1", "total_variation"):
+  for name in (
+      "forward_kl",
+      "jsd_0.5",
+      "jsd_0.1",
+      "alpha_0.3",
+      "alpha_0.5",
+      "alpha_0.8",
+      "skew_forward_0.1",
+      "skew_reverse_0.1",
+      "total_variation",
+  ):
     fn = DIVERGENCE_CASES[name]
-    value, grad = jax.value_and_grad(lambda z: jnp.sum(fn(z, y)))(z)
+    value, grad = jax.value_and_grad(lambda z, fn=fn: jnp.sum(fn(z, y)))(z)
     assert np.isfinite(value) and np.all(np.isfinite(grad)), name
   assert np.isposinf(obj.reverse_kl(z, y))
   assert np.isposinf(obj.alpha_divergence(z, y, alpha=2.0))
@@ -240,7 +271,9 @@ def test_bfloat16_inputs_compute_in_float32(name):
   z, y = random_logits(27, (3, 8)), random_logits(28, (3, 8))
   value = fn(z.astype(jnp.bfloat16), y.astype(jnp.bfloat16))
   assert value.dtype == jnp.float32
-  reference = fn(z.astype(jnp.bfloat16).astype(jnp.float32), y.astype(jnp.bfloat16).astype(jnp.float32))
+  reference = fn(
+      z.astype(jnp.bfloat16).astype(jnp.float32), y.astype(jnp.bfloat16).astype(jnp.float32)
+  )
   np.testing.assert_allclose(value, reference, rtol=1e-6)
   grad = jax.grad(lambda z: jnp.sum(fn(z, y.astype(jnp.bfloat16))))(z.astype(jnp.bfloat16))
   assert grad.dtype == jnp.bfloat16 and np.all(np.isfinite(grad.astype(jnp.float32)))
@@ -251,11 +284,21 @@ def test_huge_logits_are_stable(name):
   fn = DIVERGENCE_CASES[name]
   z = 1e4 * random_logits(29, (4, 6), scale=1.0)
   y = 1e4 * random_logits(30, (4, 6), scale=1.0)
-  value, grad = jax.value_and_grad(lambda z: jnp.sum(fn(z, y)))(z)
+  value, grad = jax.value_and_grad(lambda z, fn=fn: jnp.sum(fn(z, y)))(z)
   # Near-one-hot distributions: divergences stay finite wherever both keep some mass
   # (exp(-1e4) underflows to exactly 0, which makes KLs with disjoint argmaxes infinite).
-  if name in ("jsd_0.5", "jsd_0.1", "jsd_0.9_scaled", "skew_forward_0.1", "skew_reverse_0.1",
-              "skew_reverse_0.5", "total_variation", "alpha_0.3", "alpha_0.5", "alpha_0.8"):
+  if name in (
+      "jsd_0.5",
+      "jsd_0.1",
+      "jsd_0.9_scaled",
+      "skew_forward_0.1",
+      "skew_reverse_0.1",
+      "skew_reverse_0.5",
+      "total_variation",
+      "alpha_0.3",
+      "alpha_0.5",
+      "alpha_0.8",
+  ):
     assert np.isfinite(value), name
     assert np.all(np.isfinite(grad)), name
   np.testing.assert_allclose(fn(z, z), 0.0, atol=1e-6)
@@ -263,6 +306,7 @@ def test_huge_logits_are_stable(name):
 
 
 # ---------------------------------------------------------------- bad input
+
 
 def test_bad_input_messages():
   z = jnp.zeros((2, 5))
@@ -290,6 +334,7 @@ def test_bad_input_messages():
 
 # ---------------------------------------------------------------- jit and vmap
 
+
 @pytest.mark.parametrize("name", sorted(DIVERGENCE_CASES))
 def test_jit_and_vmap(name):
   fn = DIVERGENCE_CASES[name]
@@ -300,5 +345,6 @@ def test_jit_and_vmap(name):
   np.testing.assert_allclose(jax.vmap(fn)(z, y), eager, rtol=1e-6, atol=1e-7)
   np.testing.assert_allclose(jax.vmap(jax.vmap(fn))(z, y), eager, rtol=1e-6, atol=1e-7)
   jit_grad = jax.jit(jax.grad(lambda z: jnp.sum(fn(z, y))))(z)
-  np.testing.assert_allclose(jit_grad, jax.grad(lambda z: jnp.sum(fn(z, y)))(z), rtol=1e-5,
-                             atol=1e-7)
+  np.testing.assert_allclose(
+      jit_grad, jax.grad(lambda z: jnp.sum(fn(z, y)))(z), rtol=1e-5, atol=1e-7
+  )

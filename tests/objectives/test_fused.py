@@ -11,10 +11,15 @@ import pytest
 
 from opdjax import objectives as obj
 from opdjax import recipes
-from opdjax.recipes.base import (Targets, batch_loss, frozen_argument, loss_from_hidden,
-                                 loss_from_logits)
+from opdjax.recipes.base import (
+    Targets,
+    batch_loss,
+    frozen_argument,
+    loss_from_hidden,
+    loss_from_logits,
+)
 
-B, T, D, DT, V = 3, 7, 8, 12, 19   # B·T = 21 positions: not a multiple of the chunk (4)
+B, T, D, DT, V = 3, 7, 8, 12, 19  # B·T = 21 positions: not a multiple of the chunk (4)
 CHUNK = 4
 
 
@@ -24,10 +29,10 @@ def _problem(seed=0):
   kernel = 0.7 * jax.random.normal(ks[1], (D, V))
   teacher_hidden = jax.random.normal(ks[2], (B, T, DT))
   teacher_kernel = 0.7 * jax.random.normal(ks[3], (DT, V))
-  vocab_mask = jnp.ones((V,), bool).at[jnp.array([2, 11])].set(False)   # two -inf entries
+  vocab_mask = jnp.ones((V,), bool).at[jnp.array([2, 11])].set(False)  # two -inf entries
   tokens = jax.random.randint(ks[4], (B, T), 0, V)
-  tokens = jnp.where(vocab_mask[tokens], tokens, 0)                       # targets are allowed
-  mask = jax.random.bernoulli(ks[5], 0.6, (B, T)).at[1].set(False)        # row 1 fully masked
+  tokens = jnp.where(vocab_mask[tokens], tokens, 0)  # targets are allowed
+  mask = jax.random.bernoulli(ks[5], 0.6, (B, T)).at[1].set(False)  # row 1 fully masked
   behaviour = -jax.random.uniform(ks[6], (B, T), minval=0.5, maxval=3.0)
   old = -jax.random.uniform(ks[7], (B, T), minval=0.5, maxval=3.0)
   targets = Targets(tokens=tokens, mask=mask, behaviour_logprobs=behaviour, model_logprobs=old)
@@ -39,10 +44,15 @@ def _full_logits(hidden, kernel, vocab_mask):
 
 
 DIVERGENCES = [
-    ("forward_kl", {}), ("reverse_kl", {}), ("reverse_kl", {"temperature": 2.0}),
-    ("generalized_jsd", {"beta": 0.5}), ("generalized_jsd", {"beta": 0.1, "temperature": 0.7}),
-    ("alpha_divergence", {"alpha": 0.3}), ("skew_forward_kl", {"alpha": 0.1}),
-    ("skew_reverse_kl", {"alpha": 0.2}), ("total_variation", {}),
+    ("forward_kl", {}),
+    ("reverse_kl", {}),
+    ("reverse_kl", {"temperature": 2.0}),
+    ("generalized_jsd", {"beta": 0.5}),
+    ("generalized_jsd", {"beta": 0.1, "temperature": 0.7}),
+    ("alpha_divergence", {"alpha": 0.3}),
+    ("skew_forward_kl", {"alpha": 0.1}),
+    ("skew_reverse_kl", {"alpha": 0.2}),
+    ("total_variation", {}),
 ]
 
 
@@ -53,18 +63,28 @@ def test_every_divergence_fused_equals_full(name, kwargs):
   fn = lambda s, t, a: {"d": divergence(s, t)}
 
   def fused(hidden, kernel):
-    values = obj.token_values(fn, obj.Head(hidden, kernel), targets.tokens,
-                              teacher=obj.Head(t_hidden, t_kernel), vocab_mask=vocab_mask,
-                              chunk_size=CHUNK)["d"]
+    values = obj.token_values(
+        fn,
+        obj.Head(hidden, kernel),
+        targets.tokens,
+        teacher=obj.Head(t_hidden, t_kernel),
+        vocab_mask=vocab_mask,
+        chunk_size=CHUNK,
+    )["d"]
     return obj.token_mean(values, targets.mask), values
 
   def full(hidden, kernel):
-    values = divergence(_full_logits(hidden, kernel, vocab_mask),
-                        _full_logits(t_hidden, t_kernel, vocab_mask))
+    values = divergence(
+        _full_logits(hidden, kernel, vocab_mask), _full_logits(t_hidden, t_kernel, vocab_mask)
+    )
     return obj.token_mean(values, targets.mask), values
 
-  (loss_f, values_f), grads_f = jax.value_and_grad(fused, argnums=(0, 1), has_aux=True)(hidden, kernel)
-  (loss_u, values_u), grads_u = jax.value_and_grad(full, argnums=(0, 1), has_aux=True)(hidden, kernel)
+  (loss_f, values_f), grads_f = jax.value_and_grad(fused, argnums=(0, 1), has_aux=True)(
+      hidden, kernel
+  )
+  (loss_u, values_u), grads_u = jax.value_and_grad(full, argnums=(0, 1), has_aux=True)(
+      hidden, kernel
+  )
   np.testing.assert_allclose(values_f, values_u, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(loss_f, loss_u, rtol=1e-5, atol=1e-6)
   for g_f, g_u in zip(grads_f, grads_u):
@@ -76,23 +96,45 @@ def test_every_divergence_fused_equals_full(name, kwargs):
 
 RECIPE_CONFIGS = {
     "sft_nll": dict(name="sft"),
-    "opd_full_jsd": dict(name="opd", estimator="full", divergence="generalized_jsd",
-                         divergence_kwargs={"beta": 0.5, "temperature": 1.5}),
+    "opd_full_jsd": dict(
+        name="opd",
+        estimator="full",
+        divergence="generalized_jsd",
+        divergence_kwargs={"beta": 0.5, "temperature": 1.5},
+    ),
     "opd_topk": dict(name="opd", estimator="topk", divergence="reverse_kl", top_k=5),
-    "opd_topk_tail": dict(name="opd", estimator="topk", divergence="forward_kl", top_k=5,
-                          tail_bucket=True),
+    "opd_topk_tail": dict(
+        name="opd", estimator="topk", divergence="forward_kl", top_k=5, tail_bucket=True
+    ),
     "opd_sampled": dict(name="opd", estimator="sampled", gamma=0.5, correction="ppo_clip"),
     "gopd_sampled": dict(name="gopd", estimator="sampled", reward_scale=1.25, gamma=0.0),
-    "gopd_full": dict(name="gopd", estimator="full", reward_scale=0.5,
-                      divergence="generalized_jsd", divergence_kwargs={"beta": 0.5}),
+    "gopd_full": dict(
+        name="gopd",
+        estimator="full",
+        reward_scale=0.5,
+        divergence="generalized_jsd",
+        divergence_kwargs={"beta": 0.5},
+    ),
 }
 
 
 def _recipe(kwargs):
-  c = ml_collections.ConfigDict(dict(
-      name="opd", estimator="full", divergence="reverse_kl", divergence_kwargs={}, top_k=0,
-      tail_bucket=False, gamma=0.0, correction="none", clip_epsilon=0.2, truncation=2.0,
-      lambda_on=0.5, reward_scale=1.0))
+  c = ml_collections.ConfigDict(
+      dict(
+          name="opd",
+          estimator="full",
+          divergence="reverse_kl",
+          divergence_kwargs={},
+          top_k=0,
+          tail_bucket=False,
+          gamma=0.0,
+          correction="none",
+          clip_epsilon=0.2,
+          truncation=2.0,
+          lambda_on=0.5,
+          reward_scale=1.0,
+      )
+  )
   c.update(kwargs)
   return recipes.build(c)
 
@@ -102,24 +144,33 @@ def test_recipe_loss_and_metrics_fused_equal_full(variant):
   """NLL, top-K with and without the tail, the sampled estimator and every logged metric."""
   recipe = _recipe(RECIPE_CONFIGS[variant])
   hidden, kernel, t_hidden, t_kernel, vocab_mask, targets = _problem(1)
-  heads = {"teacher": obj.Head(t_hidden, t_kernel),
-           "reference": obj.Head(t_hidden[::-1], 0.5 * t_kernel[:, ::-1])}
+  heads = {
+      "teacher": obj.Head(t_hidden, t_kernel),
+      "reference": obj.Head(t_hidden[::-1], 0.5 * t_kernel[:, ::-1]),
+  }
   frozen = frozen_argument(recipe, heads)
-  frozen_logits = jax.tree.map(lambda h: obj.fused.logits_of(*h), frozen,
-                               is_leaf=lambda x: isinstance(x, obj.Head))
+  frozen_logits = jax.tree.map(
+      lambda h: obj.fused.logits_of(*h), frozen, is_leaf=lambda x: isinstance(x, obj.Head)
+  )
 
   def fused(hidden, kernel):
-    per_token, metrics = loss_from_hidden(recipe, obj.Head(hidden, kernel), frozen, targets,
-                                          chunk_size=CHUNK)
+    per_token, metrics = loss_from_hidden(
+        recipe, obj.Head(hidden, kernel), frozen, targets, chunk_size=CHUNK
+    )
     return obj.token_mean(per_token, targets.mask), metrics
 
   def full(hidden, kernel):
-    per_token, metrics = loss_from_logits(recipe, obj.fused.logits_of(hidden, kernel),
-                                          frozen_logits, targets)
+    per_token, metrics = loss_from_logits(
+        recipe, obj.fused.logits_of(hidden, kernel), frozen_logits, targets
+    )
     return obj.token_mean(per_token, targets.mask), metrics
 
-  (loss_f, metrics_f), grads_f = jax.value_and_grad(fused, argnums=(0, 1), has_aux=True)(hidden, kernel)
-  (loss_u, metrics_u), grads_u = jax.value_and_grad(full, argnums=(0, 1), has_aux=True)(hidden, kernel)
+  (loss_f, metrics_f), grads_f = jax.value_and_grad(fused, argnums=(0, 1), has_aux=True)(
+      hidden, kernel
+  )
+  (loss_u, metrics_u), grads_u = jax.value_and_grad(full, argnums=(0, 1), has_aux=True)(
+      hidden, kernel
+  )
   np.testing.assert_allclose(loss_f, loss_u, rtol=1e-5, atol=1e-6)
   assert sorted(metrics_f) == sorted(metrics_u)
   expected = {"student_entropy"} | ({"nll"} if variant == "sft_nll" else {"token_reverse_kl"})
@@ -127,8 +178,7 @@ def test_recipe_loss_and_metrics_fused_equal_full(variant):
   if variant.startswith("opd_topk"):
     assert {"topk_teacher_mass", "topk_student_mass", "topk_overlap"} <= set(metrics_f)
   for name in metrics_f:
-    np.testing.assert_allclose(metrics_f[name], metrics_u[name], rtol=1e-5, atol=1e-6,
-                               err_msg=name)
+    np.testing.assert_allclose(metrics_f[name], metrics_u[name], rtol=1e-5, atol=1e-6, err_msg=name)
   for g_f, g_u in zip(grads_f, grads_u):
     assert np.abs(g_u).max() > 0
     np.testing.assert_allclose(g_f, g_u, rtol=1e-5, atol=1e-6)
@@ -136,9 +186,12 @@ def test_recipe_loss_and_metrics_fused_equal_full(variant):
   # The trainer's loss: the one-pass gradient where the recipe names its loss value.
   assert (recipe.loss_value is None) == variant.endswith("sampled")
   num_tokens = jnp.sum(targets.mask).astype(jnp.float32)
-  trained = lambda hidden, kernel: batch_loss(recipe, obj.Head(hidden, kernel), frozen, targets,
-                                              num_tokens=num_tokens, chunk_size=CHUNK)
-  (loss_t, metrics_t), grads_t = jax.value_and_grad(trained, argnums=(0, 1), has_aux=True)(hidden, kernel)
+  trained = lambda hidden, kernel: batch_loss(
+      recipe, obj.Head(hidden, kernel), frozen, targets, num_tokens=num_tokens, chunk_size=CHUNK
+  )
+  (loss_t, metrics_t), grads_t = jax.value_and_grad(trained, argnums=(0, 1), has_aux=True)(
+      hidden, kernel
+  )
   np.testing.assert_allclose(loss_t, loss_u, rtol=1e-5, atol=1e-6)
   for name in metrics_u:
     np.testing.assert_allclose(metrics_t[name], metrics_u[name], rtol=1e-5, atol=1e-6, err_msg=name)
@@ -149,17 +202,31 @@ def test_recipe_loss_and_metrics_fused_equal_full(variant):
 def test_one_pass_sum_equals_the_rematerialised_path():
   hidden, kernel, t_hidden, t_kernel, vocab_mask, targets = _problem(3)
   weights = targets.mask / jnp.sum(targets.mask)
-  fn = lambda s, t, a: {"loss": obj.skew_reverse_kl(s, t, alpha=0.2), "lp": obj.token_log_probs(s, a)}
+  fn = lambda s, t, a: {
+      "loss": obj.skew_reverse_kl(s, t, alpha=0.2),
+      "lp": obj.token_log_probs(s, a),
+  }
 
   def one_pass(hidden, kernel):
-    return obj.fused.weighted_token_sum(fn, obj.Head(hidden, kernel), targets.tokens, weights,
-                                        teacher=obj.Head(t_hidden, t_kernel),
-                                        vocab_mask=vocab_mask, chunk_size=CHUNK)
+    return obj.fused.weighted_token_sum(
+        fn,
+        obj.Head(hidden, kernel),
+        targets.tokens,
+        weights,
+        teacher=obj.Head(t_hidden, t_kernel),
+        vocab_mask=vocab_mask,
+        chunk_size=CHUNK,
+    )
 
   def remat(hidden, kernel):
-    values = obj.token_values(fn, obj.Head(hidden, kernel), targets.tokens,
-                              teacher=obj.Head(t_hidden, t_kernel), vocab_mask=vocab_mask,
-                              chunk_size=CHUNK)
+    values = obj.token_values(
+        fn,
+        obj.Head(hidden, kernel),
+        targets.tokens,
+        teacher=obj.Head(t_hidden, t_kernel),
+        vocab_mask=vocab_mask,
+        chunk_size=CHUNK,
+    )
     return jnp.sum(weights * values["loss"]), values
 
   (l1, v1), g1 = jax.value_and_grad(one_pass, argnums=(0, 1), has_aux=True)(hidden, kernel)
@@ -177,9 +244,16 @@ def test_one_pass_sum_equals_the_rematerialised_path():
 def test_chunk_size_does_not_change_values():
   hidden, kernel, t_hidden, t_kernel, _, targets = _problem(2)
   fn = lambda s, t, a: {"lp": obj.token_log_probs(s, a), "kl": obj.reverse_kl(s, t)}
-  outs = [obj.token_values(fn, obj.Head(hidden, kernel), targets.tokens,
-                           teacher=obj.Head(t_hidden, t_kernel), chunk_size=c)
-          for c in (1, 5, B * T, 64, 0)]
+  outs = [
+      obj.token_values(
+          fn,
+          obj.Head(hidden, kernel),
+          targets.tokens,
+          teacher=obj.Head(t_hidden, t_kernel),
+          chunk_size=c,
+      )
+      for c in (1, 5, B * T, 64, 0)
+  ]
   for out in outs[1:]:
     for name in ("lp", "kl"):
       np.testing.assert_allclose(out[name], outs[0][name], rtol=1e-6, atol=1e-6)
@@ -193,21 +267,30 @@ def test_bad_input_names_the_value():
   with pytest.raises(ValueError, match=r"tokens \(3, 6\) must be \[B, T\]"):
     obj.token_values(fn, obj.Head(hidden, kernel), targets.tokens[:, :6])
   with pytest.raises(ValueError, match="teacher hidden"):
-    obj.token_values(fn, obj.Head(hidden, kernel), targets.tokens,
-                     teacher=obj.Head(t_hidden, t_kernel[:, :5]))
+    obj.token_values(
+        fn, obj.Head(hidden, kernel), targets.tokens, teacher=obj.Head(t_hidden, t_kernel[:, :5])
+    )
   with pytest.raises(ValueError, match="kernel"):
     obj.token_values(fn, obj.Head(hidden, kernel.T), targets.tokens)
   # The one-pass sum validates the same inputs, and its weights.
   weights = jnp.ones(targets.tokens.shape)
   with pytest.raises(ValueError, match="chunk_size must be an integer >= 0"):
-    obj.fused.weighted_token_sum(fn, obj.Head(hidden, kernel), targets.tokens, weights,
-                                 key="lp", chunk_size=-1)
+    obj.fused.weighted_token_sum(
+        fn, obj.Head(hidden, kernel), targets.tokens, weights, key="lp", chunk_size=-1
+    )
   with pytest.raises(ValueError, match="teacher hidden"):
-    obj.fused.weighted_token_sum(fn, obj.Head(hidden, kernel), targets.tokens, weights,
-                                 key="lp", teacher=obj.Head(t_hidden, t_kernel[:, :5]))
+    obj.fused.weighted_token_sum(
+        fn,
+        obj.Head(hidden, kernel),
+        targets.tokens,
+        weights,
+        key="lp",
+        teacher=obj.Head(t_hidden, t_kernel[:, :5]),
+    )
   with pytest.raises(ValueError, match=r"weights \(3, 6\) must be \[B, T\]"):
-    obj.fused.weighted_token_sum(fn, obj.Head(hidden, kernel), targets.tokens, weights[:, :6],
-                                 key="lp")
+    obj.fused.weighted_token_sum(
+        fn, obj.Head(hidden, kernel), targets.tokens, weights[:, :6], key="lp"
+    )
 
 
 def test_teacher_gets_no_gradient():
@@ -215,17 +298,32 @@ def test_teacher_gets_no_gradient():
   fn = lambda s, t, a: {"d": obj.generalized_jsd(s, t, beta=0.5)}
 
   def loss(t_hidden, t_kernel):
-    values = obj.token_values(fn, obj.Head(hidden, kernel), targets.tokens,
-                              teacher=obj.Head(t_hidden, t_kernel), chunk_size=CHUNK)
+    values = obj.token_values(
+        fn,
+        obj.Head(hidden, kernel),
+        targets.tokens,
+        teacher=obj.Head(t_hidden, t_kernel),
+        chunk_size=CHUNK,
+    )
     return jnp.sum(values["d"])
 
   for grad in jax.grad(loss, argnums=(0, 1))(t_hidden, t_kernel):
     np.testing.assert_array_equal(grad, 0.0)
 
 
-@pytest.mark.parametrize("recipe_kwargs", [
-    dict(name="opd", estimator="full", divergence="generalized_jsd", divergence_kwargs={"beta": 0.5}),
-    dict(name="opd", estimator="sampled", gamma=1.0)], ids=["jsd_one_pass", "sampled_remat"])
+@pytest.mark.parametrize(
+    "recipe_kwargs",
+    [
+        dict(
+            name="opd",
+            estimator="full",
+            divergence="generalized_jsd",
+            divergence_kwargs={"beta": 0.5},
+        ),
+        dict(name="opd", estimator="sampled", gamma=1.0),
+    ],
+    ids=["jsd_one_pass", "sampled_remat"],
+)
 def test_compiled_opd_step_at_qwen3_vocabulary_holds_no_full_logits(recipe_kwargs):
   """V = 151,936, hidden 64, B·T = 4096: one [B·T, V] float32 buffer would be 2.5 GB."""
   vocab, width, batch, length = 151_936, 64, 16, 256
@@ -234,19 +332,33 @@ def test_compiled_opd_step_at_qwen3_vocabulary_holds_no_full_logits(recipe_kwarg
 
   @jax.jit
   def step(hidden, kernel, t_hidden, t_kernel, tokens, mask):
-    targets = Targets(tokens=tokens, mask=mask, behaviour_logprobs=jnp.zeros(tokens.shape),
-                      model_logprobs=jnp.zeros(tokens.shape))
+    targets = Targets(
+        tokens=tokens,
+        mask=mask,
+        behaviour_logprobs=jnp.zeros(tokens.shape),
+        model_logprobs=jnp.zeros(tokens.shape),
+    )
 
     def loss(hidden, kernel):
-      return batch_loss(recipe, obj.Head(hidden, kernel), obj.Head(t_hidden, t_kernel), targets,
-                        num_tokens=jnp.maximum(jnp.sum(mask), 1).astype(jnp.float32))
+      return batch_loss(
+          recipe,
+          obj.Head(hidden, kernel),
+          obj.Head(t_hidden, t_kernel),
+          targets,
+          num_tokens=jnp.maximum(jnp.sum(mask), 1).astype(jnp.float32),
+      )
 
     return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(hidden, kernel)
 
   f32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.float32)
-  compiled = step.lower(f32(shapes["hidden"]), f32(shapes["kernel"]), f32(shapes["hidden"]),
-                        f32(shapes["kernel"]), jax.ShapeDtypeStruct((batch, length), jnp.int32),
-                        jax.ShapeDtypeStruct((batch, length), bool)).compile()
+  compiled = step.lower(
+      f32(shapes["hidden"]),
+      f32(shapes["kernel"]),
+      f32(shapes["hidden"]),
+      f32(shapes["kernel"]),
+      jax.ShapeDtypeStruct((batch, length), jnp.int32),
+      jax.ShapeDtypeStruct((batch, length), bool),
+  ).compile()
   temp = compiled.memory_analysis().temp_size_in_bytes
   full_logits = batch * length * vocab * 4
   assert full_logits > 2.4e9
@@ -262,17 +374,28 @@ def test_bfloat16_hidden_states_get_bfloat16_gradients():
   bf16 = lambda x: x.astype(jnp.bfloat16)
 
   def one_pass(h, k):
-    return obj.fused.weighted_token_sum(fn, obj.Head(h, k), targets.tokens, weights,
-                                        teacher=obj.Head(bf16(t_hidden), bf16(t_kernel)),
-                                        chunk_size=CHUNK)[0]
+    return obj.fused.weighted_token_sum(
+        fn,
+        obj.Head(h, k),
+        targets.tokens,
+        weights,
+        teacher=obj.Head(bf16(t_hidden), bf16(t_kernel)),
+        chunk_size=CHUNK,
+    )[0]
 
   def remat(h, k):
-    values = obj.token_values(fn, obj.Head(h, k), targets.tokens,
-                              teacher=obj.Head(bf16(t_hidden), bf16(t_kernel)), chunk_size=CHUNK)
+    values = obj.token_values(
+        fn,
+        obj.Head(h, k),
+        targets.tokens,
+        teacher=obj.Head(bf16(t_hidden), bf16(t_kernel)),
+        chunk_size=CHUNK,
+    )
     return jnp.sum(weights * values["loss"])
 
-  reference = jax.grad(remat, argnums=(0, 1))(bf16(hidden).astype(jnp.float32),
-                                               bf16(kernel).astype(jnp.float32))
+  reference = jax.grad(remat, argnums=(0, 1))(
+      bf16(hidden).astype(jnp.float32), bf16(kernel).astype(jnp.float32)
+  )
   for loss in (one_pass, remat):
     value, grads = jax.value_and_grad(loss, argnums=(0, 1))(bf16(hidden), bf16(kernel))
     assert value.dtype == jnp.float32

@@ -19,20 +19,31 @@ def loop_reward_to_go(rewards, mask, gamma):
   out = np.zeros_like(rewards)
   for b in range(rewards.shape[0]):
     for t in range(rewards.shape[1]):
-      out[b, t] = sum(gamma ** (u - t) * rewards[b, u] * mask[b, u]
-                      for u in range(t, rewards.shape[1])) if mask[b, t] else 0.0
+      out[b, t] = (
+          sum(gamma ** (u - t) * rewards[b, u] * mask[b, u] for u in range(t, rewards.shape[1]))
+          if mask[b, t]
+          else 0.0
+      )
   return out
 
 
 @pytest.mark.parametrize("gamma", [0.0, 0.5, 0.9, 1.0])
 def test_reward_to_go_matches_loop(gamma):
   rewards = random_logits(0, (4, 7))
-  mask = jnp.array([[1, 1, 1, 1, 1, 1, 1],
-                    [1, 1, 1, 0, 0, 0, 0],    # right padding
-                    [0, 0, 1, 1, 1, 1, 0],    # left and right padding
-                    [1, 1, 0, 1, 1, 0, 1]])   # holes inside the sequence
-  np.testing.assert_allclose(obj.reward_to_go(rewards, mask, gamma=gamma),
-                             loop_reward_to_go(rewards, mask, gamma), rtol=1e-5, atol=1e-6)
+  mask = jnp.array(
+      [
+          [1, 1, 1, 1, 1, 1, 1],
+          [1, 1, 1, 0, 0, 0, 0],  # right padding
+          [0, 0, 1, 1, 1, 1, 0],  # left and right padding
+          [1, 1, 0, 1, 1, 0, 1],
+      ]
+  )  # holes inside the sequence
+  np.testing.assert_allclose(
+      obj.reward_to_go(rewards, mask, gamma=gamma),
+      loop_reward_to_go(rewards, mask, gamma),
+      rtol=1e-5,
+      atol=1e-6,
+  )
 
 
 def test_reward_to_go_edge_gammas_and_hand_values():
@@ -85,9 +96,10 @@ def test_reward_to_go_bad_input():
 VOCAB, LENGTH = 3, 3
 PREFIXES = [p for t in range(LENGTH) for p in itertools.product(range(VOCAB), repeat=t)]
 PREFIX_INDEX = {p: i for i, p in enumerate(PREFIXES)}
-SEQUENCES = jnp.array(list(itertools.product(range(VOCAB), repeat=LENGTH)))       # [27, 3]
-SEQ_PREFIX = jnp.array([[PREFIX_INDEX[tuple(map(int, s[:t]))] for t in range(LENGTH)]
-                        for s in SEQUENCES])                                        # [27, 3]
+SEQUENCES = jnp.array(list(itertools.product(range(VOCAB), repeat=LENGTH)))  # [27, 3]
+SEQ_PREFIX = jnp.array(
+    [[PREFIX_INDEX[tuple(map(int, s[:t]))] for t in range(LENGTH)] for s in SEQUENCES]
+)  # [27, 3]
 
 
 def tabular_log_probs(table):
@@ -134,14 +146,18 @@ def fixture_tables():
 
 def test_tabular_policy_is_normalised(tables):
   student, _ = tables
-  np.testing.assert_allclose(jnp.sum(jnp.exp(jnp.sum(tabular_log_probs(student), -1))), 1.0,
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+      jnp.sum(jnp.exp(jnp.sum(tabular_log_probs(student), -1))), 1.0, rtol=1e-6
+  )
 
 
 def test_gamma_one_is_the_exact_sequence_level_reverse_kl_gradient(tables):
   student, teacher = tables
-  np.testing.assert_allclose(expected_estimator_grad(student, teacher, 1.0),
-                             jax.grad(sequence_reverse_kl)(student, teacher), atol=1e-6)
+  np.testing.assert_allclose(
+      expected_estimator_grad(student, teacher, 1.0),
+      jax.grad(sequence_reverse_kl)(student, teacher),
+      atol=1e-6,
+  )
 
 
 def test_gamma_zero_is_the_per_prefix_kl_gradient_with_fixed_visitation(tables):
@@ -160,11 +176,15 @@ def test_gamma_zero_and_one_differ_only_where_the_future_matters(tables):
   # Earlier prefixes see the future KL only with γ = 1.
   assert float(jnp.max(jnp.abs(g0[~last] - g1[~last]))) > 1e-2
   # The values agree: the sequence KL is the sum of per-prefix KLs under the visitation.
-  np.testing.assert_allclose(sequence_reverse_kl(student, teacher),
-                             per_prefix_kl_with_fixed_visitation(student, teacher), rtol=1e-5)
+  np.testing.assert_allclose(
+      sequence_reverse_kl(student, teacher),
+      per_prefix_kl_with_fixed_visitation(student, teacher),
+      rtol=1e-5,
+  )
 
 
 # ---------------------------------------------------------------- G-OPD
+
 
 def test_gopd_lambda_one_is_opd_for_any_reference():
   p, q, r = (random_logits(s, (3, 5)) for s in (5, 6, 7))
@@ -177,8 +197,9 @@ def test_gopd_lambda_one_is_opd_for_any_reference():
 def test_gopd_formula_and_edges():
   p, q, r = (random_logits(s, (4,)) for s in (8, 9, 10))
   for lam in (0.0, 0.5, 1.25, 1.5):
-    np.testing.assert_allclose(obj.gopd_rewards(p, q, r, reward_scale=lam),
-                               lam * (q - r) - (p - r), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        obj.gopd_rewards(p, q, r, reward_scale=lam), lam * (q - r) - (p - r), rtol=1e-5, atol=1e-6
+    )
   np.testing.assert_allclose(obj.gopd_rewards(p, q, r, reward_scale=0.0), r - p, rtol=1e-6)
   with pytest.raises(ValueError, match=r"reward_scale \(λ\) must be >= 0, got -1.0"):
     obj.gopd_rewards(p, q, r, reward_scale=-1.0)
@@ -203,10 +224,12 @@ def test_gopd_expected_gradient_is_reverse_kl_to_the_tilted_teacher(lam):
 
 def test_tilted_teacher_logits():
   y, w = random_logits(14, (3, 5)), random_logits(15, (3, 5))
-  np.testing.assert_array_equal(obj.tilted_teacher_logits(y, w, reward_scale=1.0),
-                                jax.nn.log_softmax(y))
-  np.testing.assert_array_equal(obj.tilted_teacher_logits(y, w, reward_scale=0.0),
-                                jax.nn.log_softmax(w))
+  np.testing.assert_array_equal(
+      obj.tilted_teacher_logits(y, w, reward_scale=1.0), jax.nn.log_softmax(y)
+  )
+  np.testing.assert_array_equal(
+      obj.tilted_teacher_logits(y, w, reward_scale=0.0), jax.nn.log_softmax(w)
+  )
   tilted = obj.tilted_teacher_logits(y, w, reward_scale=1.25)
   np.testing.assert_allclose(jnp.sum(jnp.exp(tilted), -1), 1.0, rtol=1e-6)
   expected = jax.nn.log_softmax(1.25 * jax.nn.log_softmax(y) - 0.25 * jax.nn.log_softmax(w))
@@ -214,13 +237,18 @@ def test_tilted_teacher_logits():
   # Extrapolating never resurrects a token the reference rules out.
   masked = obj.tilted_teacher_logits(y[0], w[0].at[2].set(-jnp.inf), reward_scale=1.5)
   assert np.isneginf(masked[2]) and np.all(np.isfinite(np.delete(np.asarray(masked), 2)))
-  np.testing.assert_array_equal(jax.grad(lambda y: jnp.sum(
-      obj.reverse_kl(w, obj.tilted_teacher_logits(y, w, reward_scale=0.5))))(y), 0.0)
+  np.testing.assert_array_equal(
+      jax.grad(
+          lambda y: jnp.sum(obj.reverse_kl(w, obj.tilted_teacher_logits(y, w, reward_scale=0.5)))
+      )(y),
+      0.0,
+  )
   with pytest.raises(ValueError, match="vocabulary sizes differ"):
     obj.tilted_teacher_logits(y, w[:, :4], reward_scale=0.5)
 
 
 # ---------------------------------------------------------------- GRPO and mixing
+
 
 def test_grpo_advantages():
   rewards = jnp.array([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 3.0]])
@@ -228,8 +256,9 @@ def test_grpo_advantages():
   np.testing.assert_allclose(adv[0], [1, -1, -1, 1], rtol=1e-5)
   np.testing.assert_array_equal(adv[1], 0.0)  # no signal in a group of equal rewards
   np.testing.assert_allclose(adv[2], (rewards[2] - 0.75) / np.std([0, 0, 0, 3]), rtol=1e-5)
-  np.testing.assert_allclose(obj.grpo_advantages(rewards, normalize_std=False)[2],
-                             [-0.75, -0.75, -0.75, 2.25])
+  np.testing.assert_allclose(
+      obj.grpo_advantages(rewards, normalize_std=False)[2], [-0.75, -0.75, -0.75, 2.25]
+  )
   np.testing.assert_allclose(jnp.sum(adv, -1), 0.0, atol=1e-5)
   np.testing.assert_allclose(jax.jit(obj.grpo_advantages)(rewards), adv)
   np.testing.assert_allclose(jax.vmap(obj.grpo_advantages)(rewards), adv)
@@ -246,8 +275,10 @@ def test_mix_opd_rl_advantages():
   mixed = obj.mix_opd_rl_advantages(opd, seq, mask, rl_weight=2.0)
   expected = np.where(np.asarray(mask) > 0, np.asarray(opd) + 2.0 * np.asarray(seq)[:, None], 0)
   np.testing.assert_allclose(mixed, expected, rtol=1e-6)
-  np.testing.assert_allclose(obj.mix_opd_rl_advantages(opd, seq, mask, rl_weight=0.0),
-                             np.where(np.asarray(mask) > 0, opd, 0))
+  np.testing.assert_allclose(
+      obj.mix_opd_rl_advantages(opd, seq, mask, rl_weight=0.0),
+      np.where(np.asarray(mask) > 0, opd, 0),
+  )
   with pytest.raises(ValueError, match="rl_weight must be >= 0"):
     obj.mix_opd_rl_advantages(opd, seq, mask, rl_weight=-1.0)
   with pytest.raises(ValueError, match="sequence_advantages has 3 rows, opd_advantages has 2"):

@@ -18,8 +18,13 @@ def test_full_support_equals_full_divergence():
   z, y = random_logits(0, (3, 8)), random_logits(1, (3, 8))
   for name, fn in DIVERGENCE_CASES.items():
     for source in ("teacher", "student"):
-      np.testing.assert_allclose(obj.topk_divergence(fn, z, y, k=8, source=source), fn(z, y),
-                                 rtol=1e-5, atol=1e-6, err_msg=name)
+      np.testing.assert_allclose(
+          obj.topk_divergence(fn, z, y, k=8, source=source),
+          fn(z, y),
+          rtol=1e-5,
+          atol=1e-6,
+          err_msg=name,
+      )
 
 
 def test_renormalised_on_teacher_topk():
@@ -32,15 +37,17 @@ def test_renormalised_on_teacher_topk():
   np.testing.assert_allclose(jax.nn.softmax(restricted.student), p[ids] / p[ids].sum(), rtol=1e-5)
   np.testing.assert_allclose(jax.nn.softmax(restricted.teacher), q[ids] / q[ids].sum(), rtol=1e-5)
   p_s, q_s = p[ids] / p[ids].sum(), q[ids] / q[ids].sum()
-  np.testing.assert_allclose(obj.topk_divergence(obj.reverse_kl, z, y, k=3),
-                             np.sum(p_s * np.log(p_s / q_s)), rtol=1e-5)
+  np.testing.assert_allclose(
+      obj.topk_divergence(obj.reverse_kl, z, y, k=3), np.sum(p_s * np.log(p_s / q_s)), rtol=1e-5
+  )
 
 
 def test_student_topk_support():
   z, y = random_logits(4, (2, 9)), random_logits(5, (2, 9))
   restricted = obj.restrict_to_topk(z, y, k=4, source="student")
-  np.testing.assert_array_equal(np.sort(restricted.token_ids, -1),
-                                np.sort(np.argsort(-np.asarray(z), -1)[:, :4], -1))
+  np.testing.assert_array_equal(
+      np.sort(restricted.token_ids, -1), np.sort(np.argsort(-np.asarray(z), -1)[:, :4], -1)
+  )
 
 
 def test_no_gradient_outside_the_support():
@@ -62,42 +69,67 @@ def test_tail_bucket_is_a_coarse_graining():
     coarse = obj.topk_divergence(fn, z, y, k=4, tail_bucket=True)
     assert np.all(coarse <= fn(z, y) + 1e-5), name
   # With k = V the tail is empty and the result is the full divergence.
-  np.testing.assert_allclose(obj.topk_divergence(obj.reverse_kl, z, y, k=12, tail_bucket=True),
-                             obj.reverse_kl(z, y), rtol=1e-5)
+  np.testing.assert_allclose(
+      obj.topk_divergence(obj.reverse_kl, z, y, k=12, tail_bucket=True),
+      obj.reverse_kl(z, y),
+      rtol=1e-5,
+  )
 
 
 def test_union_with_sampled_token():
   z, y = random_logits(10, (2, 9)), random_logits(11, (2, 9))
   top = np.argsort(-np.asarray(y), -1)[:, :3]
   inside = jnp.array([top[0, 1], top[1, 0]])
-  outside = jnp.array([np.setdiff1d(np.arange(9), top[0])[0], np.setdiff1d(np.arange(9), top[1])[2]])
+  outside = jnp.array(
+      [np.setdiff1d(np.arange(9), top[0])[0], np.setdiff1d(np.arange(9), top[1])[2]]
+  )
   # A sampled token already in the top K adds nothing.
   np.testing.assert_allclose(
       obj.topk_divergence(obj.reverse_kl, z, y, k=3, sampled_tokens=inside),
-      obj.topk_divergence(obj.reverse_kl, z, y, k=3), rtol=1e-6)
+      obj.topk_divergence(obj.reverse_kl, z, y, k=3),
+      rtol=1e-6,
+  )
   # One outside the top K joins the support.
   union = obj.restrict_to_topk(z, y, k=3, sampled_tokens=outside)
   assert union.student.shape == (2, 4)
   p = softmax64(z)
   for row in range(2):
     ids = np.append(top[row], int(outside[row]))
-    np.testing.assert_allclose(jax.nn.softmax(union.student[row]), p[row, ids] / p[row, ids].sum(),
-                               rtol=1e-5)
-  grad = jax.grad(lambda z: jnp.sum(obj.topk_divergence(
-      obj.reverse_kl, z, y, k=3, sampled_tokens=outside)))(z)
+    np.testing.assert_allclose(
+        jax.nn.softmax(union.student[row]), p[row, ids] / p[row, ids].sum(), rtol=1e-5
+    )
+  grad = jax.grad(
+      lambda z: jnp.sum(obj.topk_divergence(obj.reverse_kl, z, y, k=3, sampled_tokens=outside))
+  )(z)
   assert grad[0, int(outside[0])] != 0
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(), dict(source="student"), dict(tail_bucket=True), dict(sampled_tokens=jnp.array([0, 5])),
-    dict(sampled_tokens=jnp.array([1, 2]), tail_bucket=True, temperature=1.5)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(),
+        dict(source="student"),
+        dict(tail_bucket=True),
+        dict(sampled_tokens=jnp.array([0, 5])),
+        dict(sampled_tokens=jnp.array([1, 2]), tail_bucket=True, temperature=1.5),
+    ],
+)
 @pytest.mark.parametrize("name", ["reverse_kl", "forward_kl", "jsd_0.5", "alpha_0.3"])
 def test_topk_finite_difference_gradients(kwargs, name):
   fn = DIVERGENCE_CASES[name]
   with jax.enable_x64(True):
-    z, y = random_logits(12, (2, 7), dtype=jnp.float64), random_logits(13, (2, 7), dtype=jnp.float64)
-    check_grads(lambda z: obj.topk_divergence(fn, z, y, k=3, **kwargs), (z,), order=1,
-                modes=("rev",), eps=1e-5, atol=1e-5, rtol=1e-5)
+    z, y = random_logits(12, (2, 7), dtype=jnp.float64), random_logits(
+        13, (2, 7), dtype=jnp.float64
+    )
+    check_grads(
+        lambda z: obj.topk_divergence(fn, z, y, k=3, **kwargs),
+        (z,),
+        order=1,
+        modes=("rev",),
+        eps=1e-5,
+        atol=1e-5,
+        rtol=1e-5,
+    )
 
 
 def test_topk_with_masked_vocabulary_is_finite():
@@ -106,7 +138,9 @@ def test_topk_with_masked_vocabulary_is_finite():
   y = jnp.array([2.0, 1.0, -jnp.inf, -jnp.inf, -jnp.inf])
   for fn in (obj.forward_kl, functools.partial(obj.generalized_jsd, beta=0.5), obj.total_variation):
     for tail in (False, True):
-      value, grad = jax.value_and_grad(lambda z: obj.topk_divergence(fn, z, y, k=3, tail_bucket=tail))(z)
+      value, grad = jax.value_and_grad(
+          lambda z, fn=fn, tail=tail: obj.topk_divergence(fn, z, y, k=3, tail_bucket=tail)
+      )(z)
       assert np.isfinite(value) and np.all(np.isfinite(grad))
 
 
@@ -145,11 +179,13 @@ def test_topk_jit_and_vmap():
   fn = functools.partial(obj.topk_divergence, obj.reverse_kl, k=3, tail_bucket=True)
   eager = fn(z, y, sampled_tokens=tokens)
   np.testing.assert_allclose(jax.jit(fn)(z, y, sampled_tokens=tokens), eager, rtol=1e-6)
-  np.testing.assert_allclose(jax.vmap(lambda a, b, t: fn(a, b, sampled_tokens=t))(z, y, tokens),
-                             eager, rtol=1e-6)
+  np.testing.assert_allclose(
+      jax.vmap(lambda a, b, t: fn(a, b, sampled_tokens=t))(z, y, tokens), eager, rtol=1e-6
+  )
   diag = jax.jit(functools.partial(obj.support_diagnostics, k=3))(z, y)
-  np.testing.assert_allclose(jax.vmap(functools.partial(obj.support_diagnostics, k=3))(z, y).overlap,
-                             diag.overlap)
+  np.testing.assert_allclose(
+      jax.vmap(functools.partial(obj.support_diagnostics, k=3))(z, y).overlap, diag.overlap
+  )
 
 
 # ---------------------------------------------------------------- reductions
@@ -171,14 +207,16 @@ def test_reductions_all_masked_and_poisoned():
   poisoned = VALUES.at[1, 3].set(jnp.nan).at[2, 0].set(jnp.inf)
   for reduce in (obj.masked_sum, obj.token_mean, obj.sequence_mean):
     assert float(reduce(VALUES, empty)) == 0.0
-    grad = jax.grad(lambda v: reduce(v, empty))(VALUES)
+    grad = jax.grad(lambda v, reduce=reduce: reduce(v, empty))(VALUES)
     np.testing.assert_array_equal(grad, 0.0)
-    value, grad = jax.value_and_grad(lambda v: reduce(v, MASK))(poisoned)
+    value, grad = jax.value_and_grad(lambda v, reduce=reduce: reduce(v, MASK))(poisoned)
     np.testing.assert_allclose(value, reduce(VALUES, MASK))
     assert np.all(np.isfinite(grad))
     np.testing.assert_allclose(jax.jit(reduce)(VALUES, MASK), reduce(VALUES, MASK))
-    np.testing.assert_allclose(jax.vmap(reduce)(VALUES[:, None], MASK[:, None]),
-                               [reduce(VALUES[i:i + 1], MASK[i:i + 1]) for i in range(3)])
+    np.testing.assert_allclose(
+        jax.vmap(reduce)(VALUES[:, None], MASK[:, None]),
+        [reduce(VALUES[i : i + 1], MASK[i : i + 1]) for i in range(3)],
+    )
 
 
 def test_reductions_bad_input():
