@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from opdjax.errors import ConfigError
+
 
 def base_config() -> ml_collections.ConfigDict:
   """All settings with their defaults: an OPD run on synthetic addition, with the precision a
@@ -143,16 +145,29 @@ def float32(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
+# Each synthetic task's default difficulty and lengths (prompt tokens, completion tokens incl.
+# EOS). modular_chain at 12 steps is the long-horizon task: 24-token answers in which every
+# value depends on the one before, so an early mistake spoils the rest of the completion.
+TASK_SHAPES = {
+    "addition": dict(difficulty=2, prompt_length=8, completion_length=8),
+    "modular_chain": dict(difficulty=12, prompt_length=40, completion_length=24),
+}
+
+
+def task_section(c: ml_collections.ConfigDict, task: str) -> ml_collections.ConfigDict:
+  """Sets `c.task` to `task` with its `TASK_SHAPES` defaults (in place; returns `c`)."""
+  if task not in TASK_SHAPES:
+    raise ConfigError(f"unknown task {task!r}; valid: {sorted(TASK_SHAPES)}")
+  c.task.name = task
+  c.task.update(TASK_SHAPES[task])
+  return c
+
+
 def teacher_config(task: str = "addition") -> ml_collections.ConfigDict:
   """SFT of the `teacher-small` preset from scratch. On 2-digit addition its held-out greedy
   accuracy jumps late and the jump's timing is sensitive to float rounding (0.40-0.73 at 600
   steps across code versions), so it trains for 1000 steps (0.69 measured)."""
-  c = float32(base_config())
-  c.task.name = task
-  if task == "modular_chain":
-    c.task.difficulty = 3
-    c.task.prompt_length = 12
-    c.task.completion_length = 8
+  c = task_section(float32(base_config()), task)
   c.student.preset = "teacher-small"  # the model being trained here is the teacher
   c.recipe.name = "sft"
   c.optimizer.learning_rate = 2e-3
@@ -190,4 +205,19 @@ def distill_config(recipe: dict) -> ml_collections.ConfigDict:
   # Below the rate the warm start ended at (2e-4): a fresh Adam state at a higher rate
   # first knocks the student off its solution (seen as a dip for every method).
   c.optimizer.learning_rate = 1e-4
+  return c
+
+
+def tiny_stage(c: ml_collections.ConfigDict, steps: int) -> ml_collections.ConfigDict:
+  """Shrinks a stage for an experiment's `:tiny` variant (the test suite's size): `steps`
+  updates of 8 rows from 32 training prompts, 8 held-out prompts, one device (in place)."""
+  c.train.steps = steps
+  c.train.batch_size = 8
+  c.train.save_every = steps
+  c.train.log_every = 1
+  c.train.tensorboard = False
+  c.task.train_size = 32
+  c.task.eval_size = 8
+  c.eval.batch_size = 8
+  c.mesh.shape = (1,)
   return c

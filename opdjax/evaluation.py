@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 from opdjax import objectives as obj
-from opdjax.data import PromptSet, verify
+from opdjax.data import PromptSet, step_credit, verify
 from opdjax.distributed import all_rows, global_batch, local_rows
 from opdjax.recipes.base import inputs_of, join, metric_pairs, sampled_token_values, targets_of
 from opdjax.sampling import Generation, SamplingParams, generate
@@ -35,6 +35,11 @@ def decode_completions(tokenizer, gen: Generation) -> list[str]:
 
 def verified(tokenizer, gen: Generation, answers) -> list[bool]:
   return [verify(c, a) for c, a in zip(decode_completions(tokenizer, gen), answers)]
+
+
+def credited(tokenizer, gen: Generation, answers) -> list[float]:
+  """Each row's `step_credit`: the fraction of steps right before its first mistake."""
+  return [step_credit(c, a) for c, a in zip(decode_completions(tokenizer, gen), answers)]
 
 
 def accuracy(tokenizer, gen: Generation, answers) -> float:
@@ -79,7 +84,8 @@ def evaluate(
     chunk_size: int = 0,
     batch_sharding=None,
 ) -> dict[str, float]:
-  """Greedy and sampled accuracy, lengths, truncation; with a teacher, KLs to it.
+  """Greedy and sampled accuracy, greedy step credit (`tasks.step_credit`), lengths,
+  truncation; with a teacher, KLs to it.
 
   `sequence_reverse_kl` is `E_{y~student}[Σ_t log p/q]` and `sequence_forward_kl`
   `E_{y~teacher}[Σ_t log q/p]` (Monte Carlo over the held-out prompts); the `token_*` KLs
@@ -91,7 +97,8 @@ def evaluate(
   on several processes each process feeds and verifies its share of a block's rows and the
   means are taken over all of them, so every process returns the same numbers.
   """
-  greedy_ok, sampled_ok, lengths, truncated, reverse, forward = [], [], [], [], [], []
+  greedy_ok, sampled_ok, greedy_credit, lengths, truncated = [], [], [], [], []
+  reverse, forward = [], []
   token_sums: dict[str, list] = {}
   sample = SamplingParams(temperature=temperature)
   models = (*nnx.split(student), *nnx.split(teacher)) if teacher is not None else ()
@@ -120,6 +127,7 @@ def evaluate(
     greedy = run(student, key=block_key, sampling=SamplingParams(greedy=True))
     sampled = run(student, key=jax.random.fold_in(block_key, 1), sampling=sample)
     greedy_ok += verified(tokenizer, greedy, answers)
+    greedy_credit += credited(tokenizer, greedy, answers)
     sampled_ok += verified(tokenizer, sampled, answers)
     lengths += local_rows(sampled.lengths).tolist()
     truncated += local_rows(sampled.truncated).tolist()
@@ -134,13 +142,14 @@ def evaluate(
       token_sums.setdefault(name, []).append((float(total), float(count)))
     per_row_teacher, _ = score(run(teacher, key=jax.random.fold_in(block_key, 2), sampling=sample))
     forward += (-local_rows(per_row_teacher)).tolist()
-  greedy_ok, sampled_ok, lengths, truncated, reverse, forward = (
+  greedy_ok, sampled_ok, greedy_credit, lengths, truncated, reverse, forward = (
       all_rows(np.asarray(x, np.float64))
-      for x in (greedy_ok, sampled_ok, lengths, truncated, reverse, forward)
+      for x in (greedy_ok, sampled_ok, greedy_credit, lengths, truncated, reverse, forward)
   )
   results = {
       "accuracy_greedy": float(np.mean(greedy_ok)),
       "accuracy_sampled": float(np.mean(sampled_ok)),
+      "step_credit_greedy": float(np.mean(greedy_credit)),
       "completion_length": float(np.mean(lengths)),
       "truncation_rate": float(np.mean(truncated)),
   }

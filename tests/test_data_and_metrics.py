@@ -41,6 +41,40 @@ def test_tasks_are_deterministic_verifiable_and_split():
     tasks.split("addition", difficulty=1, size=500, held_out=True)
 
 
+def test_step_credit_counts_steps_before_the_first_mistake():
+  assert tasks.step_credit("7,4,7", "7,4,7") == 1.0
+  assert tasks.step_credit(" 7,4,7 ", "7,4,7") == 1.0
+  assert tasks.step_credit("7,4,9", "7,4,7") == pytest.approx(2 / 3)
+  # A later step that matches after a mistake is not credited (it was computed from a wrong
+  # value), and an early mistake costs more than a late one.
+  assert tasks.step_credit("7,5,7", "7,4,7") == pytest.approx(1 / 3)
+  assert tasks.step_credit("1,4,7", "7,4,7") == 0.0
+  assert tasks.step_credit("7,4", "7,4,7") == pytest.approx(2 / 3)  # stopped early
+  assert tasks.step_credit("7,4,7,1", "7,4,7") == 1.0  # extra steps are not credited
+  assert tasks.step_credit("42", "42") == 1.0 and tasks.step_credit("41", "42") == 0.0
+  assert tasks.step_credit("", "7,4,7") == 0.0
+
+
+def test_long_horizon_task_shape_fits_its_config():
+  """modular_chain's default (the long-horizon task): answers of 24 tokens with EOS, and
+  prompts and answers that fit the configured lengths for every training problem drawn."""
+  from opdjax.configs import TASK_SHAPES, base_config, task_section
+
+  c = task_section(base_config(), "modular_chain")
+  assert c.task.difficulty == 12 and c.task.completion_length >= 24
+  tok = char_tokenizer()
+  prompts = encode(
+      synthetic_records("modular_chain", difficulty=12, size=50, held_out=False),
+      tok,
+      prompt_length=c.task.prompt_length,
+      answer_length=c.task.completion_length,
+  )
+  assert prompts.answer_mask.sum(1).min() >= 24
+  with pytest.raises(ValueError, match=r"unknown task 'sorting'; valid: \['addition'"):
+    task_section(base_config(), "sorting")
+  assert set(TASK_SHAPES) == set(tasks.TASKS)
+
+
 def test_tokenizer_round_trip_and_encoding():
   tok = char_tokenizer()
   ids = tok("12+34=", add_special_tokens=False)["input_ids"]
@@ -185,3 +219,30 @@ def test_writer_truncates_after_resume_and_table(tmp_path):
       {"run": [{"step": 1, "split": "eval", "acc": 0.5}]}, ["acc"], tmp_path / "plot.png"
   )
   assert path.stat().st_size > 1000
+
+
+def test_evaluation_credits_decoded_completions_against_their_own_answers():
+  """`credited` decodes each row up to its length and scores it against that row's answer
+  (a row shift or decoding past the EOS would change the credits)."""
+  import jax.numpy as jnp
+
+  from opdjax.evaluation import credited, verified
+  from opdjax.sampling import Generation
+
+  tok = char_tokenizer()
+  texts = ["7,4,9", "1,2,3", "5,5"]
+  ids = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
+  width = max(map(len, ids)) + 2
+  tokens = np.zeros((3, width), np.int32)
+  for row, seq in zip(tokens, ids):
+    row[: len(seq)] = seq
+    row[len(seq) :] = tok("8", add_special_tokens=False)["input_ids"][0]  # junk past the end
+  lengths = np.array([len(seq) for seq in ids], np.int32)
+  mask = np.arange(width)[None] < lengths[:, None]
+  zeros = jnp.zeros((3, width), jnp.float32)
+  gen = Generation(
+      jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(lengths), jnp.zeros(3, bool), zeros, zeros
+  )
+  answers = ["7,4,7", "1,2,3", "5,5,5,5"]
+  np.testing.assert_allclose(credited(tok, gen, answers), [2 / 3, 1.0, 0.5])
+  assert verified(tok, gen, answers) == [False, True, False]

@@ -9,5 +9,5 @@ from opdjax.data.pipeline import (
     load_jsonl,
     synthetic_records,
 )
-from opdjax.data.tasks import verify
+from opdjax.data.tasks import step_credit, verify
 from opdjax.data.tokenizer import char_tokenizer

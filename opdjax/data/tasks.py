@@ -2,7 +2,8 @@
 
 Each task maps an integer index to a `Problem(prompt, answer)` deterministically, keeps a
 fixed held-out split (problems whose index hashes into the held-out bucket never appear
-in training), and has a difficulty knob. `verify(completion, answer)` is exact match.
+in training), and has a difficulty knob. `verify(completion, answer)` is exact match, and
+`step_credit(completion, answer)` the fraction of steps right before the first mistake.
 """
 
 from __future__ import annotations
@@ -91,3 +92,25 @@ def split(
 def verify(completion: str, answer: str) -> bool:
   """Exact match after stripping surrounding whitespace."""
   return completion.strip() == answer.strip()
+
+
+def step_credit(completion: str, answer: str) -> float:
+  """Per-step partial credit: the fraction of the answer's comma-separated steps that the
+  completion gets right, step by step from the left, up to its first wrong step.
+
+  A chain's later values are computed from the earlier ones, so a step after a mistake is
+  not counted even if it happens to match. A completion with extra steps gets no credit
+  for them and loses none; exact answers score 1 (and single-step answers score like
+  `verify`).
+
+  >>> step_credit("7,4,9", "7,4,7"), step_credit("7,5,7", "7,4,7"), step_credit("7,4,7", "7,4,7")
+  (0.6666666666666666, 0.3333333333333333, 1.0)
+  """
+  expected = answer.strip().split(",")
+  given = completion.strip().split(",")
+  correct = 0
+  for got, want in zip(given, expected):
+    if got != want:
+      break
+    correct += 1
+  return correct / len(expected)
