@@ -106,6 +106,27 @@ def format_table(rows: list[Mapping], columns: Iterable[str]) -> str:
   return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
 
 
+def _figure(panels: int):
+  """A row of `panels` axes on a pyplot-free `Figure`: no global backend is switched, so
+  plotting from a training run leaves a notebook's inline plots alone."""
+  from matplotlib.figure import Figure
+
+  fig = Figure(figsize=(4.4 * panels, 3.5))
+  return fig, fig.subplots(1, panels, squeeze=False)[0]
+
+
+def _save(fig, path: str | Path, title: str) -> Path:
+  from etils import epath
+
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  path = epath.Path(path)
+  with path.open("wb") as f:  # through epath, so a gs:// workdir works
+    fig.savefig(f, dpi=110, format="png")
+  return path if "://" in str(path) else Path(str(path))
+
+
 def plot_curves(
     series: Mapping[str, list[dict]],
     keys: Iterable[str],
@@ -115,14 +136,9 @@ def plot_curves(
     title: str = "",
 ) -> Path:
   """One panel per metric key, one line per named run; saves a PNG and returns its path."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
   keys = list(keys)
-  fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
-  for ax, key in zip(axes[0], keys):
+  fig, axes = _figure(len(keys))
+  for ax, key in zip(axes, keys):
     for name, history in series.items():
       points = [(r["step"], r[key]) for r in history if r.get("split") == split and key in r]
       if points:
@@ -131,17 +147,39 @@ def plot_curves(
     ax.set_title(key)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
-  axes[0][0].legend(fontsize=8)
-  if title:
-    fig.suptitle(title)
-  fig.tight_layout()
-  from etils import epath
+  axes[0].legend(fontsize=8)
+  return _save(fig, path, title)
 
-  path = epath.Path(path)
-  with path.open("wb") as f:  # through epath, so a gs:// workdir works
-    fig.savefig(f, dpi=110, format="png")
-  plt.close(fig)
-  return path if "://" in str(path) else Path(str(path))
+
+def plot_panels(panels: list[Mapping], path: str | Path | None = None, *, title: str = ""):
+  """Draws an experiment's result panels; saves a PNG when `path` is given.
+
+  Each panel is `{"title", "x" (axis label), "series": {label: {"x": [...], "y": [...],
+  "std": [...] (optional band)}}, "log_y": bool (optional)}`, the form experiments store in
+  their results JSON, so `notebooks/03_results.ipynb` redraws the same figure from it.
+
+  Returns:
+    The saved path, or the `matplotlib.figure.Figure` when `path` is None.
+  """
+  fig, axes = _figure(len(panels))
+  for ax, panel in zip(axes, panels):
+    for label, line in panel["series"].items():
+      ax.plot(line["x"], line["y"], "o-", markersize=3, label=label)
+      if "std" in line:
+        y, s = np.asarray(line["y"], float), np.asarray(line["std"], float)
+        ax.fill_between(line["x"], y - s, y + s, alpha=0.2)
+    ax.set_xlabel(panel["x"])
+    ax.set_title(panel["title"], fontsize=10)
+    if panel.get("log_y"):
+      ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  if path is None:
+    if title:
+      fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+  return _save(fig, path, title)
 
 
 def mean_and_std(values: Iterable[float]) -> tuple[float, float]:
