@@ -42,7 +42,7 @@ import ml_collections
 import numpy as np
 
 from opdjax import checkpoint, distributed, metrics
-from opdjax.configs import distill_config, teacher_config, warmstart_config
+from opdjax.configs import distill_config, teacher_config, tiny_stage, warmstart_config
 from opdjax.errors import ConfigError
 from opdjax.stages import run_stages
 
@@ -82,15 +82,9 @@ def get_config(arg=None):
   method.train.save_every = 200
   method.eval.every = 50
   if tiny:
-    for stage, steps in ((teacher, 8), (warmstart, 4), (method, 4)):
-      stage.train.steps = steps
-      stage.train.batch_size = 8
-      stage.train.save_every = steps
-      stage.train.log_every = 2
-      stage.task.train_size = 64
-      stage.task.eval_size = 16
-      stage.train.tensorboard = False
-    teacher.eval.every = 8
+    for stage, steps in ((teacher, 4), (warmstart, 2), (method, 2)):
+      tiny_stage(stage, steps)
+    teacher.eval.every = 4
     method.eval.every = 2
   c.stages.teacher = teacher
   c.stages.warmstart = warmstart
