@@ -181,9 +181,9 @@ def teacher_config(task: str = "addition") -> ml_collections.ConfigDict:
   return c
 
 
-def warmstart_config() -> ml_collections.ConfigDict:
+def warmstart_config(task: str = "addition") -> ml_collections.ConfigDict:
   """SFT of the `student-small` preset long enough to start solving the task (~1000 steps)."""
-  c = float32(base_config())
+  c = task_section(float32(base_config()), task)
   c.recipe.name = "sft"
   c.student.preset = "student-small"
   c.optimizer.learning_rate = 2e-3
@@ -195,9 +195,9 @@ def warmstart_config() -> ml_collections.ConfigDict:
   return c
 
 
-def distill_config(recipe: dict) -> ml_collections.ConfigDict:
+def distill_config(recipe: dict, task: str = "addition") -> ml_collections.ConfigDict:
   """A distillation stage from the `warmstart` stage toward the `teacher` stage."""
-  c = float32(base_config())
+  c = task_section(float32(base_config()), task)
   c.student.preset = "student-small"  # informational: the weights come from init_from
   c.student.init_from = "@warmstart"
   c.teacher.checkpoint = "@teacher"
@@ -221,3 +221,61 @@ def tiny_stage(c: ml_collections.ConfigDict, steps: int) -> ml_collections.Confi
   c.eval.batch_size = 8
   c.mesh.shape = (1,)
   return c
+
+
+class _ReadRecorder:
+  """A read-only view of a config section that records which keys are read."""
+
+  def __init__(self, section: ml_collections.ConfigDict):
+    self._section, self.read = section, set()
+
+  def __getattr__(self, key):
+    self.read.add(key)
+    return getattr(self._section, key)
+
+  def __getitem__(self, key):
+    self.read.add(key)
+    return self._section[key]
+
+  def get(self, key, default=None):
+    self.read.add(key)
+    return self._section.get(key, default)
+
+  def __contains__(self, key):
+    return key in self._section
+
+
+def applicable(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` with only the settings its run reads, as `--dry_run` prints it.
+
+  The recipe section keeps the keys its recipe's `build` reads (recorded while building, so
+  the list cannot drift from the code); model sections appear only for the roles the recipe
+  uses (`teacher`, or `teachers` when routing; `reference`), and not for a self-distillation
+  recipe, whose teachers are the student's own weights. Multi-stage experiments are pruned
+  stage by stage."""
+  from opdjax import recipes
+
+  shown = ml_collections.ConfigDict(config.to_dict())
+  for name, value in config.items():  # stages, a method template, ...
+    if isinstance(value, ml_collections.ConfigDict) and "recipe" not in config:
+      shown[name] = applicable(value)
+  if "recipe" not in config:
+    return shown
+  recorder = _ReadRecorder(config.recipe)
+  recipe = recipes.build(recorder)
+  read = {"name", *recorder.read}
+  for key in list(shown.recipe.keys()):
+    if key not in read:
+      del shown.recipe[key]
+  external = recipe.self_teacher is None
+  uses_teacher = external and ("teacher" in recipe.roles or recipe.source == "teacher")
+  routed = bool(list(config.get("teachers", {}).keys()))
+  keep = {
+      "teacher": uses_teacher and not routed,
+      "teachers": uses_teacher and routed,
+      "reference": external and "reference" in recipe.roles,
+  }
+  for section, kept in keep.items():
+    if section in shown and not kept:
+      del shown[section]
+  return shown

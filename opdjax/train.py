@@ -185,7 +185,9 @@ def main(argv=None) -> int:
 
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     if args.dry_run and distributed.is_main():
-      print(config)
+      from opdjax.configs import applicable
+
+      print(applicable(config))  # only the settings this run reads
     workdir = args.workdir or str(Path("workdirs") / (name + (f"_{arg}" if arg else "")))
     enable_compilation_cache()
     from opdjax import trainer  # heavy imports only when training

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -270,6 +271,35 @@ def test_cli_list_and_dry_run(capsys):
   assert code == 0 and "steps: 7" in out
 
 
+def test_dry_run_shows_only_the_settings_a_run_reads():
+  def shown(**recipe):
+    c = configs.base_config()
+    c.recipe.update(recipe)
+    return configs.applicable(c)
+
+  sft = shown(name="sft")
+  assert dict(sft.recipe) == {"name": "sft"}
+  assert "teacher" not in sft and "reference" not in sft and "teachers" not in sft
+  opd = shown(name="opd", estimator="sampled")
+  assert {"gamma", "correction"} <= set(opd.recipe) and "reward_scale" not in opd.recipe
+  assert "divergence" not in opd.recipe and "teacher" in opd and "reference" not in opd
+  full = shown(name="opd", estimator="full", divergence="generalized_jsd")
+  assert "divergence" in full.recipe and "gamma" not in full.recipe
+  gopd = shown(name="gopd", estimator="sampled")
+  assert "reward_scale" in gopd.recipe and "reference" in gopd and "teacher" in gopd
+  grpo = shown(name="grpo")
+  assert {"group_size", "opd_weight"} <= set(grpo.recipe) and "teacher" not in grpo
+  assert "teacher" in shown(name="grpo", opd_weight=0.5)
+  assert "teacher" in shown(name="seqkd")  # it samples from the teacher
+  self_distill = shown(name="self_distill", teacher_mode="ema")
+  assert "teacher" not in self_distill and "ema_rate" in self_distill.recipe
+  routed = configs.base_config()
+  routed.teachers.addition = configs.teacher_section(checkpoint="somewhere")
+  assert "teachers" in configs.applicable(routed) and "teacher" not in configs.applicable(routed)
+  staged = configs.applicable(ml_collections.ConfigDict({"stages": {"a": configs.teacher_config()}}))
+  assert "teacher" not in staged.stages.a and staged.stages.a.student.preset == "teacher-small"
+
+
 def test_cli_runs_a_users_own_experiment_file(capsys, tmp_path):
   path = tmp_path / "my_exp.py"
   path.write_text(
@@ -404,12 +434,21 @@ def test_compare_objectives_tiny(capsys, tmp_path):
       "compare_objectives:tiny",
       "--workdir",
       str(tmp_path),
-      "--exp.methods=opd_reverse_kl",
-  )  # one method: suite time
+      "--exp.methods=sft,opd_sampled_g0",
+  )  # one method of each family: suite time
   assert code == 0, err
-  assert "opd_reverse_kl" in out and "teacher held-out greedy accuracy" in out
+  assert "opd_sampled_g0" in out and "teacher held-out greedy accuracy" in out
   summary = json.loads((tmp_path / "compare_objectives.json").read_text())
-  assert set(summary["methods"]) == {"opd_reverse_kl"}
+  assert summary["task"] == "modular_chain" and summary["claim"] and summary["verdict"]
+  assert set(summary["methods"]) == {"sft", "opd_sampled_g0"}
+  # OPD samples with the student and scores with the teacher on top of the same update.
+  sft, opd = (summary["methods"][m]["flops_per_update"] for m in ("sft", "opd_sampled_g0"))
+  assert opd["update"] == sft["update"] and sft["sampling"] == sft["scoring"] == 0
+  assert opd["total"] > sft["total"]
+  for key, value in summary["teacher_after_mistakes"].items():
+    assert 0 <= value <= (np.log(64) if key.endswith("entropy") else 1), key
+  axes = {p["x"] for p in summary["panels"]}
+  assert axes == {"update", "FLOPs", "trained completion tokens"}
   assert (tmp_path / "compare_objectives.png").exists()
 
 
