@@ -867,19 +867,38 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
       )
   )
 
+  # Routed teachers are evaluated each on its own held-out rows, as `NAME/metric`.
+  routed_teachers = [
+      n for n in members(run_setup, "teacher") if n.startswith("teacher/") and n in frozen_models
+  ]
+
   def run_eval(step, params):
-    results = evaluate(
+    evaluate_on = functools.partial(
+        evaluate,
         nnx.merge(graphdef, params),
-        eval_set,
-        tokenizer,
+        tokenizer=tokenizer,
         key=eval_key,
         max_new_tokens=completion_length,
-        teacher=teacher,
         temperature=config.eval.temperature,
         batch_size=config.eval.batch_size,
         chunk_size=config.train.loss_chunk_size,
         batch_sharding=batch_sharding,
     )
+    if not routed_teachers:
+      results = evaluate_on(eval_set, teacher=teacher)
+    else:  # the unprefixed metrics: the teachers' values weighted by their rows
+      results, counts = {}, {}
+      for route, name in enumerate(routed_teachers):
+        rows = eval_set.routed_to(route)
+        if len(rows):
+          counts[name] = len(rows)
+          part = evaluate_on(rows, teacher=frozen_models[name])
+          results |= {f"{name.split('/', 1)[1]}/{k}": v for k, v in part.items()}
+      total = sum(counts.values())
+      for key in {k.split("/", 1)[1] for k in results}:
+        results[key] = sum(
+            results[f"{n.split('/', 1)[1]}/{key}"] * c / total for n, c in counts.items()
+        )
     writer.write(step, "eval", results)
     return results
 

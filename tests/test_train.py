@@ -296,7 +296,9 @@ def test_dry_run_shows_only_the_settings_a_run_reads():
   routed = configs.base_config()
   routed.teachers.addition = configs.teacher_section(checkpoint="somewhere")
   assert "teachers" in configs.applicable(routed) and "teacher" not in configs.applicable(routed)
-  staged = configs.applicable(ml_collections.ConfigDict({"stages": {"a": configs.teacher_config()}}))
+  staged = configs.applicable(
+      ml_collections.ConfigDict({"stages": {"a": configs.teacher_config()}})
+  )
   assert "teacher" not in staged.stages.a and staged.stages.a.student.preset == "teacher-small"
 
 
@@ -581,7 +583,7 @@ def test_teachers_score_each_row_by_the_teacher_it_names(tmp_path):
     config = tiny("opd", estimator="full", divergence="reverse_kl")
     config.task.train_jsonl = str(path)
     config.train.steps = 2
-    config.eval.every = 0
+    config.eval.every = 2 if tag in ("single_a", "routed_a", "mixed") else 0
     if single:
       config.teacher.hf_path = str(single)
     else:
@@ -589,17 +591,29 @@ def test_teachers_score_each_row_by_the_teacher_it_names(tmp_path):
         config.teachers[name] = configs.teacher_section(
             hf_path=str(where), dtype="float32", param_dtype="float32"
         )
-    trainer.run(config, tmp_path / tag, quiet=True)
+    evals[tag] = trainer.run(config, tmp_path / tag, quiet=True).final_eval
     abstract = nnx.state(Decoder(checkpoint.read_model_config(tmp_path / tag), rngs=nnx.Rngs(0)))
     flat = nnx.to_flat_state(checkpoint.restore_params(tmp_path / tag, abstract))
     return {str(p): np.asarray(v.get_value()) for p, v in flat}
 
+  evals = {}
   single_a = run("single_a", [""] * 16, single=tmp_path / "a")
   routed_a = run("routed_a", ["a"] * 16)
   mixed = run("mixed", ["a", "b"] * 8)
   for name in single_a:
     np.testing.assert_allclose(routed_a[name], single_a[name], atol=1e-6, err_msg=name)
   assert max(np.abs(mixed[n] - routed_a[n]).max() for n in mixed) > 1e-4
+  # Evaluation scores each teacher's rows against that teacher: all rows routed to a give
+  # single-teacher a's KLs under a's name, and a mix reports both teachers.
+  for key in ("sequence_reverse_kl", "sequence_forward_kl", "token_reverse_kl"):
+    np.testing.assert_allclose(evals["routed_a"][f"a/{key}"], evals["single_a"][key], rtol=1e-5)
+    np.testing.assert_allclose(evals["routed_a"][key], evals["single_a"][key], rtol=1e-5)
+  assert "b/sequence_reverse_kl" not in evals["routed_a"]
+  mix = evals["mixed"]
+  assert mix["a/sequence_reverse_kl"] != mix["b/sequence_reverse_kl"]
+  np.testing.assert_allclose(
+      mix["accuracy_greedy"], (mix["a/accuracy_greedy"] + mix["b/accuracy_greedy"]) / 2
+  )
   with pytest.raises(
       ConfigError,
       match=r"missing.jsonl\[3\]: no 'teacher' field; with several "

@@ -44,6 +44,18 @@ class PromptSet:
   def __len__(self) -> int:
     return len(self.answers)
 
+  def routed_to(self, route: int) -> "PromptSet":
+    """The rows whose teacher is `route` (all rows without routing and route 0)."""
+    keep = np.ones(len(self), bool) if self.route is None else self.route == route
+    return PromptSet(
+        self.prompt_tokens[keep],
+        self.prompt_mask[keep],
+        self.answer_tokens[keep],
+        self.answer_mask[keep],
+        [a for a, k in zip(self.answers, keep) if k],
+        None if self.route is None else self.route[keep],
+    )
+
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     return dict(
         prompt_tokens=self.prompt_tokens[index],
