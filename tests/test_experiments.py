@@ -31,9 +31,55 @@ def test_gamma_variance_tiny(capsys, tmp_path):
   result = json.loads((tmp_path / "gamma_variance.json").read_text())
   assert result["claim"] and result["verdict"] in out
   stats = result["gradient_statistics"]
-  assert set(stats) == {"gamma=0", "gamma=1", "full"}
+  assert set(stats) == {"gamma=0", "gamma=0.5", "full"}
   # One batch's sampled gradient is noisier than the full-vocabulary one on the same rollouts.
   assert stats["gamma=0"]["gradient_variance"] > stats["full"]["gradient_variance"] > 0
-  assert set(result["methods"]) == {"gamma=0", "gamma=1"}
+  assert set(result["methods"]) == {"gamma=0", "gamma=0.5"}
+  assert (tmp_path / "opd_gamma0p5_seed0" / "metrics.jsonl").exists()
   assert [p["title"] for p in result["panels"]][0] == "gradient variance over rollouts"
   assert (tmp_path / "gamma_variance.png").exists()
+
+
+def test_corrupted_prefix_continues_from_the_wrong_value():
+  from opdjax.data import tasks
+  from opdjax.experiments.compare_objectives import corrupt
+
+  problem = tasks.Problem(prompt="3:+4,*2,-7=", answer="7,4,7")
+  for seed in range(5):
+    prefix, continued, true = corrupt(problem, 1, np.random.default_rng(seed))
+    wrong = int(prefix.rstrip(","))
+    assert wrong != 7 and prefix.endswith(",")
+    assert continued == wrong * 2 % 10 and true == 4
+    prefix, continued, true = corrupt(problem, 2, np.random.default_rng(seed))
+    first, wrong = map(int, prefix.rstrip(",").split(","))
+    assert first == 7 and wrong != 4 and continued == (wrong - 7) % 10 and true == 7
+
+
+def test_step_costs_count_sampling_and_scoring_by_recipe():
+  from opdjax.experiments import compare_objectives as co
+
+  config = co.get_config("tiny")
+  stages, _ = co._stages(config)
+  n_s, n_t = 10, 100
+  tokens = 8 * (40 + 24)  # tiny batch × (prompt + completion) of the long-horizon task
+  costs = {
+      m: co.step_costs(stages[f"{m}_seed0"], student_params=n_s, teacher_params=n_t)
+      for m in co.LONG_HORIZON_METHODS
+  }
+  forward_s, forward_t = 2 * n_s * tokens, 2 * n_t * tokens
+  assert costs["sft"] == dict(update=3 * forward_s, sampling=0, scoring=0, total=3 * forward_s)
+  assert costs["seqkd"]["sampling"] == forward_t and costs["seqkd"]["scoring"] == 0
+  assert costs["supervised_kd"]["sampling"] == 0 and costs["supervised_kd"]["scoring"] == forward_t
+  for opd in ("opd_reverse_kl", "opd_sampled_g0"):
+    assert costs[opd] == dict(
+        update=3 * forward_s,
+        sampling=forward_s,
+        scoring=forward_t,
+        total=4 * forward_s + forward_t,
+    )
+  gkd = co.step_costs(
+      co._stages(co.get_config("tiny,addition"))[0]["gkd_jsd_seed0"],
+      student_params=n_s,
+      teacher_params=n_t,
+  )
+  assert gkd["sampling"] == 0.5 * 2 * n_s * 8 * (8 + 8)  # lambda_on = 0.5 of a student pass

@@ -21,16 +21,32 @@ What it does, from the SFT-warm-started student and the SFT teacher of `compare_
 
 Results go to `gamma_variance.{json,png}` in the workdir; `experiments/results/` holds
 the measured ones.
-Time on a 2-core CPU: full ≈ 15 minutes (teacher and warm start ≈ 4, variance ≈ 1,
-4 γ × 3 seeds × 150 updates ≈ 10); `:tiny` (the test-suite variant) ≈ 30 seconds.
+Time on a 2-core CPU: full ≈ 6½ minutes (teacher and warm start ≈ 2, variance < 1,
+4 γ × 3 seeds × 150 updates ≈ 4); `:tiny` (the test-suite variant) ≈ 30 seconds.
 
     python -m opdjax.train --exp gamma_variance
     python -m opdjax.train --exp gamma_variance:tiny
 
-Result (2-core CPU, full run; experiments/results/gamma_variance.{json,png}): see the
-table written by the run, and the verdict below.
+Result (2-core CPU, 6½ minutes, `python -m opdjax.train --exp gamma_variance`;
+experiments/results/gamma_variance.{json,png}). Variance over 64 rollouts of 64 held-out
+prompts at the warm-start parameters; training: 150 updates, 3 seeds, mean ± std:
 
-  VERDICT_TABLE
+    γ    grad variance  ‖mean grad‖²  cos to full  greedy accuracy  seq. reverse KL  early KL rise
+    0         1335          1474        0.998      0.513 ± 0.037    1.974 ± 0.081      +0.28
+    0.5       1381          1486        0.997      0.477 ± 0.044    2.039 ± 0.181      +0.78
+    0.9       1470          1497        0.996      0.487 ± 0.042    2.169 ± 0.458      +0.70
+    1         1499          1500        0.995      0.500 ± 0.028    1.917 ± 0.035      +0.92
+    full-vocabulary reverse KL: variance 53.2 (25× below the sampled estimator at γ = 0)
+
+Verdict: the variance half of the claim holds, weakly: it rises monotonically with γ, but
+only by 12% from γ = 0 to 1, because addition's answers are ~3.5 tokens long and leave
+little future to sum. The training half is not distinguishable at this scale: every γ's
+final accuracy and KL is within one std of another's. What does separate the γ values is
+the early dip: the held-out KL first rises for every γ (the dip the previous
+compare_objectives run saw), by +0.28 at γ = 0 and +0.70 to +0.92 for γ ≥ 0.5. The
+sampled estimator's gradient is 25× noisier than the full-vocabulary one on the same
+rollouts. The long-horizon task (answers of 24 tokens) is where γ should matter more; this
+experiment does not run it (its teacher and warm start alone take ~13 minutes).
 """
 
 from __future__ import annotations
@@ -64,7 +80,7 @@ def get_config(arg=None):
   tiny = arg == "tiny"
   c = ml_collections.ConfigDict()
   c.seeds = 1 if tiny else 3
-  c.gammas = "0.0,1.0" if tiny else "0.0,0.5,0.9,1.0"
+  c.gammas = "0,0.5" if tiny else "0,0.5,0.9,1"
   c.rollouts = 3 if tiny else 64  # independent rollouts at the fixed warm-start parameters
   c.rollout_prompts = 8 if tiny else 64
   c.stages = ml_collections.ConfigDict()
@@ -94,7 +110,7 @@ def gammas_of(config) -> list[float]:
 
 
 def _stage_name(gamma: float, seed: int) -> str:
-  return f"opd_gamma{gamma:g}_seed{seed}"
+  return f"opd_gamma{gamma:g}_seed{seed}".replace(".", "p")  # stage names take no dots
 
 
 def _method_stages(config):
@@ -208,22 +224,40 @@ def moment_statistics(total, square_total: float, n: int, reference) -> dict[str
   )
 
 
-def verdict(stats, finals) -> str:
-  """A factual one-paragraph verdict from the measured numbers (no judgement calls)."""
-  gammas = sorted(finals)
-  variances = [stats[f"gamma={g:g}"]["gradient_variance"] for g in gammas]
+def verdict(result) -> str:
+  """A factual verdict from a result's numbers: whether the variance rises with γ, which γ
+  ends best on accuracy and KL and whether that lead exceeds one std over seeds, and how far
+  the held-out KL rises in the first updates (the early dip) for each γ."""
+  gammas = sorted(float(k.split("=")[1]) for k in result["methods"])
+  stats = lambda g: result["gradient_statistics"][f"gamma={g:g}"]
+  final = lambda g, key: result["methods"][f"gamma={g:g}"][key]
+  variances = [stats(g)["gradient_variance"] for g in gammas]
   rising = all(b >= a for a, b in zip(variances, variances[1:]))
-  best = max(gammas, key=lambda g: finals[g]["accuracy_greedy"]["mean"])
-  lowest_kl = min(gammas, key=lambda g: finals[g]["sequence_reverse_kl"]["mean"])
-  ratio = variances[-1] / max(variances[0], 1e-30)
-  return (
+  parts = [
       f"Variance {'rises monotonically' if rising else 'does not rise monotonically'} with γ "
-      f"(γ={gammas[-1]:g} has {ratio:.2f}× the variance of γ={gammas[0]:g}). "
-      f"Best final greedy accuracy at γ={best:g} and lowest sequence reverse KL at "
-      f"γ={lowest_kl:g}; the claim that γ = 0 trains best "
-      f"{'holds' if best == 0.0 and lowest_kl == 0.0 else 'does not fully hold'} here "
-      "(see the per-seed spread before reading small differences)."
+      f"(γ={gammas[-1]:g}: {variances[-1] / max(variances[0], 1e-30):.2f}× that of "
+      f"γ={gammas[0]:g})."
+  ]
+  for key, better in (("accuracy_greedy", max), ("sequence_reverse_kl", min)):
+    best = better(gammas, key=lambda g: final(g, key)["mean"])
+    lead = min(
+        (abs(final(best, key)["mean"] - final(g, key)["mean"]) for g in gammas if g != best),
+        default=0.0,
+    )
+    spread = max(final(g, key)["std"] for g in gammas)
+    parts.append(
+        f"Final {key}: best at γ={best:g} ({final(best, key)['mean']:.3f} ± "
+        f"{final(best, key)['std']:.3f}), "
+        + ("a lead beyond one std." if lead > spread else "within one std of another γ.")
+    )
+  curves = result["panels"][2]["series"]
+  rises = {g: max(curves[f"γ={g:g}"]["y"]) - curves[f"γ={g:g}"]["y"][0] for g in gammas}
+  parts.append(
+      "Early rise of held-out sequence reverse KL (max − start): "
+      + ", ".join(f"γ={g:g} {r:+.2f}" for g, r in rises.items())
+      + "."
   )
+  return " ".join(parts)
 
 
 def main(config, workdir):
@@ -268,11 +302,8 @@ def main(config, workdir):
       f"(full-vocabulary reverse KL: variance {stats['full']['gradient_variance']:.3g}, "
       f"SNR {stats['full']['signal_to_noise']:.3g})"
   )
-  text = verdict(stats, finals)
-  print(f"\nverdict: {text}")
   result = {
       "claim": CLAIM,
-      "verdict": text,
       "rollouts": int(config.rollouts),
       "rollout_prompts": int(config.rollout_prompts),
       "seeds": int(config.seeds),
@@ -315,6 +346,8 @@ def main(config, workdir):
           },
       ],
   }
+  result["verdict"] = verdict(result)
+  print(f"\nverdict: {result['verdict']}")
   (workdir / "gamma_variance.json").write_text(json.dumps(result, indent=2))
   plot = metrics.plot_panels(
       result["panels"], workdir / "gamma_variance.png", title="gamma_variance"
