@@ -1,49 +1,55 @@
-"""On-policy vs off-policy distillation and SFT, same student, teacher, data and updates.
+"""On-policy vs off-policy distillation and SFT, same student, teacher, data and updates,
+on a long-horizon task (claim C1).
 
-What it shows: from one SFT-warm-started 2-layer student and one 3-layer teacher on 2-digit
-addition, seven objectives get the same number of student updates: SFT, SeqKD, supervised
-KD (forward KL on dataset answers), GKD (JSD β=0.5, half on-policy), and OPD with reverse KL
-on the full vocabulary, the sampled-token estimator with γ=0, and the teacher's top-8
-support. It prints held-out greedy accuracy and sequence-level KLs to the teacher (mean ±
-std over seeds) and saves a plot of the curves. The claim under test: on-policy
-distillation beats off-policy distillation and SFT.
-Time on a 2-core CPU: full ≈ 15-20 minutes (3 seeds × 7 methods × 200 updates); `:tiny`
-(the test-suite variant) ≈ 1 minute.
+Claim (GKD arXiv:2306.13649, MiniLLM arXiv:2306.08543, Thinking Machines' on-policy
+distillation note): distilling on the student's own samples beats SFT, SeqKD and
+supervised KD at equal compute, because it trains on the states the student visits: after
+its own early mistake, not only on the dataset's clean prefixes (exposure bias).
+
+What it does: on `modular_chain` with 12 steps (24-token answers; each value depends on
+the previous one, so one early mistake spoils the rest), a 3-layer teacher is trained by
+SFT and a 2-layer student is SFT-warm-started, then each method gets the same number of
+student updates from that warm start, for 3 seeds: SFT, SeqKD, supervised KD (forward KL on
+dataset answers), and OPD with reverse KL on the full vocabulary and with the sampled-token
+estimator (γ = 0). It reports held-out greedy accuracy, step credit (steps right before the
+first mistake) and sequence-level KLs to the teacher, mean ± std over seeds, against
+updates, against trained completion tokens and against FLOPs including sampling and
+teacher scoring (`step_costs`). It also measures the teacher on prefixes that contain a
+mistake (`teacher_after_mistakes`): does it continue the chain from the wrong value, return
+to the true chain, or neither, and how uncertain is it there.
+`compare_objectives:addition` runs the earlier 2-digit-addition version (7 methods, 200
+updates), whose answers are ~3.5 tokens long.
+Time on a 2-core CPU: full ≈ 30 minutes (teacher ≈ 7, warm start ≈ 6, 5 methods × 3 seeds
+× 150 updates ≈ 17); `:tiny` (the test-suite variant) ≈ 40 seconds.
 
     python -m opdjax.train --exp compare_objectives
+    python -m opdjax.train --exp compare_objectives:addition
     python -m opdjax.train --exp compare_objectives:tiny
 
-Result, measured before the teacher stage was lengthened to 1000 steps and the losses moved
-to hidden states, so not reproducible with this code as it is (2-core CPU, 9 min;
-experiments/results/compare_objectives.{json,png}): the teacher
-scores 0.961 held-out greedy accuracy and the warm-started student 0.742. After 200 updates
-at lr 1e-4 (mean ± std over 3 seeds):
+RESULT_TABLE
 
-  method           greedy acc      seq. reverse KL   seq. forward KL
-  sft              0.846 ± 0.010   2.02 ± 0.18       0.93 ± 0.08
-  supervised_kd    0.836 ± 0.006   2.13 ± 0.05       0.92 ± 0.07
-  gkd_jsd          0.831 ± 0.021   2.13 ± 0.07       0.94 ± 0.08
-  seqkd            0.826 ± 0.010   2.18 ± 0.13       0.92 ± 0.07
-  opd_top8         0.776 ± 0.010   2.31 ± 0.12       0.95 ± 0.09
-  opd_reverse_kl   0.773 ± 0.011   2.22 ± 0.10       0.97 ± 0.07
-  opd_sampled_g0   0.750 ± 0.011   2.50 ± 0.21       1.02 ± 0.08
-
-At this scale the claim does not hold: every on-policy variant first dips (50-100 updates)
-and ends below the off-policy methods, on accuracy and on both KLs. The dataset answers
-are exact and the student's own samples are still often wrong (sampled accuracy ≈ 0.55),
-so off-policy targets are the stronger signal in this budget. The OPD literature reports
-its gains for larger students and longer runs; this experiment is the place to test that
-(raise `method_template.train.steps`, or change the task or presets).
+Earlier result on 2-digit addition (`:addition`, measured before the teacher stage was
+lengthened to 1000 steps and the losses moved to hidden states; not reproducible with this
+code as it is): after 200 updates at lr 1e-4, SFT 0.846 ± 0.010 greedy accuracy, supervised
+KD 0.836, GKD 0.831, SeqKD 0.826, OPD top-8 0.776, OPD reverse KL 0.773, OPD sampled 0.750;
+every on-policy variant first dipped for 50-100 updates. The claim did not hold there, on a
+task whose answers barely leave room for exposure bias.
 """
 
 import json
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import nnx
 
-from opdjax import checkpoint, distributed, metrics
+from opdjax import checkpoint, distributed, metrics, recipes, trainer
 from opdjax.configs import distill_config, teacher_config, tiny_stage, warmstart_config
+from opdjax.data import char_tokenizer, tasks
 from opdjax.errors import ConfigError
+from opdjax.models.hf import abstract_model
+from opdjax.sampling import SamplingParams, generate
 from opdjax.stages import run_stages
 
 METHODS = {
@@ -57,35 +63,57 @@ METHODS = {
     "opd_sampled_g0": dict(name="opd", estimator="sampled", gamma=0.0),
     "opd_top8": dict(name="opd", estimator="topk", divergence="reverse_kl", top_k=8),
 }
+LONG_HORIZON_METHODS = ("sft", "seqkd", "supervised_kd", "opd_reverse_kl", "opd_sampled_g0")
 REPORTED = (
     "accuracy_greedy",
+    "step_credit_greedy",
     "accuracy_sampled",
     "sequence_reverse_kl",
     "sequence_forward_kl",
     "token_reverse_kl",
-    "completion_length",
+)
+CLAIM = (
+    "On-policy distillation beats SFT, SeqKD and supervised KD at equal compute (here: equal"
+    " student updates, with trained tokens and FLOPs including sampling also reported)."
 )
 
 
 def get_config(arg=None):
-  tiny = arg == "tiny"
-  if arg not in (None, "tiny", "full"):
-    raise ConfigError(f"compare_objectives takes no arg, 'full' or 'tiny', got {arg!r}")
+  """`arg`: comma-separated from `tiny`, `full` and a task (`modular_chain`, the default, or
+  `addition`)."""
+  args = [a for a in (arg or "").split(",") if a]
+  unknown = [a for a in args if a not in ("tiny", "full", "modular_chain", "addition")]
+  if unknown:
+    raise ConfigError(
+        f"compare_objectives takes 'tiny', 'full' and a task ('modular_chain' or 'addition'), "
+        f"got {unknown}"
+    )
+  tiny = "tiny" in args
+  task = "addition" if "addition" in args else "modular_chain"
   c = ml_collections.ConfigDict()
   c.seeds = 1 if tiny else 3
-  c.methods = ",".join(METHODS)
   c.stages = ml_collections.ConfigDict()
-  teacher, warmstart = teacher_config("addition"), warmstart_config()
+  teacher, warmstart = teacher_config(task), warmstart_config(task)
   warmstart.eval.every = 0
-  method = distill_config({})
-  method.train.steps = 200
-  method.train.save_every = 200
+  method = distill_config({}, task)
+  if task == "modular_chain":
+    c.methods = ",".join(LONG_HORIZON_METHODS)
+    method.train.batch_size = 32  # 32 rows × 24 answer tokens: ~7× the addition batches'
+    method.train.steps = 150
+    method.optimizer.learning_rate = 3e-4
+    method.task.eval_size = 64
+    method.eval.batch_size = 64
+  else:
+    c.methods = ",".join(METHODS)
+    method.train.steps = 200
+  method.train.save_every = method.train.steps
   method.eval.every = 50
   if tiny:
     for stage, steps in ((teacher, 4), (warmstart, 2), (method, 2)):
       tiny_stage(stage, steps)
     teacher.eval.every = 4
     method.eval.every = 2
+  c.error_prefixes = 16 if tiny else 256  # held-out problems for `teacher_after_mistakes`
   c.stages.teacher = teacher
   c.stages.warmstart = warmstart
   c.method_template = method
@@ -109,52 +137,222 @@ def _stages(config):
   return stages, order
 
 
+def parameter_count(workdir) -> int:
+  """Parameters of the model a run saved in `workdir`."""
+  model = abstract_model(checkpoint.read_model_config(workdir), jnp.float32)
+  return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
+
+
+def step_costs(stage, *, student_params: int, teacher_params: int) -> dict[str, float]:
+  """FLOPs of one update of `stage`, counting `2·N` per token for a forward pass over the
+  padded `[B, P + N]` batch and `6·N` for forward and backward (attention's own FLOPs are
+  left out; they are small at these lengths).
+
+  The update is `6·N_s`; where completions come from adds a forward pass of the student
+  (its own samples; GKD's share `lambda_on`) or of the teacher (SeqKD); a recipe that reads
+  the teacher adds the teacher's scoring pass."""
+  recipe = recipes.build(stage.recipe)
+  tokens = stage.train.batch_size * (stage.task.prompt_length + stage.task.completion_length)
+  student, teacher = 2.0 * student_params * tokens, 2.0 * teacher_params * tokens
+  if callable(recipe.source):  # GKD's coin: student samples with probability lambda_on
+    sampling = float(stage.recipe.lambda_on) * student
+  else:
+    sampling = {"student": student, "teacher": teacher}.get(recipe.source, 0.0)
+  scoring = teacher if "teacher" in recipe.roles else 0.0
+  return dict(
+      update=3.0 * student,
+      sampling=sampling,
+      scoring=scoring,
+      total=3.0 * student + sampling + scoring,
+  )
+
+
+def corrupt(problem: tasks.Problem, step: int, rng: np.random.Generator):
+  """The answer's first `step` values with the last one replaced by a wrong digit, and
+  the next value two ways: continued from the wrong value, and on the true chain."""
+  values = [int(v) for v in problem.answer.split(",")]
+  ops = problem.prompt.split(":")[1].rstrip("=").split(",")
+  wrong = (values[step - 1] + int(rng.integers(1, 10))) % 10
+  continued = eval(f"{wrong}{ops[step]}") % 10  # noqa: S307 (our own arithmetic strings)
+  prefix = ",".join(str(v) for v in values[: step - 1] + [wrong]) + ","
+  return prefix, continued, values[step]
+
+
+def teacher_after_mistakes(config, workdir) -> dict[str, float]:
+  """The teacher's next value after a prefix of the true answer (clean) and after one whose
+  last value is wrong: the fraction that continues the chain from the wrong value, that
+  returns to the true chain, and the entropy (nats) of its next-token distribution."""
+  stage = config.method_template.copy_and_resolve_references()
+  stage.teacher.checkpoint = str(workdir / "teacher")
+  tokenizer = char_tokenizer()
+  mesh = trainer.build_mesh(stage)
+  teacher = trainer.build_model(
+      stage.teacher, trainer.model_config_of(stage.teacher, tokenizer), seed=0, mesh=mesh
+  )
+  task = stage.task
+  problems = tasks.split(
+      task.name,
+      difficulty=task.difficulty,
+      size=int(config.error_prefixes),
+      held_out=True,
+      seed=task.seed,
+  )
+  rng = np.random.default_rng(0)
+  steps = [int(rng.integers(1, task.difficulty)) for _ in problems]
+  results = {}
+  for kind in ("clean", "after_mistake"):
+    texts, expected = [], []
+    for problem, step in zip(problems, steps):
+      prefix, continued, true = corrupt(problem, step, rng)
+      if kind == "clean":
+        values = problem.answer.split(",")
+        prefix, continued, true = (
+            ",".join(values[:step]) + ",",
+            int(values[step]),
+            int(values[step]),
+        )
+      texts.append(problem.prompt + prefix)
+      expected.append((continued, true))
+    length = task.prompt_length + task.completion_length
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    prompt_tokens = np.zeros((len(ids), length), np.int32)
+    prompt_mask = np.zeros((len(ids), length), bool)
+    for row, seq in enumerate(ids):  # left-padded
+      prompt_tokens[row, length - len(seq) :] = seq
+      prompt_mask[row, length - len(seq) :] = True
+    gen = generate(
+        teacher,
+        prompt_tokens,
+        prompt_mask,
+        key=jax.random.key(0),
+        max_new_tokens=1,
+        sampling=SamplingParams(greedy=True),
+        return_logits=True,
+    )
+    log_p = jax.nn.log_softmax(np.asarray(gen.logits[:, 0], np.float32), axis=-1)
+    entropy = -np.sum(np.exp(log_p) * np.where(np.isfinite(log_p), log_p, 0.0), axis=-1)
+    predicted = [tokenizer.decode([int(t)]) for t in np.asarray(gen.tokens[:, 0])]
+    continued = np.mean([p == str(c) for p, (c, _) in zip(predicted, expected)])
+    returned = np.mean([p == str(t) and t != c for p, (c, t) in zip(predicted, expected)])
+    results[f"{kind}_continues_chain"] = float(continued)
+    results[f"{kind}_returns_to_true_chain"] = float(returned)
+    results[f"{kind}_entropy"] = float(np.mean(entropy))
+  return results
+
+
+def _eval_rows(run):
+  return [h for h in run.history if h["split"] == "eval"]
+
+
 def main(config, workdir):
   workdir = checkpoint.resolve(workdir)
   results = run_stages(*_stages(config), workdir)
   if not distributed.is_main():  # process 0 reports for everyone
     return results
-  rows, series, summary = [], {}, {}
+  sizes = dict(
+      student_params=parameter_count(workdir / "warmstart"),
+      teacher_params=parameter_count(workdir / "teacher"),
+  )
+  stages, _ = _stages(config)
+  rows, summary, panels = [], {}, {"update": {}, "trained completion tokens": {}, "FLOPs": {}}
   for name in config.methods.split(","):
     runs = [results[f"{name}_seed{seed}"] for seed in range(config.seeds)]
     row = {"method": name}
+    summary[name] = {}
     for key in REPORTED:
-      mean, std = metrics.mean_and_std(r.final_eval[key] for r in runs)
+      values = [r.final_eval[key] for r in runs]
+      mean, std = metrics.mean_and_std(values)
       row[key] = f"{mean:.3f} ± {std:.3f}"
-      summary.setdefault(name, {})[key] = {
-          "mean": mean,
-          "std": std,
-          "per_seed": [r.final_eval[key] for r in runs],
-      }
+      summary[name][key] = {"mean": mean, "std": std, "per_seed": values}
+    costs = step_costs(stages[f"{name}_seed0"], **sizes)
+    trained = [h["completion_tokens"] for r in runs for h in r.history if h["split"] == "train"]
+    tokens_per_update = float(np.mean(trained)) * config.method_template.train.batch_size
+    summary[name]["flops_per_update"] = costs
+    summary[name]["trained_tokens_per_update"] = tokens_per_update
+    row["GFLOP/update"] = f"{costs['total'] / 1e9:.2f}"
     rows.append(row)
-    # Mean curve over seeds (the seeds share evaluation steps).
-    steps = sorted({r["step"] for r in runs[0].history if r["split"] == "eval"})
-    mean_curve = []
-    for step in steps:
-      points = [
-          next(h for h in r.history if h["split"] == "eval" and h["step"] == step) for r in runs
-      ]
-      mean_curve.append(
-          {
-              "step": step,
-              "split": "eval",
-              **{k: float(np.mean([p[k] for p in points])) for k in REPORTED},
-          }
-      )
-    series[name] = mean_curve
+    # Mean curves over seeds (the seeds share evaluation steps), against three x-axes.
+    steps = [h["step"] for h in _eval_rows(runs[0])]
+    for metric in ("accuracy_greedy", "step_credit_greedy", "sequence_reverse_kl"):
+      means = [float(np.mean([_eval_rows(r)[i][metric] for r in runs])) for i in range(len(steps))]
+      stds = [float(np.std([_eval_rows(r)[i][metric] for r in runs])) for i in range(len(steps))]
+      for axis, scale in (
+          ("update", 1.0),
+          ("trained completion tokens", tokens_per_update),
+          ("FLOPs", costs["total"]),
+      ):
+        panels[axis].setdefault(metric, {})[name] = {
+            "x": [s * scale for s in steps],
+            "y": means,
+            "std": stds,
+        }
+  diagnostics = (
+      teacher_after_mistakes(config, workdir)
+      if config.method_template.task.name == "modular_chain"
+      else {}
+  )
   print()
-  print(metrics.format_table(rows, ["method", *REPORTED]))
-  teacher_accuracy = results["teacher"].final_eval.get("accuracy_greedy")
-  if teacher_accuracy is not None:
-    print(f"\nteacher held-out greedy accuracy: {teacher_accuracy:.3f}")
-  plot = metrics.plot_curves(
-      series,
-      ["accuracy_greedy", "sequence_reverse_kl", "sequence_forward_kl"],
+  print(metrics.format_table(rows, ["method", *REPORTED, "GFLOP/update"]))
+  teacher_eval = results["teacher"].final_eval
+  print(
+      f"\nteacher held-out greedy accuracy: {teacher_eval.get('accuracy_greedy', float('nan')):.3f}"
+  )
+  if diagnostics:
+    print("teacher's next value: " + ", ".join(f"{k} {v:.3f}" for k, v in diagnostics.items()))
+  figure = [
+      {"title": f"{metric} vs {axis}", "x": axis, "series": panels[axis][metric]}
+      for axis, metric in (
+          ("update", "accuracy_greedy"),
+          ("update", "step_credit_greedy"),
+          ("FLOPs", "step_credit_greedy"),
+          ("trained completion tokens", "sequence_reverse_kl"),
+      )
+  ]
+  result = {
+      "claim": CLAIM,
+      "verdict": verdict(summary),
+      "task": config.method_template.task.name,
+      "seeds": int(config.seeds),
+      "teacher": teacher_eval,
+      "teacher_after_mistakes": diagnostics,
+      "model_parameters": sizes,
+      "methods": summary,
+      "figure_metrics": ["accuracy_greedy", "step_credit_greedy", "sequence_reverse_kl"],
+      "panels": figure,
+  }
+  print(f"\nverdict: {result['verdict']}")
+  plot = metrics.plot_panels(
+      figure,
       workdir / "compare_objectives.png",
-      title=f"held-out metrics, mean over {config.seeds} seed(s)",
+      title=f"held-out metrics, mean ± std over {config.seeds} seed(s)",
   )
-  (workdir / "compare_objectives.json").write_text(
-      json.dumps({"teacher_accuracy_greedy": teacher_accuracy, "methods": summary}, indent=2)
-  )
+  (workdir / "compare_objectives.json").write_text(json.dumps(result, indent=2))
   print(f"plot: {plot}\nsummary: {workdir / 'compare_objectives.json'}")
   return results
+
+
+def verdict(summary) -> str:
+  """Which family ends best on greedy accuracy and step credit (means over seeds)."""
+  on_policy = [m for m in summary if m.startswith(("opd", "gkd"))]
+  off_policy = [m for m in summary if m not in on_policy]
+  if not on_policy or not off_policy:
+    return "Only one family of methods ran; no comparison."
+  parts = []
+  for key in ("accuracy_greedy", "step_credit_greedy"):
+    best_on = max(on_policy, key=lambda m: summary[m][key]["mean"])
+    best_off = max(off_policy, key=lambda m: summary[m][key]["mean"])
+    on, off = summary[best_on][key], summary[best_off][key]
+    margin = on["mean"] - off["mean"]
+    spread = max(on["std"], off["std"])
+    outcome = (
+        "on-policy ahead"
+        if margin > spread
+        else "off-policy ahead"
+        if -margin > spread
+        else "within one std"
+    )
+    parts.append(
+        f"{key}: best on-policy {best_on} {on['mean']:.3f} vs best off-policy "
+        f"{best_off} {off['mean']:.3f} ({outcome})"
+    )
+  return "; ".join(parts) + " at equal updates."
