@@ -1,6 +1,7 @@
 """Orbax checkpoints: the student's train state (+ data iterator) and read-only restores.
 
-A run's workdir holds `model_config.json` (the student's `ModelConfig`) and
+A run's workdir holds `model_config.json` (the student's `ModelConfig`), `config.json` (the
+run's settings, written by the trainer) and
 `checkpoints/<step>/` with three items: `params`, `opt_state` and `meta` (JSON: step, the
 grain iterator state, the seed). Saves are atomic (Orbax writes to a temporary directory
 and renames, or on object stores marks a finished save), so a process killed mid-save

@@ -797,6 +797,8 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
           run_setup.sections[name], run_setup.model_configs[name], seed=config.seed + 1, **place
       )
   checkpoint.write_model_config(workdir, student.config)
+  if main_process:  # the settings this run trains with, next to what it produces
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
   graphdef, params = nnx.split(student)
   tx = make_optimizer(config)
   opt_state = sharding.init_optimizer(tx, params, mesh)

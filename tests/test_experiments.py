@@ -83,3 +83,24 @@ def test_step_costs_count_sampling_and_scoring_by_recipe():
       teacher_params=n_t,
   )
   assert gkd["sampling"] == 0.5 * 2 * n_s * 8 * (8 + 8)  # lambda_on = 0.5 of a student pass
+
+
+def test_forgetting_tiny(capsys, tmp_path):
+  code = cli_main(
+      ["--exp", "forgetting:tiny", "--workdir", str(tmp_path), "--exp.methods=sft,opd_reverse_kl"]
+  )
+  out, err = capsys.readouterr()
+  assert code == 0, err
+  result = json.loads((tmp_path / "forgetting.json").read_text())
+  assert result["claim"] and result["verdict"] in out
+  assert (result["old_task"], result["new_task"]) == ("addition", "modular_chain")
+  assert set(result["methods"]) == {"sft", "opd_reverse_kl"}
+  for method in result["methods"].values():  # forgotten = before − after, per seed
+    after = method["addition_accuracy_greedy"]["per_seed"]
+    lost = method["addition_forgotten"]["per_seed"]
+    np.testing.assert_allclose(np.add(after, lost), result["old_accuracy_before"])
+  # The methods trained on the new task, from the old-task student, toward the new teacher.
+  config = json.loads((tmp_path / "opd_reverse_kl_seed0" / "config.json").read_text())
+  assert config["task"]["name"] == "modular_chain"
+  assert config["student"]["init_from"].endswith("student_old")
+  assert config["teacher"]["checkpoint"].endswith("teacher_new")
