@@ -293,6 +293,7 @@ def test_dry_run_shows_only_the_settings_a_run_reads():
   assert "teacher" in shown(name="seqkd")  # it samples from the teacher
   self_distill = shown(name="self_distill", teacher_mode="ema")
   assert "teacher" not in self_distill and "ema_rate" in self_distill.recipe
+  assert "trust_region_alpha" not in self_distill.recipe
   routed = configs.base_config()
   routed.teachers.addition = configs.teacher_section(checkpoint="somewhere")
   assert "teachers" in configs.applicable(routed) and "teacher" not in configs.applicable(routed)

@@ -81,10 +81,10 @@ def build(config) -> Recipe:
     raise ConfigError(
         f"recipe.privileged must contain {{prompt}} (and usually {{answer}}), " f"got {template!r}"
     )
-  rate = float(config.ema_rate)
+  rate = float(config.ema_rate) if mode == "ema" else 0.0  # each mode reads its own setting
   if mode == "ema" and not 0.0 < rate <= 1.0:
     raise ConfigError(f"recipe.ema_rate must be in (0, 1], got {rate}")
-  alpha = float(config.trust_region_alpha)
+  alpha = float(config.trust_region_alpha) if mode == "trust_region" else 0.0
   if mode == "trust_region" and not 0.0 <= alpha <= 1.0:
     raise ConfigError(f"recipe.trust_region_alpha must be in [0, 1], got {alpha}")
   if mode != "trust_region":
@@ -111,5 +111,5 @@ def build(config) -> Recipe:
       token_values=token_values,
       loss=divergence_loss,
       loss_value="divergence",
-      self_teacher=SelfTeacher(ROLE_WEIGHTS[mode], template, rate if mode == "ema" else 0.0),
+      self_teacher=SelfTeacher(ROLE_WEIGHTS[mode], template, rate),
   )
