@@ -15,7 +15,8 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
   ).strip()
 
 # One persistent XLA compilation cache shared by the session's processes (both xdist workers
-# and the subprocesses they start): a program several tests compile (the same tiny step,
+# and the notebooks' kernels; the CLI's own cache setting, which the 2-process test uses,
+# takes precedence in its children): a program several tests compile (the same tiny step,
 # the sampler, evaluation) is compiled once. It is keyed by the pytest process that owns the
 # run (an xdist worker's parent) and removed when that process ends.
 _OWNER = os.getppid() if "PYTEST_XDIST_WORKER" in os.environ else os.getpid()

@@ -352,7 +352,10 @@ def test_cli_runs_a_users_own_experiment_file(capsys, tmp_path):
         (("--exp", "teacher_sft", "--exp.recipe.name=opd"), "recipe 'opd' needs a teacher"),
         (("--exp", "teacher_sft", "--exp.task.name=sorting"), "unknown task 'sorting'; valid: "),
         (("--exp", "teacher_sft", "--exp.sampling.top_p=1.5"), "top_p must be in (0, 1], got 1.5"),
-        (("--exp", "compare_objectives:huge"), "takes no arg, 'full' or 'tiny', got 'huge'"),
+        (
+            ("--exp", "compare_objectives:huge"),
+            "takes 'tiny', 'full' and a task ('modular_chain' or 'addition'), got ['huge']",
+        ),
         (
             (
                 "--exp",
