@@ -58,3 +58,43 @@ def run_stages(
     results[name] = trainer.run(config, workdir / name, quiet=quiet)
     workdirs[name] = workdir / name
   return results
+
+
+def choose(names: str, table: dict[str, dict], *, setting: str) -> dict[str, dict]:
+  """The entries of `table` named in the comma-separated `names` (the config `setting`),
+  in that order; an unknown name is a `ConfigError` that lists the valid ones."""
+  chosen = [n for n in names.split(",") if n]
+  unknown = [n for n in chosen if n not in table]
+  if unknown or not chosen:
+    raise trainer.ConfigError(
+        f"{setting}={names!r}: unknown {unknown or 'empty list'}; valid: {sorted(table)}"
+    )
+  return {n: table[n] for n in chosen}
+
+
+def seeded_variants(
+    shared: ml_collections.ConfigDict,
+    template: ml_collections.ConfigDict,
+    variants: dict[str, dict],
+    *,
+    seeds: int,
+):
+  """The stages of a comparison: the `shared` stages first (in their order), then one stage
+  per variant and seed, `template` with the variant's recipe settings, named
+  `{variant}_seed{s}`.
+
+  Returns:
+    `(stages, order)` for `run_stages`.
+  """
+  stages = ml_collections.ConfigDict()
+  order = list(shared)
+  for name in order:
+    stages[name] = shared[name]
+  for variant, recipe in variants.items():
+    for seed in range(seeds):
+      stage = ml_collections.ConfigDict(template.to_dict())
+      stage.seed = seed
+      stage.recipe.update(recipe)
+      stages[f"{variant}_seed{seed}"] = stage
+      order.append(f"{variant}_seed{seed}")
+  return stages, order

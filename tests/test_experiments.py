@@ -97,3 +97,21 @@ def test_forgetting_tiny(capsys, tmp_path):
   assert config["task"]["name"] == "modular_chain"
   assert config["student"]["init_from"].endswith("student_old")
   assert config["teacher"]["checkpoint"].endswith("teacher_new")
+
+
+def test_comparison_stages_are_shared_first_then_each_variant_and_seed():
+  import ml_collections
+  import pytest
+
+  from opdjax.errors import ConfigError
+  from opdjax.stages import choose, seeded_variants
+
+  template = ml_collections.ConfigDict({"seed": 0, "recipe": {"name": "opd", "gamma": 0.0}})
+  shared = {"teacher": ml_collections.ConfigDict({"seed": 0, "recipe": {"name": "sft"}})}
+  variants = choose("g1,g0", {"g0": {"gamma": 0.0}, "g1": {"gamma": 1.0}}, setting="methods")
+  stages, order = seeded_variants(shared, template, variants, seeds=2)
+  assert order == ["teacher", "g1_seed0", "g1_seed1", "g0_seed0", "g0_seed1"]
+  assert stages.g1_seed1.seed == 1 and stages.g1_seed1.recipe.gamma == 1.0
+  assert stages.g0_seed0.recipe.gamma == 0.0 and template.recipe.gamma == 0.0  # copies
+  with pytest.raises(ConfigError, match=r"methods='g0,x': unknown \['x'\]; valid: \['g0', 'g1'\]"):
+    choose("g0,x", variants, setting="methods")

@@ -77,7 +77,7 @@ from opdjax.data import char_tokenizer, tasks
 from opdjax.errors import ConfigError
 from opdjax.models.hf import abstract_model
 from opdjax.sampling import SamplingParams, generate
-from opdjax.stages import run_stages
+from opdjax.stages import choose, run_stages, seeded_variants
 
 METHODS = {
     "sft": dict(name="sft"),
@@ -151,20 +151,13 @@ def get_config(arg=None):
 
 
 def _stages(config):
-  stages = ml_collections.ConfigDict()
-  stages.teacher = config.stages.teacher
-  stages.warmstart = config.stages.warmstart
-  order = ["teacher", "warmstart"]
-  for name in config.methods.split(","):
-    if name not in METHODS:
-      raise ConfigError(f"unknown method {name!r} in methods; valid: {sorted(METHODS)}")
-    for seed in range(config.seeds):
-      stage = ml_collections.ConfigDict(config.method_template.to_dict())
-      stage.seed = seed
-      stage.recipe.update(METHODS[name])
-      stages[f"{name}_seed{seed}"] = stage
-      order.append(f"{name}_seed{seed}")
-  return stages, order
+  shared = {"teacher": config.stages.teacher, "warmstart": config.stages.warmstart}
+  return seeded_variants(
+      shared,
+      config.method_template,
+      choose(config.methods, METHODS, setting="methods"),
+      seeds=config.seeds,
+  )
 
 
 def parameter_count(workdir) -> int:

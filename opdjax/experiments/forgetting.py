@@ -48,7 +48,7 @@ from opdjax import checkpoint, distributed, metrics, trainer
 from opdjax.configs import TASK_SHAPES, distill_config, teacher_config, tiny_stage, warmstart_config
 from opdjax.errors import ConfigError
 from opdjax.evaluation import evaluate
-from opdjax.stages import run_stages
+from opdjax.stages import choose, run_stages, seeded_variants
 
 METHODS = {
     "sft": dict(name="sft"),
@@ -92,20 +92,9 @@ def get_config(arg=None):
 
 
 def _stages(config):
-  stages = ml_collections.ConfigDict()
-  stages.student_old = config.stages.student_old
-  stages.teacher_new = config.stages.teacher_new
-  order = ["student_old", "teacher_new"]
-  for name in config.methods.split(","):
-    if name not in METHODS:
-      raise ConfigError(f"unknown method {name!r} in methods; valid: {sorted(METHODS)}")
-    for seed in range(config.seeds):
-      stage = ml_collections.ConfigDict(config.method_template.to_dict())
-      stage.seed = seed
-      stage.recipe.update(METHODS[name])
-      stages[f"{name}_seed{seed}"] = stage
-      order.append(f"{name}_seed{seed}")
-  return stages, order
+  shared = {"student_old": config.stages.student_old, "teacher_new": config.stages.teacher_new}
+  methods = choose(config.methods, METHODS, setting="methods")
+  return seeded_variants(shared, config.method_template, methods, seeds=config.seeds)
 
 
 def old_task_accuracy(config, run_dir) -> float:

@@ -65,7 +65,7 @@ from opdjax.configs import distill_config, teacher_config, tiny_stage, warmstart
 from opdjax.errors import ConfigError
 from opdjax.evaluation import forward_hidden
 from opdjax.sampling import SamplingParams, generate
-from opdjax.stages import resolve_references, run_stages
+from opdjax.stages import resolve_references, run_stages, seeded_variants
 
 CLAIM = (
     "A larger reward-to-go discount γ in the sampled-token OPD estimator gives a gradient of"
@@ -109,23 +109,18 @@ def gammas_of(config) -> list[float]:
   return gammas
 
 
+def _variant(gamma: float) -> str:
+  return f"opd_gamma{gamma:g}".replace(".", "p")  # stage names take no dots
+
+
 def _stage_name(gamma: float, seed: int) -> str:
-  return f"opd_gamma{gamma:g}_seed{seed}".replace(".", "p")  # stage names take no dots
+  return f"{_variant(gamma)}_seed{seed}"
 
 
 def _method_stages(config):
-  stages = ml_collections.ConfigDict()
-  stages.teacher = config.stages.teacher
-  stages.warmstart = config.stages.warmstart
-  order = ["teacher", "warmstart"]
-  for gamma in gammas_of(config):
-    for seed in range(config.seeds):
-      stage = ml_collections.ConfigDict(config.method_template.to_dict())
-      stage.seed = seed
-      stage.recipe.gamma = gamma
-      stages[_stage_name(gamma, seed)] = stage
-      order.append(_stage_name(gamma, seed))
-  return stages, order
+  shared = {"teacher": config.stages.teacher, "warmstart": config.stages.warmstart}
+  variants = {_variant(g): {"gamma": g} for g in gammas_of(config)}
+  return seeded_variants(shared, config.method_template, variants, seeds=config.seeds)
 
 
 def _flat(tree) -> jax.Array:
