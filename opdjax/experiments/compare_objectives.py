@@ -73,9 +73,10 @@ from flax import nnx
 
 from opdjax import checkpoint, distributed, metrics, recipes, trainer
 from opdjax.configs import distill_config, teacher_config, tiny_stage, warmstart_config
-from opdjax.data import char_tokenizer, tasks
+from opdjax.data import Record, char_tokenizer, encode, tasks
 from opdjax.errors import ConfigError
 from opdjax.models.hf import abstract_model
+from opdjax.recipes.base import distribution_values
 from opdjax.sampling import SamplingParams, generate
 from opdjax.stages import choose, run_stages, seeded_variants
 
@@ -236,24 +237,22 @@ def teacher_after_mistakes(config, workdir) -> dict[str, float]:
         )
       texts.append(problem.prompt + prefix)
       expected.append((continued, true))
-    length = task.prompt_length + task.completion_length
-    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    prompt_tokens = np.zeros((len(ids), length), np.int32)
-    prompt_mask = np.zeros((len(ids), length), bool)
-    for row, seq in enumerate(ids):  # left-padded
-      prompt_tokens[row, length - len(seq) :] = seq
-      prompt_mask[row, length - len(seq) :] = True
+    prompts = encode(  # the prompt with the answer's prefix, left-padded as in training
+        [Record(text, "") for text in texts],
+        tokenizer,
+        prompt_length=task.prompt_length + task.completion_length,
+        answer_length=1,
+    )
     gen = generate(
         teacher,
-        prompt_tokens,
-        prompt_mask,
+        prompts.prompt_tokens,
+        prompts.prompt_mask,
         key=jax.random.key(0),
         max_new_tokens=1,
         sampling=SamplingParams(greedy=True),
         return_logits=True,
     )
-    log_p = jax.nn.log_softmax(np.asarray(gen.logits[:, 0], np.float32), axis=-1)
-    entropy = -np.sum(np.exp(log_p) * np.where(np.isfinite(log_p), log_p, 0.0), axis=-1)
+    entropy = np.asarray(distribution_values(gen.logits[:, 0], None)["student_entropy"])
     predicted = [tokenizer.decode([int(t)]) for t in np.asarray(gen.tokens[:, 0])]
     continued = np.mean([p == str(c) for p, (c, _) in zip(predicted, expected)])
     returned = np.mean([p == str(t) and t != c for p, (c, t) in zip(predicted, expected)])
