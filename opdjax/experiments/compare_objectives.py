@@ -268,14 +268,14 @@ def _eval_rows(run):
 
 def main(config, workdir):
   workdir = checkpoint.resolve(workdir)
-  results = run_stages(*_stages(config), workdir)
+  stages, order = _stages(config)
+  results = run_stages(stages, order, workdir)
   if not distributed.is_main():  # process 0 reports for everyone
     return results
   sizes = dict(
       student_params=parameter_count(workdir / "warmstart"),
       teacher_params=parameter_count(workdir / "teacher"),
   )
-  stages, _ = _stages(config)
   rows, summary, panels = [], {}, {"update": {}, "trained completion tokens": {}, "FLOPs": {}}
   for name in config.methods.split(","):
     runs = [results[f"{name}_seed{seed}"] for seed in range(config.seeds)]

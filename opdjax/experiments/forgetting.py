@@ -68,7 +68,7 @@ def get_config(arg=None):
   c.methods = ",".join(METHODS)
   c.old_eval_size = 8 if tiny else 128
   student = warmstart_config(OLD)
-  student.eval.every = 0  # `old_task_accuracy` measures it, as it measures every method
+  student.eval.every = 0  # `old_task_scorer` measures it, as it measures every method
   teacher = teacher_config(NEW)
   method = distill_config({}, NEW)
   method.student.init_from = "@student_old"
@@ -97,27 +97,32 @@ def _stages(config):
   return seeded_variants(shared, config.method_template, methods, seeds=config.seeds)
 
 
-def old_task_accuracy(config, run_dir) -> float:
-  """Held-out greedy accuracy on the old task of the student saved in `run_dir`."""
+def old_task_scorer(config):
+  """`run_dir -> held-out greedy accuracy on the old task` of the student saved there; the
+  tokenizer, held-out set and mesh are built once for every run it scores."""
   section = config.stages.student_old.copy_and_resolve_references()
   section.task.eval_size = int(config.old_eval_size)
   tokenizer = trainer.build_tokenizer(section)
   _, held_out = trainer.build_data(section, tokenizer)
   mesh = trainer.build_mesh(section)
-  student = section.student
-  student.init_from = str(run_dir)
-  model = trainer.build_model(
-      student, trainer.model_config_of(student, tokenizer), seed=0, mesh=mesh
-  )
-  results = evaluate(
-      model,
-      held_out,
-      tokenizer,
-      key=jax.random.key(0),
-      max_new_tokens=TASK_SHAPES[OLD]["completion_length"],
-      batch_size=int(config.old_eval_size),
-  )
-  return results["accuracy_greedy"]
+
+  def accuracy(run_dir) -> float:
+    student = section.student.copy_and_resolve_references()
+    student.init_from = str(run_dir)
+    model = trainer.build_model(
+        student, trainer.model_config_of(student, tokenizer), seed=0, mesh=mesh
+    )
+    results = evaluate(
+        model,
+        held_out,
+        tokenizer,
+        key=jax.random.key(0),
+        max_new_tokens=TASK_SHAPES[OLD]["completion_length"],
+        batch_size=int(config.old_eval_size),
+    )
+    return results["accuracy_greedy"]
+
+  return accuracy
 
 
 def main(config, workdir):
@@ -125,12 +130,13 @@ def main(config, workdir):
   results = run_stages(*_stages(config), workdir)
   if not distributed.is_main():  # process 0 reports for everyone
     return results
-  before = old_task_accuracy(config, workdir / "student_old")
+  old_task_accuracy = old_task_scorer(config)
+  before = old_task_accuracy(workdir / "student_old")
   summary, rows = {}, []
   for name in config.methods.split(","):
     runs = [f"{name}_seed{seed}" for seed in range(config.seeds)]
     measured = {
-        f"{OLD}_accuracy_greedy": [old_task_accuracy(config, workdir / r) for r in runs],
+        f"{OLD}_accuracy_greedy": [old_task_accuracy(workdir / r) for r in runs],
         f"{NEW}_accuracy_greedy": [results[r].final_eval["accuracy_greedy"] for r in runs],
         f"{NEW}_step_credit_greedy": [results[r].final_eval["step_credit_greedy"] for r in runs],
         f"{NEW}_sequence_reverse_kl": [results[r].final_eval["sequence_reverse_kl"] for r in runs],
