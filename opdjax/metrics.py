@@ -11,6 +11,8 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
+HISTORY_FILE = "metrics.jsonl"  # a run's logged values, one JSON object per line
+
 
 class Accumulator:
   """Sums `(sum, count)` pairs over steps; `means()` divides once (exact token weighting)."""

@@ -635,6 +635,25 @@ def routed_kernel_sharding(run_setup: Setup, width: int):
   return sharding.sharding_for("lm_head/kernel", (width, vocab), run_setup.mesh, run_setup.rules)
 
 
+def abstract_split(run_setup: Setup, role: str):
+  """`(graphdef, ShapeDtypeStructs with shardings)` of the model section `role`: its layout
+  on the run's mesh, from shapes alone."""
+  section = run_setup.sections[role]
+  graphdef, state = nnx.split(
+      abstract_model(run_setup.model_configs[role], **_model_kwargs(section))
+  )
+  return graphdef, sharding.abstract_state(state, run_setup.mesh, run_setup.rules)
+
+
+def abstract_optimizer_state(tx, params, mesh):
+  """`tx.init(params)` as ShapeDtypeStructs with the shardings `sharding.init_optimizer` gives."""
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      jax.eval_shape(tx.init, params),
+      sharding.optimizer_shardings(tx, params, mesh),
+  )
+
+
 class Plan(NamedTuple):
   terms: dict[str, int]  # per-device bytes of each part of a step
   train_step: Callable  # the compiled step; the run calls it (so it compiles once)
@@ -646,20 +665,13 @@ def memory_plan(config, run_setup: Setup) -> Plan:
   refuses (rather than recompiles) arguments laid out otherwise."""
   recipe, mesh = run_setup.recipe, run_setup.mesh
   abstract = {}
-  for role, section in run_setup.sections.items():
+  for role in run_setup.sections:
     if role != "student" and role.partition("/")[0] not in recipe.roles:
       continue
-    graphdef, state = nnx.split(
-        abstract_model(run_setup.model_configs[role], **_model_kwargs(section))
-    )
-    abstract[role] = (graphdef, sharding.abstract_state(state, mesh, run_setup.rules))
+    abstract[role] = abstract_split(run_setup, role)
   graphdef, params = abstract["student"]
   tx = make_optimizer(config)
-  opt_state = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      jax.eval_shape(tx.init, params),
-      sharding.optimizer_shardings(tx, params, mesh),
-  )
+  opt_state = abstract_optimizer_state(tx, params, mesh)
   terms = {
       "student parameters": memory.per_device_bytes(params),
       "optimizer state": memory.per_device_bytes(opt_state),
@@ -774,6 +786,22 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
         f"train.memory_limit_gb must be >= 0 (0 = the device's own limit), got "
         f"{config.train.memory_limit_gb}"
     )
+  # Restored before anything is built or compiled: a finished run is reported as it is.
+  async_save = {"on": True, "off": False}.get(
+      config.train.async_checkpointing, jax.default_backend() != "cpu"
+  )
+  ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints, async_save=async_save)
+  tx = make_optimizer(config)
+  _, abstract_params = abstract_split(run_setup, "student")
+  keeps_ema = bool(self_teacher) and any(kind == "ema" for _, kind in self_teacher.weights)
+  restored = ckpt.restore_latest(
+      abstract_params,
+      abstract_optimizer_state(tx, abstract_params, mesh),
+      {"ema": abstract_params} if keeps_ema else {},
+  )
+  if restored and restored[0] >= config.train.steps:
+    ckpt.close()
+    return report(workdir, recipe.name, quiet=quiet or not main_process)
   train_step = check_memory(config, run_setup, quiet=quiet or not main_process).train_step
 
   place = dict(mesh=mesh, rules=rules)
@@ -800,7 +828,6 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
   if main_process:  # the settings this run trains with, next to what it produces
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
   graphdef, params = nnx.split(student)
-  tx = make_optimizer(config)
   opt_state = sharding.init_optimizer(tx, params, mesh)
   batch_sharding = sharding.batch_sharding(mesh)
   frozen_parts = {}
@@ -838,13 +865,8 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
           process_count=jax.process_count(),
       )
   )
-  async_save = {"on": True, "off": False}.get(
-      config.train.async_checkpointing, jax.default_backend() != "cpu"
-  )
-  ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints, async_save=async_save)
   writer = metrics.Writer(workdir, tensorboard=config.train.tensorboard, enabled=main_process)
   start = 0
-  restored = ckpt.restore_latest(params, opt_state, extra)
   if restored:
     start, params, opt_state, meta, extra = restored
     data.set_state(meta["data_state"])  # a position in the global stream: one for all processes
@@ -1072,21 +1094,28 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
   writer.close()
   distributed.barrier("opdjax_run_end")  # process 0 has written everything
 
-  history = metrics.read_history(writer.path)
+  return report(workdir, recipe.name, quiet=quiet or not main_process, redraw=True)
+
+
+def report(workdir, recipe_name: str, *, quiet: bool, redraw: bool = False) -> RunResult:
+  """A run's `RunResult` from its `metrics.jsonl`; process 0 draws `curves.png` of the
+  held-out metrics (when `redraw` or missing) and prints the last evaluation unless `quiet`."""
+  history = metrics.read_history(workdir / metrics.HISTORY_FILE)
   evals = [r for r in history if r["split"] == "eval"]
   final_eval = {k: v for k, v in evals[-1].items() if k not in ("step", "split")} if evals else {}
   plot = None
-  if evals and main_process:
-    keys = [
-        k for k in ("accuracy_greedy", "sequence_reverse_kl", "token_reverse_kl") if k in evals[-1]
-    ]
-    plot = metrics.plot_curves(
-        {recipe.name: history},
-        keys,
-        workdir / "curves.png",
-        title=f"{recipe.name}: held-out metrics",
-    )
-  if not quiet and main_process and final_eval:
+  if evals and distributed.is_main():
+    plot = workdir / "curves.png"
+    if redraw or not plot.exists():
+      keys = [
+          k
+          for k in ("accuracy_greedy", "sequence_reverse_kl", "token_reverse_kl")
+          if k in evals[-1]
+      ]
+      metrics.plot_curves(
+          {recipe_name: history}, keys, plot, title=f"{recipe_name}: held-out metrics"
+      )
+  if not quiet and final_eval:
     print(
         metrics.format_table(
             [{"metric": k, "value": v} for k, v in final_eval.items()], ["metric", "value"]

@@ -66,7 +66,7 @@ RECIPES = {
 
 
 @pytest.mark.parametrize("variant", sorted(RECIPES))
-def test_every_recipe_runs(variant, teacher_dir, tmp_path):
+def test_every_recipe_runs(variant, teacher_dir, tmp_path, monkeypatch):
   kwargs = dict(RECIPES[variant])
   config = tiny(kwargs.pop("name", variant), **kwargs)
   config.teacher.checkpoint = str(teacher_dir)
@@ -106,7 +106,12 @@ def test_every_recipe_runs(variant, teacher_dir, tmp_path):
   if variant == "grpo_opd":
     assert 0 <= train_rows[-1]["verifier_reward"] <= 1
     assert train_rows[-1]["completion_tokens"] > 0
-  # A finished run is returned as it is, without training again.
+
+  # A finished run is returned as it is, without building or compiling anything again.
+  def fail(*args, **kwargs):
+    raise AssertionError("a finished run compiled its step again")
+
+  monkeypatch.setattr(trainer, "check_memory", fail)
   again = trainer.run(config, tmp_path, quiet=True)
   assert again.history == result.history
   if variant == "opd_full":
