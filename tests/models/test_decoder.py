@@ -1,5 +1,7 @@
 """Decoder: KV-cache path equals the full forward on padded batches; head split; config."""
 
+import functools
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -220,16 +222,17 @@ def test_scanned_layers_equal_the_per_layer_model(remat):
   assert scanned.layers.attn.q_proj.kernel.get_value().shape[0] == config.num_layers
   tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, config.vocab_size)
   mask = jnp.ones((2, 9), bool).at[0, :3].set(False)
-  np.testing.assert_allclose(
-      scanned(tokens, attention_mask=mask), model(tokens, attention_mask=mask), atol=1e-5
-  )
+  forward = nnx.jit(lambda m: m(tokens, attention_mask=mask))  # one compile, not one per op
+  np.testing.assert_allclose(forward(scanned), forward(model), atol=1e-5)
   assert _max_diff(unstack_layers(nnx.state(scanned)), state) == 0.0
 
-  def loss(state, graphdef):
+  @functools.partial(jax.jit, static_argnums=1)
+  @functools.partial(jax.grad)
+  def grad(state, graphdef):
     return jnp.mean(nnx.merge(graphdef, state)(tokens, attention_mask=mask)[..., :7] ** 2)
 
-  want = stack_layers(jax.grad(loss)(state, graphdef))
-  got = jax.grad(loss)(stack_layers(state), scanned_def)
+  want = stack_layers(grad(state, graphdef))
+  got = grad(stack_layers(state), scanned_def)
   assert _max_diff(got, want) < 1e-6
   if remat != "none":
     return  # decoding has no backward pass
