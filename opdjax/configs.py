@@ -216,8 +216,10 @@ def distill_config(recipe: dict, task: str = "addition") -> ml_collections.Confi
 
 def tiny_stage(c: ml_collections.ConfigDict, steps: int) -> ml_collections.ConfigDict:
   """Shrinks a stage for an experiment's `:tiny` variant (the test suite's size): `steps`
-  updates of 8 rows from 32 training prompts, 8 held-out prompts, one device (in place)."""
+  updates of 8 rows from 32 training prompts, 8 held-out prompts, one device, no held-out
+  evaluation unless the caller turns it back on (in place)."""
   c.train.steps = steps
+  c.eval.every = 0
   c.train.batch_size = 8
   c.train.save_every = steps
   c.train.log_every = 1

@@ -46,7 +46,7 @@ class Writer:
     from etils import epath
 
     self.workdir = epath.Path(workdir)
-    self.path = self.workdir / "metrics.jsonl"
+    self.path = self.workdir / HISTORY_FILE
     self.enabled = enabled
     self._tb = None
     if not enabled:
@@ -187,3 +187,17 @@ def plot_panels(panels: list[Mapping], path: str | Path | None = None, *, title:
 def mean_and_std(values: Iterable[float]) -> tuple[float, float]:
   values = np.asarray(list(values), np.float64)
   return float(values.mean()), float(values.std())
+
+
+def seed_summary(values: Iterable[float]) -> dict:
+  """`{"mean", "std", "per_seed"}` of one measure over an experiment's seeds."""
+  values = [float(v) for v in values]
+  mean, std = mean_and_std(values)
+  return dict(mean=mean, std=std, per_seed=values)
+
+
+def mean_eval_curve(histories: Iterable[list[dict]], key: str) -> tuple[list[int], list[float]]:
+  """`(steps, mean over runs)` of the held-out `key` at the evaluation steps all runs share."""
+  evals = [{r["step"]: r[key] for r in h if r["split"] == "eval" and key in r} for h in histories]
+  steps = sorted(set.intersection(*(set(e) for e in evals))) if evals else []
+  return steps, [float(np.mean([e[s] for e in evals])) for s in steps]

@@ -25,3 +25,34 @@ def pytest_sessionfinish(session, exitstatus):
         f"FAILED: {len(skipped)} test(s) skipped or xfailed; this suite runs everything.", red=True
     )
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(scope="session", name="copy_finished_stages")
+def fixture_copy_finished_stages(tmp_path_factory):
+  """`(stages: {name: config}, workdir)`: puts each finished stage in `workdir/name`.
+
+  Each distinct stage config (by content) trains once per test session, shared by the xdist
+  workers (a lock file per config), and is copied from there; an experiment run in `workdir`
+  then reuses it as it reuses any finished stage. For the stages several `:tiny` experiments
+  and notebooks have in common (a teacher, a warm start), which only need to exist."""
+  import fcntl
+  import hashlib
+  import shutil
+
+  from opdjax import trainer
+
+  base = tmp_path_factory.getbasetemp()
+  root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "finished_stages"
+  root.mkdir(exist_ok=True)
+
+  def copy(stages, workdir):
+    for name, config in stages.items():
+      text = config.to_json(sort_keys=True)
+      assert '"@' not in text, f"stage {name} names another stage; share only standalone ones"
+      run_dir = root / hashlib.sha256(text.encode()).hexdigest()[:16]
+      with open(f"{run_dir}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one worker trains; the other waits, then reuses
+        trainer.run(config, run_dir, quiet=True)  # returns at once once finished
+      shutil.copytree(run_dir, workdir / name)
+
+  return copy

@@ -24,7 +24,8 @@ def test_moment_statistics_equal_the_direct_computation():
   np.testing.assert_allclose(stats["signal_to_noise"], (mean @ mean) / stats["gradient_variance"])
 
 
-def test_gamma_variance_tiny(capsys, tmp_path):
+def test_gamma_variance_tiny(capsys, tmp_path, copy_finished_stages):
+  copy_finished_stages(gamma_variance.get_config("tiny").stages, tmp_path)
   code = cli_main(["--exp", "gamma_variance:tiny", "--workdir", str(tmp_path)])
   out, err = capsys.readouterr()
   assert code == 0, err
@@ -78,7 +79,10 @@ def test_step_costs_count_sampling_and_scoring_by_recipe():
   assert costs["gkd_jsd"]["sampling"] == 0.5 * forward_s  # lambda_on = 0.5 of a student pass
 
 
-def test_forgetting_tiny(capsys, tmp_path):
+def test_forgetting_tiny(capsys, tmp_path, copy_finished_stages):
+  from opdjax.experiments import forgetting
+
+  copy_finished_stages(forgetting.get_config("tiny").stages, tmp_path)
   code = cli_main(
       ["--exp", "forgetting:tiny", "--workdir", str(tmp_path), "--exp.methods=opd_reverse_kl"]
   )

@@ -438,7 +438,10 @@ def test_vocabulary_mismatch_is_reported_before_compiling(capsys, tmp_path):
   )
 
 
-def test_compare_objectives_tiny(capsys, tmp_path):
+def test_compare_objectives_tiny(capsys, tmp_path, copy_finished_stages):
+  from opdjax.experiments import compare_objectives
+
+  copy_finished_stages(compare_objectives.get_config("tiny").stages, tmp_path)
   code, out, err = run_cli(
       capsys,
       "--exp",

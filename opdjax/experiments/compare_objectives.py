@@ -140,9 +140,8 @@ def get_config(arg=None):
   method.train.save_every = method.train.steps
   method.eval.every = 50
   if tiny:
-    for stage, steps in ((teacher, 4), (warmstart, 2), (method, 2)):
-      tiny_stage(stage, steps)
-    teacher.eval.every = 0  # (suite time; the full run evaluates the teacher)
+    for stage in (teacher, warmstart, method):
+      tiny_stage(stage, 2)
     method.eval.every = 2
   c.error_prefixes = 16 if tiny else 256  # held-out problems for `teacher_after_mistakes`
   c.stages.teacher = teacher
@@ -282,10 +281,8 @@ def main(config, workdir):
     row = {"method": name}
     summary[name] = {}
     for key in REPORTED:
-      values = [r.final_eval[key] for r in runs]
-      mean, std = metrics.mean_and_std(values)
-      row[key] = f"{mean:.3f} ± {std:.3f}"
-      summary[name][key] = {"mean": mean, "std": std, "per_seed": values}
+      summary[name][key] = metrics.seed_summary(r.final_eval[key] for r in runs)
+      row[key] = f"{summary[name][key]['mean']:.3f} ± {summary[name][key]['std']:.3f}"
     costs = step_costs(stages[f"{name}_seed0"], **sizes)
     trained = [h["completion_tokens"] for r in runs for h in r.history if h["split"] == "train"]
     tokens_per_update = float(np.mean(trained)) * config.method_template.train.batch_size

@@ -81,8 +81,8 @@ def get_config(arg=None):
   method.eval.batch_size = 64
   method.eval.every = 100
   if tiny:
-    for stage, steps in ((student, 2), (teacher, 2), (method, 2)):
-      tiny_stage(stage, steps)
+    for stage in (student, teacher, method):
+      tiny_stage(stage, 2)
     method.eval.every = 2
   c.stages = ml_collections.ConfigDict()
   c.stages.student_old = student
@@ -142,12 +142,10 @@ def main(config, workdir):
         f"{NEW}_sequence_reverse_kl": [results[r].final_eval["sequence_reverse_kl"] for r in runs],
     }
     measured[f"{OLD}_forgotten"] = [before - a for a in measured[f"{OLD}_accuracy_greedy"]]
-    summary[name] = {}
+    summary[name] = {key: metrics.seed_summary(values) for key, values in measured.items()}
     row = {"method": name}
-    for key, values in measured.items():
-      mean, std = metrics.mean_and_std(values)
-      summary[name][key] = {"mean": mean, "std": std, "per_seed": values}
-      row[key] = f"{mean:.3f} ± {std:.3f}"
+    for key, stat in summary[name].items():
+      row[key] = f"{stat['mean']:.3f} ± {stat['std']:.3f}"
     rows.append(row)
   print()
   print(metrics.format_table(rows, ["method", *measured]))

@@ -91,9 +91,8 @@ def get_config(arg=None):
   method.train.save_every = 150
   method.eval.every = 50
   if tiny:
-    for stage, steps in ((teacher, 4), (warmstart, 2), (method, 2)):
-      tiny_stage(stage, steps)
-    teacher.eval.every = 0
+    for stage in (teacher, warmstart, method):
+      tiny_stage(stage, 2)
     method.eval.every = 2
   c.stages.teacher = teacher
   c.stages.warmstart = warmstart
@@ -265,19 +264,8 @@ def main(config, workdir):
   finals, curves = {}, {}
   for gamma in gammas:
     runs = [results[_stage_name(gamma, s)] for s in range(config.seeds)]
-    finals[gamma] = {}
-    for key in REPORTED:
-      values = [r.final_eval[key] for r in runs]
-      mean, std = metrics.mean_and_std(values)
-      finals[gamma][key] = dict(mean=mean, std=std, per_seed=values)
-    steps = sorted({h["step"] for h in runs[0].history if h["split"] == "eval"})
-    curve = []
-    for step in steps:
-      points = [
-          next(h for h in r.history if h["split"] == "eval" and h["step"] == step) for r in runs
-      ]
-      curve.append((step, float(np.mean([p["sequence_reverse_kl"] for p in points]))))
-    curves[gamma] = curve
+    finals[gamma] = {key: metrics.seed_summary(r.final_eval[key] for r in runs) for key in REPORTED}
+    curves[gamma] = metrics.mean_eval_curve([r.history for r in runs], "sequence_reverse_kl")
 
   rows = [
       {
@@ -334,10 +322,7 @@ def main(config, workdir):
           {
               "title": "held-out sequence reverse KL",
               "x": "update",
-              "series": {
-                  f"γ={g:g}": {"x": [s for s, _ in curves[g]], "y": [v for _, v in curves[g]]}
-                  for g in gammas
-              },
+              "series": {f"γ={g:g}": dict(zip(("x", "y"), curves[g])) for g in gammas},
           },
       ],
   }
