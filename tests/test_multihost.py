@@ -21,6 +21,7 @@ from flax import nnx
 
 from opdjax import checkpoint
 from opdjax.models import Decoder
+from tests.conftest import FAST_COMPILE
 
 REPO = Path(__file__).resolve().parent.parent
 EXPERIMENT = REPO / "tests" / "experiments" / "two_stages.py"
@@ -41,7 +42,7 @@ def launch(workdir: Path, processes: int, devices: int, cache: Path) -> list[sub
       JAX_PLATFORMS="cpu",
       OPDJAX_COMPILATION_CACHE=str(cache),
       OPDJAX_COMPILATION_CACHE_MIN_SECONDS="0",
-      XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+      XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}",
   )
   command = [
       sys.executable,

@@ -11,6 +11,7 @@ import pytest
 from nbclient import NotebookClient
 
 from opdjax.configs import teacher_config, tiny_stage, warmstart_config
+from tests.conftest import FAST_COMPILE
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 RESULTS = Path(__file__).resolve().parents[1] / "experiments" / "results"
@@ -33,7 +34,7 @@ def test_every_notebook_has_a_tiny_setting():
 
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_notebook_runs(name, tmp_path, monkeypatch, copy_finished_stages):
-  monkeypatch.setenv("XLA_FLAGS", "")  # the kernel sees one CPU device, as in Colab
+  monkeypatch.setenv("XLA_FLAGS", FAST_COMPILE)  # the kernel sees one CPU device, as in Colab
   notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
   tagged = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
   assert len(tagged) == 1, f"{name} needs exactly one cell tagged 'parameters'"
