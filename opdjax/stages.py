@@ -12,7 +12,7 @@ from pathlib import Path
 
 import ml_collections
 
-from opdjax import checkpoint, distributed, trainer
+from opdjax import checkpoint, distributed, metrics, trainer
 
 
 def resolve_references(config: ml_collections.ConfigDict, workdirs: dict[str, Path]):
@@ -98,3 +98,47 @@ def seeded_variants(
       stages[f"{variant}_seed{seed}"] = stage
       order.append(f"{variant}_seed{seed}")
   return stages, order
+
+
+CURVE_TITLES = {
+    "accuracy_greedy": "held-out greedy accuracy",
+    "sequence_reverse_kl": "held-out sequence reverse KL to the teacher",
+}
+
+
+def summarize_variant(
+    results, name: str, *, seeds: int, reported, curves=tuple(CURVE_TITLES)
+) -> dict:
+  """One variant of `seeded_variants` over its seeds (`results` from `run_stages`): the final
+  held-out values of `reported`, the largest training gradient norm (instability), the drop
+  of greedy accuracy from its best evaluation to its last (collapse), and the mean held-out
+  curves of `curves` (held-out metrics); each statistic a `seed_summary`."""
+  runs = [results[f"{name}_seed{s}"] for s in range(seeds)]
+  summary = {key: metrics.seed_summary(r.final_eval[key] for r in runs) for key in reported}
+  trains = [[h for h in r.history if h["split"] == "train"] for r in runs]
+  summary["max_grad_norm"] = metrics.seed_summary(max(h["grad_norm"] for h in t) for t in trains)
+  accuracies = [[h["accuracy_greedy"] for h in r.history if h["split"] == "eval"] for r in runs]
+  summary["accuracy_drop_from_best"] = metrics.seed_summary(max(a) - a[-1] for a in accuracies)
+  summary["curves"] = {
+      key: dict(zip(("x", "y"), metrics.mean_eval_curve([r.history for r in runs], key)))
+      for key in curves
+  }
+  return summary
+
+
+def curve_panels(methods: dict[str, dict]) -> list[dict]:
+  """Result panels (`metrics.plot_panels`) of the mean held-out curves of
+  `summarize_variant`s, `{label: summary}`: one panel per curve against updates, one line
+  per label."""
+  keys = next(iter(methods.values()))["curves"]
+  return [
+      {
+          "title": CURVE_TITLES.get(key, f"held-out {key}"),
+          "x": "update",
+          "series": {
+              label: {"x": m["curves"][key]["x"], "y": m["curves"][key]["y"]}
+              for label, m in methods.items()
+          },
+      }
+      for key in keys
+  ]

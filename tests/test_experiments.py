@@ -119,3 +119,117 @@ def test_comparison_stages_are_shared_first_then_each_variant_and_seed():
   assert stages.g0_seed0.recipe.gamma == 0.0 and template.recipe.gamma == 0.0  # copies
   with pytest.raises(ConfigError, match=r"methods='g0,x': unknown \['x'\]; valid: \['g0', 'g1'\]"):
     choose("g0,x", variants, setting="methods")
+
+
+def run_config(workdir) -> dict:
+  return json.loads((workdir / "config.json").read_text())
+
+
+def test_exopd_lambda_tiny(capsys, tmp_path, copy_finished_stages):
+  from opdjax.experiments import exopd_lambda
+
+  copy_finished_stages(exopd_lambda.get_config("tiny").stages, tmp_path)
+  code = cli_main(["--exp", "exopd_lambda:tiny", "--workdir", str(tmp_path)])
+  out, err = capsys.readouterr()
+  assert code == 0, err
+  result = json.loads((tmp_path / "exopd_lambda.json").read_text())
+  assert result["claim"] and result["verdict"] in out
+  assert set(result["methods"]) == {"λ=1.25"}  # one λ: suite time
+  method = result["methods"]["λ=1.25"]
+  assert 0 <= method["accuracy_greedy"]["mean"] <= 1 and method["max_grad_norm"]["mean"] > 0
+  assert [p["title"] for p in result["panels"]][0] == "held-out greedy accuracy"
+  assert (tmp_path / "exopd_lambda.png").exists()
+  # The λ reached the recipe, the student started from the warm start toward the teacher.
+  config = run_config(tmp_path / "lambda1p25_seed0")
+  assert config["recipe"]["name"] == "gopd" and config["recipe"]["reward_scale"] == 1.25
+  assert config["recipe"]["estimator"] == "full"
+  assert config["student"]["init_from"].endswith("warmstart")
+  assert config["teacher"]["checkpoint"].endswith("teacher")
+  assert config["reference"]["checkpoint"] == ""  # the student's initial weights
+
+
+def test_exopd_lambda_rejects_bad_lambdas():
+  import pytest
+
+  from opdjax.errors import ConfigError
+  from opdjax.experiments import exopd_lambda
+
+  config = exopd_lambda.get_config("tiny")
+  for bad, message in (("1,-0.5", r"values >= 0, got \[-0.5\]"), ("a", "comma-separated")):
+    config.lambdas = bad
+    with pytest.raises(ConfigError, match=message):
+      exopd_lambda._stages(config)
+
+
+def test_exopd_reward_correction_tiny(capsys, tmp_path, copy_finished_stages):
+  from opdjax.experiments import exopd_reward_correction as rc
+
+  shared = rc.get_config("tiny").stages
+  copy_finished_stages({n: shared[n] for n in ("teacher_base", "warmstart")}, tmp_path)
+  code = cli_main(["--exp", "exopd_reward_correction:tiny", "--workdir", str(tmp_path)])
+  out, err = capsys.readouterr()
+  assert code == 0, err
+  result = json.loads((tmp_path / "exopd_reward_correction.json").read_text())
+  assert result["claim"] and result["verdict"] in out
+  assert set(result["methods"]) == {"exopd_student_ref", "exopd_base_ref"}
+  # The teacher continues from its base; only the corrected run reads the base as reference.
+  assert run_config(tmp_path / "teacher")["student"]["init_from"].endswith("teacher_base")
+  corrected = run_config(tmp_path / "exopd_base_ref_seed0")
+  plain = run_config(tmp_path / "exopd_student_ref_seed0")
+  assert corrected["reference"]["checkpoint"].endswith("teacher_base")
+  assert plain["reference"]["checkpoint"] == ""
+  assert corrected["recipe"]["reward_scale"] == plain["recipe"]["reward_scale"] == 1.25
+  assert (tmp_path / "exopd_reward_correction.png").exists()
+
+
+def test_grpo_plus_opd_tiny(capsys, tmp_path, copy_finished_stages):
+  from opdjax.experiments import grpo_plus_opd
+
+  copy_finished_stages(grpo_plus_opd.get_config("tiny").stages, tmp_path)
+  code = cli_main(["--exp", "grpo_plus_opd:tiny", "--workdir", str(tmp_path)])
+  out, err = capsys.readouterr()
+  assert code == 0, err
+  result = json.loads((tmp_path / "grpo_plus_opd.json").read_text())
+  assert result["claim"] and result["verdict"] in out
+  assert set(result["methods"]) == {"grpo", "grpo_opd"}
+  # Only the GRPO+OPD arm weights the teacher's signal; both sample groups from the warm start.
+  plain, mixed = (run_config(tmp_path / f"{m}_seed0") for m in ("grpo", "grpo_opd"))
+  assert plain["recipe"]["opd_weight"] == 0.0 and mixed["recipe"]["opd_weight"] == 1.0
+  for config in (plain, mixed):
+    assert config["recipe"]["name"] == "grpo" and config["recipe"]["group_size"] == 4
+    assert config["student"]["init_from"].endswith("warmstart")
+  assert (tmp_path / "grpo_plus_opd.png").exists()
+
+
+def test_updates_to_reach_is_the_first_evaluation_at_the_target():
+  from opdjax.experiments.grpo_plus_opd import updates_to_reach
+
+  curve = {"x": [0, 25, 50, 75], "y": [0.2, 0.45, 0.5, 0.61]}
+  assert updates_to_reach(curve, 0.5) == 50
+  assert updates_to_reach(curve, 0.45) == 25
+  assert updates_to_reach(curve, 0.7) is None
+
+
+def test_self_distill_teachers_tiny(capsys, tmp_path):
+  from opdjax.data.pipeline import load_jsonl
+
+  code = cli_main(["--exp", "self_distill_teachers:tiny", "--workdir", str(tmp_path)])
+  out, err = capsys.readouterr()
+  assert code == 0, err
+  result = json.loads((tmp_path / "self_distill_teachers.json").read_text())
+  assert result["claim"] and result["verdict"] in out
+  assert set(result["methods"]) == {"frozen", "ema"}
+  assert result["methods"]["ema"]["final_teacher_drift_kl"]["mean"] >= 0
+  # The warm start reads each problem plain and with its answer in the teacher's template;
+  # the distillation reads the plain prompts only, and its teacher builds the template.
+  mixed = load_jsonl(tmp_path / "data" / "warmstart.jsonl")
+  plain = load_jsonl(tmp_path / "data" / "train.jsonl")
+  assert len(mixed) == 2 * len(plain) == 64
+  assert mixed[len(plain)].prompt == f"answer {plain[0].answer}; {plain[0].prompt}"
+  for mode in ("frozen", "ema"):
+    config = run_config(tmp_path / f"{mode}_seed0")
+    assert config["recipe"]["teacher_mode"] == mode
+    assert config["recipe"]["privileged"] == "answer {answer}; {prompt}"
+    assert config["task"]["train_jsonl"] == str(tmp_path / "data" / "train.jsonl")
+    assert config["student"]["init_from"].endswith("warmstart")
+  assert run_config(tmp_path / "warmstart")["task"]["train_jsonl"].endswith("warmstart.jsonl")
