@@ -214,6 +214,26 @@ def distill_config(recipe: dict, task: str = "addition") -> ml_collections.Confi
   return c
 
 
+def distillation_stages(
+    recipe: dict, task: str = "addition", *, steps: int, eval_every: int, tiny: bool = False
+) -> tuple[ml_collections.ConfigDict, ...]:
+  """`(teacher, warm start, method template)` of a distillation comparison on `task`:
+  `teacher_config`, `warmstart_config` without evaluation (each method evaluates the warm
+  start at its step 0), and `distill_config(recipe)` for `steps` updates, evaluated every
+  `eval_every`. `tiny`: each shrunk to 2 steps by `tiny_stage`, the method evaluated at its
+  end. Callers change what their experiment needs after this."""
+  teacher, warmstart = teacher_config(task), warmstart_config(task)
+  warmstart.eval.every = 0
+  method = distill_config(recipe, task)
+  method.train.steps = method.train.save_every = steps
+  method.eval.every = eval_every
+  if tiny:
+    for stage in (teacher, warmstart, method):
+      tiny_stage(stage, 2)
+    method.eval.every = 2
+  return teacher, warmstart, method
+
+
 def tiny_stage(c: ml_collections.ConfigDict, steps: int) -> ml_collections.ConfigDict:
   """Shrinks a stage for an experiment's `:tiny` variant (the test suite's size): `steps`
   updates of 8 rows from 32 training prompts, 8 held-out prompts, one device, no held-out

@@ -189,6 +189,11 @@ def mean_and_std(values: Iterable[float]) -> tuple[float, float]:
   return float(values.mean()), float(values.std())
 
 
+def mean_std_text(stat: Mapping) -> str:
+  """`"0.512 ± 0.037"` from a `seed_summary` (or any `{"mean", "std"}`)."""
+  return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
+
+
 def seed_summary(values: Iterable[float]) -> dict:
   """`{"mean", "std", "per_seed"}` of one measure over an experiment's seeds."""
   values = [float(v) for v in values]

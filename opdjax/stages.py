@@ -8,6 +8,7 @@ what is in its workdir.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import ml_collections
@@ -142,3 +143,13 @@ def curve_panels(methods: dict[str, dict]) -> list[dict]:
       }
       for key in keys
   ]
+
+
+def write_result(result: dict, workdir, name: str, *, title: str = "") -> None:
+  """An experiment's report: prints its verdict, draws its `panels` to `workdir/NAME.png` and
+  writes `workdir/NAME.json` (the files `experiments/results/` holds and
+  `notebooks/03_results.ipynb` redraws)."""
+  print(f"\nverdict: {result['verdict']}")
+  plot = metrics.plot_panels(result["panels"], workdir / f"{name}.png", title=title or name)
+  (workdir / f"{name}.json").write_text(json.dumps(result, indent=2))
+  print(f"plot: {plot}\nsummary: {workdir / f'{name}.json'}")

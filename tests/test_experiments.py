@@ -220,12 +220,16 @@ def test_self_distill_teachers_tiny(capsys, tmp_path):
   assert result["claim"] and result["verdict"] in out
   assert set(result["methods"]) == {"frozen", "ema"}
   assert result["methods"]["ema"]["final_teacher_drift_kl"]["mean"] >= 0
+  assert 0 <= result["warm_start_privileged_accuracy_greedy"] <= 1
   # The warm start reads each problem plain and with its answer in the teacher's template;
   # the distillation reads the plain prompts only, and its teacher builds the template.
   mixed = load_jsonl(tmp_path / "data" / "warmstart.jsonl")
   plain = load_jsonl(tmp_path / "data" / "train.jsonl")
   assert len(mixed) == 2 * len(plain) == 64
   assert mixed[len(plain)].prompt == f"answer {plain[0].answer}; {plain[0].prompt}"
+  held_out = load_jsonl(tmp_path / "data" / "held_out.jsonl")
+  shown = load_jsonl(tmp_path / "data" / "held_out_privileged.jsonl")
+  assert shown[0].prompt == f"answer {held_out[0].answer}; {held_out[0].prompt}"
   for mode in ("frozen", "ema"):
     config = run_config(tmp_path / f"{mode}_seed0")
     assert config["recipe"]["teacher_mode"] == mode

@@ -63,8 +63,6 @@ every on-policy variant first dipped for 50-100 updates. The claim did not hold 
 task whose answers barely leave room for exposure bias.
 """
 
-import json
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -78,7 +76,7 @@ from opdjax.errors import ConfigError
 from opdjax.models.hf import abstract_model
 from opdjax.recipes.base import distribution_values
 from opdjax.sampling import SamplingParams, generate
-from opdjax.stages import choose, run_stages, seeded_variants
+from opdjax.stages import choose, run_stages, seeded_variants, write_result
 
 METHODS = {
     "sft": dict(name="sft"),
@@ -282,7 +280,7 @@ def main(config, workdir):
     summary[name] = {}
     for key in REPORTED:
       summary[name][key] = metrics.seed_summary(r.final_eval[key] for r in runs)
-      row[key] = f"{summary[name][key]['mean']:.3f} ± {summary[name][key]['std']:.3f}"
+      row[key] = f"{metrics.mean_std_text(summary[name][key])}"
     costs = step_costs(stages[f"{name}_seed0"], **sizes)
     trained = [h["completion_tokens"] for r in runs for h in r.history if h["split"] == "train"]
     tokens_per_update = float(np.mean(trained)) * config.method_template.train.batch_size
@@ -339,14 +337,12 @@ def main(config, workdir):
       "figure_metrics": ["accuracy_greedy", "step_credit_greedy", "sequence_reverse_kl"],
       "panels": figure,
   }
-  print(f"\nverdict: {result['verdict']}")
-  plot = metrics.plot_panels(
-      figure,
-      workdir / "compare_objectives.png",
+  write_result(
+      result,
+      workdir,
+      "compare_objectives",
       title=f"held-out metrics, mean ± std over {config.seeds} seed(s)",
   )
-  (workdir / "compare_objectives.json").write_text(json.dumps(result, indent=2))
-  print(f"plot: {plot}\nsummary: {workdir / 'compare_objectives.json'}")
   return results
 
 

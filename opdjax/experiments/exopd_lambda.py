@@ -47,14 +47,12 @@ are for a teacher trained from a base model, which `exopd_reward_correction` tes
 
 from __future__ import annotations
 
-import json
-
 import ml_collections
 
 from opdjax import checkpoint, distributed, metrics
-from opdjax.configs import distill_config, teacher_config, tiny_stage, warmstart_config
+from opdjax.configs import distillation_stages
 from opdjax.errors import ConfigError
-from opdjax.stages import curve_panels, run_stages, seeded_variants, summarize_variant
+from opdjax.stages import curve_panels, run_stages, seeded_variants, summarize_variant, write_result
 
 CLAIM = (
     "ExOPD with λ > 1 (1.25) beats OPD (λ = 1) and can pass the teacher; λ < 1 interpolates"
@@ -72,16 +70,9 @@ def get_config(arg=None):
   c.seeds = 1 if tiny else 3
   c.lambdas = "1.25" if tiny else "0.5,1,1.25,1.5"  # (tiny: one λ, for suite time)
   c.estimator = "full"
-  teacher, warmstart = teacher_config("addition"), warmstart_config("addition")
-  warmstart.eval.every = 0
-  method = distill_config(dict(name="gopd", divergence="reverse_kl"))
-  method.train.steps = 150
-  method.train.save_every = 150
-  method.eval.every = 25
-  if tiny:
-    for stage in (teacher, warmstart, method):
-      tiny_stage(stage, 2)
-    method.eval.every = 2
+  teacher, warmstart, method = distillation_stages(
+      dict(name="gopd", divergence="reverse_kl"), steps=150, eval_every=25, tiny=tiny
+  )
   c.stages = ml_collections.ConfigDict()
   c.stages.teacher = teacher
   c.stages.warmstart = warmstart
@@ -138,7 +129,7 @@ def verdict(methods: dict[str, dict], teacher_accuracy: float, lambdas: list[flo
   best = max(lambdas, key=lambda lam: acc(lam)["mean"])
   passes = acc(best)["mean"] > teacher_accuracy
   parts.append(
-      f"Best λ={best:g} ({acc(best)['mean']:.3f} ± {acc(best)['std']:.3f}); the teacher's "
+      f"Best λ={best:g} ({metrics.mean_std_text(acc(best))}); the teacher's "
       f"accuracy is {teacher_accuracy:.3f}: {'passed' if passes else 'not passed'}."
   )
   top = max(lambdas)
@@ -186,7 +177,7 @@ def main(config, workdir):
   rows = [
       {
           "λ": name,
-          **{k: f"{m[k]['mean']:.3f} ± {m[k]['std']:.3f}" for k in REPORTED},
+          **{k: f"{metrics.mean_std_text(m[k])}" for k in REPORTED},
           "max grad norm": f"{m['max_grad_norm']['mean']:.3g}",
           "drop from best": f"{m['accuracy_drop_from_best']['mean']:.3f}",
       }
@@ -204,8 +195,5 @@ def main(config, workdir):
       "methods": methods,
       "panels": panels(methods, teacher_accuracy),
   }
-  print(f"\nverdict: {result['verdict']}")
-  plot = metrics.plot_panels(result["panels"], workdir / "exopd_lambda.png", title="exopd_lambda")
-  (workdir / "exopd_lambda.json").write_text(json.dumps(result, indent=2))
-  print(f"plot: {plot}\nsummary: {workdir / 'exopd_lambda.json'}")
+  write_result(result, workdir, "exopd_lambda")
   return results

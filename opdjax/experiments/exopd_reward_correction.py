@@ -45,15 +45,13 @@ see.)
 
 from __future__ import annotations
 
-import json
-
 import ml_collections
 
 from opdjax import checkpoint, distributed, metrics
 from opdjax.configs import distill_config, teacher_config, tiny_stage, warmstart_config
 from opdjax.errors import ConfigError
 from opdjax.experiments.exopd_lambda import REPORTED
-from opdjax.stages import curve_panels, run_stages, seeded_variants, summarize_variant
+from opdjax.stages import curve_panels, run_stages, seeded_variants, summarize_variant, write_result
 
 CLAIM = (
     "With the teacher's base model as the reference, ExOPD distils a strong teacher into a"
@@ -129,7 +127,7 @@ def main(config, workdir):
   rows = [
       {
           "setting": name,
-          **{k: f"{m[k]['mean']:.3f} ± {m[k]['std']:.3f}" for k in REPORTED},
+          **{k: f"{metrics.mean_std_text(m[k])}" for k in REPORTED},
           "max grad norm": f"{m['max_grad_norm']['mean']:.3g}",
       }
       for name, m in methods.items()
@@ -149,12 +147,7 @@ def main(config, workdir):
       "methods": methods,
       "panels": curve_panels(methods),
   }
-  print(f"\nverdict: {result['verdict']}")
-  plot = metrics.plot_panels(
-      result["panels"], workdir / "exopd_reward_correction.png", title="exopd_reward_correction"
-  )
-  (workdir / "exopd_reward_correction.json").write_text(json.dumps(result, indent=2))
-  print(f"plot: {plot}\nsummary: {workdir / 'exopd_reward_correction.json'}")
+  write_result(result, workdir, "exopd_reward_correction")
   return results
 
 
@@ -162,7 +155,7 @@ def verdict(methods: dict[str, dict], accuracy: dict[str, float]) -> str:
   """Whether the base-model reference ends above the student-initial one (and OPD), beyond
   one std over seeds or not."""
   acc = lambda s: methods[s]["accuracy_greedy"]
-  parts = [f"{s}: {acc(s)['mean']:.3f} ± {acc(s)['std']:.3f}" for s in methods]
+  parts = [f"{s}: {metrics.mean_std_text(acc(s))}" for s in methods]
   text = "Held-out greedy accuracy " + ", ".join(parts) + f" (teacher {accuracy['teacher']:.3f})."
   if "exopd_base_ref" in methods and "exopd_student_ref" in methods:
     gap = acc("exopd_base_ref")["mean"] - acc("exopd_student_ref")["mean"]

@@ -39,8 +39,6 @@ one-hot (for example one trained on both tasks, or sampled at a temperature).
 
 from __future__ import annotations
 
-import json
-
 import jax
 import ml_collections
 
@@ -48,7 +46,7 @@ from opdjax import checkpoint, distributed, metrics, trainer
 from opdjax.configs import TASK_SHAPES, distill_config, teacher_config, tiny_stage, warmstart_config
 from opdjax.errors import ConfigError
 from opdjax.evaluation import evaluate
-from opdjax.stages import choose, run_stages, seeded_variants
+from opdjax.stages import choose, run_stages, seeded_variants, write_result
 
 METHODS = {
     "sft": dict(name="sft"),
@@ -145,7 +143,7 @@ def main(config, workdir):
     summary[name] = {key: metrics.seed_summary(values) for key, values in measured.items()}
     row = {"method": name}
     for key, stat in summary[name].items():
-      row[key] = f"{stat['mean']:.3f} ± {stat['std']:.3f}"
+      row[key] = f"{metrics.mean_std_text(stat)}"
     rows.append(row)
   print()
   print(metrics.format_table(rows, ["method", *measured]))
@@ -165,9 +163,8 @@ def main(config, workdir):
           f"{NEW}_accuracy_greedy",
       ],
   }
-  print(f"\nverdict: {result['verdict']}")
   names = list(summary)
-  panels = [
+  result["panels"] = [
       {
           "title": f"{key} (mean ± std)",
           "x": "method (0 = " + ", ".join(f"{i}: {n}" for i, n in enumerate(names)) + ")",
@@ -181,9 +178,7 @@ def main(config, workdir):
       }
       for key in result["figure_metrics"]
   ]
-  plot = metrics.plot_panels(panels, workdir / "forgetting.png", title="forgetting")
-  (workdir / "forgetting.json").write_text(json.dumps(result, indent=2))
-  print(f"plot: {plot}\nsummary: {workdir / 'forgetting.json'}")
+  write_result(result, workdir, "forgetting")
   return results
 
 

@@ -51,8 +51,6 @@ experiment does not run it (its teacher and warm start alone take ~13 minutes).
 
 from __future__ import annotations
 
-import json
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -61,11 +59,11 @@ from flax import nnx
 
 from opdjax import checkpoint, distributed, metrics, recipes, trainer
 from opdjax import objectives as obj
-from opdjax.configs import distill_config, teacher_config, tiny_stage, warmstart_config
+from opdjax.configs import distillation_stages
 from opdjax.errors import ConfigError
 from opdjax.evaluation import forward_hidden
 from opdjax.sampling import SamplingParams, generate
-from opdjax.stages import resolve_references, run_stages, seeded_variants
+from opdjax.stages import resolve_references, run_stages, seeded_variants, write_result
 
 CLAIM = (
     "A larger reward-to-go discount γ in the sampled-token OPD estimator gives a gradient of"
@@ -84,16 +82,12 @@ def get_config(arg=None):
   c.rollouts = 2 if tiny else 64  # independent rollouts at the fixed warm-start parameters
   c.rollout_prompts = 8 if tiny else 64
   c.stages = ml_collections.ConfigDict()
-  teacher, warmstart = teacher_config("addition"), warmstart_config()
-  warmstart.eval.every = 0
-  method = distill_config(dict(name="opd", estimator="sampled", correction="none"))
-  method.train.steps = 150
-  method.train.save_every = 150
-  method.eval.every = 50
-  if tiny:
-    for stage in (teacher, warmstart, method):
-      tiny_stage(stage, 2)
-    method.eval.every = 2
+  teacher, warmstart, method = distillation_stages(
+      dict(name="opd", estimator="sampled", correction="none"),
+      steps=150,
+      eval_every=50,
+      tiny=tiny,
+  )
   c.stages.teacher = teacher
   c.stages.warmstart = warmstart
   c.method_template = method
@@ -274,7 +268,7 @@ def main(config, workdir):
           "‖mean grad‖²": stats[f"gamma={g:g}"]["mean_gradient_sq_norm"],
           "SNR": stats[f"gamma={g:g}"]["signal_to_noise"],
           "cos to full": stats[f"gamma={g:g}"]["cosine_to_full_reverse_kl"],
-          **{k: f"{finals[g][k]['mean']:.3f} ± {finals[g][k]['std']:.3f}" for k in REPORTED},
+          **{k: f"{metrics.mean_std_text(finals[g][k])}" for k in REPORTED},
       }
       for g in gammas
   ]
@@ -327,10 +321,5 @@ def main(config, workdir):
       ],
   }
   result["verdict"] = verdict(result)
-  print(f"\nverdict: {result['verdict']}")
-  (workdir / "gamma_variance.json").write_text(json.dumps(result, indent=2))
-  plot = metrics.plot_panels(
-      result["panels"], workdir / "gamma_variance.png", title="gamma_variance"
-  )
-  print(f"plot: {plot}\nsummary: {workdir / 'gamma_variance.json'}")
+  write_result(result, workdir, "gamma_variance")
   return results

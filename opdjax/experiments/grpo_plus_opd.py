@@ -40,14 +40,12 @@ does not.
 
 from __future__ import annotations
 
-import json
-
 import ml_collections
 
 from opdjax import checkpoint, distributed, metrics
-from opdjax.configs import distill_config, teacher_config, tiny_stage, warmstart_config
+from opdjax.configs import distillation_stages
 from opdjax.errors import ConfigError
-from opdjax.stages import curve_panels, run_stages, seeded_variants, summarize_variant
+from opdjax.stages import curve_panels, run_stages, seeded_variants, summarize_variant, write_result
 
 CLAIM = (
     "The dense OPD signal speeds up RL: GRPO+OPD reaches GRPO's final held-out accuracy in"
@@ -63,18 +61,11 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.seeds = 1 if tiny else 3
   c.opd_weight = 1.0
-  teacher, warmstart = teacher_config("addition"), warmstart_config("addition")
-  warmstart.eval.every = 0
-  method = distill_config(dict(name="grpo", group_size=4, correction="none"))
-  method.train.batch_size = 16  # prompts; × group_size = 64 sampled rows per update
-  method.train.steps = 150
-  method.train.save_every = 150
-  method.eval.every = 25
-  if tiny:
-    for stage in (teacher, warmstart, method):
-      tiny_stage(stage, 2)
-    method.train.batch_size = 4
-    method.eval.every = 2
+  teacher, warmstart, method = distillation_stages(
+      dict(name="grpo", group_size=4, correction="none"), steps=150, eval_every=25, tiny=tiny
+  )
+  # Prompts; × group_size = 64 sampled rows per update (tiny: 16).
+  method.train.batch_size = 4 if tiny else 16
   c.stages = ml_collections.ConfigDict()
   c.stages.teacher = teacher
   c.stages.warmstart = warmstart
@@ -102,8 +93,8 @@ def verdict(methods: dict[str, dict], reached: int | None, total: int) -> str:
   spread = max(acc("grpo_opd")["std"], acc("grpo")["std"])
   faster = reached is not None and reached < total
   return (
-      f"Final held-out greedy accuracy: GRPO {acc('grpo')['mean']:.3f} ± {acc('grpo')['std']:.3f},"
-      f" GRPO+OPD {acc('grpo_opd')['mean']:.3f} ± {acc('grpo_opd')['std']:.3f} ({gap:+.3f}, "
+      f"Final held-out greedy accuracy: GRPO {metrics.mean_std_text(acc('grpo'))},"
+      f" GRPO+OPD {metrics.mean_std_text(acc('grpo_opd'))} ({gap:+.3f}, "
       f"{'beyond' if abs(gap) > spread else 'within'} one std). GRPO+OPD reaches GRPO's final "
       + (f"accuracy at update {reached} of {total}" if reached is not None else "accuracy never")
       + f". The claim {'holds' if faster and gap > -spread else 'is not supported'} at this scale."
@@ -124,7 +115,7 @@ def main(config, workdir):
       methods["grpo_opd"]["curves"]["accuracy_greedy"], methods["grpo"]["accuracy_greedy"]["mean"]
   )
   rows = [
-      {"method": name, **{k: f"{m[k]['mean']:.3f} ± {m[k]['std']:.3f}" for k in REPORTED}}
+      {"method": name, **{k: f"{metrics.mean_std_text(m[k])}" for k in REPORTED}}
       for name, m in methods.items()
   ]
   print()
@@ -139,8 +130,5 @@ def main(config, workdir):
       "methods": methods,
       "panels": curve_panels(methods),
   }
-  print(f"\nverdict: {result['verdict']}")
-  plot = metrics.plot_panels(result["panels"], workdir / "grpo_plus_opd.png", title="grpo_plus_opd")
-  (workdir / "grpo_plus_opd.json").write_text(json.dumps(result, indent=2))
-  print(f"plot: {plot}\nsummary: {workdir / 'grpo_plus_opd.json'}")
+  write_result(result, workdir, "grpo_plus_opd")
   return results

@@ -34,9 +34,10 @@ from __future__ import annotations
 
 import json
 
+import jax
 import ml_collections
 
-from opdjax import checkpoint, distributed, metrics
+from opdjax import checkpoint, distributed, metrics, trainer
 from opdjax.configs import (
     TASK_SHAPES,
     base_config,
@@ -47,7 +48,15 @@ from opdjax.configs import (
 )
 from opdjax.data.pipeline import synthetic_records
 from opdjax.errors import ConfigError
-from opdjax.stages import choose, curve_panels, run_stages, seeded_variants, summarize_variant
+from opdjax.evaluation import evaluate
+from opdjax.stages import (
+    choose,
+    curve_panels,
+    run_stages,
+    seeded_variants,
+    summarize_variant,
+    write_result,
+)
 
 CLAIM = (
     "Self-distillation from a privileged-context teacher: EMA ≈ trust-region > current >"
@@ -60,7 +69,9 @@ MODES = {
     "trust_region": dict(teacher_mode="trust_region"),
 }
 REPORTED = ("accuracy_greedy", "accuracy_sampled")
-FILES = ("warmstart.jsonl", "train.jsonl", "held_out.jsonl")  # under the workdir's data/
+# Under the workdir's data/: the warm start's mix, the plain training prompts, the plain
+# held-out prompts, and the held-out prompts in the teacher's template (a diagnostic).
+FILES = ("warmstart.jsonl", "train.jsonl", "held_out.jsonl", "held_out_privileged.jsonl")
 
 
 def get_config(arg=None):
@@ -98,7 +109,7 @@ def get_config(arg=None):
     for stage in (warmstart, method):
       tiny_stage(stage, 2)
     method.eval.every = 2
-  for stage, files in ((warmstart, FILES[0::2]), (method, FILES[1:])):
+  for stage, files in ((warmstart, FILES[0::2]), (method, FILES[1:3])):
     stage.task.train_jsonl, stage.task.eval_jsonl = (f"data/{f}" for f in files)
     stage.task.eval_size = c.eval_size
   c.stages = ml_collections.ConfigDict()
@@ -123,6 +134,34 @@ def write_data(config, directory) -> None:
   (directory / FILES[1]).write_text("\n".join(line(r.prompt, r.answer) for r in train) + "\n")
   held_out = records(int(config.eval_size), True)
   (directory / FILES[2]).write_text("\n".join(line(r.prompt, r.answer) for r in held_out) + "\n")
+  privileged = [line(template.format(prompt=r.prompt, answer=r.answer), r.answer) for r in held_out]
+  (directory / FILES[3]).write_text("\n".join(privileged) + "\n")
+
+
+def privileged_accuracy(warmstart, workdir) -> float:
+  """Held-out greedy accuracy of the warm start with the answer in its prompt (the teacher's
+  template): whether the model can read the context it is to teach from."""
+  section = warmstart.copy_and_resolve_references()
+  section.task.eval_jsonl = str(workdir / "data" / FILES[3])
+  tokenizer = trainer.build_tokenizer(section)
+  _, held_out = trainer.build_data(section, tokenizer)
+  student = section.student.copy_and_resolve_references()
+  student.init_from = str(workdir / "warmstart")
+  model = trainer.build_model(
+      student,
+      trainer.model_config_of(student, tokenizer),
+      seed=0,
+      mesh=trainer.build_mesh(section),
+  )
+  results = evaluate(
+      model,
+      held_out,
+      tokenizer,
+      key=jax.random.key(0),
+      max_new_tokens=section.task.completion_length,
+      batch_size=section.eval.batch_size,
+  )
+  return results["accuracy_greedy"]
 
 
 def _stages(config, workdir):
@@ -162,7 +201,7 @@ def main(config, workdir):
   rows = [
       {
           "teacher": mode,
-          **{k: f"{m[k]['mean']:.3f} ± {m[k]['std']:.3f}" for k in REPORTED},
+          **{k: f"{metrics.mean_std_text(m[k])}" for k in REPORTED},
           "drop from best": f"{m['accuracy_drop_from_best']['mean']:.3f}",
           "drift KL": f"{m['final_teacher_drift_kl']['mean']:.3g}",
       }
@@ -172,20 +211,20 @@ def main(config, workdir):
   print(metrics.format_table(rows, ["teacher", *REPORTED, "drop from best", "drift KL"]))
   warm = results[order[1]].history  # every run evaluates its warm-start weights at step 0
   start = next(h["accuracy_greedy"] for h in warm if h["split"] == "eval" and h["step"] == 0)
+  reads_context = privileged_accuracy(stages["warmstart"], workdir)
+  print(
+      f"\nwarm start, held-out greedy accuracy: {start:.3f} plain, {reads_context:.3f} with the answer"
+  )
   result = {
       "claim": CLAIM,
       "verdict": verdict(methods, start),
       "warm_start_accuracy_greedy": start,
+      "warm_start_privileged_accuracy_greedy": reads_context,
       "seeds": int(config.seeds),
       "methods": methods,
       "panels": curve_panels(methods),
   }
-  print(f"\nverdict: {result['verdict']}")
-  plot = metrics.plot_panels(
-      result["panels"], workdir / "self_distill_teachers.png", title="self_distill_teachers"
-  )
-  (workdir / "self_distill_teachers.json").write_text(json.dumps(result, indent=2))
-  print(f"plot: {plot}\nsummary: {workdir / 'self_distill_teachers.json'}")
+  write_result(result, workdir, "self_distill_teachers")
   return results
 
 
@@ -204,7 +243,7 @@ def verdict(methods: dict[str, dict], start: float) -> str:
   ]
   return (
       f"Final held-out greedy accuracy (warm start {start:.3f}): "
-      + ", ".join(f"{m} {acc(m)['mean']:.3f} ± {acc(m)['std']:.3f}" for m in ranked)
+      + ", ".join(f"{m} {metrics.mean_std_text(acc(m))}" for m in ranked)
       + f"; order {order}. "
       + (
           f"Fell from their best evaluation: {', '.join(collapsed)}."
