@@ -9,8 +9,9 @@ weights work as well); this experiment reports what it finds.
 What it does (2-digit addition). A model can only be its own privileged teacher if it can
 read the context, which a 2-layer model trained on plain prompts cannot. So the warm start
 is SFT on a mix: every training problem twice, once plain and once with the answer in the
-prompt (the `recipe.privileged` template, `answer 68; 12+56=`), until it solves plain
-prompts ~half the time and copies a given answer. Then `self_distill` from that warm start
+prompt (the `recipe.privileged` template, `answer 68; 12+56=`), for the 1000 steps of the
+other experiments' warm start (it learns to copy a given answer long before it learns to
+add: 1.000 and 0.164 held-out). Then `self_distill` from that warm start
 on plain prompts, JSD(β = 0.5) to the teacher, for each `teacher_modes` (`seeds` seeds,
 equal updates): `frozen` (the initial weights), `current` (the weights that sampled),
 `ema` (`ema_rate`), `trust_region` (`trust_region_alpha`). It reports held-out greedy and
