@@ -214,6 +214,13 @@ def distill_config(recipe: dict, task: str = "addition") -> ml_collections.Confi
   return c
 
 
+def is_tiny(arg, *, experiment: str) -> bool:
+  """An experiment's size argument: `tiny` (its test-suite variant), or `full`/none."""
+  if arg not in (None, "tiny", "full"):
+    raise ConfigError(f"{experiment} takes no arg, 'full' or 'tiny', got {arg!r}")
+  return arg == "tiny"
+
+
 def distillation_stages(
     recipe: dict, task: str = "addition", *, steps: int, eval_every: int, tiny: bool = False
 ) -> tuple[ml_collections.ConfigDict, ...]:

@@ -237,3 +237,24 @@ def test_self_distill_teachers_tiny(capsys, tmp_path):
     assert config["task"]["train_jsonl"] == str(tmp_path / "data" / "train.jsonl")
     assert config["student"]["init_from"].endswith("warmstart")
   assert run_config(tmp_path / "warmstart")["task"]["train_jsonl"].endswith("warmstart.jsonl")
+
+
+def test_experiments_reject_an_unknown_size_naming_the_valid_ones():
+  import importlib
+
+  import pytest
+
+  from opdjax.errors import ConfigError
+
+  for name in (
+      "exopd_lambda",
+      "exopd_reward_correction",
+      "forgetting",
+      "gamma_variance",
+      "grpo_plus_opd",
+      "self_distill_teachers",
+  ):
+    experiment = importlib.import_module(f"opdjax.experiments.{name}")
+    assert experiment.get_config("tiny").seeds == 1 and experiment.get_config("full").seeds == 3
+    with pytest.raises(ConfigError, match=rf"{name} takes no arg, 'full' or 'tiny', got 'big'"):
+      experiment.get_config("big")

@@ -280,7 +280,7 @@ def main(config, workdir):
     summary[name] = {}
     for key in REPORTED:
       summary[name][key] = metrics.seed_summary(r.final_eval[key] for r in runs)
-      row[key] = f"{metrics.mean_std_text(summary[name][key])}"
+      row[key] = metrics.mean_std_text(summary[name][key])
     costs = step_costs(stages[f"{name}_seed0"], **sizes)
     trained = [h["completion_tokens"] for r in runs for h in r.history if h["split"] == "train"]
     tokens_per_update = float(np.mean(trained)) * config.method_template.train.batch_size

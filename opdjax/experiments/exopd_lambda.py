@@ -50,7 +50,7 @@ from __future__ import annotations
 import ml_collections
 
 from opdjax import checkpoint, distributed, metrics
-from opdjax.configs import distillation_stages
+from opdjax.configs import distillation_stages, is_tiny
 from opdjax.errors import ConfigError
 from opdjax.stages import curve_panels, run_stages, seeded_variants, summarize_variant, write_result
 
@@ -63,9 +63,7 @@ ESTIMATORS = ("full", "sampled")
 
 
 def get_config(arg=None):
-  if arg not in (None, "tiny", "full"):
-    raise ConfigError(f"exopd_lambda takes no arg, 'full' or 'tiny', got {arg!r}")
-  tiny = arg == "tiny"
+  tiny = is_tiny(arg, experiment="exopd_lambda")
   c = ml_collections.ConfigDict()
   c.seeds = 1 if tiny else 3
   c.lambdas = "1.25" if tiny else "0.5,1,1.25,1.5"  # (tiny: one λ, for suite time)
@@ -177,7 +175,7 @@ def main(config, workdir):
   rows = [
       {
           "λ": name,
-          **{k: f"{metrics.mean_std_text(m[k])}" for k in REPORTED},
+          **{k: metrics.mean_std_text(m[k]) for k in REPORTED},
           "max grad norm": f"{m['max_grad_norm']['mean']:.3g}",
           "drop from best": f"{m['accuracy_drop_from_best']['mean']:.3f}",
       }

@@ -48,7 +48,7 @@ from __future__ import annotations
 import ml_collections
 
 from opdjax import checkpoint, distributed, metrics
-from opdjax.configs import distill_config, teacher_config, tiny_stage, warmstart_config
+from opdjax.configs import distill_config, is_tiny, teacher_config, tiny_stage, warmstart_config
 from opdjax.errors import ConfigError
 from opdjax.experiments.exopd_lambda import REPORTED
 from opdjax.stages import curve_panels, run_stages, seeded_variants, summarize_variant, write_result
@@ -61,9 +61,7 @@ SETTINGS = ("opd", "exopd_student_ref", "exopd_base_ref")
 
 
 def get_config(arg=None):
-  if arg not in (None, "tiny", "full"):
-    raise ConfigError(f"exopd_reward_correction takes no arg, 'full' or 'tiny', got {arg!r}")
-  tiny = arg == "tiny"
+  tiny = is_tiny(arg, experiment="exopd_reward_correction")
   c = ml_collections.ConfigDict()
   c.seeds = 1 if tiny else 3
   c.reward_scale = 1.25
@@ -127,7 +125,7 @@ def main(config, workdir):
   rows = [
       {
           "setting": name,
-          **{k: f"{metrics.mean_std_text(m[k])}" for k in REPORTED},
+          **{k: metrics.mean_std_text(m[k]) for k in REPORTED},
           "max grad norm": f"{m['max_grad_norm']['mean']:.3g}",
       }
       for name, m in methods.items()

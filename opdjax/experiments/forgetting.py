@@ -43,8 +43,14 @@ import jax
 import ml_collections
 
 from opdjax import checkpoint, distributed, metrics, trainer
-from opdjax.configs import TASK_SHAPES, distill_config, teacher_config, tiny_stage, warmstart_config
-from opdjax.errors import ConfigError
+from opdjax.configs import (
+    TASK_SHAPES,
+    distill_config,
+    is_tiny,
+    teacher_config,
+    tiny_stage,
+    warmstart_config,
+)
 from opdjax.evaluation import evaluate
 from opdjax.stages import choose, run_stages, seeded_variants, write_result
 
@@ -58,9 +64,7 @@ OLD, NEW = "addition", "modular_chain"
 
 
 def get_config(arg=None):
-  if arg not in (None, "tiny", "full"):
-    raise ConfigError(f"forgetting takes no arg, 'full' or 'tiny', got {arg!r}")
-  tiny = arg == "tiny"
+  tiny = is_tiny(arg, experiment="forgetting")
   c = ml_collections.ConfigDict()
   c.seeds = 1 if tiny else 3
   c.methods = ",".join(METHODS)
@@ -143,7 +147,7 @@ def main(config, workdir):
     summary[name] = {key: metrics.seed_summary(values) for key, values in measured.items()}
     row = {"method": name}
     for key, stat in summary[name].items():
-      row[key] = f"{metrics.mean_std_text(stat)}"
+      row[key] = metrics.mean_std_text(stat)
     rows.append(row)
   print()
   print(metrics.format_table(rows, ["method", *measured]))

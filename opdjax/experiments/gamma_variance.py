@@ -59,7 +59,7 @@ from flax import nnx
 
 from opdjax import checkpoint, distributed, metrics, recipes, trainer
 from opdjax import objectives as obj
-from opdjax.configs import distillation_stages
+from opdjax.configs import distillation_stages, is_tiny
 from opdjax.errors import ConfigError
 from opdjax.evaluation import forward_hidden
 from opdjax.sampling import SamplingParams, generate
@@ -73,9 +73,7 @@ REPORTED = ("accuracy_greedy", "sequence_reverse_kl", "token_reverse_kl")
 
 
 def get_config(arg=None):
-  if arg not in (None, "tiny", "full"):
-    raise ConfigError(f"gamma_variance takes no arg, 'full' or 'tiny', got {arg!r}")
-  tiny = arg == "tiny"
+  tiny = is_tiny(arg, experiment="gamma_variance")
   c = ml_collections.ConfigDict()
   c.seeds = 1 if tiny else 3
   c.gammas = "0.5" if tiny else "0,0.5,0.9,1"  # (tiny: one γ, for suite time)
@@ -268,7 +266,7 @@ def main(config, workdir):
           "‖mean grad‖²": stats[f"gamma={g:g}"]["mean_gradient_sq_norm"],
           "SNR": stats[f"gamma={g:g}"]["signal_to_noise"],
           "cos to full": stats[f"gamma={g:g}"]["cosine_to_full_reverse_kl"],
-          **{k: f"{metrics.mean_std_text(finals[g][k])}" for k in REPORTED},
+          **{k: metrics.mean_std_text(finals[g][k]) for k in REPORTED},
       }
       for g in gammas
   ]

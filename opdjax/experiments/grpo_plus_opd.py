@@ -43,7 +43,7 @@ from __future__ import annotations
 import ml_collections
 
 from opdjax import checkpoint, distributed, metrics
-from opdjax.configs import distillation_stages
+from opdjax.configs import distillation_stages, is_tiny
 from opdjax.errors import ConfigError
 from opdjax.stages import curve_panels, run_stages, seeded_variants, summarize_variant, write_result
 
@@ -55,9 +55,7 @@ REPORTED = ("accuracy_greedy", "sequence_reverse_kl")
 
 
 def get_config(arg=None):
-  if arg not in (None, "tiny", "full"):
-    raise ConfigError(f"grpo_plus_opd takes no arg, 'full' or 'tiny', got {arg!r}")
-  tiny = arg == "tiny"
+  tiny = is_tiny(arg, experiment="grpo_plus_opd")
   c = ml_collections.ConfigDict()
   c.seeds = 1 if tiny else 3
   c.opd_weight = 1.0
@@ -115,7 +113,7 @@ def main(config, workdir):
       methods["grpo_opd"]["curves"]["accuracy_greedy"], methods["grpo"]["accuracy_greedy"]["mean"]
   )
   rows = [
-      {"method": name, **{k: f"{metrics.mean_std_text(m[k])}" for k in REPORTED}}
+      {"method": name, **{k: metrics.mean_std_text(m[k]) for k in REPORTED}}
       for name, m in methods.items()
   ]
   print()

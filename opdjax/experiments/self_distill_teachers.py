@@ -63,12 +63,12 @@ from opdjax.configs import (
     TASK_SHAPES,
     base_config,
     float32,
+    is_tiny,
     task_section,
     tiny_stage,
     warmstart_config,
 )
 from opdjax.data.pipeline import synthetic_records
-from opdjax.errors import ConfigError
 from opdjax.evaluation import evaluate
 from opdjax.stages import (
     choose,
@@ -96,9 +96,7 @@ FILES = ("warmstart.jsonl", "train.jsonl", "held_out.jsonl", "held_out_privilege
 
 
 def get_config(arg=None):
-  if arg not in (None, "tiny", "full"):
-    raise ConfigError(f"self_distill_teachers takes no arg, 'full' or 'tiny', got {arg!r}")
-  tiny = arg == "tiny"
+  tiny = is_tiny(arg, experiment="self_distill_teachers")
   c = ml_collections.ConfigDict()
   c.seeds = 1 if tiny else 3
   c.teacher_modes = "frozen,ema" if tiny else ",".join(MODES)  # (tiny: two, for suite time)
@@ -229,7 +227,7 @@ def main(config, workdir):
   rows = [
       {
           "teacher": mode,
-          **{k: f"{metrics.mean_std_text(m[k])}" for k in REPORTED},
+          **{k: metrics.mean_std_text(m[k]) for k in REPORTED},
           "drop from best": f"{m['accuracy_drop_from_best']['mean']:.3f}",
           "drift KL": f"{m['final_teacher_drift_kl']['mean']:.3g}",
       }
