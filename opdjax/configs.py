@@ -88,6 +88,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sampling.layout = "train"  # train | tensor | replicated: the student's layout while it samples
 
   c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "adamw"  # adamw | sgd (plain gradient descent, no momentum)
   c.optimizer.learning_rate = 1e-3
   c.optimizer.warmup_steps = 10
   c.optimizer.schedule = "cosine"  # cosine | constant

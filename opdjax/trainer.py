@@ -382,10 +382,14 @@ def make_optimizer(config) -> optax.GradientTransformation:
     lr = optax.linear_schedule(0.0, opt.learning_rate, max(opt.warmup_steps, 1))
   else:
     raise ConfigError(f"optimizer.schedule must be 'cosine' or 'constant', got {opt.schedule!r}")
-  return optax.chain(
-      optax.clip_by_global_norm(opt.grad_clip),
-      optax.adamw(lr, b1=0.9, b2=0.98, weight_decay=opt.weight_decay),
-  )
+  name = opt.get("name", "adamw")
+  if name == "adamw":
+    update = optax.adamw(lr, b1=0.9, b2=0.98, weight_decay=opt.weight_decay)
+  elif name == "sgd":
+    update = optax.sgd(lr)
+  else:
+    raise ConfigError(f"optimizer.name must be 'adamw' or 'sgd', got {name!r}")
+  return optax.chain(optax.clip_by_global_norm(opt.grad_clip), update)
 
 
 def make_train_step(

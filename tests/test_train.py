@@ -633,3 +633,24 @@ def test_teachers_score_each_row_by_the_teacher_it_names(tmp_path):
     run("unknown", ["a", "c"] * 8)
   with pytest.raises(ConfigError, match="student and teacher/b vocabularies differ"):
     run("vocab", ["a", "b"] * 8, b_path=tmp_path / "v40")
+
+
+def test_sgd_takes_a_plain_clipped_gradient_step_and_unknown_optimizers_are_named():
+  import jax.numpy as jnp
+  import optax
+
+  config = configs.base_config()
+  config.optimizer.update(name="sgd", schedule="constant", warmup_steps=1, learning_rate=0.5)
+  config.optimizer.grad_clip = 1.0
+  tx = trainer.make_optimizer(config)
+  params = {"w": jnp.array([1.0, -2.0])}
+  grads = {"w": jnp.array([3.0, 4.0])}  # norm 5: clipped to norm 1
+  state = tx.init(params)
+  _, state = tx.update(grads, state, params)  # step 0 of the warm-up has rate 0
+  updates, _ = tx.update(grads, state, params)
+  np.testing.assert_allclose(optax.apply_updates(params, updates)["w"], [1.0 - 0.3, -2.0 - 0.4])
+  config.optimizer.name = "lion"
+  with pytest.raises(
+      trainer.ConfigError, match="optimizer.name must be 'adamw' or 'sgd', got 'lion'"
+  ):
+    trainer.make_optimizer(config)
