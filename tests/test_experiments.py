@@ -247,6 +247,7 @@ def test_experiments_reject_an_unknown_size_naming_the_valid_ones():
   from opdjax.errors import ConfigError
 
   for name in (
+      "early_dip",
       "exopd_lambda",
       "exopd_reward_correction",
       "forgetting",
@@ -258,3 +259,28 @@ def test_experiments_reject_an_unknown_size_naming_the_valid_ones():
     assert experiment.get_config("tiny").seeds == 1 and experiment.get_config("full").seeds == 3
     with pytest.raises(ConfigError, match=rf"{name} takes no arg, 'full' or 'tiny', got 'big'"):
       experiment.get_config("big")
+
+
+def test_early_dip_tiny(capsys, tmp_path, copy_finished_stages):
+  from opdjax.experiments import early_dip
+
+  copy_finished_stages(early_dip.get_config("tiny").stages, tmp_path)
+  code = cli_main(["--exp", "early_dip:tiny", "--workdir", str(tmp_path)])
+  out, err = capsys.readouterr()
+  assert code == 0, err
+  result = json.loads((tmp_path / "early_dip.json").read_text())
+  assert result["verdict"] in out and set(result["methods"]) == {"adam", "sgd"}
+  # Each variant changes only its own optimizer setting; the recipe is the same.
+  adam, sgd = (run_config(tmp_path / f"{v}_seed0") for v in ("adam", "sgd"))
+  assert adam["optimizer"]["name"] == "adamw" and sgd["optimizer"]["name"] == "sgd"
+  assert sgd["optimizer"]["learning_rate"] == 0.05 and adam["optimizer"]["learning_rate"] == 1e-4
+  assert adam["recipe"] == sgd["recipe"] and adam["recipe"]["estimator"] == "full"
+
+
+def test_dip_is_the_largest_move_away_from_the_start():
+  from opdjax.experiments.early_dip import dip
+
+  curve = {"x": [0, 10, 20, 30], "y": [0.5, 0.3, 0.45, 0.1]}
+  assert abs(dip(curve, rise=False) - 0.4) < 1e-12
+  assert dip({"x": [0, 10, 20], "y": [2.0, 2.5, 1.0]}, rise=True) == 0.5
+  assert dip({"x": [0, 10, 20], "y": [2.0, 1.5, 1.0]}, rise=True) == 0.0
