@@ -222,14 +222,14 @@ def is_tiny(arg, *, experiment: str) -> bool:
   return arg == "tiny"
 
 
-def distillation_stages(
+def distillation_comparison(
     recipe: dict, task: str = "addition", *, steps: int, eval_every: int, tiny: bool = False
-) -> tuple[ml_collections.ConfigDict, ...]:
-  """`(teacher, warm start, method template)` of a distillation comparison on `task`:
-  `teacher_config`, `warmstart_config` without evaluation (each method evaluates the warm
-  start at its step 0), and `distill_config(recipe)` for `steps` updates, evaluated every
-  `eval_every`. `tiny`: each shrunk to 2 steps by `tiny_stage`, the method evaluated at its
-  end. Callers change what their experiment needs after this."""
+) -> ml_collections.ConfigDict:
+  """The config of a distillation comparison on `task`: `seeds` (3; tiny 1), `stages` with
+  the `teacher` (`teacher_config`) and the `warmstart` (`warmstart_config`, not evaluated:
+  each method evaluates it at its step 0), and the `method_template`, `distill_config(recipe)`
+  for `steps` updates evaluated every `eval_every`. `tiny`: each stage shrunk to 2 steps by
+  `tiny_stage`, the method evaluated at its end. Callers add their own settings."""
   teacher, warmstart = teacher_config(task), warmstart_config(task)
   warmstart.eval.every = 0
   method = distill_config(recipe, task)
@@ -239,7 +239,11 @@ def distillation_stages(
     for stage in (teacher, warmstart, method):
       tiny_stage(stage, 2)
     method.eval.every = 2
-  return teacher, warmstart, method
+  c = ml_collections.ConfigDict()
+  c.seeds = 1 if tiny else 3
+  c.stages = ml_collections.ConfigDict({"teacher": teacher, "warmstart": warmstart})
+  c.method_template = method
+  return c
 
 
 def tiny_stage(c: ml_collections.ConfigDict, steps: int) -> ml_collections.ConfigDict:

@@ -51,17 +51,15 @@ correct answers.
 
 from __future__ import annotations
 
-import ml_collections
-
 from opdjax import checkpoint, distributed, metrics
-from opdjax.configs import distillation_stages, is_tiny
+from opdjax.configs import distillation_comparison, is_tiny
 from opdjax.stages import (
-    choose,
-    curve_panels,
-    run_stages,
-    seeded_variants,
-    summarize_variant,
-    write_result,
+  choose,
+  curve_panels,
+  run_stages,
+  seeded_variants,
+  summarize_variant,
+  write_result,
 )
 
 CLAIM = (
@@ -80,19 +78,13 @@ REPORTED = ("accuracy_greedy", "sequence_reverse_kl")
 
 def get_config(arg=None):
   tiny = is_tiny(arg, experiment="early_dip")
-  c = ml_collections.ConfigDict()
-  c.seeds = 1 if tiny else 3
-  c.variants = "adam,sgd" if tiny else ",".join(VARIANTS)
-  teacher, warmstart, method = distillation_stages(
+  c = distillation_comparison(
       dict(name="opd", estimator="full", divergence="reverse_kl"),
       steps=100,
       eval_every=10,
       tiny=tiny,
   )
-  c.stages = ml_collections.ConfigDict()
-  c.stages.teacher = teacher
-  c.stages.warmstart = warmstart
-  c.method_template = method
+  c.variants = "adam,sgd" if tiny else ",".join(VARIANTS)
   return c
 
 

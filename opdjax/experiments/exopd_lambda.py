@@ -47,10 +47,8 @@ are for a teacher trained from a base model, which `exopd_reward_correction` tes
 
 from __future__ import annotations
 
-import ml_collections
-
 from opdjax import checkpoint, distributed, metrics
-from opdjax.configs import distillation_stages, is_tiny
+from opdjax.configs import distillation_comparison, is_tiny
 from opdjax.errors import ConfigError
 from opdjax.stages import curve_panels, run_stages, seeded_variants, summarize_variant, write_result
 
@@ -64,17 +62,11 @@ ESTIMATORS = ("full", "sampled")
 
 def get_config(arg=None):
   tiny = is_tiny(arg, experiment="exopd_lambda")
-  c = ml_collections.ConfigDict()
-  c.seeds = 1 if tiny else 3
-  c.lambdas = "1.25" if tiny else "0.5,1,1.25,1.5"  # (tiny: one λ, for suite time)
-  c.estimator = "full"
-  teacher, warmstart, method = distillation_stages(
+  c = distillation_comparison(
       dict(name="gopd", divergence="reverse_kl"), steps=150, eval_every=25, tiny=tiny
   )
-  c.stages = ml_collections.ConfigDict()
-  c.stages.teacher = teacher
-  c.stages.warmstart = warmstart
-  c.method_template = method
+  c.lambdas = "1.25" if tiny else "0.5,1,1.25,1.5"  # (tiny: one λ, for suite time)
+  c.estimator = "full"
   return c
 
 

@@ -59,7 +59,7 @@ from flax import nnx
 
 from opdjax import checkpoint, distributed, metrics, recipes, trainer
 from opdjax import objectives as obj
-from opdjax.configs import distillation_stages, is_tiny
+from opdjax.configs import distillation_comparison, is_tiny
 from opdjax.errors import ConfigError
 from opdjax.evaluation import forward_hidden
 from opdjax.sampling import SamplingParams, generate
@@ -74,21 +74,15 @@ REPORTED = ("accuracy_greedy", "sequence_reverse_kl", "token_reverse_kl")
 
 def get_config(arg=None):
   tiny = is_tiny(arg, experiment="gamma_variance")
-  c = ml_collections.ConfigDict()
-  c.seeds = 1 if tiny else 3
-  c.gammas = "0.5" if tiny else "0,0.5,0.9,1"  # (tiny: one γ, for suite time)
-  c.rollouts = 2 if tiny else 64  # independent rollouts at the fixed warm-start parameters
-  c.rollout_prompts = 8 if tiny else 64
-  c.stages = ml_collections.ConfigDict()
-  teacher, warmstart, method = distillation_stages(
+  c = distillation_comparison(
       dict(name="opd", estimator="sampled", correction="none"),
       steps=150,
       eval_every=50,
       tiny=tiny,
   )
-  c.stages.teacher = teacher
-  c.stages.warmstart = warmstart
-  c.method_template = method
+  c.gammas = "0.5" if tiny else "0,0.5,0.9,1"  # (tiny: one γ, for suite time)
+  c.rollouts = 2 if tiny else 64  # independent rollouts at the fixed warm-start parameters
+  c.rollout_prompts = 8 if tiny else 64
   return c
 
 

@@ -40,10 +40,8 @@ does not.
 
 from __future__ import annotations
 
-import ml_collections
-
 from opdjax import checkpoint, distributed, metrics
-from opdjax.configs import distillation_stages, is_tiny
+from opdjax.configs import distillation_comparison, is_tiny
 from opdjax.errors import ConfigError
 from opdjax.stages import curve_panels, run_stages, seeded_variants, summarize_variant, write_result
 
@@ -56,18 +54,12 @@ REPORTED = ("accuracy_greedy", "sequence_reverse_kl")
 
 def get_config(arg=None):
   tiny = is_tiny(arg, experiment="grpo_plus_opd")
-  c = ml_collections.ConfigDict()
-  c.seeds = 1 if tiny else 3
-  c.opd_weight = 1.0
-  teacher, warmstart, method = distillation_stages(
+  c = distillation_comparison(
       dict(name="grpo", group_size=4, correction="none"), steps=150, eval_every=25, tiny=tiny
   )
+  c.opd_weight = 1.0
   # Prompts; × group_size = 64 sampled rows per update (tiny: 16).
-  method.train.batch_size = 4 if tiny else 16
-  c.stages = ml_collections.ConfigDict()
-  c.stages.teacher = teacher
-  c.stages.warmstart = warmstart
-  c.method_template = method
+  c.method_template.train.batch_size = 4 if tiny else 16
   return c
 
 
