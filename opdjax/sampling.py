@@ -98,7 +98,7 @@ class DecodeState(NamedTuple):
   """The decode loop's carry (B rows, N = bucketed new tokens, S cache slots, V vocab)."""
 
   step: jax.Array  # [] int32, the next decode step (= completion index)
-  cache: KVCache  # per layer [B, S, K, Dh] keys/values, valid [B, S], index []
+  cache: KVCache  # per layer [B, K, S, Dh] keys/values, valid [B, S], index []
   next_logits: jax.Array  # [B, V] float32 logits of the token to draw at `step`
   next_position: jax.Array  # [B] int32 RoPE position of that token in its own row
   done: jax.Array  # [B] bool, row has emitted EOS (or is past max_new_tokens)
@@ -191,7 +191,7 @@ def _shard_rows(cache: KVCache, rows, stacked: bool, tensor: bool) -> KVCache:
   mesh, row_axes = rows.mesh, rows.spec[0] if rows.spec else None
   lead = (None,) if stacked else ()
   heads = "tensor" if tensor else None
-  kv = NamedSharding(mesh, P(*lead, row_axes, None, heads, None))
+  kv = NamedSharding(mesh, P(*lead, row_axes, heads, None, None))
   constrain = lambda x, s: jax.lax.with_sharding_constraint(x, s)
   return KVCache(
       keys=jax.tree.map(lambda k: constrain(k, kv), cache.keys),

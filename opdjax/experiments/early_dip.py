@@ -54,12 +54,12 @@ from __future__ import annotations
 from opdjax import checkpoint, distributed, metrics
 from opdjax.configs import distillation_comparison, is_tiny
 from opdjax.stages import (
-  choose,
-  curve_panels,
-  run_stages,
-  seeded_variants,
-  summarize_variant,
-  write_result,
+    choose,
+    curve_panels,
+    run_stages,
+    seeded_variants,
+    summarize_variant,
+    write_result,
 )
 
 CLAIM = (

@@ -12,6 +12,7 @@ but never change a real token's output.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -25,8 +26,9 @@ class KVCache(NamedTuple):
   """Per-layer key/value buffers plus the bookkeeping that makes padding exact.
 
   Attributes:
-    keys: tuple over layers of `[B, S, K, Dh]`, or one `[L, B, S, K, Dh]` array for a
-      model with scanned layers.
+    keys: tuple over layers of `[B, K, S, Dh]`, or one `[L, B, K, S, Dh]` array for a
+      model with scanned layers. Heads before slots: a decode step reads each head's
+      filled slots as one contiguous block (see `attend_one`).
     values: the same layout as `keys`.
     valid: `[B, S]` bool, True where a slot holds a real token.
     index: int32 scalar, the next slot to write.
@@ -47,7 +49,7 @@ class KVCache(NamedTuple):
       *,
       stacked: bool = False,
   ) -> "KVCache":
-    shape = (batch_size, max_length, config.num_kv_heads, config.head_dim)
+    shape = (batch_size, config.num_kv_heads, max_length, config.head_dim)
     if stacked:
       make = lambda: jnp.zeros((config.num_layers,) + shape, dtype)
     else:
@@ -138,6 +140,59 @@ def attend(q, k, v, mask, *, implementation: str = "auto") -> jax.Array:
   return out[:, :length]
 
 
+DECODE_WINDOW = 128  # slots per step of the decode attention's window (see `attend_one`)
+MAX_DECODE_WINDOWS = 8  # at most this many window sizes (one compiled branch each)
+
+
+def decode_windows(max_length: int) -> tuple[int, ...]:
+  """The window sizes a decode step may attend over in a cache of `max_length` slots:
+  multiples of `DECODE_WINDOW` (coarser for long caches, at most `MAX_DECODE_WINDOWS`), the
+  last one `max_length`."""
+  step = max(DECODE_WINDOW, -(-max_length // MAX_DECODE_WINDOWS))
+  return tuple(range(step, max_length, step)) + (max_length,)
+
+
+def attend_one(q, keys, values, mask, filled) -> jax.Array:
+  """`attend` for one query per row (a decode step), reading only the filled cache slots.
+
+  Args:
+    q: `[B, 1, H, Dh]`.
+    keys: `[B, K, S, Dh]`, the KV cache's layout; `values` the same.
+    mask: `[B, 1, S]`, True where the query may attend a slot; False from slot `filled` on.
+    filled: int32 scalar, the slots written so far (the cache index after this token).
+
+  The step attends over the smallest of `decode_windows(S)` that holds `filled` slots, so
+  its work grows with the length generated so far rather than with the cache size. The
+  slots left out are masked, so the result is the same as over the whole cache. Scores and
+  the weighted sum are multiply-and-reduce over the contiguous head dimension and slots:
+  a batched `dot_general` of one query row costs more on a CPU and no less elsewhere, where
+  a decode step is bound by reading the cache. Softmax in float32.
+  """
+  batch, _, heads, head_dim = q.shape
+  kv_heads = keys.shape[1]
+  q = q.reshape(batch, kv_heads, heads // kv_heads, 1, head_dim).astype(jnp.float32)
+  scale = head_dim**-0.5
+
+  def over(window):
+    k = keys[:, :, None, :window].astype(jnp.float32)  # [B, K, 1, W, Dh]
+    v = values[:, :, None, :window].astype(jnp.float32)
+    seen = mask[:, None, None, 0, :window]  # [B, 1, 1, W]
+    scores = jnp.where(seen, jnp.sum(q * k, axis=-1) * scale, -jnp.inf)  # [B, K, G, W]
+    scores = jnp.where(jnp.any(seen, axis=-1, keepdims=True), scores, 0.0)  # padding rows
+    weights = jax.nn.softmax(scores, axis=-1)
+    return jnp.sum(weights[..., None] * v, axis=3)  # [B, K, G, Dh]
+
+  windows = decode_windows(keys.shape[2])
+  if len(windows) == 1:
+    out = over(windows[0])
+  else:
+    which = jnp.searchsorted(jnp.asarray(windows), filled)
+    out = jax.lax.switch(
+        jnp.minimum(which, len(windows) - 1), [functools.partial(over, w) for w in windows]
+    )
+  return out.reshape(batch, 1, heads, head_dim)
+
+
 def even_lengths(q, k, v, mask):
   """Pads odd query and key lengths by one slot (cuDNN's masked training kernels need even
   lengths). The extra key is masked for every real query, and the extra query sees only the
@@ -209,7 +264,7 @@ class Attention(nnx.Module):
       self.q_norm = self.k_norm = None
 
   def __call__(self, x, cos, sin, mask, kv=None, index=None):
-    """x `[B, T, D]`, mask `[B, T, S]`; kv = (keys, values) `[B, S, K, Dh]` to write at `index`."""
+    """x `[B, T, D]`, mask `[B, T, S]`; kv = (keys, values) `[B, K, S, Dh]` to write at `index`."""
     batch, length, _ = x.shape
     q = self.q_proj(x).reshape(batch, length, self.num_heads, self.head_dim)
     k = self.k_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
@@ -217,12 +272,19 @@ class Attention(nnx.Module):
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    if kv is not None:
-      keys, values = kv
-      k = jax.lax.dynamic_update_slice_in_dim(keys, k.astype(keys.dtype), index, axis=1)
-      v = jax.lax.dynamic_update_slice_in_dim(values, v.astype(values.dtype), index, axis=1)
-      kv = (k, v)
-    out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, implementation=self.implementation)
+    if kv is None:
+      out = attend(q, k, v, mask, implementation=self.implementation)
+      return self.o_proj(out.reshape(batch, length, -1).astype(x.dtype)), kv
+    keys, values = kv  # [B, K, S, Dh]
+    write = lambda cache, new: jax.lax.dynamic_update_slice_in_dim(
+        cache, new.swapaxes(1, 2).astype(cache.dtype), index, axis=2
+    )
+    kv = (write(keys, k), write(values, v))
+    if length == 1:  # a decode step
+      out = attend_one(q, *kv, mask, index + 1)
+    else:  # a prefill: once per generation, so the cache's transpose costs little
+      k, v = (cache.swapaxes(1, 2).astype(q.dtype) for cache in kv)
+      out = attend(q, k, v, mask, implementation=self.implementation)
     return self.o_proj(out.reshape(batch, length, -1).astype(x.dtype)), kv
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from opdjax.models import Decoder, ModelConfig, positions_from_mask, tiny_config
+from opdjax.models import Decoder, ModelConfig, decoder, positions_from_mask, tiny_config
 
 
 def make_model(kind="qwen3", **overrides):
@@ -52,6 +52,50 @@ def test_prefill_and_decode_equal_full_forward(kind, overrides):
         step_logits, full[:, prompt_len + step], atol=1e-5, err_msg=f"step {step}"
     )
   assert int(cache.index) == prompt_len + steps
+
+
+def test_decode_windows():
+  assert decoder.decode_windows(80) == (80,)
+  assert decoder.decode_windows(528) == (128, 256, 384, 512, 528)
+  assert decoder.decode_windows(4096) == (512, 1024, 1536, 2048, 2560, 3072, 3584, 4096)
+
+
+def test_decode_with_many_windows_equals_full_forward(monkeypatch):
+  """Windows of 2 slots in a 16-slot cache: every decode step picks a different branch,
+  and an off-by-one in the choice would drop the newest token."""
+  monkeypatch.setattr(decoder, "DECODE_WINDOW", 2)
+  model = make_model()
+  prompts, prompt_mask, completion = padded_prompts(model.config.vocab_size, seed=2)
+  full_tokens = jnp.concatenate([prompts, completion], axis=1)
+  full_mask = jnp.concatenate([prompt_mask, jnp.ones(completion.shape, bool)], axis=1)
+  full = model(full_tokens, attention_mask=full_mask)
+  cache = model.init_cache(4, 16)
+  assert len(decoder.decode_windows(cache.max_length)) == 8
+  _, cache = model.prefill(prompts, positions_from_mask(prompt_mask), cache, token_mask=prompt_mask)
+  lengths = jnp.sum(prompt_mask, axis=1)
+  decode = nnx.jit(lambda m, t, p, c: m.decode(t, p, c))
+  for step in range(completion.shape[1]):
+    logits, cache = decode(model, completion[:, step], lengths + step, cache)
+    np.testing.assert_allclose(logits, full[:, 6 + step], atol=1e-5, err_msg=f"step {step}")
+
+
+@pytest.mark.parametrize("filled,window", [(5, 6), (6, 6), (7, 8)])
+def test_a_decode_step_reads_only_its_window(monkeypatch, filled, window):
+  """Slots past the chosen window hold NaN: a step that read them would return NaN (a
+  masked slot still multiplies its value by a zero weight)."""
+  monkeypatch.setattr(decoder, "DECODE_WINDOW", 2)
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.normal(size=(3, 1, 4, 8)), jnp.float32)
+  keys, values = (jnp.asarray(rng.normal(size=(3, 2, 12, 8)), jnp.float32) for _ in range(2))
+  mask = np.arange(12)[None, None, :] < filled
+  mask = jnp.asarray(np.repeat(mask, 3, axis=0))
+  mask = mask.at[1, 0, 0].set(False)  # a hole, as padding leaves
+  mask = mask.at[2].set(False)  # a fully masked row (a finished row's padding)
+  expected = decoder.attend(q, keys.swapaxes(1, 2), values.swapaxes(1, 2), mask)
+  poison = lambda x: x.at[:, :, window:].set(jnp.nan)
+  out = decoder.attend_one(q, poison(keys), poison(values), mask, jnp.int32(filled))
+  np.testing.assert_allclose(out[:2], expected[:2], atol=1e-6)
+  assert np.isfinite(out[2]).all()  # its output is never read, but must not be NaN
 
 
 def test_chunked_prefill_equals_single_prefill():
