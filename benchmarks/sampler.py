@@ -34,7 +34,7 @@ from opdjax.models import Decoder, ModelConfig, save_pretrained, tiny_config
 from opdjax.sampling import SamplingParams, generate
 
 CONFIGS = {
-    "tiny": tiny_config("qwen3"),
+    "tiny": tiny_config("qwen3", max_position_embeddings=1024),
     "small": ModelConfig(
         vocab_size=512,
         hidden_size=256,

@@ -174,7 +174,7 @@ def _draw(logits, key, sampling: SamplingParams):
 def _repeat_rows(cache: KVCache, count: int, stacked: bool) -> KVCache:
   """Each prompt's cache rows `count` times in a row (the samples of a prompt are adjacent)."""
   repeat = lambda x, axis: jnp.repeat(x, count, axis=axis)
-  kv_axis = 1 if stacked else 0  # [L, B, S, K, Dh] or per layer [B, S, K, Dh]
+  kv_axis = 1 if stacked else 0  # [L, B, K, S, Dh] or per layer [B, K, S, Dh]
   return KVCache(
       keys=jax.tree.map(lambda k: repeat(k, kv_axis), cache.keys),
       values=jax.tree.map(lambda v: repeat(v, kv_axis), cache.values),
