@@ -32,6 +32,7 @@ from opdjax.data import (
     char_tokenizer,
     encode,
     load_jsonl,
+    stream,
     synthetic_records,
 )
 from opdjax.errors import ConfigError
@@ -860,7 +861,7 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
       if len(members(run_setup, role)) > 1
   }
 
-  data = iter(
+  data = stream(
       batches(
           train_set,
           batch_size=config.train.batch_size,

@@ -1,6 +1,7 @@
 """Data pipeline (tasks, tokenizer, JSONL, grain determinism) and metric reductions."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -12,10 +13,12 @@ from opdjax.data import (
     char_tokenizer,
     encode,
     load_jsonl,
+    stream,
     synthetic_records,
     tasks,
     verify,
 )
+from opdjax.data.pipeline import READ_AHEAD_BATCHES
 
 
 def test_tasks_are_deterministic_verifiable_and_split():
@@ -152,6 +155,35 @@ def test_batches_are_deterministic_and_resumable():
   assert next(resumed)["index"].tolist() == first[7]
   with pytest.raises(ValueError, match="batch_size 64 is larger than the dataset"):
     batches(prompts, batch_size=64, seed=0)
+
+
+class CountingRows:
+  """Rows `{"index": i}` that count how many have been read."""
+
+  def __init__(self, size):
+    self.size, self.reads = size, 0
+
+  def __len__(self):
+    return self.size
+
+  def __getitem__(self, i):
+    self.reads += 1
+    return {"index": np.int32(i)}
+
+
+def test_stream_reads_a_few_batches_ahead_and_resumes_like_the_dataset():
+  rows = CountingRows(4000)
+  it = stream(batches(rows, batch_size=8, seed=1))
+  first = next(it)["index"].tolist()
+  time.sleep(0.5)  # give the reader thread time to run ahead
+  assert rows.reads <= 8 * (1 + READ_AHEAD_BATCHES + 1)  # grain's default: 501 batches
+  whole = [b["index"].tolist() for _, b in zip(range(6), iter(batches(rows, batch_size=8, seed=1)))]
+  assert first == whole[0]
+  for _ in range(2):
+    next(it)
+  resumed = stream(batches(rows, batch_size=8, seed=1))
+  resumed.set_state(json.loads(json.dumps(it.get_state())))
+  assert next(resumed)["index"].tolist() == whole[3]
 
 
 def test_process_shares_make_the_same_global_batches_and_tokenise_only_their_rows():

@@ -7,6 +7,7 @@ from opdjax.data.pipeline import (
     batches,
     encode,
     load_jsonl,
+    stream,
     synthetic_records,
 )
 from opdjax.data.tasks import step_credit, verify
