@@ -1027,7 +1027,7 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
   last_eval = {}
   pending = []  # (step, on-device metrics) not yet read back: the host syncs only below
   seq = frozen = None
-  started = time.perf_counter()
+  started, logged = time.perf_counter(), start  # the rates' clock and step at the last log
 
   def fail(message):
     progress.close()
@@ -1070,8 +1070,10 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
       read_back()
     if log_now:
       means = accumulator.means()
-      means["steps_per_s"] = config.train.log_every / max(time.perf_counter() - started, 1e-9)
-      started = time.perf_counter()
+      elapsed = max(time.perf_counter() - started, 1e-9)
+      means["steps_per_s"] = (done - logged) / elapsed
+      means["tokens_per_s"] = accumulator.sums["completion_tokens"] / elapsed  # trained tokens
+      started, logged = time.perf_counter(), done
       writer.write(done, "train", means)
       accumulator.reset()
       progress.set_postfix(
@@ -1083,7 +1085,9 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
           )
       )
     if eval_now:
+      evaluating = time.perf_counter()
       last_eval = run_eval(done, params)
+      started += time.perf_counter() - evaluating  # the rates count training time only
     if save_now:
       if not all_finite(params):
         fail(f"non-finite parameters after step {done}")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from opdjax import checkpoint, configs, trainer
+from opdjax import checkpoint, configs, recipes, trainer
 from opdjax.errors import ConfigError
 from opdjax.models import Decoder, save_pretrained, tiny_config
 from opdjax.train import main as cli_main
@@ -82,6 +82,10 @@ def test_every_recipe_runs(variant, teacher_dir, tmp_path, monkeypatch):
   train_rows = [r for r in result.history if r["split"] == "train"]
   assert [r["step"] for r in train_rows] == [2, 4]
   assert all(np.isfinite(r["loss"]) for r in train_rows)
+  rows = config.train.batch_size * recipes.build(config.recipe).group_size
+  for r in train_rows:  # both rates share one clock: their ratio is the step's trained tokens
+    assert r["steps_per_s"] > 0
+    assert r["tokens_per_s"] / r["steps_per_s"] == pytest.approx(r["completion_tokens"] * rows)
   if variant == "opd_full":
     for key in (
         "accuracy_greedy",
