@@ -27,6 +27,37 @@ def forward_hidden(graphdef, state, tokens, attention_mask):
   return nnx.merge(graphdef, state).hidden_states(tokens, attention_mask=attention_mask)
 
 
+def own_rows(route: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+  """Where model `k` of a routed batch reads and writes: `(gather, scatter)` index arrays of
+  a power-of-two length (at most the batch), for `forward_hidden_rows`.
+
+  `gather` lists the rows routed to `k`, then repeats the first of them as padding (so the
+  model only ever sees its own rows); `scatter` is the same rows, then `B`, out of range,
+  so the padding is dropped. The length is bucketed so that a run compiles a few shapes per
+  model rather than one per row count. A model without rows gets empty arrays.
+
+  >>> own_rows(np.array([0, 1, 1, 0, 1]), 1)
+  (array([1, 2, 4, 1]), array([1, 2, 4, 5]))
+  """
+  rows = np.flatnonzero(np.asarray(route) == k)
+  if rows.size == 0:
+    return rows, rows
+  batch = len(route)
+  size = min(1 << (rows.size - 1).bit_length(), batch)
+  pad = size - rows.size
+  return np.concatenate([rows, np.full(pad, rows[0])]), np.concatenate([rows, np.full(pad, batch)])
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def forward_hidden_rows(graphdef, state, tokens, attention_mask, gather, scatter):
+  """`forward_hidden` on the rows `gather` only, written back to rows `scatter` of a
+  `[B, T, D]` array of zeros (see `own_rows`): a routed teacher runs on its own rows."""
+  model = nnx.merge(graphdef, state)
+  hidden = model.hidden_states(tokens[gather], attention_mask=attention_mask[gather])
+  out = jnp.zeros((tokens.shape[0],) + hidden.shape[1:], hidden.dtype)
+  return out.at[scatter].set(hidden, mode="drop")
+
+
 def decode_completions(tokenizer, gen: Generation) -> list[str]:
   """The completions of this process's rows (all rows on one process)."""
   tokens, lengths = local_rows(gen.tokens), local_rows(gen.lengths)

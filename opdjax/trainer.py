@@ -36,7 +36,7 @@ from opdjax.data import (
     synthetic_records,
 )
 from opdjax.errors import ConfigError
-from opdjax.evaluation import evaluate, forward_hidden, verified
+from opdjax.evaluation import evaluate, forward_hidden, forward_hidden_rows, own_rows, verified
 from opdjax.models import Decoder, ModelConfig, load_pretrained, load_tokenizer, read_config
 from opdjax.models.decoder import (
     ATTENTION_IMPLEMENTATIONS,
@@ -937,11 +937,20 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
     heads = {}
     for role in recipe.roles:
       names = members(run_setup, role)
-      hidden = [forward_hidden(*frozen_parts[n][:2], tokens, mask) for n in names]
       if len(names) == 1:
-        heads[role] = obj.Head(put(hidden[0]), frozen_parts[names[0]][2])
-      else:
-        heads[role] = obj.Head(put(route_hidden(hidden, rows["route"])), routed_kernels[role])
+        hidden = forward_hidden(*frozen_parts[names[0]][:2], tokens, mask)
+        heads[role] = obj.Head(put(hidden), frozen_parts[names[0]][2])
+        continue
+      route = distributed.to_host(rows["route"])  # each teacher runs on its own rows only
+      hidden = []
+      for k, name in enumerate(names):
+        graphdef_k, state_k, kernel_k = frozen_parts[name]
+        gather, scatter = own_rows(route, k)
+        if gather.size:
+          hidden.append(forward_hidden_rows(graphdef_k, state_k, tokens, mask, gather, scatter))
+        else:
+          hidden.append(jnp.zeros(tokens.shape + kernel_k.shape[:1], kernel_k.dtype))
+      heads[role] = obj.Head(put(route_hidden(hidden, rows["route"])), routed_kernels[role])
     return heads or None
 
   def self_teacher_weights(role, params, extra):

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -565,6 +566,43 @@ def test_no_recompilation_across_steps(teacher_dir, tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------- several teachers
+
+
+def test_each_routed_teacher_runs_on_its_own_rows_only():
+  """Model k reads only rows routed to k (padding repeats one of them and is dropped), and
+  the routed hidden states equal running every model on the whole batch."""
+  from opdjax.evaluation import forward_hidden, forward_hidden_rows, own_rows
+  from opdjax.objectives import route_hidden
+
+  route = np.array([0, 1, 1, 0, 1, 1])
+  gather, scatter = own_rows(route, 1)
+  np.testing.assert_array_equal(gather, [1, 2, 4, 5])
+  np.testing.assert_array_equal(own_rows(route, 0)[0], [0, 3])
+  gather, scatter = own_rows(np.array([1, 0, 1, 1, 1]), 1)  # 4 rows: no padding
+  np.testing.assert_array_equal(gather, [0, 2, 3, 4])
+  gather, scatter = own_rows(np.array([1, 0, 0, 0, 0]), 1)
+  np.testing.assert_array_equal(gather, [0]), np.testing.assert_array_equal(scatter, [0])
+  gather, scatter = own_rows(np.array([0, 1, 1, 1, 0]), 1)  # 3 rows padded to 4
+  np.testing.assert_array_equal(gather, [1, 2, 3, 1])
+  np.testing.assert_array_equal(scatter, [1, 2, 3, 5])  # 5 = B: the padding is dropped
+  assert own_rows(np.array([0, 0]), 1)[0].size == 0
+
+  models = [
+      Decoder(tiny_config("llama", hidden_size=h), rngs=nnx.Rngs(i)) for i, h in enumerate((32, 48))
+  ]
+  route = np.array([1, 0, 1, 1, 0, 0])  # 3 rows each, padded to 4
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(rng.integers(1, 50, (6, 7)), jnp.int32)
+  mask = jnp.asarray(rng.random((6, 7)) < 0.9).at[:, -1].set(True)
+  whole = route_hidden([forward_hidden(*nnx.split(m), tokens, mask) for m in models], route)
+  own = route_hidden(
+      [
+          forward_hidden_rows(*nnx.split(m), tokens, mask, *own_rows(route, k))
+          for k, m in enumerate(models)
+      ],
+      route,
+  )
+  np.testing.assert_allclose(own, whole, atol=1e-6)
 
 
 def test_teachers_score_each_row_by_the_teacher_it_names(tmp_path):
