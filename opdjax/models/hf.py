@@ -1,4 +1,4 @@
-"""Hugging Face interop: load a local checkpoint directory into a `Decoder`, save one back.
+"""Hugging Face interop: load a checkpoint directory into a `Decoder`, save one back.
 
 Names and layouts are mapped by one explicit table (`NAME_TABLE`): a Hugging Face tensor
 name template, the opdjax parameter path template, and whether the matrix is transposed
@@ -8,19 +8,26 @@ checked against the architecture's expected names and shapes before anything is 
 With a `mesh`, every device reads only its own slice of each tensor from the
 memory-mapped safetensors file (`jax.make_array_from_callback`), so no process ever holds
 a full host copy of a large model.
+
+A directory may be a URI that `etils.epath` opens (`gs://bucket/Qwen3-8B`). Loading copies
+its files to a local cache first (`local_directory`: safetensors are memory-mapped, which
+needs a local file), and saving writes locally, then copies the files up.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
 from safetensors import SafetensorError, safe_open
@@ -93,9 +100,44 @@ def _weight_files(directory: Path) -> list[Path]:
   return files
 
 
+def is_remote(path: str | os.PathLike) -> bool:
+  """Whether `path` is a URI (`gs://…`) rather than a local path."""
+  return "://" in str(path)
+
+
+def local_directory(path: str | os.PathLike, *, weights: bool = True) -> Path:
+  """A local directory holding the files of the checkpoint directory `path`.
+
+  A local `path` is returned as it is. For a URI, its top-level files are copied (through
+  `etils.epath`) to `$OPDJAX_HF_CACHE/<hash of the URI>` (default `~/.cache/opdjax/hf`);
+  a file already there with the same size is not copied again. With `weights=False`, the
+  `*.safetensors` files are left out (a tokenizer needs only its own files). In a multi-host
+  run each process copies to its own disk.
+  """
+  if not is_remote(path):
+    return Path(path)
+  source = epath.Path(path)
+  if not source.is_dir():
+    raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+  cache = Path(os.environ.get("OPDJAX_HF_CACHE", Path.home() / ".cache" / "opdjax" / "hf"))
+  target = cache / hashlib.sha256(str(path).encode()).hexdigest()[:16]
+  target.mkdir(parents=True, exist_ok=True)
+  (target / "SOURCE").write_text(str(path) + "\n")
+  for file in sorted(source.iterdir()):
+    if file.is_dir() or (not weights and file.name.endswith(".safetensors")):
+      continue
+    local = target / file.name
+    if local.exists() and local.stat().st_size == file.stat().length:
+      continue
+    partial = target / (file.name + ".partial")  # a killed copy never looks complete
+    file.copy(epath.Path(partial), overwrite=True)
+    partial.replace(local)
+  return target
+
+
 def read_config(path: str | os.PathLike) -> ModelConfig:
-  """`ModelConfig` of a Hugging Face checkpoint directory."""
-  config_file = Path(path) / "config.json"
+  """`ModelConfig` of a Hugging Face checkpoint directory (local or a URI)."""
+  config_file = epath.Path(path) / "config.json"
   if not config_file.exists():
     raise FileNotFoundError(f"no config.json in {path}")
   try:
@@ -140,11 +182,12 @@ def load_pretrained(
     scan_layers: bool = False,
     remat: str = "none",
 ):
-  """Loads a local Hugging Face directory (`config.json` + `*.safetensors`, sharded or not).
+  """Loads a Hugging Face directory (`config.json` + `*.safetensors`, sharded or not).
 
   Args:
     path: directory holding `config.json`, `model.safetensors` or
-      `model.safetensors.index.json` + shards, and optionally tokenizer files.
+      `model.safetensors.index.json` + shards, and optionally tokenizer files; local, or a
+      URI (copied to a local cache first, see `local_directory`).
     dtype: compute (activation) dtype, e.g. `jnp.float32` or `jnp.bfloat16`.
     param_dtype: parameter dtype (default `dtype`); tensors are cast to it on load.
     mesh: if given, parameters are placed with `opdjax.sharding` `rules` on it and each
@@ -158,9 +201,9 @@ def load_pretrained(
   Returns:
     `(model, tokenizer)`; tokenizer is None when the directory has no tokenizer files.
   """
-  directory = Path(path)
-  if not directory.is_dir():
-    raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+  if not epath.Path(path).is_dir():
+    raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+  directory = local_directory(path)
   config = read_config(directory)
   param_dtype = param_dtype or dtype
   graphdef, target = nnx.split(
@@ -261,9 +304,9 @@ def load_tokenizer(path: str | os.PathLike, config: ModelConfig | None = None):
 
   Raises ValueError if the tokenizer has more tokens than the model's vocabulary.
   """
-  directory = Path(path)
-  if not any((directory / f).exists() for f in TOKENIZER_FILES):
+  if not any((epath.Path(path) / f).exists() for f in TOKENIZER_FILES):
     return None
+  directory = local_directory(path, weights=False)
   from transformers import AutoTokenizer  # heavy import, only when needed
 
   tokenizer = AutoTokenizer.from_pretrained(str(directory))
@@ -285,11 +328,25 @@ def save_pretrained(
 
   Produces `config.json` and `model.safetensors` (or `model-0000k-of-0000n.safetensors`
   plus `model.safetensors.index.json` above `max_shard_bytes`), and the tokenizer if
-  given. In a multi-host run every process must call this; only process 0 writes.
+  given. In a multi-host run every process must call this; only process 0 writes. A URI
+  `path` (`gs://…`) is written locally first, then copied up file by file.
 
   Returns:
-    The directory.
+    The directory (an `etils.epath.Path` for a URI).
   """
+  if is_remote(path):
+    with tempfile.TemporaryDirectory() as staging:
+      save_pretrained(model, staging, tokenizer=tokenizer, max_shard_bytes=max_shard_bytes)
+      remote = epath.Path(path)
+      if jax.process_index() == 0:
+        remote.mkdir(parents=True, exist_ok=True)
+        for stale in list(remote.glob("model*.safetensors")) + list(
+            remote.glob("model.safetensors.index.json")
+        ):
+          stale.unlink()
+        for file in sorted(Path(staging).iterdir()):
+          epath.Path(file).copy(remote / file.name, overwrite=True)
+      return remote
   directory = Path(path)
   tensors: dict[str, Any] = {}
   dtype = None

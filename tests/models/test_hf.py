@@ -158,6 +158,50 @@ def test_tokenizer_with_chat_template(checkpoints, tmp_path):
   assert load_tokenizer(export).chat_template == tokenizer.chat_template
 
 
+def test_uri_directories_save_and_load_through_a_local_cache(checkpoints, tmp_path, monkeypatch):
+  """gs:// through `etils.epath`'s test double (the bucket is a local folder named "gs:"):
+  sharded weights and a tokenizer are written up, then loaded through the cache, which a
+  second load reuses and a changed file refreshes."""
+  from etils.epath import testing as epath_testing
+
+  from opdjax.models import hf, read_config
+
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setenv("OPDJAX_HF_CACHE", str(tmp_path / "cache"))
+  hf_model, directory = checkpoints["qwen3"]
+  model, _ = load_pretrained(directory)
+  tokenizer = save_tiny_tokenizer(tmp_path / "tok")
+  copies = []
+
+  def counting_copy(original, path, *args, **kwargs):
+    copies.append(str(path))
+    return original(path, *args, **kwargs)
+
+  with epath_testing.mock_epath(copy=counting_copy):
+    uri = "gs://bucket/models/tiny"
+    saved = save_pretrained(model, uri, tokenizer=tokenizer, max_shard_bytes=20_000)
+    assert str(saved) == uri
+    bucket = tmp_path / "gs:" / "bucket" / "models" / "tiny"
+    assert (bucket / "model.safetensors.index.json").exists()  # sharded, written up
+    assert read_config(uri) == model.config
+    copies.clear()
+    loaded, loaded_tokenizer = load_pretrained(uri)
+    assert loaded_tokenizer is not None and len(loaded_tokenizer) == len(tokenizer)
+    for path, value in params_of(model).items():
+      np.testing.assert_array_equal(params_of(loaded)[path], value, err_msg=str(path))
+    assert any(c.endswith(".safetensors") for c in copies)
+    cached = hf.local_directory(uri)
+    assert cached.parent == tmp_path / "cache" and (cached / "config.json").exists()
+    copies.clear()
+    load_pretrained(uri)
+    assert copies == []  # every file is already cached with its size
+    (bucket / "config.json").write_text((bucket / "config.json").read_text() + "\n")
+    hf.local_directory(uri)
+    assert [c.rsplit("/", 1)[-1] for c in copies] == ["config.json"]
+    with pytest.raises(FileNotFoundError, match="gs://bucket/missing does not exist"):
+      load_pretrained("gs://bucket/missing")
+
+
 # ---------------------------------------------------------------- broken checkpoints
 
 
