@@ -60,6 +60,18 @@ def test_greedy_equals_naive_loop(model):
   np.testing.assert_array_equal(gen.sample_logprobs, 0.0)
 
 
+def teacher_forced_logits(model, tokens, mask, gen):
+  """`[B, N, V]`: the full forward's logits over prompt + completion that predict each
+  completion token; for token n they sit at the previous real slot."""
+  full = jnp.concatenate([tokens, gen.tokens], axis=1)
+  logits = model(full, attention_mask=jnp.concatenate([mask, gen.mask], axis=1))
+  prompt_len = tokens.shape[1]
+  last_prompt = prompt_len - 1 - jnp.argmax(mask[:, ::-1], axis=1)
+  return jnp.concatenate(
+      [logits[jnp.arange(len(tokens)), last_prompt][:, None], logits[:, prompt_len:-1]], axis=1
+  )
+
+
 def test_logprobs_equal_teacher_forcing(model):
   tokens, mask = mixed_prompts()
   sampling = SamplingParams(temperature=0.7, top_k=10)
@@ -72,15 +84,7 @@ def test_logprobs_equal_teacher_forcing(model):
       sampling=sampling,
       return_logits=True,
   )
-  full = jnp.concatenate([tokens, gen.tokens], axis=1)
-  full_mask = jnp.concatenate([mask, gen.mask], axis=1)
-  logits = model(full, attention_mask=full_mask)
-  # The logits that predict completion token n sit at the previous real slot.
-  prompt_len = tokens.shape[1]
-  last_prompt = prompt_len - 1 - jnp.argmax(mask[:, ::-1], axis=1)
-  predictors = jnp.concatenate(
-      [logits[jnp.arange(4), last_prompt][:, None], logits[:, prompt_len:-1]], axis=1
-  )
+  predictors = teacher_forced_logits(model, tokens, mask, gen)
   np.testing.assert_allclose(gen.logits, predictors, atol=1e-5)
   model_lp = jnp.take_along_axis(jax.nn.log_softmax(predictors), gen.tokens[..., None], -1)[..., 0]
   np.testing.assert_allclose(gen.model_logprobs, model_lp, atol=1e-5)
@@ -108,13 +112,7 @@ def test_long_generation_equals_teacher_forcing():
       sampling=SamplingParams(eos_ids=()),
   )
   assert gen.mask.all()
-  logits = model(
-      jnp.concatenate([tokens, gen.tokens], 1), attention_mask=jnp.concatenate([mask, gen.mask], 1)
-  )
-  last_prompt = tokens.shape[1] - 1 - jnp.argmax(mask[:, ::-1], axis=1)
-  predictors = jnp.concatenate(
-      [logits[jnp.arange(4), last_prompt][:, None], logits[:, tokens.shape[1] : -1]], axis=1
-  )
+  predictors = teacher_forced_logits(model, tokens, mask, gen)
   expected = jnp.take_along_axis(jax.nn.log_softmax(predictors), gen.tokens[..., None], -1)[..., 0]
   np.testing.assert_allclose(gen.model_logprobs, expected, atol=2e-5)
 
