@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The GPU benchmarks of the repository, each part under its own time limit so that one
 # failure does not cost the others. JSON lines go to $OUT (default benchmarks/results/gpu).
-# Run from the repository root on a machine with jax[cuda], torch and liger-kernel; PARTS
+# Run from the repository root on a machine with jax[cuda], torch, trl and liger-kernel; PARTS
 # picks parts (default: all, about 9 minutes on one H100 each for the two groups):
 #
 #     OUT=/tmp/gpu PARTS="fused_sweep compile_depth sampler_large cli" bash benchmarks/gpu_session.sh
 set -u
 OUT=${OUT:-benchmarks/results/gpu}
-PARTS=${PARTS:-"fused opd_step sampler fused_sweep compile_depth sampler_large cli"}
+PARTS=${PARTS:-"fused opd_step opd_vs_trl sampler fused_sweep compile_depth sampler_large cli"}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-}:$PWD
 log() { echo "=== $(date +%T) $*"; }
@@ -37,6 +37,11 @@ fi
 if want opd_step; then
   log "one OPD step, Qwen3-0.6B shape, B=1 T=512, sampling included"
   timeout 150 python3 benchmarks/opd_step_scale.py --sample --repeats 3 --out "$OUT/opd_step_scale.jsonl"
+fi
+
+if want opd_vs_trl; then
+  log "one on-policy JSD(0.5) step against TRL's GKDTrainer (needs trl), float32, small shapes"
+  timeout 200 python3 benchmarks/opd_step.py --steps 8 --out "$OUT/opd_step.jsonl"
 fi
 
 if want compile_depth; then
