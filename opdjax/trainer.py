@@ -797,7 +797,7 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
   )
   ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints, async_save=async_save)
   tx = make_optimizer(config)
-  _, abstract_params = abstract_split(run_setup, "student")
+  student_graphdef, abstract_params = abstract_split(run_setup, "student")
   keeps_ema = bool(self_teacher) and any(kind == "ema" for _, kind in self_teacher.weights)
   restored = ckpt.restore_latest(
       abstract_params,
@@ -810,7 +810,13 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
   train_step = check_memory(config, run_setup, quiet=quiet or not main_process).train_step
 
   place = dict(mesh=mesh, rules=rules)
-  student = build_model(config.student, student_cfg, seed=config.seed, **place)
+  if restored:  # the checkpoint's parameters and optimizer state: nothing to initialise or load
+    graphdef = student_graphdef
+  else:
+    graphdef, params = nnx.split(
+        build_model(config.student, student_cfg, seed=config.seed, **place)
+    )
+    opt_state = sharding.init_optimizer(tx, params, mesh)
   teacher = (
       build_model(config.teacher, teacher_cfg, seed=config.seed + 1, **place)
       if has_teacher
@@ -829,11 +835,9 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
       frozen_models[name] = build_model(
           run_setup.sections[name], run_setup.model_configs[name], seed=config.seed + 1, **place
       )
-  checkpoint.write_model_config(workdir, student.config)
+  checkpoint.write_model_config(workdir, student_cfg)
   if main_process:  # the settings this run trains with, next to what it produces
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
-  graphdef, params = nnx.split(student)
-  opt_state = sharding.init_optimizer(tx, params, mesh)
   batch_sharding = sharding.batch_sharding(mesh)
   frozen_parts = {}
   for name, model in frozen_models.items():

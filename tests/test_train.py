@@ -212,10 +212,16 @@ def test_three_axis_mesh_equals_one_device(teacher_dir, tmp_path):
     )
 
 
-def test_torn_checkpoint_falls_back_to_the_previous_one(teacher_dir, tmp_path):
+def test_torn_checkpoint_falls_back_to_the_previous_one(teacher_dir, tmp_path, monkeypatch):
   """A truncated file in the newest checkpoint: the run warns, deletes it, resumes from the
-  one before and ends with the parameters of the uninterrupted run."""
+  one before and ends with the parameters of the uninterrupted run. The resumed run builds
+  no student (its parameters come from the checkpoint, not a discarded init or HF load)."""
   import shutil
+
+  def no_student(section, *args, **kwargs):
+    raise AssertionError(f"a resumed run built a model for {section.preset!r}")
+
+  monkeypatch.setattr(trainer, "build_model", no_student)  # SFT has no other model
 
   workdir = tmp_path / "torn"
   shutil.copytree(teacher_dir, workdir)
