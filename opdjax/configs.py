@@ -72,6 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.recipe.lambda_on = 0.5  # gkd: probability of on-policy student samples
   c.recipe.reward_scale = 1.0  # gopd: λ (1 = opd, > 1 = ExOPD)
   c.recipe.group_size = 4  # grpo: completions per prompt
+  c.recipe.reward = "exact"  # grpo: exact (verifier, 0/1) | step_credit (partial credit)
   c.recipe.normalize_std = True  # grpo: divide by the group's std (False = Dr. GRPO)
   c.recipe.opd_weight = 0.0  # grpo: weight of the teacher's dense OPD advantage
   c.recipe.loss_mean = "token"  # grpo: token | sequence (average each completion first)

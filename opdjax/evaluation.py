@@ -73,6 +73,9 @@ def credited(tokenizer, gen: Generation, answers) -> list[float]:
   return [step_credit(c, a) for c, a in zip(decode_completions(tokenizer, gen), answers)]
 
 
+REWARDS = {"exact": verified, "step_credit": credited}  # a recipe's `reward`, by name
+
+
 def accuracy(tokenizer, gen: Generation, answers) -> float:
   return float(np.mean(verified(tokenizer, gen, answers)))
 

@@ -23,7 +23,7 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from opdjax import checkpoint, distributed, memory, metrics, recipes, sharding
+from opdjax import checkpoint, distributed, evaluation, memory, metrics, recipes, sharding
 from opdjax import objectives as obj
 from opdjax.data import (
     PromptSet,
@@ -36,7 +36,7 @@ from opdjax.data import (
     synthetic_records,
 )
 from opdjax.errors import ConfigError
-from opdjax.evaluation import evaluate, forward_hidden, forward_hidden_rows, own_rows, verified
+from opdjax.evaluation import evaluate, forward_hidden, forward_hidden_rows, own_rows
 from opdjax.models import Decoder, ModelConfig, load_pretrained, load_tokenizer, read_config
 from opdjax.models.decoder import (
     ATTENTION_IMPLEMENTATIONS,
@@ -1019,9 +1019,10 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
         num_samples=recipe.group_size,
     )  # one prefill per prompt
     rewards = None
-    if recipe.verifier_reward:  # each process verifies its own rows
+    if recipe.reward:  # each process scores its own rows
       answers = [train_set.answers[i] for i in repeat_rows(batch, recipe.group_size)["index"]]
-      rewards = to_global(np.asarray(verified(tokenizer, gen, answers), np.float32))
+      score = evaluation.REWARDS[recipe.reward]
+      rewards = to_global(np.asarray(score(tokenizer, gen, answers), np.float32))
     return join(
         prompts, prompt_mask, gen.tokens, gen.mask, gen.sample_logprobs, gen.model_logprobs, rewards
     )

@@ -571,6 +571,35 @@ def test_no_recompilation_across_steps(teacher_dir, tmp_path, monkeypatch):
   assert at_step[1] > 0 and at_step[2] == at_step[5], at_step
 
 
+def test_grpo_reward_is_the_one_the_recipe_names(tmp_path, monkeypatch):
+  """`recipe.reward` picks the scorer the rollout calls: exact match and step credit on
+  literal completions, then a GRPO run whose step-credit scorer is replaced by a constant
+  logs exactly that reward (a run wired to the exact verifier would not)."""
+  from opdjax import evaluation
+  from opdjax.data import char_tokenizer
+  from opdjax.sampling import Generation
+
+  tok = char_tokenizer()
+  rows = ["7,4,7", "7,4,9", "7,5,7"]
+  ids = [tok.encode(r, add_special_tokens=False) for r in rows]
+  tokens = jnp.asarray(ids, jnp.int32)
+  ones = jnp.ones(tokens.shape, bool)
+  zeros = jnp.zeros(tokens.shape, jnp.float32)
+  gen = Generation(tokens, ones, jnp.full((3,), tokens.shape[1]), ~ones[:, 0], zeros, zeros)
+  assert evaluation.REWARDS["exact"](tok, gen, ["7,4,7"] * 3) == [True, False, False]
+  np.testing.assert_allclose(
+      evaluation.REWARDS["step_credit"](tok, gen, ["7,4,7"] * 3), [1.0, 2 / 3, 1 / 3]
+  )
+  with pytest.raises(ConfigError, match=r"recipe.reward must be one of \('exact', 'step_credit'\)"):
+    recipes.build(tiny("grpo", group_size=2, reward="partial").recipe)
+
+  monkeypatch.setitem(evaluation.REWARDS, "step_credit", lambda t, g, a: [0.25] * len(a))
+  config = tiny("grpo", group_size=2, reward="step_credit")
+  config.eval.every = 0
+  result = trainer.run(config, tmp_path, quiet=True)
+  assert [r["verifier_reward"] for r in result.history if r["split"] == "train"] == [0.25, 0.25]
+
+
 # ---------------------------------------------------------------- several teachers
 
 

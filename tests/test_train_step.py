@@ -107,7 +107,7 @@ def one_step(student, teacher, seq, recipe, *, microbatches=1, tx=None, referenc
 def test_four_microbatches_equal_the_whole_batch(setup, recipe_kwargs):
   student, teacher, seq = setup
   recipe = recipe_of(**recipe_kwargs)
-  if recipe.verifier_reward:  # groups of 2 with unequal rewards, so the update is not zero
+  if recipe.reward:  # groups of 2 with unequal rewards, so the update is not zero
     seq = seq._replace(rewards=jnp.array([1, 0, 0, 1, 1, 0, 1, 1], jnp.float32))
   # SGD, so the parameters compare the summed gradients (Adam's first step is lr·sign(g)).
   whole, metrics_1 = one_step(student, teacher, seq, recipe, microbatches=1, tx=optax.sgd(1.0))
@@ -354,7 +354,7 @@ def test_grpo_loss_by_hand(normalize_std):
   zero gradient; opd_weight = 0 is pure GRPO."""
   targets = grpo_targets()
   recipe = recipe_of(name="grpo", group_size=2, normalize_std=normalize_std, opd_weight=0.0)
-  assert recipe.roles == () and recipe.verifier_reward and recipe.group_size == 2
+  assert recipe.roles == () and recipe.reward == "exact" and recipe.group_size == 2
   log_p = jnp.full((4, 4), -1.0)
   per_token, metrics = recipe.loss({"log_p": log_p, "student_entropy": jnp.zeros((4, 4))}, targets)
   # Group (1, 0): mean 0.5, centred ±0.5, std 0.5. Group (1, 1): all 0.

@@ -190,8 +190,9 @@ class Recipe:
     roles: the frozen models `token_values` reads, from `ROLES`; the trainer builds each
       and hands their hidden states and heads to the step.
     group_size: completions sampled per prompt (G > 1: the rows of a prompt are adjacent).
-    verifier_reward: whether rollouts carry the task verifier's reward per completion
-      (`Sequences.rewards`: 1 if the completion is correct, else 0).
+    reward: the task reward each rollout completion carries (`Sequences.rewards`), by
+      name (`evaluation.REWARDS`): "exact" (1 if the verifier accepts it, else 0) or
+      "step_credit" (the fraction of steps right before the first mistake); None: none.
     correction: for a sampled-token (policy-gradient) loss, its importance correction
       against the sampler ("none", "plain", "truncated", "ppo_clip"); None for losses on
       full distributions, which need none. The trainer refuses "none" on off-policy
@@ -214,7 +215,7 @@ class Recipe:
   loss: Callable
   roles: tuple[str, ...] = ()
   group_size: int = 1
-  verifier_reward: bool = False
+  reward: str | None = None
   correction: str | None = None
   loss_value: str | None = None
   loss_mean: str = "token"

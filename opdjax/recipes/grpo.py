@@ -1,8 +1,10 @@
 """GRPO, and GRPO + OPD: G samples per prompt, the task verifier's reward, group-relative
 advantages (docs/theory.md §5).
 
-Each prompt is sampled `group_size` times. A completion's reward is 1 if the task verifier
-accepts it, else 0. Its advantage is `Â_i = (R_i − mean_group R) / (std_group R + ε)`
+Each prompt is sampled `group_size` times. A completion's reward is the task's: 1 if the
+verifier accepts it, else 0 (`reward="exact"`), or its step credit, the fraction of steps
+right before its first mistake (`reward="step_credit"`, denser on multi-step tasks). Its
+advantage is `Â_i = (R_i − mean_group R) / (std_group R + ε)`
 (`normalize_std=False` gives Dr. GRPO's mean-centred advantage), applied to every token.
 With `opd_weight` > 0 a teacher adds the dense on-policy distillation signal per token:
 `A_t = Â_i + opd_weight · Σ_{u≥t} γ^{u−t} (log q(a_u) − log p_old(a_u))`. Reused rollouts
@@ -47,7 +49,13 @@ def group_advantages(*, group_size: int, normalize_std: bool, opd_weight: float,
   return advantages_of
 
 
+REWARDS = ("exact", "step_credit")  # evaluation.REWARDS computes them
+
+
 def build(config) -> Recipe:
+  reward = config.get("reward", "exact")
+  if reward not in REWARDS:
+    raise ConfigError(f"recipe.reward must be one of {REWARDS}, got {reward!r}")
   group_size = int(config.group_size)
   if group_size < 2:
     raise ConfigError(
@@ -82,7 +90,7 @@ def build(config) -> Recipe:
       token_values=sampled_token_values if opd_weight else policy_token_values,
       loss=loss,
       group_size=group_size,
-      verifier_reward=True,
+      reward=reward,
       correction=config.correction,
       loss_mean=config.get("loss_mean", "token"),
   )
