@@ -4,7 +4,9 @@ the statistics they report checked against direct computations."""
 import json
 
 import numpy as np
+import pytest
 
+from opdjax.errors import ConfigError
 from opdjax.experiments import gamma_variance
 from opdjax.train import main as cli_main
 
@@ -39,6 +41,22 @@ def test_gamma_variance_tiny(capsys, tmp_path, copy_finished_stages):
   assert (tmp_path / "opd_gamma0p5_seed0" / "metrics.jsonl").exists()
   assert [p["title"] for p in result["panels"]][0] == "gradient variance over rollouts"
   assert (tmp_path / "gamma_variance.png").exists()
+
+
+def test_gamma_variance_variance_only_on_the_long_horizon_task(capsys, tmp_path):
+  """`:tiny,modular_chain,variance`: the chain's stages, then the gradient statistics alone
+  (no training runs), reported under the task's name."""
+  code = cli_main(
+      ["--exp", "gamma_variance:tiny,modular_chain,variance", "--workdir", str(tmp_path)]
+  )
+  out, err = capsys.readouterr()
+  assert code == 0, err
+  result = json.loads((tmp_path / "gamma_variance_modular_chain_variance.json").read_text())
+  assert result["task"] == "modular_chain" and result["completion_length"] == 24
+  assert result["verdict"] in out and set(result["gradient_statistics"]) == {"gamma=0.5", "full"}
+  assert not list(tmp_path.glob("opd_gamma*"))  # no training stage ran
+  with pytest.raises(ConfigError, match="one size"):
+    gamma_variance.get_config("tiny,full")
 
 
 def test_corrupted_prefix_continues_from_the_wrong_value():
@@ -105,9 +123,7 @@ def test_forgetting_tiny(capsys, tmp_path, copy_finished_stages):
 
 def test_comparison_stages_are_shared_first_then_each_variant_and_seed():
   import ml_collections
-  import pytest
 
-  from opdjax.errors import ConfigError
   from opdjax.stages import choose, seeded_variants
 
   template = ml_collections.ConfigDict({"seed": 0, "recipe": {"name": "opd", "gamma": 0.0}})
@@ -149,9 +165,6 @@ def test_exopd_lambda_tiny(capsys, tmp_path, copy_finished_stages):
 
 
 def test_exopd_lambda_rejects_bad_lambdas():
-  import pytest
-
-  from opdjax.errors import ConfigError
   from opdjax.experiments import exopd_lambda
 
   config = exopd_lambda.get_config("tiny")
@@ -241,10 +254,6 @@ def test_self_distill_teachers_tiny(capsys, tmp_path):
 
 def test_experiments_reject_an_unknown_size_naming_the_valid_ones():
   import importlib
-
-  import pytest
-
-  from opdjax.errors import ConfigError
 
   for name in (
       "early_dip",
