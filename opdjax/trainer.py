@@ -935,7 +935,7 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
     writer.write(step, "eval", results)
     return results
 
-  def frozen_heads(tokens, mask, rows):
+  def frozen_heads(tokens, mask, rows, batch):
     """`{role: Head}` of a rollout: each frozen model's `[B, T, H]` hidden states (never
     `[B, T, V]`), laid out as the memory plan compiled the step; routed teachers as one."""
     heads = {}
@@ -945,7 +945,9 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
         hidden = forward_hidden(*frozen_parts[names[0]][:2], tokens, mask)
         heads[role] = obj.Head(put(hidden), frozen_parts[names[0]][2])
         continue
-      route = distributed.to_host(rows["route"])  # each teacher runs on its own rows only
+      # Each teacher runs on its own rows only; the route is read from the host batch (every
+      # process's rows), not copied back from the device.
+      route = distributed.all_rows(repeat_rows(batch, recipe.group_size)["route"])
       hidden = []
       for k, name in enumerate(names):
         graphdef_k, state_k, kernel_k = frozen_parts[name]
@@ -1068,7 +1070,7 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
       if self_teacher:
         frozen, drift = self_teacher_heads(rows, params, extra, seq)
       else:  # kept while the rollout is reused
-        frozen = frozen_heads(*recipes.inputs_of(seq), rows)
+        frozen = frozen_heads(*recipes.inputs_of(seq), rows, batch)
     params, opt_state, step_metrics = train_step(params, opt_state, seq, frozen)
     if ema_step is not None:
       extra = {"ema": ema_step(extra["ema"], params)}
