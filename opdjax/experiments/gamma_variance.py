@@ -241,20 +241,50 @@ def moment_statistics(total, square_total: float, n: int, reference) -> dict[str
   )
 
 
+def statistics_row(stats, gamma: float) -> dict:
+  """The table row of one γ's gradient statistics."""
+  g = stats[f"gamma={gamma:g}"]
+  return {
+      "γ": f"{gamma:g}",
+      "grad variance": g["gradient_variance"],
+      "‖mean grad‖²": g["mean_gradient_sq_norm"],
+      "SNR": g["signal_to_noise"],
+      "cos to full": g["cosine_to_full_reverse_kl"],
+  }
+
+
+def variance_panel(stats, gammas, title: str) -> dict:
+  """The figure panel of the variance and the squared mean gradient against γ."""
+  column = lambda key: [stats[f"gamma={g:g}"][key] for g in gammas]
+  return {
+      "title": title,
+      "x": "γ",
+      "log_y": True,
+      "series": {
+          "sampled": {"x": gammas, "y": column("gradient_variance")},
+          "‖mean‖² (signal)": {"x": gammas, "y": column("mean_gradient_sq_norm")},
+      },
+  }
+
+
+def variance_trend(stats, gammas) -> str:
+  """Whether the variance rises with γ, and by how much from the first γ to the last."""
+  variances = [stats[f"gamma={g:g}"]["gradient_variance"] for g in gammas]
+  rising = all(b >= a for a, b in zip(variances, variances[1:]))
+  return (
+      f"{'rises monotonically' if rising else 'does not rise monotonically'} with γ "
+      f"(γ={gammas[-1]:g}: {variances[-1] / max(variances[0], 1e-30):.2f}× that of "
+      f"γ={gammas[0]:g})"
+  )
+
+
 def verdict(result) -> str:
   """A factual verdict from a result's numbers: whether the variance rises with γ, which γ
   ends best on accuracy and KL and whether that lead exceeds one std over seeds, and how far
   the held-out KL rises in the first updates (the early dip) for each γ."""
   gammas = sorted(float(k.split("=")[1]) for k in result["methods"])
-  stats = lambda g: result["gradient_statistics"][f"gamma={g:g}"]
   final = lambda g, key: result["methods"][f"gamma={g:g}"][key]
-  variances = [stats(g)["gradient_variance"] for g in gammas]
-  rising = all(b >= a for a, b in zip(variances, variances[1:]))
-  parts = [
-      f"Variance {'rises monotonically' if rising else 'does not rise monotonically'} with γ "
-      f"(γ={gammas[-1]:g}: {variances[-1] / max(variances[0], 1e-30):.2f}× that of "
-      f"γ={gammas[0]:g})."
-  ]
+  parts = [f"Variance {variance_trend(result['gradient_statistics'], gammas)}."]
   for key, better in (("accuracy_greedy", max), ("sequence_reverse_kl", min)):
     best = better(gammas, key=lambda g: final(g, key)["mean"])
     lead = min(
@@ -285,21 +315,9 @@ def variance_report(config, workdir):
     return results
   stats = gradient_statistics(config, workdir)
   gammas = gammas_of(config)
-  names = [f"gamma={g:g}" for g in gammas]
-  rows = [
-      {
-          "γ": f"{g:g}",
-          "grad variance": stats[n]["gradient_variance"],
-          "‖mean grad‖²": stats[n]["mean_gradient_sq_norm"],
-          "SNR": stats[n]["signal_to_noise"],
-          "cos to full": stats[n]["cosine_to_full_reverse_kl"],
-      }
-      for g, n in zip(gammas, names)
-  ]
+  rows = [statistics_row(stats, g) for g in gammas]
   print()
   print(metrics.format_table(rows, list(rows[0])))
-  variances = [stats[n]["gradient_variance"] for n in names]
-  rising = all(b >= a for a, b in zip(variances, variances[1:]))
   task = config.method_template.task.name
   result = {
       "claim": CLAIM,
@@ -309,25 +327,10 @@ def variance_report(config, workdir):
       "rollout_prompts": int(config.rollout_prompts),
       "gradient_statistics": stats,
       "verdict": (
-          f"On {task}, the variance {'rises monotonically' if rising else 'does not rise monotonically'}"
-          f" with γ (γ={gammas[-1]:g}: {variances[-1] / max(variances[0], 1e-30):.2f}× that of"
-          f" γ={gammas[0]:g}); the full-vocabulary reverse KL's is"
-          f" {stats['full']['gradient_variance']:.3g}."
+          f"On {task}, the variance {variance_trend(stats, gammas)}; the full-vocabulary"
+          f" reverse KL's is {stats['full']['gradient_variance']:.3g}."
       ),
-      "panels": [
-          {
-              "title": f"gradient variance over rollouts ({task})",
-              "x": "γ",
-              "log_y": True,
-              "series": {
-                  "sampled": {"x": gammas, "y": variances},
-                  "‖mean‖² (signal)": {
-                      "x": gammas,
-                      "y": [stats[n]["mean_gradient_sq_norm"] for n in names],
-                  },
-              },
-          }
-      ],
+      "panels": [variance_panel(stats, gammas, f"gradient variance over rollouts ({task})")],
   }
   write_result(result, workdir, f"gamma_variance_{task}_variance")
   return results
@@ -349,14 +352,7 @@ def main(config, workdir):
     curves[gamma] = metrics.mean_eval_curve([r.history for r in runs], "sequence_reverse_kl")
 
   rows = [
-      {
-          "γ": f"{g:g}",
-          "grad variance": stats[f"gamma={g:g}"]["gradient_variance"],
-          "‖mean grad‖²": stats[f"gamma={g:g}"]["mean_gradient_sq_norm"],
-          "SNR": stats[f"gamma={g:g}"]["signal_to_noise"],
-          "cos to full": stats[f"gamma={g:g}"]["cosine_to_full_reverse_kl"],
-          **{k: metrics.mean_std_text(finals[g][k]) for k in REPORTED},
-      }
+      {**statistics_row(stats, g), **{k: metrics.mean_std_text(finals[g][k]) for k in REPORTED}}
       for g in gammas
   ]
   columns = ["γ", "grad variance", "‖mean grad‖²", "SNR", "cos to full", *REPORTED]
@@ -374,21 +370,7 @@ def main(config, workdir):
       "gradient_statistics": stats,
       "methods": {f"gamma={g:g}": finals[g] for g in gammas},
       "panels": [
-          {
-              "title": "gradient variance over rollouts",
-              "x": "γ",
-              "log_y": True,
-              "series": {
-                  "sampled": {
-                      "x": gammas,
-                      "y": [rows[i]["grad variance"] for i in range(len(gammas))],
-                  },
-                  "‖mean‖² (signal)": {
-                      "x": gammas,
-                      "y": [rows[i]["‖mean grad‖²"] for i in range(len(gammas))],
-                  },
-              },
-          },
+          variance_panel(stats, gammas, "gradient variance over rollouts"),
           {
               "title": "final held-out greedy accuracy",
               "x": "γ",
