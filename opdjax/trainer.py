@@ -371,18 +371,24 @@ def validate(config, recipe, mesh, model_configs: dict[str, ModelConfig]):
 
 def make_optimizer(config) -> optax.GradientTransformation:
   opt = config.optimizer
-  if opt.schedule == "cosine":
-    lr = optax.warmup_cosine_decay_schedule(
-        0.0,
-        opt.learning_rate,
-        max(opt.warmup_steps, 1),
-        max(config.train.steps, opt.warmup_steps + 1),
-        end_value=opt.learning_rate * opt.final_lr_fraction,
-    )
-  elif opt.schedule == "constant":
-    lr = optax.linear_schedule(0.0, opt.learning_rate, max(opt.warmup_steps, 1))
-  else:
+  if opt.schedule not in ("cosine", "constant"):
     raise ConfigError(f"optimizer.schedule must be 'cosine' or 'constant', got {opt.schedule!r}")
+  if opt.warmup_steps < 0:
+    raise ConfigError(f"optimizer.warmup_steps must be >= 0, got {opt.warmup_steps}")
+  decay_steps = max(config.train.steps - opt.warmup_steps, 1)
+  after_warmup = (
+      optax.cosine_decay_schedule(opt.learning_rate, decay_steps, alpha=opt.final_lr_fraction)
+      if opt.schedule == "cosine"
+      else optax.constant_schedule(opt.learning_rate)
+  )
+  lr = (  # update 0 takes the full rate when there is no warm-up
+      optax.join_schedules(
+          [optax.linear_schedule(0.0, opt.learning_rate, opt.warmup_steps), after_warmup],
+          [opt.warmup_steps],
+      )
+      if opt.warmup_steps
+      else after_warmup
+  )
   name = opt.get("name", "adamw")
   if name == "adamw":
     update = optax.adamw(lr, b1=0.9, b2=0.98, weight_decay=opt.weight_decay)

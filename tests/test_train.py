@@ -731,3 +731,29 @@ def test_sgd_takes_a_plain_clipped_gradient_step_and_unknown_optimizers_are_name
       trainer.ConfigError, match="optimizer.name must be 'adamw' or 'sgd', got 'lion'"
   ):
     trainer.make_optimizer(config)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_without_warm_up_the_first_update_takes_the_full_rate(schedule):
+  """`optimizer.warmup_steps=0` means no warm-up: update 0 moves by the full rate (it used to
+  take rate 0, a lost update); with a warm-up, update 0 takes rate 0 and update w the full."""
+  import jax.numpy as jnp
+
+  config = configs.base_config()
+  config.optimizer.update(name="sgd", schedule=schedule, warmup_steps=0, learning_rate=0.5)
+  config.train.steps = 100
+  params, grads = {"w": jnp.array([1.0])}, {"w": jnp.array([0.5])}  # under the clip
+  tx = trainer.make_optimizer(config)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  np.testing.assert_allclose(updates["w"], [-0.25])
+  config.optimizer.warmup_steps = 2
+  tx = trainer.make_optimizer(config)
+  state = tx.init(params)
+  steps = []
+  for _ in range(3):
+    updates, state = tx.update(grads, state, params)
+    steps.append(float(updates["w"][0]))
+  np.testing.assert_allclose(steps, [0.0, -0.125, -0.25])
+  config.optimizer.warmup_steps = -1
+  with pytest.raises(trainer.ConfigError, match="optimizer.warmup_steps must be >= 0, got -1"):
+    trainer.make_optimizer(config)
