@@ -13,6 +13,7 @@ import functools
 import math
 import re
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -184,11 +185,9 @@ def build_model(
   Parameters are stored in the section's `param_dtype` and computed in its `dtype`, with
   its layer layout (`scan_layers`, `remat`); a checkpoint saved in the other layer layout is
   converted on restore. Parameters are laid out on `mesh` by the partition `rules`."""
-  kwargs = _model_kwargs(model_config)
+  kwargs = _model_kwargs(model_config, mesh)
   if model_config.hf_path:
-    model, _ = load_pretrained(
-        model_config.hf_path, mesh=mesh, rules=rules, with_tokenizer=False, **kwargs
-    )
+    model, _ = load_pretrained(model_config.hf_path, rules=rules, with_tokenizer=False, **kwargs)
     return model
   source = model_config.get("checkpoint") or model_config.get("init_from")
   if source:  # restore straight into the shardings; no throw-away random init
@@ -271,6 +270,12 @@ def validate(config, recipe, mesh, model_configs: dict[str, ModelConfig]):
       raise ConfigError(
           f"{role}.attention must be one of {ATTENTION_IMPLEMENTATIONS}, got "
           f"{config[role].attention!r}"
+      )
+    if config[role].attention == "splash" and jax.default_backend() != "tpu":
+      warnings.warn(
+          f"{role}.attention='splash' is a TPU kernel; on {jax.default_backend()} it runs in "
+          "Pallas's interpret mode (exact, and far slower: for tests)",
+          stacklevel=2,
       )
     if config[role].get("remat", "none") not in REMAT_POLICIES:
       raise ConfigError(
@@ -605,13 +610,14 @@ def members(run_setup: "Setup", role: str) -> list[str]:
   return [role]
 
 
-def _model_kwargs(section) -> dict:
+def _model_kwargs(section, mesh) -> dict:
   return dict(
       dtype=_dtype(section.dtype),
       param_dtype=_dtype(section.param_dtype),
       attention=section.attention,
       scan_layers=bool(section.get("scan_layers", False)),
       remat=section.get("remat", "none"),
+      mesh=mesh,  # where "splash" attention runs its shard_map
   )
 
 
@@ -626,7 +632,8 @@ def format_layout(run_setup: Setup) -> str:
   lines += [f"  {pattern:34s} {spec}" for pattern, spec in rules]
   _, state = nnx.split(
       abstract_model(
-          run_setup.model_configs["student"], **_model_kwargs(run_setup.sections["student"])
+          run_setup.model_configs["student"],
+          **_model_kwargs(run_setup.sections["student"], run_setup.mesh),
       )
   )
   placed = {}
@@ -651,7 +658,7 @@ def abstract_split(run_setup: Setup, role: str):
   on the run's mesh, from shapes alone."""
   section = run_setup.sections[role]
   graphdef, state = nnx.split(
-      abstract_model(run_setup.model_configs[role], **_model_kwargs(section))
+      abstract_model(run_setup.model_configs[role], **_model_kwargs(section, run_setup.mesh))
   )
   return graphdef, sharding.abstract_state(state, run_setup.mesh, run_setup.rules)
 

@@ -14,7 +14,7 @@ from flax import nnx
 
 from opdjax import checkpoint, configs, recipes, trainer
 from opdjax.errors import ConfigError
-from opdjax.models import Decoder, save_pretrained, tiny_config
+from opdjax.models import Decoder, save_pretrained, splash, tiny_config
 from opdjax.train import main as cli_main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -182,12 +182,15 @@ def test_memory_plan_counts_each_term_and_stops_over_the_limit(teacher_dir, mesh
     trainer.check_memory(config, run_setup, quiet=True)
 
 
-def test_three_axis_mesh_equals_one_device(teacher_dir, tmp_path):
+def test_three_axis_mesh_equals_one_device(teacher_dir, tmp_path, monkeypatch):
   """data x fsdp x tensor = (2, 2, 2): sampled OPD (the sampler runs on the sharded batch and
-  weights) gives the losses and parameters of one device."""
+  weights) gives the losses and parameters of one device. The sharded run's student and
+  teacher use the splash attention kernel (Pallas interpret mode on a CPU) per shard under
+  `shard_map`; the one-device run uses XLA's attention."""
 
-  def run(shape, axes, workdir):
+  def run(shape, axes, workdir, attention="xla"):
     config = tiny("opd", estimator="sampled")
+    config.student.attention = config.teacher.attention = attention
     config.teacher.checkpoint = str(teacher_dir)
     config.train.steps = 3
     config.train.log_every = 1
@@ -201,7 +204,13 @@ def test_three_axis_mesh_equals_one_device(teacher_dir, tmp_path):
     return [r for r in result.history if "loss" in r or r["split"] == "eval"], params
 
   history_1, params_1 = run((1,), ("data",), tmp_path / "one")
-  history_8, params_8 = run((2, 2, 2), ("data", "fsdp", "tensor"), tmp_path / "eight")
+  shards = []  # the splash kernel's per-shard query shapes, as traced
+  rows = splash._rows
+  monkeypatch.setattr(splash, "_rows", lambda q, *a: shards.append(q.shape) or rows(q, *a))
+  with pytest.warns(UserWarning, match="student.attention='splash' is a TPU kernel; on cpu"):
+    history_8, params_8 = run((2, 2, 2), ("data", "fsdp", "tensor"), tmp_path / "eight", "splash")
+  # 8 rows over data x fsdp, 4 heads over tensor, 9 input tokens (student and teacher alike)
+  assert set(shards) == {(2, 9, 2, 16)}, set(shards)
   for a, b in zip(history_1, history_8, strict=True):
     for key in ("loss", "grad_norm"):
       if key in a:

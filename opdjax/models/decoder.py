@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from opdjax.models.config import ModelConfig
+from opdjax.models.splash import splash_attention
 
 
 class KVCache(NamedTuple):
@@ -106,7 +107,7 @@ def _linear(din: int, dout: int, *, bias: bool, dtype, param_dtype, rngs: nnx.Rn
   )
 
 
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 
 
 def attend(q, k, v, mask, *, implementation: str = "auto") -> jax.Array:
@@ -115,7 +116,9 @@ def attend(q, k, v, mask, *, implementation: str = "auto") -> jax.Array:
   `mask [B, T, S]` is True where a query may attend a key. Runs `jax.nn.dot_product_attention`
   (float32 softmax): "xla" everywhere, "cudnn" (flash attention) on GPUs, "auto" = cuDNN on
   a GPU for 16-bit inputs, XLA otherwise. A fully masked query row attends uniformly (it is
-  padding whose output is never read) rather than producing NaN.
+  padding whose output is never read) rather than producing NaN. ("splash", the TPU kernel,
+  serves full-sequence forwards through `splash.splash_attention`; for any other mask, here,
+  it means "auto".)
   """
   if implementation not in ATTENTION_IMPLEMENTATIONS:
     raise ValueError(
@@ -123,7 +126,7 @@ def attend(q, k, v, mask, *, implementation: str = "auto") -> jax.Array:
         f"got {implementation!r}"
     )
   head_dim = q.shape[-1]
-  if implementation == "auto":
+  if implementation in ("auto", "splash"):
     implementation = (
         "cudnn"
         if jax.default_backend() == "gpu"
@@ -215,7 +218,14 @@ class Attention(nnx.Module):
   """Grouped-query attention with RoPE and optional q/k RMSNorm (Qwen3)."""
 
   def __init__(
-      self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs, implementation: str = "auto"
+      self,
+      config: ModelConfig,
+      *,
+      dtype,
+      param_dtype,
+      rngs: nnx.Rngs,
+      implementation: str = "auto",
+      mesh=None,
   ):
     c = config
     if implementation not in ATTENTION_IMPLEMENTATIONS:
@@ -224,6 +234,7 @@ class Attention(nnx.Module):
           f"got {implementation!r}"
       )
     self.implementation = implementation
+    self.mesh = mesh if implementation == "splash" else None  # the kernel's shard_map mesh
     self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
     self.q_proj = _linear(
         c.hidden_size,
@@ -273,7 +284,10 @@ class Attention(nnx.Module):
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if kv is None:
-      out = attend(q, k, v, mask, implementation=self.implementation)
+      if self.implementation == "splash":  # the mask is causal & valid: valid is its diagonal
+        out = splash_attention(q, k, v, jnp.diagonal(mask, axis1=1, axis2=2), mesh=self.mesh)
+      else:
+        out = attend(q, k, v, mask, implementation=self.implementation)
       return self.o_proj(out.reshape(batch, length, -1).astype(x.dtype)), kv
     keys, values = kv  # [B, K, S, Dh]
     write = lambda cache, new: jax.lax.dynamic_update_slice_in_dim(
@@ -326,13 +340,25 @@ class DecoderLayer(nnx.Module):
   """Pre-norm residual block: attention then MLP."""
 
   def __init__(
-      self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs, attention: str = "auto"
+      self,
+      config: ModelConfig,
+      *,
+      dtype,
+      param_dtype,
+      rngs: nnx.Rngs,
+      attention: str = "auto",
+      mesh=None,
   ):
     self.input_norm = RMSNorm(
         config.hidden_size, eps=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype
     )
     self.attn = Attention(
-        config, dtype=dtype, param_dtype=param_dtype, rngs=rngs, implementation=attention
+        config,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+        implementation=attention,
+        mesh=mesh,
     )
     self.post_attention_norm = RMSNorm(
         config.hidden_size, eps=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype
@@ -372,7 +398,8 @@ class Decoder(nnx.Module):
   default to each row's count of real tokens before it, which is exact for left and right
   padding. `hidden_states` + `logits_from_hidden` split the call for losses computed from
   hidden states; `prefill` + `decode` run the same weights through a `KVCache`.
-  `attention` picks the attention kernel (`attend`: "auto", "xla" or "cudnn").
+  `attention` picks the attention kernel (`attend`: "auto", "xla" or "cudnn"; or "splash",
+  Pallas's TPU kernel for full sequences, `splash.splash_attention`, sharded on `mesh`).
   `scan_layers=True` stores the layers' parameters stacked (`layers/attn/q_proj/kernel` is
   `[L, D, H·Dh]`) and runs them with one `lax.scan`, so compile time and program size do
   not grow with depth; `stack_layers`/`unstack_layers` convert states between the layouts
@@ -393,6 +420,7 @@ class Decoder(nnx.Module):
       attention: str = "auto",
       scan_layers: bool = False,
       remat: str = "none",
+      mesh=None,
   ):
     if remat not in REMAT_POLICIES:
       raise ValueError(f"remat must be one of {tuple(REMAT_POLICIES)}, got {remat!r}")
@@ -410,7 +438,7 @@ class Decoder(nnx.Module):
         rngs=rngs,
     )
     make_layer = lambda rngs: DecoderLayer(
-        config, dtype=dtype, param_dtype=param_dtype, rngs=rngs, attention=attention
+        config, dtype=dtype, param_dtype=param_dtype, rngs=rngs, attention=attention, mesh=mesh
     )
     if scan_layers:
       self.layers = nnx.split_rngs(splits=config.num_layers)(

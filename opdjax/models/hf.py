@@ -155,6 +155,7 @@ def abstract_model(
     attention: str = "auto",
     scan_layers: bool = False,
     remat: str = "none",
+    mesh: Mesh | None = None,
 ) -> Decoder:
   """The model's structure with `ShapeDtypeStruct` leaves (allocates no parameters)."""
   return nnx.eval_shape(
@@ -166,6 +167,7 @@ def abstract_model(
           attention=attention,
           scan_layers=scan_layers,
           remat=remat,
+          mesh=mesh,
       )
   )
 
@@ -194,7 +196,7 @@ def load_pretrained(
       device reads only its slice.
     rules: partition rules for `mesh`.
     with_tokenizer: also load the tokenizer (`transformers.AutoTokenizer`) if present.
-    attention: the attention kernel (`opdjax.models.decoder.attend`).
+    attention: the attention kernel (`opdjax.models.decoder.attend`; "splash" runs on `mesh`).
     scan_layers, remat: the layer layout and rematerialisation (`Decoder`); the files'
       per-layer tensors are stacked when `scan_layers`.
 
@@ -214,6 +216,7 @@ def load_pretrained(
           attention=attention,
           scan_layers=scan_layers,
           remat=remat,
+          mesh=mesh,
       )
   )
   # The files hold per-layer tensors: read into that layout, stack at the end if scanned.

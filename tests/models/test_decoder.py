@@ -305,3 +305,35 @@ def test_scanned_program_size_is_flat_in_depth():
   scanned = program_chars(32, True) / program_chars(4, True)
   per_layer = program_chars(32, False) / program_chars(4, False)
   assert scanned < 1.2 and per_layer > 4, (scanned, per_layer)
+
+
+def test_splash_attention_equals_attend_on_real_rows_with_its_gradients():
+  """The Pallas splash kernel (interpret mode here) against XLA's attention: 200 tokens (two
+  128-token blocks after padding), GQA 4:2, rows padded on the left, the right and both
+  sides; outputs and the gradients of a loss over real rows (padding rows are never read)."""
+  import jax
+
+  from opdjax.models.splash import splash_attention
+
+  batch, length, heads, kv_heads, head_dim = 3, 200, 4, 2, 32
+  keys = jax.random.split(jax.random.key(0), 3)
+  q = jax.random.normal(keys[0], (batch, length, heads, head_dim))
+  k, v = (jax.random.normal(key, (batch, length, kv_heads, head_dim)) for key in keys[1:])
+  at = np.arange(length)
+  valid = jnp.asarray(np.stack([at >= 37, at < 150, (at >= 5) & (at < 190)]))
+  causal = jnp.tril(jnp.ones((length, length), bool))[None] & valid[:, None, :]
+
+  def loss(attention):
+    return lambda q, k, v: jnp.sum(jnp.where(valid[..., None, None], attention(q, k, v), 0.0) ** 2)
+
+  xla = lambda q, k, v: decoder.attend(q, k, v, causal, implementation="xla")
+  splash = lambda q, k, v: splash_attention(q, k, v, valid)
+  real = np.asarray(valid)
+  np.testing.assert_allclose(
+      np.asarray(splash(q, k, v))[real], np.asarray(xla(q, k, v))[real], atol=2e-6
+  )
+  want = jax.grad(loss(xla), argnums=(0, 1, 2))(q, k, v)
+  got = jax.jit(jax.grad(loss(splash), argnums=(0, 1, 2)))(q, k, v)
+  for name, a, b in zip("qkv", want, got):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=2e-5, err_msg=name)
+  assert float(jnp.abs(want[0]).max()) > 1.0  # the gradients compared are not all near zero
