@@ -101,6 +101,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.steps = 100
   c.train.batch_size = 32
   c.train.updates_per_rollout = 1
+  c.train.rollout_ahead = False  # sample the next rollout before this update (one update stale)
   c.train.microbatches = 1  # row blocks per step, gradients summed (same update)
   c.train.loss_chunk_size = (
       0  # tokens per fused-loss chunk; 0 = auto (logits per chunk: 4M CPU, 134M GPU, 16M TPU)

@@ -4,6 +4,12 @@ One step: take a prompt batch (grain), produce completions (dataset answers, tea
 student samples, per the recipe), score them with the teacher (no gradient), update the
 student with the recipe's loss (one jitted step with explicit shardings), log, evaluate
 and checkpoint. Rollouts are reused for `train.updates_per_rollout` updates.
+
+With `train.rollout_ahead`, the next rollout is sampled from the parameters an update
+starts from and dispatched before that update, so its host work (reading the completions
+back, verifying rewards, the next batch) runs while the device updates. It is then one
+update stale, and the recipe's importance correction accounts for it. The rollout after a
+checkpoint is sampled on-policy, as a resumed run would, so a resume is exact.
 """
 
 from __future__ import annotations
@@ -256,6 +262,7 @@ def validate(config, recipe, mesh, model_configs: dict[str, ModelConfig]):
           (f"sampling.top_k={sampler.top_k}", bool(sampler.top_k)),
           (f"sampling.top_p={sampler.top_p}", sampler.top_p < 1.0),
           (f"train.updates_per_rollout={train.updates_per_rollout}", train.updates_per_rollout > 1),
+          ("train.rollout_ahead=True", train.get("rollout_ahead", False)),
       )
       if on
   ]
@@ -265,6 +272,19 @@ def validate(config, recipe, mesh, model_configs: dict[str, ModelConfig]):
         "sampler's distribution is not the learner's, so recipe.correction='none' "
         "would train biased; set recipe.correction to plain, truncated or ppo_clip"
     )
+  if train.get("rollout_ahead", False):
+    if recipe.source != "student":
+      source = "GKD's coin" if callable(recipe.source) else repr(recipe.source)
+      raise ConfigError(
+          f"train.rollout_ahead=True samples the next rollout from the student ahead of the "
+          f"update, but recipe {recipe.name!r} takes its completions from {source}; it "
+          "applies to recipes that sample from the student: opd, gopd, grpo"
+      )
+    if recipe.self_teacher:
+      raise ConfigError(
+          "train.rollout_ahead=True does not apply to self_distill: its teacher is formed "
+          "from the student's weights when the rollout is scored, which would be a step stale"
+      )
   for role in ("student", "teacher", "reference"):
     if config[role].attention not in ATTENTION_IMPLEMENTATIONS:
       raise ConfigError(
@@ -529,6 +549,22 @@ def all_finite(tree) -> jax.Array:
 
 
 # ---------------------------------------------------------------- the run
+
+
+class Sampled(NamedTuple):
+  """A rollout's completions, dispatched but not read back (`train.rollout_ahead`)."""
+
+  batch: dict  # this process's prompt rows (host): prompt_tokens [b, P], index [b], ...
+  rows: dict  # the global batch, each prompt repeated for its group: [B·G, ...]
+  gen: object  # sampling.Generation of [B·G, N] completions; None for dataset answers
+
+
+class Rollout(NamedTuple):
+  """What a step trains on, kept while the rollout is reused."""
+
+  seq: recipes.Sequences  # prompt + completion [B·G, P + N], with log-probs and rewards
+  frozen: dict | None  # role -> obj.Head: each frozen model's [B·G, P + N, H] hidden states
+  drift: jax.Array | None  # self_distill: KL of the teacher's weights from the current ones
 
 
 @dataclasses.dataclass
@@ -1010,13 +1046,14 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
       current = obj.Head(moved(params), head_kernel(graphdef, params))
     return heads, drift_kl(heads[drifting[0]], current, recipes.targets_of(seq))
 
-  def rollout(step, key, batch, rows, params):
-    """Completions for this step's prompts: `batch` is this process's rows of them (host),
-    `rows` the global batch with each prompt repeated for its group's G samples."""
+  def sample(step, params) -> Sampled:
+    """Draws step `step`'s prompts and dispatches their completions (dataset answers, or
+    samples of the teacher or of the student with `params`); nothing is read back yet."""
+    batch = next(data)
+    rows = to_global(repeat_rows(batch, recipe.group_size))  # a group's G rows share their prompt
     source = recipe.source_at(config.seed, step)
-    prompts, prompt_mask = rows["prompt_tokens"], rows["prompt_mask"]
     if source == "dataset":
-      return join(prompts, prompt_mask, rows["answer_tokens"], rows["answer_mask"])
+      return Sampled(batch, rows, None)
     if source == "teacher":
       model = teacher
     else:
@@ -1028,19 +1065,40 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
         model,
         unique["prompt_tokens"],
         unique["prompt_mask"],
-        key=key,
+        key=jax.random.fold_in(base_key, step),
         max_new_tokens=completion_length,
         sampling=sampling,
         num_samples=recipe.group_size,
     )  # one prefill per prompt
-    rewards = None
-    if recipe.reward:  # each process scores its own rows
-      answers = [train_set.answers[i] for i in repeat_rows(batch, recipe.group_size)["index"]]
-      score = evaluation.REWARDS[recipe.reward]
-      rewards = to_global(np.asarray(score(tokenizer, gen, answers), np.float32))
-    return join(
-        prompts, prompt_mask, gen.tokens, gen.mask, gen.sample_logprobs, gen.model_logprobs, rewards
-    )
+    return Sampled(batch, rows, gen)
+
+  def score(sampled: Sampled, params, extra) -> Rollout:
+    """The rollout a step trains on: the completions joined to their prompts (with their
+    rewards, read back and verified on the host), and the frozen models' hidden states."""
+    batch, rows, gen = sampled
+    prompts, prompt_mask = rows["prompt_tokens"], rows["prompt_mask"]
+    if gen is None:
+      seq = join(prompts, prompt_mask, rows["answer_tokens"], rows["answer_mask"])
+    else:
+      rewards = None
+      if recipe.reward:  # each process scores its own rows
+        answers = [train_set.answers[i] for i in repeat_rows(batch, recipe.group_size)["index"]]
+        scorer = evaluation.REWARDS[recipe.reward]
+        rewards = to_global(np.asarray(scorer(tokenizer, gen, answers), np.float32))
+      seq = join(
+          prompts,
+          prompt_mask,
+          gen.tokens,
+          gen.mask,
+          gen.sample_logprobs,
+          gen.model_logprobs,
+          rewards,
+      )
+    seq = put(seq)
+    if self_teacher:
+      return Rollout(seq, *self_teacher_heads(rows, params, extra, seq))
+    # kept while the rollout is reused
+    return Rollout(seq, frozen_heads(*recipes.inputs_of(seq), rows, batch), None)
 
   if start == 0 and config.eval.every and config.eval.at_start:
     run_eval(0, params)
@@ -1055,7 +1113,7 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
   )
   last_eval = {}
   pending = []  # (step, on-device metrics) not yet read back: the host syncs only below
-  seq = frozen = None
+  rollout = ahead = None  # this step's Rollout; the next one's Sampled, when sampled ahead
   started, logged = time.perf_counter(), start  # the rates' clock and step at the last log
 
   def fail(message):
@@ -1074,21 +1132,23 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
     pending.clear()
 
   for step in range(start, total):
-    key = jax.random.fold_in(base_key, step)
-    drift = None
-    if step % config.train.updates_per_rollout == 0 or seq is None:
-      batch = next(data)
-      rows = to_global(repeat_rows(batch, recipe.group_size))  # a group's G rows share their prompt
-      seq = put(rollout(step, key, batch, rows, params))
-      if self_teacher:
-        frozen, drift = self_teacher_heads(rows, params, extra, seq)
-      else:  # kept while the rollout is reused
-        frozen = frozen_heads(*recipes.inputs_of(seq), rows, batch)
-    params, opt_state, step_metrics = train_step(params, opt_state, seq, frozen)
+    fresh = step % config.train.updates_per_rollout == 0 or rollout is None
+    if fresh:
+      rollout = score(ahead if ahead is not None else sample(step, params), params, extra)
+      ahead = None
+    upcoming = step + 1
+    if (  # sample the next rollout now, from the parameters this update starts from
+        config.train.rollout_ahead
+        and upcoming < total
+        and upcoming % config.train.updates_per_rollout == 0
+        and upcoming % config.train.save_every  # after a checkpoint: on-policy, as a resume is
+    ):
+      ahead = sample(upcoming, params)
+    params, opt_state, step_metrics = train_step(params, opt_state, rollout.seq, rollout.frozen)
     if ema_step is not None:
       extra = {"ema": ema_step(extra["ema"], params)}
-    if drift is not None:
-      step_metrics = dict(step_metrics, teacher_drift_kl=drift)
+    if fresh and rollout.drift is not None:
+      step_metrics = dict(step_metrics, teacher_drift_kl=rollout.drift)
     done = step + 1
     pending.append((done, step_metrics))
     progress.update(1)

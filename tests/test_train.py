@@ -392,6 +392,30 @@ def test_cli_runs_a_users_own_experiment_file(capsys, tmp_path):
             "the sampled estimator is off-policy here (sampling.temperature=0.7)",
         ),
         (
+            (
+                "--exp",
+                "teacher_sft",
+                "--exp.recipe.name=opd",
+                "--exp.recipe.estimator=sampled",
+                "--exp.train.rollout_ahead=True",
+            ),
+            "the sampled estimator is off-policy here (train.rollout_ahead=True)",
+        ),
+        (
+            ("--exp", "teacher_sft", "--exp.train.rollout_ahead=True"),
+            "recipe 'sft' takes its completions from 'dataset'; it applies to recipes that "
+            "sample from the student: opd, gopd, grpo",
+        ),
+        (
+            (
+                "--exp",
+                "teacher_sft",
+                "--exp.recipe.name=self_distill",
+                "--exp.train.rollout_ahead=1",
+            ),
+            "train.rollout_ahead=True does not apply to self_distill",
+        ),
+        (
             ("--exp", "teacher_sft", "--num_processes", "2", "--process_id", "0"),
             "missing: --coordinator_address",
         ),
@@ -578,6 +602,68 @@ def test_no_recompilation_across_steps(teacher_dir, tmp_path, monkeypatch):
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
   assert at_step[1] > 0 and at_step[2] == at_step[5], at_step
+
+
+def test_rollout_ahead_samples_from_the_parameters_before_each_update(
+    teacher_dir, tmp_path, monkeypatch
+):
+  """`train.rollout_ahead`: step k + 1's rollout is sampled from the parameters update k
+  starts from (one update stale), except after a checkpoint, where it is on-policy as a
+  resumed run's is; so a resume ends with the uninterrupted run's parameters bitwise."""
+  import shutil
+
+  fingerprint = lambda state: float(
+      sum(np.asarray(x, np.float64).sum() for x in jax.tree.leaves(state))
+  )
+  sampled_from, updated_from = [], []
+  generate = trainer.generate
+
+  def recording_generate(model, *args, **kwargs):
+    sampled_from.append(fingerprint(nnx.state(model, nnx.Param)))
+    return generate(model, *args, **kwargs)
+
+  check_memory = trainer.check_memory
+
+  def recording_check_memory(*args, **kwargs):
+    plan = check_memory(*args, **kwargs)
+
+    def train_step(params, *rest):
+      updated_from.append(fingerprint(params))
+      return plan.train_step(params, *rest)
+
+    return plan._replace(train_step=train_step)
+
+  monkeypatch.setattr(trainer, "generate", recording_generate)
+  monkeypatch.setattr(trainer, "check_memory", recording_check_memory)
+
+  def run(ahead, workdir):
+    config = tiny("opd", estimator="sampled", correction="ppo_clip")
+    config.teacher.checkpoint = str(teacher_dir)
+    config.train.steps, config.train.save_every, config.train.log_every = 5, 3, 1
+    config.train.rollout_ahead = ahead
+    config.optimizer.warmup_steps = 0  # so the first update moves the parameters too
+    config.eval.every = 0
+    sampled_from.clear(), updated_from.clear()
+    result = trainer.run(config, workdir, quiet=True)
+    return result, list(sampled_from), list(updated_from)
+
+  _, on_policy, p = run(False, tmp_path / "on_policy")
+  assert on_policy == p and len(set(p)) == 5  # each rollout from the parameters it updates
+  result, ahead, p = run(True, tmp_path / "ahead")
+  # rollouts for steps 0..4 in order: 0 before any update, 1 and 2 a step stale, 3 after the
+  # checkpoint at step 3 on-policy, 4 a step stale again
+  assert ahead == [p[0], p[0], p[1], p[3], p[3]], (ahead, p)
+  ratios = [r["importance_ratio"] for r in result.history if r["split"] == "train"]
+  assert all(r != 1.0 for r in ratios[1:3] + ratios[4:]), ratios  # the correction sees it
+
+  abstract = nnx.state(Decoder(checkpoint.read_model_config(tmp_path / "ahead"), rngs=nnx.Rngs(0)))
+  want = checkpoint.restore_params(tmp_path / "ahead", abstract)
+  shutil.rmtree(tmp_path / "ahead" / "checkpoints" / "5")
+  _, resumed, p_resumed = run(True, tmp_path / "ahead")
+  assert resumed == [p[3], p[3]] and p_resumed == p[3:]
+  got = checkpoint.restore_params(tmp_path / "ahead", abstract)
+  for (path, a), (_, b) in zip(nnx.to_flat_state(want), nnx.to_flat_state(got)):
+    np.testing.assert_array_equal(np.asarray(b.get_value()), np.asarray(a.get_value()), str(path))
 
 
 def test_grpo_reward_is_the_one_the_recipe_names(tmp_path, monkeypatch):
