@@ -7,6 +7,7 @@ in token chunks, so evaluation memory does not grow with the eval set or the voc
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -131,7 +132,7 @@ def evaluate(
   on several processes each process feeds and verifies its share of a block's rows and the
   means are taken over all of them, so every process returns the same numbers.
   """
-  greedy_ok, sampled_ok, greedy_credit, lengths, truncated = [], [], [], [], []
+  greedy_ok, sampled_ok, greedy_credit, lengths, truncated, kept = [], [], [], [], [], []
   reverse, forward = [], []
   token_sums: dict[str, list] = {}
   sample = SamplingParams(temperature=temperature)
@@ -139,18 +140,25 @@ def evaluate(
   splits = 1 if batch_sharding is None else row_splits(batch_sharding.mesh)
   batch_size = max(splits, batch_size // splits * splits)
   processes, me = jax.process_count(), jax.process_index()
+  unit = math.lcm(splits, processes)  # a block's rows must split over devices and processes
   for block, start in enumerate(range(0, len(prompts.answers), batch_size)):
     stop = min(start + batch_size, len(prompts.answers))
-    share = (stop - start) // processes
-    rows = slice(start + me * share, start + (me + 1) * share)  # this process's rows
-    local = dict(tokens=prompts.prompt_tokens[rows], mask=prompts.prompt_mask[rows])
+    size = -(-(stop - start) // unit) * unit  # a short last block (or a routed teacher's
+    padded = np.minimum(np.arange(start, start + size), stop - 1)  # rows) repeats its last row
+    share = size // processes
+    rows = padded[me * share : (me + 1) * share]  # this process's rows
+    real = np.arange(start, start + size)[me * share : (me + 1) * share] < stop
+    kept += real.tolist()
+    local = dict(tokens=prompts.prompt_tokens[rows], mask=prompts.prompt_mask[rows], real=real)
     placed = (
         jax.tree.map(jnp.asarray, local)
         if batch_sharding is None
         else global_batch(local, batch_sharding)
     )
     prompt_tokens, prompt_mask = placed["tokens"], placed["mask"]
-    answers = prompts.answers[rows]
+    # a repeated row's completion is masked, so it adds no tokens to the token metrics
+    without_padding = lambda gen, real=placed["real"]: gen._replace(mask=gen.mask & real[:, None])
+    answers = [prompts.answers[i] for i in rows]
     block_key = jax.random.fold_in(key, block)
     run = functools.partial(
         generate,
@@ -170,14 +178,16 @@ def evaluate(
     score = functools.partial(
         _score_completions, models, prompt_tokens, prompt_mask, chunk_size=chunk_size
     )
-    per_row, token_metrics = score(sampled)
+    per_row, token_metrics = score(without_padding(sampled))
     reverse += local_rows(per_row).tolist()
     for name, (total, count) in token_metrics.items():
       token_sums.setdefault(name, []).append((float(total), float(count)))
-    per_row_teacher, _ = score(run(teacher, key=jax.random.fold_in(block_key, 2), sampling=sample))
+    teacher_sampled = run(teacher, key=jax.random.fold_in(block_key, 2), sampling=sample)
+    per_row_teacher, _ = score(without_padding(teacher_sampled))
     forward += (-local_rows(per_row_teacher)).tolist()
+  kept = all_rows(np.asarray(kept, bool))
   greedy_ok, sampled_ok, greedy_credit, lengths, truncated, reverse, forward = (
-      all_rows(np.asarray(x, np.float64))
+      all_rows(np.asarray(x, np.float64))[kept] if x else np.zeros(0)
       for x in (greedy_ok, sampled_ok, greedy_credit, lengths, truncated, reverse, forward)
   )
   results = {

@@ -2,7 +2,10 @@
 
 Two processes with 4 simulated CPU devices each must train exactly as one process with 8:
 the same losses and final parameters, for SFT and for OPD with the sampler (the two stages
-of `tests/experiments/two_stages.py`). Only process 0 writes the run's files, and a run whose
+of `tests/experiments/two_stages.py`; the second routes its rows between two teachers, so
+each process's rows reach their own teacher's forward pass through the gathered route, and
+each teacher is evaluated on a share of the held-out rows that does not split evenly over
+the devices: 7 and 1 of 8). Only process 0 writes the run's files, and a run whose
 processes are all killed after a checkpoint resumes to the parameters of an uninterrupted one
 (bitwise resume on one process: `test_torn_checkpoint_falls_back_to_the_previous_one`).
 """
@@ -111,8 +114,10 @@ def check_equal(one: Path, two: Path, stage: str) -> None:
   assert pa.keys() == pb.keys()
   for name in pa:
     np.testing.assert_allclose(pb[name], pa[name], atol=1e-5, err_msg=f"{stage} {name}")
-  if stage == "opd":  # the sampler ran: a sampled-token metric was logged
+  if stage == "opd":  # the sampler ran, and each routed teacher was evaluated on its rows
     assert "sampled_log_ratio" in a[0]
+    final = [r for r in a if r["split"] == "eval"][-1]
+    assert {"a/sequence_reverse_kl", "b/sequence_reverse_kl"} <= final.keys()
 
 
 def check_written_once(workdir: Path, stage: str, *, runs: int = 1) -> None:

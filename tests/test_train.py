@@ -852,3 +852,42 @@ def test_without_warm_up_the_first_update_takes_the_full_rate(schedule):
   config.optimizer.warmup_steps = -1
   with pytest.raises(trainer.ConfigError, match="optimizer.warmup_steps must be >= 0, got -1"):
     trainer.make_optimizer(config)
+
+
+def test_evaluation_pads_rows_that_do_not_split_over_the_devices(teacher_dir):
+  """5 held-out rows on 8 devices (a routed teacher's share of a held-out set, say): the
+  block is padded to 8 by repeating its last row, and the padding counts nowhere, so every
+  metric equals one device's (near-zero temperature: the samples are the same)."""
+  from opdjax.data import PromptSet
+  from opdjax.evaluation import evaluate
+  from opdjax.sharding import batch_sharding, make_mesh
+
+  config = tiny("opd")
+  tokenizer = trainer.build_tokenizer(config)
+  _, held_out = trainer.build_data(config, tokenizer)
+  five = PromptSet(
+      *(x[:5] for x in (held_out.prompt_tokens, held_out.prompt_mask, held_out.answer_tokens)),
+      held_out.answer_mask[:5],
+      held_out.answers[:5],
+  )
+  section = config.student.copy_and_resolve_references()
+  section.init_from = str(teacher_dir)
+  model_config = checkpoint.read_model_config(teacher_dir)
+  results = []
+  for mesh in (make_mesh((1,)), make_mesh((8,))):
+    results.append(
+        evaluate(
+            trainer.build_model(section, model_config, seed=0, mesh=mesh),
+            five,
+            tokenizer,
+            key=jax.random.key(0),
+            max_new_tokens=config.task.completion_length,
+            teacher=trainer.build_model(config.student, model_config, seed=3, mesh=mesh),
+            temperature=1e-4,
+            batch_sharding=batch_sharding(mesh),
+        )
+    )
+  one, eight = results
+  assert one.keys() == eight.keys() and "token_reverse_kl" in one
+  for key in one:
+    np.testing.assert_allclose(eight[key], one[key], rtol=1e-5, atol=1e-6, err_msg=key)

@@ -1,9 +1,13 @@
 """Two tiny stages for the multi-process tests: SFT of a teacher, then OPD of a fresh
-student from it with the sampler (sampled estimator, so every step samples)."""
+student with the sampler (sampled estimator, so every step samples), its rows routed
+between two teachers: the SFT stage in float32 (`a`) and in bfloat16 (`b`), each example
+naming its own in the JSONL prompts that `main` writes."""
+
+import json
 
 import ml_collections
 
-from opdjax import configs
+from opdjax import checkpoint, configs, distributed
 from opdjax.stages import run_stages
 
 
@@ -26,7 +30,9 @@ def get_config(arg=None):
   sft.eval.every = 0  # the OPD stage evaluates
   opd = tiny("opd")
   opd.recipe.estimator = "sampled"
-  opd.teacher.checkpoint = "@sft"
+  for name, dtype in (("a", "float32"), ("b", "bfloat16")):
+    opd.teachers[name] = configs.teacher_section(checkpoint="@sft", dtype=dtype, param_dtype=dtype)
+  opd.task.train_jsonl, opd.task.eval_jsonl = "train.jsonl", "held_out.jsonl"  # in the workdir
   opd.seed = 1
   c = ml_collections.ConfigDict()
   c.stages = ml_collections.ConfigDict({"sft": sft, "opd": opd})
@@ -34,5 +40,26 @@ def get_config(arg=None):
   return c
 
 
+def write_prompts(workdir):
+  """Sums of one-digit numbers, the teachers alternating in a pattern that differs from
+  the rows' order in any batch (train: 64 prompts, held out: 8)."""
+  sums = [(a, b) for a in range(10) for b in range(10)]
+  for name, rows in (("train.jsonl", sums[:64]), ("held_out.jsonl", sums[64:72])):
+    lines = [
+        json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b), "teacher": "ab"[(a * b) % 2]})
+        for a, b in rows
+    ]
+    (workdir / name).write_text("\n".join(lines) + "\n")
+
+
 def main(config, workdir):
+  workdir = checkpoint.resolve(workdir)
+  task = config.stages.opd.task
+  task.train_jsonl, task.eval_jsonl = (
+      str(workdir / p) for p in (task.train_jsonl, task.eval_jsonl)
+  )
+  if distributed.is_main():
+    workdir.mkdir(parents=True, exist_ok=True)
+    write_prompts(workdir)
+  distributed.barrier("two_stages_prompts")
   return run_stages(config.stages, config.stage_order, workdir, quiet=True)
