@@ -1,8 +1,8 @@
 """On-policy self-distillation: the privileged prompt reaches only the teacher, the teacher
 modes' formulas, a current teacher without context gives zero loss and gradient, and an
-EMA teacher survives a resume exactly."""
+EMA teacher survives a SIGKILL exactly."""
 
-import shutil
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +15,8 @@ from opdjax.data import PromptSource, char_tokenizer, synthetic_records
 from opdjax.errors import ConfigError
 from opdjax.models import Decoder, tiny_config
 from opdjax.recipes.self_distill import ema_update, trust_region_logits
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def tiny_self_distill(mode: str, **recipe):
@@ -127,17 +129,43 @@ def _ema_and_params(workdir, config):
   return flat(params), flat(extra["ema"])
 
 
-def test_ema_teacher_survives_a_resume_exactly(tmp_path):
-  """4 steps uninterrupted, against 2 steps, a lost checkpoint (as after SIGKILL) and a rerun:
-  the same parameters and EMA weights. The EMA moved from the initial weights but lags the
+def test_ema_teacher_survives_sigkill_exactly(tmp_path):
+  """The CLI is SIGKILLed right after its step-2 checkpoint (nothing closed or flushed) and
+  the run is resumed: the same parameters and EMA weights as 4 uninterrupted steps. The
+  EMA moved from the initial weights (rebuilt from the seed on resume) but lags the
   student, and the drift to it is logged."""
-  config = tiny_self_distill("ema", ema_rate=0.5)
-  config.train.steps, config.train.save_every = 4, 2
+  import signal
+  import subprocess
+  import sys
+
+  from tests.experiments.self_distill_ema import get_config
+
+  config = get_config()
   result = trainer.run(config, tmp_path / "whole", quiet=True)
   assert all(r["teacher_drift_kl"] >= 0 for r in result.history if r["split"] == "train")
   assert any(r["teacher_drift_kl"] > 0 for r in result.history if r["split"] == "train")
-  shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
-  shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "4")
+  killed_after_step_2 = (
+      "import os, signal, sys\n"
+      "from opdjax import checkpoint\n"
+      "save = checkpoint.Checkpointer.save\n"
+      "def save_then_die(self, step, *args, **kwargs):\n"
+      "  save(self, step, *args, **kwargs)\n"
+      "  if step == 2:\n"
+      "    os.kill(os.getpid(), signal.SIGKILL)\n"
+      "checkpoint.Checkpointer.save = save_then_die\n"
+      "from opdjax.train import main\n"
+      "sys.exit(main(sys.argv[1:]))\n"
+  )
+  experiment = REPO / "tests" / "experiments" / "self_distill_ema.py"
+  killed = subprocess.run(
+      [sys.executable, "-c", killed_after_step_2, "--exp", str(experiment)]
+      + ["--workdir", str(tmp_path / "resumed")],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+  )
+  assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-2000:]
+  assert checkpoint.Checkpointer(tmp_path / "resumed").latest_step() == 2
   trainer.run(config, tmp_path / "resumed", quiet=True)
   params, ema = _ema_and_params(tmp_path / "whole", config)
   params_r, ema_r = _ema_and_params(tmp_path / "resumed", config)
