@@ -103,12 +103,13 @@ def seeded_variants(
 
 CURVE_TITLES = {
     "accuracy_greedy": "held-out greedy accuracy",
+    "step_credit_greedy": "held-out greedy step credit",
     "sequence_reverse_kl": "held-out sequence reverse KL to the teacher",
 }
 
 
 def summarize_variant(
-    results, name: str, *, seeds: int, reported, curves=tuple(CURVE_TITLES)
+    results, name: str, *, seeds: int, reported, curves=("accuracy_greedy", "sequence_reverse_kl")
 ) -> dict:
   """One variant of `seeded_variants` over its seeds (`results` from `run_stages`): the final
   held-out values of `reported`, the largest training gradient norm (instability), the drop

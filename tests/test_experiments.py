@@ -270,20 +270,36 @@ def test_experiments_reject_an_unknown_size_naming_the_valid_ones():
       experiment.get_config("big")
 
 
-def test_early_dip_tiny(capsys, tmp_path, copy_finished_stages):
+@pytest.mark.parametrize("arg", ["tiny", "tiny,modular_chain"])
+def test_early_dip_tiny(arg, capsys, tmp_path, copy_finished_stages):
   from opdjax.experiments import early_dip
 
-  copy_finished_stages(early_dip.get_config("tiny").stages, tmp_path)
-  code = cli_main(["--exp", "early_dip:tiny", "--workdir", str(tmp_path)])
+  config = early_dip.get_config(arg)
+  copy_finished_stages(config.stages, tmp_path)
+  code = cli_main(["--exp", f"early_dip:{arg}", "--workdir", str(tmp_path)])
   out, err = capsys.readouterr()
   assert code == 0, err
-  result = json.loads((tmp_path / "early_dip.json").read_text())
-  assert result["verdict"] in out and set(result["methods"]) == {"adam", "sgd"}
+  chain = "modular_chain" in arg
+  name = "early_dip_modular_chain" if chain else "early_dip"
+  result = json.loads((tmp_path / f"{name}.json").read_text())
+  sgd_name = "sgd_matched" if chain else "sgd"
+  assert result["verdict"] in out and set(result["methods"]) == {"adam", sgd_name}
   # Each variant changes only its own optimizer setting; the recipe is the same.
-  adam, sgd = (run_config(tmp_path / f"{v}_seed0") for v in ("adam", "sgd"))
+  adam, sgd = (run_config(tmp_path / f"{v}_seed0") for v in ("adam", sgd_name))
   assert adam["optimizer"]["name"] == "adamw" and sgd["optimizer"]["name"] == "sgd"
-  assert sgd["optimizer"]["learning_rate"] == 0.05 and adam["optimizer"]["learning_rate"] == 1e-4
-  assert adam["recipe"] == sgd["recipe"] and adam["recipe"]["estimator"] == "full"
+  assert adam["recipe"] == sgd["recipe"]
+  if not chain:
+    assert sgd["optimizer"]["learning_rate"] == 0.05 and adam["optimizer"]["learning_rate"] == 1e-4
+    assert adam["recipe"]["estimator"] == "full"
+    return
+  # compare_objectives' sampled method; SGD's clipped step has the norm of Adam's first
+  # full-rate step: lr·√(parameters). student-small: 2 layers × 110,832 (attention 27,648,
+  # q/k norms 48, MLP 82,944, two norms 192), the final norm 96, embedding and head 2 × 51 × 96.
+  assert adam["recipe"]["estimator"] == "sampled" and adam["task"]["name"] == "modular_chain"
+  assert adam["optimizer"]["learning_rate"] == 1e-3
+  assert early_dip.student_parameters(config) == 231_552
+  assert sgd["optimizer"]["learning_rate"] == pytest.approx(1e-3 * 231_552**0.5)
+  assert "step_credit_greedy" in result["methods"]["adam"]["curves"]
 
 
 def test_dip_is_the_largest_move_away_from_the_start():
