@@ -262,6 +262,7 @@ def test_experiments_reject_an_unknown_size_naming_the_valid_ones():
       "forgetting",
       "gamma_variance",
       "grpo_plus_opd",
+      "recovering_teacher",
       "self_distill_teachers",
   ):
     experiment = importlib.import_module(f"opdjax.experiments.{name}")
@@ -309,3 +310,54 @@ def test_dip_is_the_largest_move_away_from_the_start():
   assert abs(dip(curve, rise=False) - 0.4) < 1e-12
   assert dip({"x": [0, 10, 20], "y": [2.0, 2.5, 1.0]}, rise=True) == 0.5
   assert dip({"x": [0, 10, 20], "y": [2.0, 1.5, 1.0]}, rise=True) == 0.0
+
+
+def test_recovery_records_skip_the_wrong_value_and_answer_the_true_chain():
+  """Even problems as they are; odd ones with a prefix whose last value is wrong in the prompt
+  and the true chain from the next value on as the answer (3 -2 = 1, *9 = 9, -0 = 9)."""
+  from opdjax.data.tasks import Problem
+  from opdjax.experiments.recovering_teacher import recovery_records
+
+  class Fixed:  # the step (2), then the wrong digit's offset (5): 9 + 5 = 4 (mod 10)
+
+    def __init__(self):
+      self.draws = [2, 5]
+
+    def integers(self, low, high):
+      return self.draws.pop(0)
+
+  chain = Problem("3:-2,*9,-0=", "1,9,9")
+  records = recovery_records([chain, chain], Fixed())
+  assert records == [
+      {"prompt": "3:-2,*9,-0=", "answer": "1,9,9"},
+      {"prompt": "3:-2,*9,-0=1,4,", "answer": "9"},
+  ]
+
+
+def test_recovering_teacher_tiny(capsys, tmp_path, copy_finished_stages):
+  from opdjax.data import load_jsonl
+  from opdjax.experiments import recovering_teacher
+
+  config = recovering_teacher.get_config("tiny")
+  copy_finished_stages({k: config.stages[k] for k in ("teacher", "warmstart")}, tmp_path)
+  code = cli_main(["--exp", "recovering_teacher:tiny", "--workdir", str(tmp_path)])
+  out, err = capsys.readouterr()
+  assert code == 0, err
+  result = json.loads((tmp_path / "recovering_teacher.json").read_text())
+  assert result["verdict"] in out and set(result["methods"]) == {"consistent", "recovering"}
+  assert set(result["teacher_after_mistakes"]) == {"consistent", "recovering"}
+  # The recovering teacher is the teacher fine-tuned on the recovery data; each distillation
+  # run reads its own teacher and the same warm start, recipe and rate.
+  recover = run_config(tmp_path / "recovering_teacher")
+  assert recover["student"]["init_from"] == str(tmp_path / "teacher")
+  assert recover["task"]["train_jsonl"] == str(tmp_path / "data" / "recovery_train.jsonl")
+  records = load_jsonl(tmp_path / "data" / "recovery_train.jsonl")
+  assert records[1].prompt.count("=") == 1 and not records[1].prompt.endswith("=")
+  consistent, recovering = (
+      run_config(tmp_path / f"{v}_seed0") for v in ("consistent", "recovering")
+  )
+  assert consistent["teacher"]["checkpoint"] == str(tmp_path / "teacher")
+  assert recovering["teacher"]["checkpoint"] == str(tmp_path / "recovering_teacher")
+  for key in ("recipe", "optimizer", "student"):
+    assert consistent[key] == recovering[key], key
+  assert consistent["recipe"]["estimator"] == "sampled"

@@ -199,12 +199,13 @@ def corrupt(problem: tasks.Problem, step: int, rng: np.random.Generator):
   return prefix, continued, values[step]
 
 
-def teacher_after_mistakes(config, workdir) -> dict[str, float]:
-  """The teacher's next value after a prefix of the true answer (clean) and after one whose
-  last value is wrong: the fraction that continues the chain from the wrong value, that
-  returns to the true chain, and the entropy (nats) of its next-token distribution."""
+def teacher_after_mistakes(config, workdir, teacher: str = "teacher") -> dict[str, float]:
+  """The teacher's (the stage `teacher` of `workdir`) next value after a prefix of the true
+  answer (clean) and after one whose last value is wrong: the fraction that continues the
+  chain from the wrong value, that returns to the true chain, and the entropy (nats) of its
+  next-token distribution."""
   stage = config.method_template.copy_and_resolve_references()
-  stage.teacher.checkpoint = str(workdir / "teacher")
+  stage.teacher.checkpoint = str(workdir / teacher)
   tokenizer = char_tokenizer()
   mesh = trainer.build_mesh(stage)
   teacher = trainer.build_model(
