@@ -171,6 +171,7 @@ def plot_panels(panels: list[Mapping], path: str | Path | None = None, *, title:
         y, s = np.asarray(line["y"], float), np.asarray(line["std"], float)
         ax.fill_between(line["x"], y - s, y + s, alpha=0.2)
     ax.set_xlabel(panel["x"])
+    ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4), useMathText=True)  # 1e5 ×
     ax.set_title(panel["title"], fontsize=10)
     if panel.get("log_y"):
       ax.set_yscale("log")
