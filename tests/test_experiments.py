@@ -313,8 +313,8 @@ def test_dip_is_the_largest_move_away_from_the_start():
 
 
 def test_recovery_records_skip_the_wrong_value_and_answer_the_true_chain():
-  """Even problems as they are; odd ones with a prefix whose last value is wrong in the prompt
-  and the true chain from the next value on as the answer (3 -2 = 1, *9 = 9, -0 = 9)."""
+  """Every fourth problem as it is; the others with a prefix whose last value is wrong in the
+  prompt and the true chain from the next value on as the answer (3 -2 = 1, *9 = 9, -0 = 9)."""
   from opdjax.data.tasks import Problem
   from opdjax.experiments.recovering_teacher import recovery_records
 

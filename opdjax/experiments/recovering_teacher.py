@@ -12,10 +12,10 @@ the sampled estimator's early rise of the reverse KL?
 What it does (modular_chain, 12 steps, 24-token answers):
   * `teacher`, `warmstart`: `compare_objectives`' stages (the same configs, so a workdir
     can share them).
-  * `recovering_teacher`: the teacher fine-tuned by SFT for `recover_steps` updates on a
-    mix (`recovery_records`): half the problems as they are, half with a prefix of the
-    answer in the prompt whose last value is wrong (`compare_objectives.corrupt`) and the
-    true chain from there as the answer. The wrong value is in the prompt, so no loss is
+  * `recovering_teacher`: the teacher fine-tuned by SFT (500 updates at 2e-3) on a mix
+    (`recovery_records`): a quarter of the problems as they are, the rest with a prefix of
+    the answer in the prompt whose last value is wrong (`compare_objectives.corrupt`) and
+    the true chain from there as the answer. The wrong value is in the prompt, so no loss is
     taken on it: the teacher learns to skip it, not to make it.
   * Both teachers after a mistake (`teacher_after_mistakes`): continue from the wrong value,
     or return to the true chain?
@@ -25,11 +25,33 @@ It reports held-out greedy accuracy and step credit (comparable across the two t
 the early rise of each run's reverse KL to its own teacher, and a verdict.
 
 Results go to `recovering_teacher.{json,png}`; `experiments/results/` holds the measured
-ones. Time on a 2-core CPU: full ≈ 20 minutes (teacher ≈ 7, warm start ≈ 3½, recovering
-teacher ≈ 3, 2 teachers × 3 seeds × 200 updates ≈ 5); `:tiny` ≈ 30 seconds.
+ones. Time on a 2-core CPU: full ≈ 20 minutes (teacher 7½, warm start 3, recovering teacher
+4½, 2 teachers × 3 seeds × 200 updates 4½, the diagnostics ½); `:tiny` ≈ 30 seconds.
 
     python -m opdjax.train --exp recovering_teacher
     python -m opdjax.train --exp recovering_teacher:tiny
+
+Result (2-core CPU; `python -m opdjax.train --exp recovering_teacher`, 7 min 1 s on the
+teacher and warm start of `compare_objectives`' run and its own earlier consistent-teacher
+runs, which have the same configs; experiments/results/recovering_teacher.{json,png}).
+256 held-out prefixes with a wrong last value; OPD runs mean ± std over 3 seeds after 200
+updates (warm start: step credit 0.141):
+
+    teacher      clean acc  after a mistake: continues / returns / entropy  student credit  KL rise
+    consistent   1.000      1.000 / 0.000 / 0.008                            0.102 ± 0.003   +29.9 (52.0 → 82.0)
+    recovering   0.938      0.664 / 0.195 / 0.993                            0.102 ± 0.003    +6.2 (20.2 → 26.4)
+
+Verdict: no test of the claim at this budget: the fine-tuned teacher did not learn to
+recover. It returns to the true chain after 20% of mistakes and still continues from the
+wrong value after 66%, with far more uncertainty there (0.99 nats against 0.008), and lost
+some clean accuracy (0.938). The first try (300 updates at 1e-3 on half corrupted
+problems) returned after 5%. Only the first answer token after the wrong value differs from
+the rule the teacher already follows, so the recovery signal is a small share of the loss;
+learning it needs more updates (or a teacher trained on the mix from the start) than a
+20-minute run leaves. What the runs do show: the student's step credit is the same with
+either teacher (0.102 ± 0.003 both; 0.122 ± 0.002 with the first try's teacher), and the
+reverse KL to the less confident teacher rises far less early on (+6 against +30; KLs to
+different teachers, so only their shapes compare).
 """
 
 from __future__ import annotations
@@ -71,8 +93,11 @@ def get_config(arg=None):
   method.recipe.update(compare_objectives.METHODS["opd_sampled_g0"])
   recover = c.stages.teacher.copy_and_resolve_references()
   recover.student.init_from = "@teacher"  # fine-tuned from the consistent teacher
-  recover.optimizer.update(learning_rate=1e-3, schedule="constant", warmup_steps=10)
-  recover.train.steps = recover.train.save_every = 2 if tiny else 300
+  # (A first try, 300 updates at 1e-3 on half corrupted problems, returned to the true chain
+  # after 5% of mistakes: only the first answer token after the wrong value differs from
+  # the rule the teacher knows, so the signal is thin.)
+  recover.optimizer.update(learning_rate=2e-3, schedule="constant", warmup_steps=10)
+  recover.train.steps = recover.train.save_every = 2 if tiny else 500
   recover.eval.every = recover.train.steps  # clean held-out accuracy, at the end
   task = recover.task
   task.prompt_length += task.completion_length  # the prompt carries an answer's prefix
@@ -83,11 +108,11 @@ def get_config(arg=None):
 
 
 def recovery_records(problems, rng: np.random.Generator) -> list[dict]:
-  """Half the problems as they are; half with a prefix of the answer appended to the prompt
-  whose last value is wrong, answered with the true chain from that value on."""
+  """A quarter of the problems as they are; the rest with a prefix of the answer appended
+  to the prompt whose last value is wrong, answered with the true chain from there on."""
   records = []
   for i, problem in enumerate(problems):
-    if i % 2 == 0:
+    if i % 4 == 0:
       records.append({"prompt": problem.prompt, "answer": problem.answer})
       continue
     values = problem.answer.split(",")
