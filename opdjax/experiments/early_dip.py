@@ -3,7 +3,7 @@
 Observation (this repository's runs: `compare_objectives`, `gamma_variance`, `exopd_lambda`,
 `grpo_plus_opd`, `self_distill_teachers`): from an SFT warm start, the held-out reverse KL to
 the teacher first rises and the accuracy first falls, for 25-50 updates, before either
-improves. `exopd_reward_correction`, with a much better teacher (0.961 against 0.688), shows
+improves. `exopd_reward_correction`, with a much better teacher (0.969 against 0.688), shows
 no dip. Candidate causes: the learning rate, Adam's fresh second-moment estimate (its first
 steps are sign-like, large in every coordinate), too short a warm-up, too few trained tokens
 per batch.
@@ -54,7 +54,7 @@ away but moves to updates 50-60, where the rate reaches 1e-4 (0.409 at update 60
 of the batch leaves it as it is (0.146), so it is not the gradient noise of few tokens. The
 baseline's dip is at its first evaluation (update 10), before Adam's second-moment estimate has
 settled, and plain SGD at 0.05 dips far more (its rate is not on Adam's scale, so it does not
-separate "Adam" from "too large a step"). In `exopd_reward_correction`, with a 0.961 teacher,
+separate "Adam" from "too large a step"). In `exopd_reward_correction`, with a 0.969 teacher,
 the same rate showed no dip: a stronger teacher's targets are closer to the warm start's
 correct answers.
 
