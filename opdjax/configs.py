@@ -224,6 +224,20 @@ def is_tiny(arg, *, experiment: str) -> bool:
   return arg == "tiny"
 
 
+def size_and_options(arg, *, experiment: str, options: tuple[str, ...]) -> tuple[bool, set]:
+  """An experiment's comma-separated argument: one size (`tiny`, or `full`/none, as
+  `is_tiny`) and any of `options`. Returns `(tiny, the options given)`."""
+  parts = [a for a in (arg or "").split(",") if a]
+  size = [a for a in parts if a not in options]
+  if len(size) > 1:
+    raise ConfigError(f"{experiment} takes one size ('full' or 'tiny'), got {size}")
+  try:
+    tiny = is_tiny(size[0] if size else None, experiment=experiment)
+  except ConfigError as error:
+    raise ConfigError(f"{error}, optionally with {', '.join(options)}") from None
+  return tiny, set(parts) & set(options)
+
+
 def distillation_comparison(
     recipe: dict, task: str = "addition", *, steps: int, eval_every: int, tiny: bool = False
 ) -> ml_collections.ConfigDict:

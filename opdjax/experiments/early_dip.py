@@ -90,8 +90,7 @@ import numpy as np
 from flax import nnx
 
 from opdjax import checkpoint, distributed, metrics, trainer
-from opdjax.configs import distillation_comparison, is_tiny
-from opdjax.errors import ConfigError
+from opdjax.configs import distillation_comparison, size_and_options
 from opdjax.models.hf import abstract_model
 from opdjax.stages import (
     choose,
@@ -131,15 +130,8 @@ CHAIN_REPORTED = ("step_credit_greedy", "sequence_reverse_kl")
 def get_config(arg=None):
   """`arg`: `tiny` or `full` (none = full), optionally with `,modular_chain` (the
   long-horizon task and `compare_objectives`' sampled-estimator method)."""
-  parts = [a for a in (arg or "").split(",") if a]
-  size = [a for a in parts if a != "modular_chain"]
-  if len(size) > 1:
-    raise ConfigError(f"early_dip takes one size ('full' or 'tiny'), got {size}")
-  try:
-    tiny = is_tiny(size[0] if size else None, experiment="early_dip")
-  except ConfigError as error:
-    raise ConfigError(f"{error}, optionally with modular_chain") from None
-  if "modular_chain" not in parts:
+  tiny, options = size_and_options(arg, experiment="early_dip", options=("modular_chain",))
+  if "modular_chain" not in options:
     c = distillation_comparison(
         dict(name="opd", estimator="full", divergence="reverse_kl"),
         steps=100,

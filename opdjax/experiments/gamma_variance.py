@@ -80,7 +80,7 @@ from flax import nnx
 
 from opdjax import checkpoint, distributed, metrics, recipes, trainer
 from opdjax import objectives as obj
-from opdjax.configs import distillation_comparison, is_tiny
+from opdjax.configs import distillation_comparison, size_and_options
 from opdjax.errors import ConfigError
 from opdjax.evaluation import forward_hidden
 from opdjax.sampling import SamplingParams, generate
@@ -100,15 +100,8 @@ def get_config(arg=None):
   """`arg`: `tiny` or `full` (none = full), optionally with `,modular_chain` (the
   long-horizon task instead of addition) and `,variance` (the gradient statistics alone,
   no training runs)."""
-  parts = [a for a in (arg or "").split(",") if a]
-  size = [a for a in parts if a not in OPTIONS]
-  if len(size) > 1:
-    raise ConfigError(f"gamma_variance takes one size ('full' or 'tiny'), got {size}")
-  try:
-    tiny = is_tiny(size[0] if size else None, experiment="gamma_variance")
-  except ConfigError as error:
-    raise ConfigError(f"{error}, optionally with {', '.join(OPTIONS)}") from None
-  task = "modular_chain" if "modular_chain" in parts else "addition"
+  tiny, options = size_and_options(arg, experiment="gamma_variance", options=OPTIONS)
+  task = "modular_chain" if "modular_chain" in options else "addition"
   c = distillation_comparison(
       dict(name="opd", estimator="sampled", correction="none"),
       task,
@@ -116,7 +109,7 @@ def get_config(arg=None):
       eval_every=50,
       tiny=tiny,
   )
-  c.variance_only = "variance" in parts
+  c.variance_only = "variance" in options
   c.gammas = "0.5" if tiny else "0,0.5,0.9,1"  # (tiny: one γ, for suite time)
   c.rollouts = 2 if tiny else 64  # independent rollouts at the fixed warm-start parameters
   c.rollout_prompts = 8 if tiny else 64
