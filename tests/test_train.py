@@ -184,13 +184,13 @@ def test_memory_plan_counts_each_term_and_stops_over_the_limit(teacher_dir, mesh
 
 def test_three_axis_mesh_equals_one_device(teacher_dir, tmp_path, monkeypatch):
   """data x fsdp x tensor = (2, 2, 2): sampled OPD (the sampler runs on the sharded batch and
-  weights) gives the losses and parameters of one device. The sharded run's student and
-  teacher use the splash attention kernel (Pallas interpret mode on a CPU) per shard under
-  `shard_map`; the one-device run uses XLA's attention."""
+  weights) gives the losses and parameters of one device. The sharded run's student uses
+  the splash attention kernel (Pallas interpret mode on a CPU) per shard under `shard_map`
+  in its update; the one-device run uses XLA's attention."""
 
   def run(shape, axes, workdir, attention="xla"):
     config = tiny("opd", estimator="sampled")
-    config.student.attention = config.teacher.attention = attention
+    config.student.attention = attention
     config.teacher.checkpoint = str(teacher_dir)
     config.train.steps = 3
     config.train.log_every = 1
@@ -209,7 +209,7 @@ def test_three_axis_mesh_equals_one_device(teacher_dir, tmp_path, monkeypatch):
   monkeypatch.setattr(splash, "_rows", lambda q, *a: shards.append(q.shape) or rows(q, *a))
   with pytest.warns(UserWarning, match="student.attention='splash' is a TPU kernel; on cpu"):
     history_8, params_8 = run((2, 2, 2), ("data", "fsdp", "tensor"), tmp_path / "eight", "splash")
-  # 8 rows over data x fsdp, 4 heads over tensor, 9 input tokens (student and teacher alike)
+  # 8 rows over data x fsdp, 4 heads over tensor, 9 input tokens
   assert set(shards) == {(2, 9, 2, 16)}, set(shards)
   for a, b in zip(history_1, history_8, strict=True):
     for key in ("loss", "grad_norm"):

@@ -1,7 +1,8 @@
 """Two tiny stages for the multi-process tests: SFT of a teacher, then OPD of a fresh
 student with the sampler (sampled estimator, so every step samples), its rows routed
-between two teachers: the SFT stage in float32 (`a`) and in bfloat16 (`b`), each example
-naming its own in the JSONL prompts that `main` writes."""
+between two teachers: the SFT stage (`a`) and the same with its weights stored in bfloat16
+(`b`, computing in float32), each example naming its own in the JSONL prompts that `main`
+writes."""
 
 import json
 
@@ -30,8 +31,10 @@ def get_config(arg=None):
   sft.eval.every = 0  # the OPD stage evaluates
   opd = tiny("opd")
   opd.recipe.estimator = "sampled"
-  for name, dtype in (("a", "float32"), ("b", "bfloat16")):
-    opd.teachers[name] = configs.teacher_section(checkpoint="@sft", dtype=dtype, param_dtype=dtype)
+  for name, stored in (("a", "float32"), ("b", "bfloat16")):  # b: weights rounded, f32 compute
+    opd.teachers[name] = configs.teacher_section(
+        checkpoint="@sft", dtype="float32", param_dtype=stored
+    )
   opd.task.train_jsonl, opd.task.eval_jsonl = "train.jsonl", "held_out.jsonl"  # in the workdir
   opd.seed = 1
   c = ml_collections.ConfigDict()
