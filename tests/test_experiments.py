@@ -26,13 +26,22 @@ def test_moment_statistics_equal_the_direct_computation():
   np.testing.assert_allclose(stats["signal_to_noise"], (mean @ mean) / stats["gradient_variance"])
 
 
-def test_gamma_variance_tiny(capsys, tmp_path, copy_finished_stages):
-  copy_finished_stages(gamma_variance.get_config("tiny").stages, tmp_path)
-  code = cli_main(["--exp", "gamma_variance:tiny", "--workdir", str(tmp_path)])
+@pytest.mark.parametrize("arg", ["tiny", "tiny,modular_chain"])
+def test_gamma_variance_tiny(arg, capsys, tmp_path, copy_finished_stages):
+  copy_finished_stages(gamma_variance.get_config(arg).stages, tmp_path)
+  code = cli_main(["--exp", f"gamma_variance:{arg}", "--workdir", str(tmp_path)])
   out, err = capsys.readouterr()
   assert code == 0, err
-  result = json.loads((tmp_path / "gamma_variance.json").read_text())
+  name = "gamma_variance_modular_chain" if "modular_chain" in arg else "gamma_variance"
+  result = json.loads((tmp_path / f"{name}.json").read_text())
   assert result["claim"] and result["verdict"] in out
+  # the score the verdict and the second panel use: step credit on the chain
+  score = "step_credit_greedy" if "modular_chain" in arg else "accuracy_greedy"
+  assert result["score"] == score and f"Final {score}" in result["verdict"]
+  assert (
+      result["methods"]["gamma=0.5"][score]["mean"]
+      == result["panels"][1]["series"]["mean ± std"]["y"][0]
+  )
   stats = result["gradient_statistics"]
   assert set(stats) == {"gamma=0.5", "full"}
   # One batch's sampled gradient is noisier than the full-vocabulary one on the same rollouts.
@@ -40,7 +49,7 @@ def test_gamma_variance_tiny(capsys, tmp_path, copy_finished_stages):
   assert set(result["methods"]) == {"gamma=0.5"}
   assert (tmp_path / "opd_gamma0p5_seed0" / "metrics.jsonl").exists()
   assert [p["title"] for p in result["panels"]][0] == "gradient variance over rollouts"
-  assert (tmp_path / "gamma_variance.png").exists()
+  assert (tmp_path / f"{name}.png").exists()
 
 
 def test_gamma_variance_variance_only_on_the_long_horizon_task(capsys, tmp_path):

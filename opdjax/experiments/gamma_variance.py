@@ -19,14 +19,20 @@ What it does, from the SFT-warm-started student and the SFT teacher of `compare_
 2. It trains the student with each γ (`seeds` seeds, sampled estimator, no correction,
    equal updates) and reports held-out greedy accuracy and sequence-level reverse KL.
 
-Results go to `gamma_variance.{json,png}` in the workdir; `experiments/results/` holds
-the measured ones.
+`gamma_variance:modular_chain` runs both on the long-horizon task (24-token answers) with
+`compare_objectives`' teacher, warm start, rate (1e-3) and batch (32 rows), for 100 updates;
+`,variance` runs step 1 alone.
+
+Results go to `gamma_variance.{json,png}` (`gamma_variance_modular_chain.{json,png}`) in the
+workdir; `experiments/results/` holds the measured ones.
 Time on a 2-core CPU: full ≈ 6½ minutes (teacher and warm start ≈ 2, variance < 1,
-4 γ × 3 seeds × 150 updates ≈ 4); `:tiny` (the test-suite variant) ≈ 30 seconds.
+4 γ × 3 seeds × 150 updates ≈ 4); on the chain ≈ 17 minutes (teacher 7½, warm start 3,
+variance 2½, 4 γ × 3 seeds × 100 updates 4); `:tiny` (the test-suite variant) ≈ 30 seconds.
 
     python -m opdjax.train --exp gamma_variance
+    python -m opdjax.train --exp gamma_variance:modular_chain
+    python -m opdjax.train --exp gamma_variance:modular_chain,variance   # step 1 alone
     python -m opdjax.train --exp gamma_variance:tiny
-    python -m opdjax.train --exp gamma_variance:modular_chain,variance   # step 1 alone, 24-token answers
 
 Result (2-core CPU, 6½ minutes, `python -m opdjax.train --exp gamma_variance`;
 experiments/results/gamma_variance.{json,png}). Variance over 64 rollouts of 64 held-out
@@ -50,24 +56,30 @@ rollouts. The long-horizon task (answers of 24 tokens) is where γ should matter
 experiment's training half does not run it (its teacher and warm start alone take ~13
 minutes).
 
-On the long-horizon task, the variance half alone (2-core CPU, 15 minutes, most of it the
-chain's teacher and warm start; `python -m opdjax.train --exp
-gamma_variance:modular_chain,variance`; experiments/results/
-gamma_variance_modular_chain_variance.{json,png}). 64 rollouts of 64 held-out prompts, 24
-answer tokens, at the warm start (teacher 1.000 held-out greedy accuracy):
+On the long-horizon task (2-core CPU, `python -m opdjax.train --exp
+gamma_variance:modular_chain`: 6 min 23 s on `compare_objectives`' teacher and warm start,
+which have the same configs; experiments/results/gamma_variance_modular_chain.{json,png}).
+64 rollouts of 64 held-out prompts at the warm start (teacher 1.000 held-out greedy
+accuracy); training: 100 updates at lr 1e-3, batch 32, 3 seeds, mean ± std:
 
-    γ    grad variance  ‖mean grad‖²   SNR     cos to full
-    0        34.5           2.00       0.058      0.881
-    0.5      50.7           2.66       0.052      0.848
-    0.9     281.9           7.38       0.026      0.624
-    1       809.8          15.7        0.019      0.450
-    full-vocabulary reverse KL: variance 3.70 (9× below the sampled estimator at γ = 0)
+    γ    grad variance  SNR    cos to full  step credit    seq. rev. KL  token rev. KL  length  KL rise
+    0        23.3      0.059     0.884     0.099 ± 0.010   50.3 ± 3.1     2.08          24.0    +16
+    0.5      33.4      0.053     0.846     0.099 ± 0.011   57.3 ± 4.1     2.39          24.0    +27
+    0.9     186.6      0.025     0.597     0.011 ± 0.003   21.9 ± 4.5    11.85           1.9   +106
+    1       578.9      0.018     0.392     0.007 ± 0.003   25.8 ± 0.9    12.85           2.0     +8
+    full-vocabulary reverse KL: variance 2.87 (8× below the sampled estimator at γ = 0)
 
-Verdict there: the variance claim holds clearly once answers are long: 23× from γ = 0 to
-γ = 1 (against 12% on addition), and the signal-to-noise ratio of one batch's gradient
-falls 3×. The mean gradient also turns away from the per-token one (cosine 0.88 → 0.45),
-since γ > 0 targets the sequence-level KL. Whether γ = 0 also trains best on the chain is
-not measured (the training half would take past 20 minutes here).
+Verdict there: both halves hold. The variance rises 25× from γ = 0 to 1 (against 12% on
+addition) and one batch's signal-to-noise falls 3×; the mean gradient turns away from the
+per-token one (cosine 0.88 → 0.39), since γ > 0 targets the sequence-level KL. In training,
+γ = 0 ties with 0.5 in step credit (0.099) and ends closer to the teacher (sequence reverse
+KL 50.3 ± 3.1 against 57.3 ± 4.1), and γ ≥ 0.9 collapses: those students stop
+after about 2 tokens (EOS where the chain should go on), because a sequence-level return
+rewards a completion with fewer log-ratios to sum. That lowers their sequence reverse KL
+(22-26 against 50) while the per-token KL rises 6× and step credit falls to 0.01, so the
+sequence KL alone would rank them best: the completion length is reported for this
+reason. γ = 0 also has the smallest early KL rise of the two that do not collapse. (An
+earlier variance-only run with the 1200-step teacher gave the same trend: 34.5 → 810, 23×.)
 """
 
 from __future__ import annotations
@@ -110,6 +122,15 @@ def get_config(arg=None):
       tiny=tiny,
   )
   c.variance_only = "variance" in options
+  if task == "modular_chain":  # compare_objectives' teacher, rate, batch and held-out set
+    c.stages.teacher.train.steps = 1000 if not tiny else c.stages.teacher.train.steps
+    if not tiny:
+      m = c.method_template
+      m.optimizer.learning_rate = 1e-3  # at 1e-4 nothing moves on the chain in 100 updates
+      m.train.batch_size = 32
+      m.train.steps = m.train.save_every = 100
+      m.eval.every = 25
+      m.task.eval_size = m.eval.batch_size = 64
   c.gammas = "0.5" if tiny else "0,0.5,0.9,1"  # (tiny: one γ, for suite time)
   c.rollouts = 2 if tiny else 64  # independent rollouts at the fixed warm-start parameters
   c.rollout_prompts = 8 if tiny else 64
@@ -278,7 +299,7 @@ def verdict(result) -> str:
   gammas = sorted(float(k.split("=")[1]) for k in result["methods"])
   final = lambda g, key: result["methods"][f"gamma={g:g}"][key]
   parts = [f"Variance {variance_trend(result['gradient_statistics'], gammas)}."]
-  for key, better in (("accuracy_greedy", max), ("sequence_reverse_kl", min)):
+  for key, better in ((result.get("score", "accuracy_greedy"), max), ("sequence_reverse_kl", min)):
     best = better(gammas, key=lambda g: final(g, key)["mean"])
     lead = min(
         (abs(final(best, key)["mean"] - final(g, key)["mean"]) for g in gammas if g != best),
@@ -289,6 +310,12 @@ def verdict(result) -> str:
         f"Final {key}: best at γ={best:g} ({final(best, key)['mean']:.3f} ± "
         f"{final(best, key)['std']:.3f}), "
         + ("a lead beyond one std." if lead > spread else "within one std of another γ.")
+    )
+  if all("completion_length" in result["methods"][f"gamma={g:g}"] for g in gammas):
+    parts.append(
+        "Final completion length (a shorter completion sums fewer log-ratios): "
+        + ", ".join(f"γ={g:g} {final(g, 'completion_length')['mean']:.1f}" for g in gammas)
+        + "."
     )
   curves = result["panels"][2]["series"]
   rises = {g: max(curves[f"γ={g:g}"]["y"]) - curves[f"γ={g:g}"]["y"][0] for g in gammas}
@@ -338,17 +365,21 @@ def main(config, workdir):
   if not distributed.is_main():  # process 0 reports for everyone
     return results
   stats = gradient_statistics(config, workdir)
+  task = config.method_template.task.name
+  score = "step_credit_greedy" if task == "modular_chain" else "accuracy_greedy"
+  # the completion length shows a sequence-level KL lowered by stopping early
+  reported = (*((score,) if score not in REPORTED else ()), *REPORTED, "completion_length")
   finals, curves = {}, {}
   for gamma in gammas:
     runs = [results[_stage_name(gamma, s)] for s in range(config.seeds)]
-    finals[gamma] = {key: metrics.seed_summary(r.final_eval[key] for r in runs) for key in REPORTED}
+    finals[gamma] = {key: metrics.seed_summary(r.final_eval[key] for r in runs) for key in reported}
     curves[gamma] = metrics.mean_eval_curve([r.history for r in runs], "sequence_reverse_kl")
 
   rows = [
-      {**statistics_row(stats, g), **{k: metrics.mean_std_text(finals[g][k]) for k in REPORTED}}
+      {**statistics_row(stats, g), **{k: metrics.mean_std_text(finals[g][k]) for k in reported}}
       for g in gammas
   ]
-  columns = ["γ", "grad variance", "‖mean grad‖²", "SNR", "cos to full", *REPORTED]
+  columns = ["γ", "grad variance", "‖mean grad‖²", "SNR", "cos to full", *reported]
   print()
   print(metrics.format_table(rows, columns))
   print(
@@ -357,6 +388,8 @@ def main(config, workdir):
   )
   result = {
       "claim": CLAIM,
+      "task": task,
+      "score": score,
       "rollouts": int(config.rollouts),
       "rollout_prompts": int(config.rollout_prompts),
       "seeds": int(config.seeds),
@@ -365,13 +398,13 @@ def main(config, workdir):
       "panels": [
           variance_panel(stats, gammas, "gradient variance over rollouts"),
           {
-              "title": "final held-out greedy accuracy",
+              "title": f"final held-out {score.replace('_greedy', '').replace('_', ' ')} (greedy)",
               "x": "γ",
               "series": {
                   "mean ± std": {
                       "x": gammas,
-                      "y": [finals[g]["accuracy_greedy"]["mean"] for g in gammas],
-                      "std": [finals[g]["accuracy_greedy"]["std"] for g in gammas],
+                      "y": [finals[g][score]["mean"] for g in gammas],
+                      "std": [finals[g][score]["std"] for g in gammas],
                   }
               },
           },
@@ -383,5 +416,7 @@ def main(config, workdir):
       ],
   }
   result["verdict"] = verdict(result)
-  write_result(result, workdir, "gamma_variance")
+  write_result(
+      result, workdir, "gamma_variance" if task == "addition" else f"gamma_variance_{task}"
+  )
   return results
