@@ -7,7 +7,7 @@
 #     OUT=/tmp/gpu PARTS="fused_sweep compile_depth sampler_large cli" bash benchmarks/gpu_session.sh
 set -u
 OUT=${OUT:-benchmarks/results/gpu}
-PARTS=${PARTS:-"fused opd_step opd_vs_trl sampler fused_sweep compile_depth sampler_large cli"}
+PARTS=${PARTS:-"fused opd_step opd_vs_trl rollout_ahead sampler fused_sweep compile_depth sampler_large cli"}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-}:$PWD
 log() { echo "=== $(date +%T) $*"; }
@@ -42,6 +42,11 @@ fi
 if want opd_vs_trl; then
   log "one on-policy JSD(0.5) step against TRL's GKDTrainer (needs trl), float32, small shapes"
   timeout 200 python3 benchmarks/opd_step.py --steps 8 --out "$OUT/opd_step.jsonl"
+fi
+
+if want rollout_ahead; then
+  log "trainer steps/s with and without train.rollout_ahead (opd sampled, grpo), small models"
+  timeout 240 python3 benchmarks/rollout_ahead.py --steps 120 --out "$OUT/rollout_ahead.jsonl"
 fi
 
 if want compile_depth; then
