@@ -54,7 +54,7 @@ from opdjax.models.decoder import (
 from opdjax.models.hf import abstract_model
 from opdjax.recipes.base import batch_loss, frozen_argument, join
 from opdjax.recipes.self_distill import ema_update
-from opdjax.sampling import SamplingParams, generate
+from opdjax.sampling import Generation, SamplingParams, generate
 
 # Model shapes for the synthetic experiments (vocabulary and special ids come from the
 # tokenizer). Width, depth and heads only: a Qwen3-style decoder.
@@ -556,7 +556,7 @@ class Sampled(NamedTuple):
 
   batch: dict  # this process's prompt rows (host): prompt_tokens [b, P], index [b], ...
   rows: dict  # the global batch, each prompt repeated for its group: [B·G, ...]
-  gen: object  # sampling.Generation of [B·G, N] completions; None for dataset answers
+  gen: Generation | None  # [B·G, N] completions; None for dataset answers
 
 
 class Rollout(NamedTuple):
