@@ -69,16 +69,14 @@ task whose answers barely leave room for exposure bias.
 """
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
 
 from opdjax import checkpoint, distributed, metrics, recipes, trainer
 from opdjax.configs import distill_config, teacher_config, tiny_stage, warmstart_config
 from opdjax.data import Record, char_tokenizer, encode, tasks
 from opdjax.errors import ConfigError
-from opdjax.models.hf import abstract_model
+from opdjax.models import hf
 from opdjax.recipes.base import distribution_values
 from opdjax.sampling import SamplingParams, generate
 from opdjax.stages import choose, run_stages, seeded_variants, write_result
@@ -169,8 +167,7 @@ def _stages(config):
 
 def parameter_count(workdir) -> int:
   """Parameters of the model a run saved in `workdir`."""
-  model = abstract_model(checkpoint.read_model_config(workdir), jnp.float32)
-  return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
+  return hf.parameter_count(checkpoint.read_model_config(workdir))
 
 
 def step_costs(stage, *, student_params: int, teacher_params: int) -> dict[str, float]:

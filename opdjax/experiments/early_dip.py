@@ -85,13 +85,9 @@ from __future__ import annotations
 
 import math
 
-import jax
-import numpy as np
-from flax import nnx
-
 from opdjax import checkpoint, distributed, metrics, trainer
 from opdjax.configs import distillation_comparison, size_and_options
-from opdjax.models.hf import abstract_model
+from opdjax.models.hf import parameter_count
 from opdjax.stages import (
     choose,
     curve_panels,
@@ -164,9 +160,8 @@ def get_config(arg=None):
 def student_parameters(config) -> int:
   """How many parameters the warm-started student has (from shapes; nothing allocated)."""
   warmstart = config.stages.warmstart
-  model_config = trainer.model_config_of(warmstart.student, trainer.build_tokenizer(warmstart))
-  state = nnx.state(abstract_model(model_config, jax.numpy.float32))
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(state)))
+  tokenizer = trainer.build_tokenizer(warmstart)
+  return parameter_count(trainer.model_config_of(warmstart.student, tokenizer))
 
 
 def variants_of(config) -> dict:

@@ -172,6 +172,12 @@ def abstract_model(
   )
 
 
+def parameter_count(config: ModelConfig) -> int:
+  """How many parameters a `Decoder` of `config` has (from shapes; nothing allocated)."""
+  state = nnx.state(abstract_model(config, jnp.float32), nnx.Param)
+  return int(sum(x.size for x in jax.tree.leaves(state)))
+
+
 def load_pretrained(
     path: str | os.PathLike,
     *,
