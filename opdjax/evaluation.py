@@ -144,10 +144,9 @@ def evaluate(
   for block, start in enumerate(range(0, len(prompts.answers), batch_size)):
     stop = min(start + batch_size, len(prompts.answers))
     size = -(-(stop - start) // unit) * unit  # a short last block (or a routed teacher's
-    padded = np.minimum(np.arange(start, start + size), stop - 1)  # rows) repeats its last row
-    share = size // processes
-    rows = padded[me * share : (me + 1) * share]  # this process's rows
-    real = np.arange(start, start + size)[me * share : (me + 1) * share] < stop
+    share = size // processes  # rows) repeats its last row
+    index = np.arange(start + me * share, start + (me + 1) * share)  # this process's rows
+    rows, real = np.minimum(index, stop - 1), index < stop
     kept += real.tolist()
     local = dict(tokens=prompts.prompt_tokens[rows], mask=prompts.prompt_mask[rows], real=real)
     placed = (
