@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import ml_collections
 
@@ -33,9 +34,16 @@ def resolve_references(config: ml_collections.ConfigDict, workdirs: dict[str, Pa
 
 
 def run_stages(
-    stages: ml_collections.ConfigDict, order, workdir: str | Path, *, quiet: bool = False
+    stages: ml_collections.ConfigDict,
+    order,
+    workdir: str | Path,
+    *,
+    quiet: bool = False,
+    data: Callable[[Path], None] | None = None,
 ):
-  """Runs the stage configs named in `order` (ConfigDict keys are unordered).
+  """Runs the stage configs named in `order` (ConfigDict keys are unordered). `data`, when
+  given, writes the files the stages read into `workdir / "data"`: process 0 calls it before
+  any stage runs and the other processes wait for it.
 
   Returns:
     `{stage name: RunResult}`.
@@ -46,6 +54,10 @@ def run_stages(
     raise trainer.ConfigError(
         f"stage order names unknown stages {missing}; stages: {sorted(stages)}"
     )
+  if data is not None:
+    if distributed.is_main():
+      data(workdir / "data")
+    distributed.barrier("run_stages_data")
   results, workdirs = {}, {}
   for name in order:
     config = stages[name]

@@ -56,6 +56,7 @@ different teachers, so only their shapes compare).
 
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
@@ -153,10 +154,7 @@ def _stages(config, workdir):
 def main(config, workdir):
   workdir = checkpoint.resolve(workdir)
   stages, order = _stages(config, workdir)
-  if distributed.is_main():
-    write_data(config, workdir / "data")
-  distributed.barrier("recovering_teacher_data")
-  results = run_stages(stages, order, workdir)
+  results = run_stages(stages, order, workdir, data=functools.partial(write_data, config))
   if not distributed.is_main():  # process 0 reports for everyone
     return results
   after = {

@@ -53,6 +53,7 @@ a copier does after a mismatch, the issue `compare_objectives` measures for its 
 
 from __future__ import annotations
 
+import functools
 import json
 
 import jax
@@ -202,10 +203,7 @@ def _stages(config, workdir):
 def main(config, workdir):
   workdir = checkpoint.resolve(workdir)
   stages, order = _stages(config, workdir)
-  if distributed.is_main():
-    write_data(config, workdir / "data")
-  distributed.barrier("self_distill_teachers_data")
-  results = run_stages(stages, order, workdir)
+  results = run_stages(stages, order, workdir, data=functools.partial(write_data, config))
   if not distributed.is_main():  # process 0 reports for everyone
     return results
   modes = [m for m in config.teacher_modes.split(",") if m]
