@@ -17,7 +17,14 @@ from flax import nnx
 from opdjax import objectives as obj
 from opdjax.data import PromptSet, step_credit, verify
 from opdjax.distributed import all_rows, global_batch, local_rows
-from opdjax.recipes.base import inputs_of, join, metric_pairs, sampled_token_values, targets_of
+from opdjax.recipes.base import (
+    Sequences,
+    inputs_of,
+    join,
+    metric_pairs,
+    sampled_token_values,
+    targets_of,
+)
 from opdjax.sampling import Generation, SamplingParams, generate
 from opdjax.sharding import row_splits
 
@@ -59,6 +66,21 @@ def forward_hidden_rows(graphdef, state, tokens, attention_mask, gather, scatter
   return out.at[scatter].set(hidden, mode="drop")
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "prompt_length", "completion_length"))
+def privileged_hidden(
+    graphdef, state, privileged: Sequences, *, prompt_length: int, completion_length: int
+):
+  """A self-distillation teacher's hidden states on `privileged` (its own prompt of P'
+  tokens, then the student's N completion tokens), moved to the student's positions: the
+  student's row is `[0]·(P−1) ++ h[P'−1:]`, so position P−1+j predicts completion token j
+  in both layouts (prompt positions carry no loss)."""
+  tokens, mask = inputs_of(privileged)
+  hidden = nnx.merge(graphdef, state).hidden_states(tokens, attention_mask=mask)
+  completion = hidden[:, -completion_length:]  # = h[P'−1:], the N completion-predicting slots
+  pad = jnp.zeros((hidden.shape[0], prompt_length - 1, hidden.shape[2]), hidden.dtype)
+  return jnp.concatenate([pad, completion], axis=1)
+
+
 def decode_completions(tokenizer, gen: Generation) -> list[str]:
   """The completions of this process's rows (all rows on one process)."""
   tokens, lengths = local_rows(gen.tokens), local_rows(gen.lengths)
@@ -81,17 +103,41 @@ def accuracy(tokenizer, gen: Generation, answers) -> float:
   return float(np.mean(verified(tokenizer, gen, answers)))
 
 
-@functools.partial(jax.jit, static_argnames=("student_graphdef", "teacher_graphdef", "chunk_size"))
+@functools.partial(
+    jax.jit,
+    static_argnames=("student_graphdef", "teacher_graphdef", "chunk_size", "completion_length"),
+)
 def _sequence_scores(
-    student_graphdef, student_state, teacher_graphdef, teacher_state, seq, chunk_size
+    student_graphdef,
+    student_state,
+    teacher_graphdef,
+    teacher_state,
+    seq,
+    teacher_seq,
+    *,
+    chunk_size,
+    completion_length,
 ):
-  """Per-row `Σ_t log p(a_t) − log q(a_t)` on `seq`'s completions, plus token metrics."""
+  """Per-row `Σ_t log p(a_t) − log q(a_t)` on `seq`'s completions, plus token metrics. The
+  teacher reads `teacher_seq` (its own prompt, the same completions) when one is given."""
   tokens, mask = inputs_of(seq)
   targets = targets_of(seq)
-  heads = []
-  for graphdef, state in ((student_graphdef, student_state), (teacher_graphdef, teacher_state)):
-    model = nnx.merge(graphdef, state)
-    heads.append(obj.Head(model.hidden_states(tokens, attention_mask=mask), model.head_kernel()))
+  student = nnx.merge(student_graphdef, student_state)
+  teacher = nnx.merge(teacher_graphdef, teacher_state)
+  if teacher_seq is None:
+    teacher_hidden = teacher.hidden_states(tokens, attention_mask=mask)
+  else:  # its hidden states moved onto the student's positions
+    teacher_hidden = privileged_hidden(
+        teacher_graphdef,
+        teacher_state,
+        teacher_seq,
+        prompt_length=seq.tokens.shape[1] - completion_length,
+        completion_length=completion_length,
+    )
+  heads = [
+      obj.Head(student.hidden_states(tokens, attention_mask=mask), student.head_kernel()),
+      obj.Head(teacher_hidden, teacher.head_kernel()),
+  ]
   values = obj.token_values(
       sampled_token_values, heads[0], targets.tokens, teacher=heads[1], chunk_size=chunk_size
   )
@@ -100,9 +146,13 @@ def _sequence_scores(
   return per_row, metric_pairs(values, targets.mask)
 
 
-def _score_completions(models, prompt_tokens, prompt_mask, gen: Generation, *, chunk_size):
+def _score_completions(models, prompts, teacher_prompts, gen: Generation, *, chunk_size):
+  """`_sequence_scores` of `gen`'s completions after `prompts` (`(tokens, mask)`), the
+  teacher's after `teacher_prompts` (None: the same prompts)."""
+  seq = join(*prompts, gen.tokens, gen.mask)
+  teacher_seq = None if teacher_prompts is None else join(*teacher_prompts, gen.tokens, gen.mask)
   return _sequence_scores(
-      *models, join(prompt_tokens, prompt_mask, gen.tokens, gen.mask), chunk_size
+      *models, seq, teacher_seq, chunk_size=chunk_size, completion_length=gen.tokens.shape[1]
   )
 
 
@@ -118,6 +168,7 @@ def evaluate(
     batch_size: int = 128,
     chunk_size: int = 0,
     batch_sharding=None,
+    privileged: bool = False,
 ) -> dict[str, float]:
   """Greedy and sampled accuracy, greedy step credit (`tasks.step_credit`), lengths,
   truncation; with a teacher, KLs to it.
@@ -131,7 +182,14 @@ def evaluate(
   block is laid out by it (its size rounded to a multiple of the devices it splits over);
   on several processes each process feeds and verifies its share of a block's rows and the
   means are taken over all of them, so every process returns the same numbers.
+
+  With `privileged` (self-distillation, docs/theory.md §8) the teacher reads each row's
+  privileged prompt `x ⊕ c` (`prompts.privileged_tokens`) and the student the plain `x`: the
+  reverse KL is `E_{y~π(·|x)}[Σ_t log π(a_t|x, y<t) − log q(a_t|x⊕c, y<t)]`, the forward KL
+  samples `y ~ q(·|x⊕c)`, and the token KLs are taken at the same completion positions.
   """
+  if privileged and prompts.privileged_tokens is None:
+    raise ValueError("evaluate(privileged=True) needs a PromptSet with privileged prompts")
   greedy_ok, sampled_ok, greedy_credit, lengths, truncated, kept = [], [], [], [], [], []
   reverse, forward = [], []
   token_sums: dict[str, list] = {}
@@ -149,24 +207,26 @@ def evaluate(
     rows, real = np.minimum(index, stop - 1), index < stop
     kept += real.tolist()
     local = dict(tokens=prompts.prompt_tokens[rows], mask=prompts.prompt_mask[rows], real=real)
+    if privileged:
+      local |= dict(
+          teacher_tokens=prompts.privileged_tokens[rows],
+          teacher_mask=prompts.privileged_mask[rows],
+      )
     placed = (
         jax.tree.map(jnp.asarray, local)
         if batch_sharding is None
         else global_batch(local, batch_sharding)
     )
     prompt_tokens, prompt_mask = placed["tokens"], placed["mask"]
+    teacher_prompts = (placed["teacher_tokens"], placed["teacher_mask"]) if privileged else None
     # a repeated row's completion is masked, so it adds no tokens to the token metrics
     without_padding = lambda gen, real=placed["real"]: gen._replace(mask=gen.mask & real[:, None])
     answers = [prompts.answers[i] for i in rows]
     block_key = jax.random.fold_in(key, block)
-    run = functools.partial(
-        generate,
-        prompt_tokens=prompt_tokens,
-        prompt_mask=prompt_mask,
-        max_new_tokens=max_new_tokens,
-    )
-    greedy = run(student, key=block_key, sampling=SamplingParams(greedy=True))
-    sampled = run(student, key=jax.random.fold_in(block_key, 1), sampling=sample)
+    run = functools.partial(generate, max_new_tokens=max_new_tokens)
+    run_student = functools.partial(run, prompt_tokens=prompt_tokens, prompt_mask=prompt_mask)
+    greedy = run_student(student, key=block_key, sampling=SamplingParams(greedy=True))
+    sampled = run_student(student, key=jax.random.fold_in(block_key, 1), sampling=sample)
     greedy_ok += verified(tokenizer, greedy, answers)
     greedy_credit += credited(tokenizer, greedy, answers)
     sampled_ok += verified(tokenizer, sampled, answers)
@@ -175,13 +235,22 @@ def evaluate(
     if teacher is None:
       continue
     score = functools.partial(
-        _score_completions, models, prompt_tokens, prompt_mask, chunk_size=chunk_size
+        _score_completions,
+        models,
+        (prompt_tokens, prompt_mask),
+        teacher_prompts,
+        chunk_size=chunk_size,
     )
     per_row, token_metrics = score(without_padding(sampled))
     reverse += local_rows(per_row).tolist()
     for name, (total, count) in token_metrics.items():
       token_sums.setdefault(name, []).append((float(total), float(count)))
-    teacher_sampled = run(teacher, key=jax.random.fold_in(block_key, 2), sampling=sample)
+    teacher_sampled = run(
+        teacher,
+        *(teacher_prompts or (prompt_tokens, prompt_mask)),
+        key=jax.random.fold_in(block_key, 2),
+        sampling=sample,
+    )
     per_row_teacher, _ = score(without_padding(teacher_sampled))
     forward += (-local_rows(per_row_teacher)).tolist()
   kept = all_rows(np.asarray(kept, bool))

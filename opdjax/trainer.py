@@ -43,7 +43,13 @@ from opdjax.data import (
     synthetic_records,
 )
 from opdjax.errors import ConfigError
-from opdjax.evaluation import evaluate, forward_hidden, forward_hidden_rows, own_rows
+from opdjax.evaluation import (
+    evaluate,
+    forward_hidden,
+    forward_hidden_rows,
+    own_rows,
+    privileged_hidden,
+)
 from opdjax.models import Decoder, ModelConfig, load_pretrained, load_tokenizer, read_config
 from opdjax.models.decoder import (
     ATTENTION_IMPLEMENTATIONS,
@@ -123,8 +129,8 @@ def build_data(config, tokenizer, routes=None, privileged=None) -> tuple[PromptS
   """The training prompts (tokenised as they are read) and the held-out set (tokenised now).
 
   With `routes` (the routed teachers' names) every example must name one of them; with
-  `privileged=(template, length)` the training rows carry the self-distillation teacher's
-  prompt.
+  `privileged=(template, length)` the training rows and the held-out set carry the
+  self-distillation teacher's prompt.
   Every process checks an interleaved 1/N of the training records at start-up, so a record
   that does not fit stops the run before the first step, and no host tokenises them all."""
   task = config.task
@@ -141,7 +147,11 @@ def build_data(config, tokenizer, routes=None, privileged=None) -> tuple[PromptS
         **length,
     )
     held_out = encode(
-        load_jsonl(eval_path, tokenizer)[: task.eval_size], tokenizer, source=eval_path, **length
+        load_jsonl(eval_path, tokenizer)[: task.eval_size],
+        tokenizer,
+        source=eval_path,
+        privileged=privileged,
+        **length,
     )
   else:
     make = lambda size, held_out: synthetic_records(
@@ -155,7 +165,11 @@ def build_data(config, tokenizer, routes=None, privileged=None) -> tuple[PromptS
         **length,
     )
     held_out = encode(
-        make(task.eval_size, True), tokenizer, source=f"{task.name}/held_out", **length
+        make(task.eval_size, True),
+        tokenizer,
+        source=f"{task.name}/held_out",
+        privileged=privileged,
+        **length,
     )
   train.check(range(jax.process_index(), len(train), jax.process_count()))
   return train, held_out
@@ -515,21 +529,6 @@ def repeat_rows(batch: dict, group: int) -> dict:
 
 
 route_hidden = jax.jit(obj.route_hidden)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "prompt_length", "completion_length"))
-def privileged_hidden(
-    graphdef, state, privileged: recipes.Sequences, *, prompt_length: int, completion_length: int
-):
-  """A self-distillation teacher's hidden states on `privileged` (its own prompt of P'
-  tokens, then the student's N completion tokens), moved to the student's positions: the
-  student's row is `[0]·(P−1) ++ h[P'−1:]`, so position P−1+j predicts completion token j
-  in both layouts (prompt positions carry no loss)."""
-  tokens, mask = recipes.inputs_of(privileged)
-  hidden = nnx.merge(graphdef, state).hidden_states(tokens, attention_mask=mask)
-  completion = hidden[:, -completion_length:]  # = h[P'−1:], the N completion-predicting slots
-  pad = jnp.zeros((hidden.shape[0], prompt_length - 1, hidden.shape[2]), hidden.dtype)
-  return jnp.concatenate([pad, completion], axis=1)
 
 
 @jax.jit
@@ -954,36 +953,6 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
       n for n in members(run_setup, "teacher") if n.startswith("teacher/") and n in frozen_models
   ]
 
-  def run_eval(step, params):
-    evaluate_on = functools.partial(
-        evaluate,
-        nnx.merge(graphdef, params),
-        tokenizer=tokenizer,
-        key=eval_key,
-        max_new_tokens=completion_length,
-        temperature=config.eval.temperature,
-        batch_size=config.eval.batch_size,
-        chunk_size=config.train.loss_chunk_size,
-        batch_sharding=batch_sharding,
-    )
-    if not routed_teachers:
-      results = evaluate_on(eval_set, teacher=teacher)
-    else:  # the unprefixed metrics: the teachers' values weighted by their rows
-      results, counts = {}, {}
-      for route, name in enumerate(routed_teachers):
-        rows = eval_set.routed_to(route)
-        if len(rows):
-          counts[name] = len(rows)
-          part = evaluate_on(rows, teacher=frozen_models[name])
-          results |= {f"{name.split('/', 1)[1]}/{k}": v for k, v in part.items()}
-      total = sum(counts.values())
-      for key in {k.split("/", 1)[1] for k in results}:
-        results[key] = sum(
-            results[f"{n.split('/', 1)[1]}/{key}"] * c / total for n, c in counts.items()
-        )
-    writer.write(step, "eval", results)
-    return results
-
   def frozen_heads(tokens, mask, rows, batch):
     """`{role: Head}` of a rollout: each frozen model's `[B, T, H]` hidden states (never
     `[B, T, V]`), laid out as the memory plan compiled the step; routed teachers as one."""
@@ -1011,6 +980,39 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
   def self_teacher_weights(role, params, extra):
     kind = self_teacher.kind(role)
     return params if kind == "current" else extra["ema"] if kind == "ema" else frozen_parts[role][1]
+
+  def run_eval(step, params, extra):
+    evaluate_on = functools.partial(
+        evaluate,
+        nnx.merge(graphdef, params),
+        tokenizer=tokenizer,
+        key=eval_key,
+        max_new_tokens=completion_length,
+        temperature=config.eval.temperature,
+        batch_size=config.eval.batch_size,
+        chunk_size=config.train.loss_chunk_size,
+        batch_sharding=batch_sharding,
+    )
+    if self_teacher:  # the teacher role's weights, reading the privileged prompts
+      weights = nnx.merge(graphdef, self_teacher_weights("teacher", params, extra))
+      results = evaluate_on(eval_set, teacher=weights, privileged=True)
+    elif not routed_teachers:
+      results = evaluate_on(eval_set, teacher=teacher)
+    else:  # the unprefixed metrics: the teachers' values weighted by their rows
+      results, counts = {}, {}
+      for route, name in enumerate(routed_teachers):
+        rows = eval_set.routed_to(route)
+        if len(rows):
+          counts[name] = len(rows)
+          part = evaluate_on(rows, teacher=frozen_models[name])
+          results |= {f"{name.split('/', 1)[1]}/{k}": v for k, v in part.items()}
+      total = sum(counts.values())
+      for key in {k.split("/", 1)[1] for k in results}:
+        results[key] = sum(
+            results[f"{n.split('/', 1)[1]}/{key}"] * c / total for n, c in counts.items()
+        )
+    writer.write(step, "eval", results)
+    return results
 
   def self_teacher_heads(rows, params, extra, seq):
     """Self-distillation: each role is the student's graph with its weights (initial,
@@ -1101,7 +1103,7 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
     return Rollout(seq, frozen_heads(*recipes.inputs_of(seq), rows, batch), None)
 
   if start == 0 and config.eval.every and config.eval.at_start:
-    run_eval(0, params)
+    run_eval(0, params, extra)
   accumulator = metrics.Accumulator()
   progress = tqdm(
       total=total,
@@ -1175,7 +1177,7 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
       )
     if eval_now:
       evaluating = time.perf_counter()
-      last_eval = run_eval(done, params)
+      last_eval = run_eval(done, params, extra)
       started += time.perf_counter() - evaluating  # the rates count training time only
     if save_now:
       if not all_finite(params):

@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from opdjax import checkpoint, configs, recipes, trainer
+from opdjax import checkpoint, configs, evaluation, recipes, trainer
 from opdjax.data import PromptSource, char_tokenizer, synthetic_records
+from opdjax.data import encode as encode_records
 from opdjax.errors import ConfigError
 from opdjax.models import Decoder, tiny_config
 from opdjax.recipes.self_distill import ema_update, trust_region_logits
+from opdjax.sampling import generate
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -72,7 +74,7 @@ def test_privileged_hidden_states_land_on_the_students_completion_positions():
       completion,
       completion_mask,
   )
-  moved = trainer.privileged_hidden(
+  moved = evaluation.privileged_hidden(
       graphdef, state, privileged, prompt_length=4, completion_length=3
   )
   assert moved.shape == (2, 4 + 3 - 1, model.config.hidden_size)
@@ -80,6 +82,60 @@ def test_privileged_hidden_states_land_on_the_students_completion_positions():
   direct = model.hidden_states(tokens, attention_mask=mask)
   np.testing.assert_allclose(moved[:, 3:], direct[:, 4:], atol=1e-6)  # P'−1 = 4
   np.testing.assert_array_equal(moved[:, :3], 0.0)
+
+
+def _completion_logprobs(model, prompt_tokens, prompt_mask, gen):
+  """`log model(a_j | prompt, a_<j)` of every completion token `[B, N]`, from full logits."""
+  seq = recipes.join(prompt_tokens, prompt_mask, gen.tokens, gen.mask)
+  tokens, mask = recipes.inputs_of(seq)
+  logits = model(tokens, attention_mask=mask)[:, -gen.tokens.shape[1] :]
+  logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return jnp.take_along_axis(logprobs, gen.tokens[..., None], axis=-1)[..., 0]
+
+
+def test_evaluation_compares_the_plain_student_with_the_privileged_teacher():
+  """Both sequence KLs by hand from full logits: the student's samples on the plain prompts,
+  the teacher's on the privileged ones, each scored by the student after `x` and the
+  teacher after `x ⊕ c`. A teacher that read the plain prompt, or states moved by one
+  slot, would give other numbers; with the template "{prompt}" the privileged evaluation
+  equals the plain one."""
+  tok = char_tokenizer()
+  records = synthetic_records("addition", difficulty=1, size=4, held_out=True)
+  student = Decoder(tiny_config("qwen3", vocab_size=tok.vocab_size), rngs=nnx.Rngs(0))
+  teacher = Decoder(tiny_config("qwen3", vocab_size=tok.vocab_size), rngs=nnx.Rngs(1))
+  key = jax.random.key(7)
+  run = lambda prompts, **kw: evaluation.evaluate(
+      student, prompts, tok, key=key, max_new_tokens=4, teacher=teacher, **kw
+  )
+  encode = lambda template, length: encode_records(
+      records, tok, prompt_length=6, answer_length=4, privileged=(template, length)
+  )
+  prompts = encode("answer {answer}; {prompt}", 20)
+  got = run(prompts, privileged=True)
+
+  block = jax.random.fold_in(key, 0)
+  plain, privileged = (prompts.prompt_tokens, prompts.prompt_mask), (
+      prompts.privileged_tokens,
+      prompts.privileged_mask,
+  )
+  draw = lambda model, prompt, k: generate(
+      model, *prompt, key=jax.random.fold_in(block, k), max_new_tokens=4
+  )
+  kl = lambda gen, p, q: float(jnp.mean(jnp.sum(jnp.where(gen.mask, p - q, 0.0), axis=1)))
+  ys = draw(student, plain, 1)
+  p, q = _completion_logprobs(student, *plain, ys), _completion_logprobs(teacher, *privileged, ys)
+  np.testing.assert_allclose(got["sequence_reverse_kl"], kl(ys, p, q), rtol=1e-4, atol=1e-5)
+  yt = draw(teacher, privileged, 2)
+  p, q = _completion_logprobs(student, *plain, yt), _completion_logprobs(teacher, *privileged, yt)
+  np.testing.assert_allclose(got["sequence_forward_kl"], kl(yt, q, p), rtol=1e-4, atol=1e-5)
+  unprivileged = run(prompts)  # the teacher reading the plain prompt gives other values
+  assert abs(unprivileged["sequence_reverse_kl"] - got["sequence_reverse_kl"]) > 1e-2
+
+  same = run(encode("{prompt}", 11), privileged=True)  # more left padding, the same prompt
+  for name, value in unprivileged.items():
+    np.testing.assert_allclose(same[name], value, rtol=1e-5, atol=1e-5, err_msg=name)
+  with pytest.raises(ValueError, match="privileged prompts"):
+    run(encode_records(records, tok, prompt_length=6, answer_length=4), privileged=True)
 
 
 def test_ema_and_trust_region_formulas():
@@ -94,12 +150,34 @@ def test_ema_and_trust_region_formulas():
   np.testing.assert_allclose(jnp.sum(jnp.exp(mixed)), 1.0, atol=1e-6)
 
 
+def evaluated(config):
+  config.eval.every, config.eval.at_start = 2, True
+  config.optimizer.warmup_steps = 0  # two full updates
+  return config
+
+
+KLS = ("sequence_reverse_kl", "sequence_forward_kl", "token_reverse_kl", "token_forward_kl")
+
+
 def test_current_teacher_without_context_gives_zero_loss_and_gradient(tmp_path):
-  result = trainer.run(tiny_self_distill("current", privileged="{prompt}"), tmp_path, quiet=True)
+  """... and held-out KLs of 0 at every evaluation, which read the teacher's weights of
+  that moment: a frozen teacher's KLs are 0 only before the first update."""
+  config = evaluated(tiny_self_distill("current", privileged="{prompt}"))
+  result = trainer.run(config, tmp_path, quiet=True)
   rows = [r for r in result.history if r["split"] == "train"]
   assert [r["step"] for r in rows] == [1, 2]
   for r in rows:
     assert abs(r["loss"]) < 1e-6 and r["grad_norm"] < 1e-5, r
+  evals = [r for r in result.history if r["split"] == "eval"]
+  assert [r["step"] for r in evals] == [0, 2]
+  for r in evals:
+    for name in KLS:
+      assert abs(r[name]) < 1e-5, (name, r)
+  config = evaluated(tiny_self_distill("frozen", privileged="{prompt}"))
+  result = trainer.run(config, tmp_path / "frozen_plain", quiet=True)
+  start, end = [r for r in result.history if r["split"] == "eval"]
+  assert all(abs(start[name]) < 1e-5 for name in KLS), start
+  assert all(end[name] > 1e-4 for name in KLS if name.startswith("token")), end
 
   # With the answer in its prompt the same teacher differs from the student.
   def losses(mode):

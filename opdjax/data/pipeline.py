@@ -41,6 +41,8 @@ class PromptSet:
   answer_mask: np.ndarray  # [N, A] bool
   answers: list[str]  # the answer strings, for verification
   route: np.ndarray | None = None  # [N] int32 teacher index of each row (several teachers)
+  privileged_tokens: np.ndarray | None = None  # [N, P'] int32 self-distillation teacher's
+  privileged_mask: np.ndarray | None = None  # [N, P'] bool   prompt, left-padded
 
   def __len__(self) -> int:
     return len(self.answers)
@@ -48,13 +50,16 @@ class PromptSet:
   def routed_to(self, route: int) -> "PromptSet":
     """The rows whose teacher is `route` (all rows without routing and route 0)."""
     keep = np.ones(len(self), bool) if self.route is None else self.route == route
+    rows = lambda x: None if x is None else x[keep]
     return PromptSet(
         self.prompt_tokens[keep],
         self.prompt_mask[keep],
         self.answer_tokens[keep],
         self.answer_mask[keep],
         [a for a, k in zip(self.answers, keep) if k],
-        None if self.route is None else self.route[keep],
+        rows(self.route),
+        rows(self.privileged_tokens),
+        rows(self.privileged_mask),
     )
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
@@ -197,8 +202,11 @@ def encode(
     answer_length: int,
     source: str = "records",
     routes: Sequence[str] | None = None,
+    privileged: tuple[str, int] | None = None,
 ) -> PromptSet:
-  """Tokenizes records into fixed shapes; too-long prompts or answers raise with the index."""
+  """Tokenizes records into fixed shapes; too-long prompts or answers raise with the index.
+  With `privileged=(template, length)` the set also holds the self-distillation teacher's
+  prompts (as `PromptSource` does)."""
   lazy = PromptSource(
       records,
       tokenizer,
@@ -206,9 +214,10 @@ def encode(
       answer_length=answer_length,
       source=source,
       routes=routes,
+      privileged=privileged,
   )
   rows = [lazy[i] for i in range(len(lazy))]
-  stack = lambda name: np.stack([row[name] for row in rows])
+  stack = lambda name: np.stack([row[name] for row in rows]) if name in rows[0] else None
   return PromptSet(
       stack("prompt_tokens"),
       stack("prompt_mask"),
@@ -216,6 +225,8 @@ def encode(
       stack("answer_mask"),
       lazy.answers,
       stack("route"),
+      stack("privileged_tokens"),
+      stack("privileged_mask"),
   )
 
 
