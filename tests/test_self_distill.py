@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from opdjax import checkpoint, configs, evaluation, recipes, trainer
+from opdjax import build, checkpoint, configs, evaluation, learner, recipes, trainer
 from opdjax.data import PromptSource, char_tokenizer, synthetic_records
 from opdjax.data import encode as encode_records
 from opdjax.errors import ConfigError
@@ -97,8 +97,8 @@ def test_evaluation_compares_the_plain_student_with_the_privileged_teacher():
   """Both sequence KLs by hand from full logits: the student's samples on the plain prompts,
   the teacher's on the privileged ones, each scored by the student after `x` and the
   teacher after `x ⊕ c`. A teacher that read the plain prompt, or states moved by one
-  slot, would give other numbers; with the template "{prompt}" the privileged evaluation
-  equals the plain one."""
+  slot, would give other numbers (the trainer's test below checks that a teacher equal to
+  the student, with the template "{prompt}", gives KLs of 0)."""
   tok = char_tokenizer()
   records = synthetic_records("addition", difficulty=1, size=4, held_out=True)
   student = Decoder(tiny_config("qwen3", vocab_size=tok.vocab_size), rngs=nnx.Rngs(0))
@@ -107,10 +107,9 @@ def test_evaluation_compares_the_plain_student_with_the_privileged_teacher():
   run = lambda prompts, **kw: evaluation.evaluate(
       student, prompts, tok, key=key, max_new_tokens=4, teacher=teacher, **kw
   )
-  encode = lambda template, length: encode_records(
-      records, tok, prompt_length=6, answer_length=4, privileged=(template, length)
+  prompts = encode_records(
+      records, tok, prompt_length=6, answer_length=4, privileged=("answer {answer}; {prompt}", 20)
   )
-  prompts = encode("answer {answer}; {prompt}", 20)
   got = run(prompts, privileged=True)
 
   block = jax.random.fold_in(key, 0)
@@ -128,12 +127,7 @@ def test_evaluation_compares_the_plain_student_with_the_privileged_teacher():
   yt = draw(teacher, privileged, 2)
   p, q = _completion_logprobs(student, *plain, yt), _completion_logprobs(teacher, *privileged, yt)
   np.testing.assert_allclose(got["sequence_forward_kl"], kl(yt, q, p), rtol=1e-4, atol=1e-5)
-  unprivileged = run(prompts)  # the teacher reading the plain prompt gives other values
-  assert abs(unprivileged["sequence_reverse_kl"] - got["sequence_reverse_kl"]) > 1e-2
 
-  same = run(encode("{prompt}", 11), privileged=True)  # more left padding, the same prompt
-  for name, value in unprivileged.items():
-    np.testing.assert_allclose(same[name], value, rtol=1e-5, atol=1e-5, err_msg=name)
   with pytest.raises(ValueError, match="privileged prompts"):
     run(encode_records(records, tok, prompt_length=6, answer_length=4), privileged=True)
 
@@ -200,7 +194,7 @@ def _ema_and_params(workdir, config):
   ckpt = checkpoint.Checkpointer(workdir)
   step = ckpt.latest_step()
   params, _, _, extra = ckpt.restore(
-      step, abstract, trainer.make_optimizer(config).init(abstract), {"ema": abstract}
+      step, abstract, learner.make_optimizer(config).init(abstract), {"ema": abstract}
   )
   ckpt.close()
   flat = lambda tree: {str(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(tree)}
@@ -247,11 +241,11 @@ def test_ema_teacher_survives_sigkill_exactly(tmp_path):
   trainer.run(config, tmp_path / "resumed", quiet=True)
   params, ema = _ema_and_params(tmp_path / "whole", config)
   params_r, ema_r = _ema_and_params(tmp_path / "resumed", config)
-  model = trainer.build_model(
+  model = build.build_model(
       config.student,
       checkpoint.read_model_config(tmp_path / "whole"),
       seed=config.seed,
-      mesh=trainer.build_mesh(config),
+      mesh=build.build_mesh(config),
   )
   initial = {str(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model))}
   for name in params:
@@ -278,4 +272,4 @@ def test_self_distill_config_errors():
   config = tiny_self_distill("frozen")
   config.teacher.checkpoint = "/somewhere"
   with pytest.raises(ConfigError, match="is its own teacher"):
-    trainer.setup(config)
+    build.setup(config)
