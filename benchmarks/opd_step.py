@@ -8,7 +8,7 @@ same random weights (opdjax writes them with `save_pretrained`, TRL loads them),
 float32, and see the same prompts.
 
 Tools (one JSON line each):
-- `opdjax`: `sampling.generate`, `evaluation.forward_hidden` and `trainer.make_train_step`,
+- `opdjax`: `sampling.generate`, `evaluation.forward_hidden` and `learner.make_train_step`,
   the functions `trainer.run` calls each step, with the fused chunked loss; its first step
   compiles all three;
 - `opdjax_cached`: the same in a fresh process whose persistent compilation cache was
@@ -54,7 +54,7 @@ from opdjax import objectives as obj
 from opdjax.evaluation import forward_hidden
 from opdjax.models import Decoder, ModelConfig, save_pretrained
 from opdjax.sampling import SamplingParams, generate
-from opdjax.trainer import head_kernel, make_optimizer, make_train_step
+from opdjax.learner import head_kernel, make_optimizer, make_train_step
 
 TOOLS = ("opdjax", "opdjax_cached", "trl", "trl_default")
 BETA = 0.5

@@ -20,7 +20,7 @@ import jax
 from _jsonl import emit  # benchmarks/, next to this script
 from flax import nnx
 
-from opdjax import configs, trainer
+from opdjax import build, configs, recipes, trainer
 from opdjax.models import Decoder, save_pretrained
 
 RECIPES = {
@@ -57,7 +57,7 @@ def main():
     teacher_dir = str(Path(tmp) / "teacher")  # a random teacher-small: speed, not quality
     base = configs.base_config()
     base.teacher.preset = "teacher-small"
-    teacher_cfg = trainer.model_config_of(base.teacher, trainer.build_tokenizer(base))
+    teacher_cfg = build.model_config_of(base.teacher, build.build_tokenizer(base))
     save_pretrained(Decoder(teacher_cfg, rngs=nnx.Rngs(1)), teacher_dir)
     for recipe in args.recipes:
       for ahead in (False, True):
@@ -73,7 +73,7 @@ def main():
                 recipe=recipe,
                 rollout_ahead=ahead,
                 prompts=args.batch,
-                rows=args.batch * trainer.recipes.build(config.recipe).group_size,
+                rows=args.batch * recipes.build(config.recipe).group_size,
                 steps=args.steps,
                 median_steps_per_s=statistics.median(rates),
                 steps_per_s=rates,

@@ -26,7 +26,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.task.eval_jsonl = ""
 
   c.student = ml_collections.ConfigDict()
-  c.student.preset = "student-tiny"  # opdjax.trainer.MODEL_PRESETS, when not loading weights
+  c.student.preset = "student-tiny"  # opdjax.build.MODEL_PRESETS, when not loading weights
   c.student.hf_path = ""  # a Hugging Face directory, local or a URI (gs://...)
   c.student.init_from = ""  # warm start from an earlier run's workdir
   c.student.dtype = "bfloat16"  # compute dtype (activations, KV cache)

@@ -15,6 +15,7 @@ from typing import Callable
 import ml_collections
 
 from opdjax import checkpoint, distributed, metrics, trainer
+from opdjax.errors import ConfigError
 
 
 def resolve_references(config: ml_collections.ConfigDict, workdirs: dict[str, Path]):
@@ -25,7 +26,7 @@ def resolve_references(config: ml_collections.ConfigDict, workdirs: dict[str, Pa
     elif isinstance(value, str) and value.startswith("@"):
       stage = value[1:]
       if stage not in workdirs:
-        raise trainer.ConfigError(
+        raise ConfigError(
             f"{key}={value!r} names stage {stage!r}, which does not run "
             f"before it; earlier stages: {sorted(workdirs)}"
         )
@@ -51,9 +52,7 @@ def run_stages(
   workdir = checkpoint.resolve(workdir)
   missing = [name for name in order if name not in stages]
   if missing:
-    raise trainer.ConfigError(
-        f"stage order names unknown stages {missing}; stages: {sorted(stages)}"
-    )
+    raise ConfigError(f"stage order names unknown stages {missing}; stages: {sorted(stages)}")
   if data is not None:
     if distributed.is_main():
       data(workdir / "data")
@@ -79,7 +78,7 @@ def choose(names: str, table: dict[str, dict], *, setting: str) -> dict[str, dic
   chosen = [n for n in names.split(",") if n]
   unknown = [n for n in chosen if n not in table]
   if unknown or not chosen:
-    raise trainer.ConfigError(
+    raise ConfigError(
         f"{setting}={names!r}: unknown {unknown or 'empty list'}; valid: {sorted(table)}"
     )
   return {n: table[n] for n in chosen}

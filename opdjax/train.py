@@ -191,15 +191,15 @@ def main(argv=None) -> int:
       print(applicable(config))  # only the settings this run reads
     workdir = args.workdir or str(Path("workdirs") / (name + (f"_{arg}" if arg else "")))
     enable_compilation_cache()
-    from opdjax import trainer  # heavy imports only when training
+    from opdjax import build, learner, trainer  # heavy imports only when training
 
     try:
       if args.dry_run:
         if "recipe" in config:  # one run (a staged experiment plans each stage at its start)
-          run_setup = trainer.setup(config)
+          run_setup = build.setup(config)
           if distributed.is_main():
-            print(trainer.format_layout(run_setup))
-          trainer.check_memory(config, run_setup, quiet=not distributed.is_main())
+            print(build.format_layout(run_setup))
+          learner.check_memory(config, run_setup, quiet=not distributed.is_main())
         return 0
       if hasattr(module, "main"):
         module.main(config, workdir)

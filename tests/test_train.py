@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from opdjax import checkpoint, configs, recipes, trainer
+from opdjax import build, checkpoint, configs, learner, recipes, trainer
 from opdjax.errors import ConfigError
 from opdjax.models import Decoder, save_pretrained, splash, tiny_config
 from opdjax.train import main as cli_main
@@ -127,14 +127,14 @@ def assert_restores_in_both_layouts(config, workdir):
   """A scanned run's checkpoint restores into a per-layer model (and back) unchanged."""
   from opdjax.models import stack_layers
 
-  mesh = trainer.build_mesh(config)
+  mesh = build.build_mesh(config)
   model_config = checkpoint.read_model_config(workdir)
   section = config.student.copy_and_resolve_references()
   section.init_from = str(workdir)
-  scanned = nnx.state(trainer.build_model(section, model_config, seed=0, mesh=mesh), nnx.Param)
+  scanned = nnx.state(build.build_model(section, model_config, seed=0, mesh=mesh), nnx.Param)
   assert scanned["layers"]["attn"]["q_proj"]["kernel"].get_value().ndim == 3
   section.scan_layers = False
-  per_layer = nnx.state(trainer.build_model(section, model_config, seed=0, mesh=mesh), nnx.Param)
+  per_layer = nnx.state(build.build_model(section, model_config, seed=0, mesh=mesh), nnx.Param)
   assert 0 in per_layer["layers"]
   for a, b in zip(jax.tree.leaves(stack_layers(per_layer)), jax.tree.leaves(scanned)):
     np.testing.assert_array_equal(a, b)
@@ -148,9 +148,9 @@ def test_memory_plan_counts_each_term_and_stops_over_the_limit(teacher_dir, mesh
   config = tiny("opd", estimator="full", divergence="reverse_kl")
   config.teacher.checkpoint = str(teacher_dir)
   config.mesh.shape, config.mesh.axes = mesh_shape, ("fsdp",)
-  run_setup = trainer.setup(config)
-  terms = trainer.memory_plan(config, run_setup).terms
-  student = trainer.build_model(
+  run_setup = build.setup(config)
+  terms = learner.memory_plan(config, run_setup).terms
+  student = build.build_model(
       config.student, run_setup.model_configs["student"], seed=0, mesh=run_setup.mesh
   )
   whole = sum(x.nbytes for x in jax.tree.leaves(nnx.state(student)))
@@ -179,7 +179,7 @@ def test_memory_plan_counts_each_term_and_stops_over_the_limit(teacher_dir, mesh
       match=r"GB per device, above the .* limit .* the biggest "
       r"term is (student|teacher|optimizer|train step)",
   ):
-    trainer.check_memory(config, run_setup, quiet=True)
+    learner.check_memory(config, run_setup, quiet=True)
 
 
 def test_three_axis_mesh_equals_one_device(teacher_dir, tmp_path, monkeypatch):
@@ -551,10 +551,10 @@ def test_default_precision_is_float32_master_weights_with_bfloat16_compute(teach
   assert (config.teacher.param_dtype, config.teacher.dtype) == ("bfloat16", "bfloat16")
   config.teacher.checkpoint = str(teacher_dir)
   mesh = sharding.make_mesh((1,), ("data",))
-  tokenizer = trainer.build_tokenizer(config)
+  tokenizer = build.build_tokenizer(config)
   models = {
-      role: trainer.build_model(
-          config[role], trainer.model_config_of(config[role], tokenizer), seed=0, mesh=mesh
+      role: build.build_model(
+          config[role], build.model_config_of(config[role], tokenizer), seed=0, mesh=mesh
       )
       for role in ("student", "teacher")
   }
@@ -814,7 +814,7 @@ def test_sgd_takes_a_plain_clipped_gradient_step_and_unknown_optimizers_are_name
   config = configs.base_config()
   config.optimizer.update(name="sgd", schedule="constant", warmup_steps=1, learning_rate=0.5)
   config.optimizer.grad_clip = 1.0
-  tx = trainer.make_optimizer(config)
+  tx = learner.make_optimizer(config)
   params = {"w": jnp.array([1.0, -2.0])}
   grads = {"w": jnp.array([3.0, 4.0])}  # norm 5: clipped to norm 1
   state = tx.init(params)
@@ -822,10 +822,8 @@ def test_sgd_takes_a_plain_clipped_gradient_step_and_unknown_optimizers_are_name
   updates, _ = tx.update(grads, state, params)
   np.testing.assert_allclose(optax.apply_updates(params, updates)["w"], [1.0 - 0.3, -2.0 - 0.4])
   config.optimizer.name = "lion"
-  with pytest.raises(
-      trainer.ConfigError, match="optimizer.name must be 'adamw' or 'sgd', got 'lion'"
-  ):
-    trainer.make_optimizer(config)
+  with pytest.raises(ConfigError, match="optimizer.name must be 'adamw' or 'sgd', got 'lion'"):
+    learner.make_optimizer(config)
 
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])
@@ -838,11 +836,11 @@ def test_without_warm_up_the_first_update_takes_the_full_rate(schedule):
   config.optimizer.update(name="sgd", schedule=schedule, warmup_steps=0, learning_rate=0.5)
   config.train.steps = 100
   params, grads = {"w": jnp.array([1.0])}, {"w": jnp.array([0.5])}  # under the clip
-  tx = trainer.make_optimizer(config)
+  tx = learner.make_optimizer(config)
   updates, _ = tx.update(grads, tx.init(params), params)
   np.testing.assert_allclose(updates["w"], [-0.25])
   config.optimizer.warmup_steps = 2
-  tx = trainer.make_optimizer(config)
+  tx = learner.make_optimizer(config)
   state = tx.init(params)
   steps = []
   for _ in range(3):
@@ -850,8 +848,8 @@ def test_without_warm_up_the_first_update_takes_the_full_rate(schedule):
     steps.append(float(updates["w"][0]))
   np.testing.assert_allclose(steps, [0.0, -0.125, -0.25])
   config.optimizer.warmup_steps = -1
-  with pytest.raises(trainer.ConfigError, match="optimizer.warmup_steps must be >= 0, got -1"):
-    trainer.make_optimizer(config)
+  with pytest.raises(ConfigError, match="optimizer.warmup_steps must be >= 0, got -1"):
+    learner.make_optimizer(config)
 
 
 def test_evaluation_pads_rows_that_do_not_split_over_the_devices(teacher_dir):
@@ -863,8 +861,8 @@ def test_evaluation_pads_rows_that_do_not_split_over_the_devices(teacher_dir):
   from opdjax.sharding import batch_sharding, make_mesh
 
   config = tiny("opd")
-  tokenizer = trainer.build_tokenizer(config)
-  _, held_out = trainer.build_data(config, tokenizer)
+  tokenizer = build.build_tokenizer(config)
+  _, held_out = build.build_data(config, tokenizer)
   five = PromptSet(
       *(x[:5] for x in (held_out.prompt_tokens, held_out.prompt_mask, held_out.answer_tokens)),
       held_out.answer_mask[:5],
@@ -877,12 +875,12 @@ def test_evaluation_pads_rows_that_do_not_split_over_the_devices(teacher_dir):
   for mesh in (make_mesh((1,)), make_mesh((8,))):
     results.append(
         evaluate(
-            trainer.build_model(section, model_config, seed=0, mesh=mesh),
+            build.build_model(section, model_config, seed=0, mesh=mesh),
             five,
             tokenizer,
             key=jax.random.key(0),
             max_new_tokens=config.task.completion_length,
-            teacher=trainer.build_model(config.student, model_config, seed=3, mesh=mesh),
+            teacher=build.build_model(config.student, model_config, seed=3, mesh=mesh),
             temperature=1e-4,
             batch_sharding=batch_sharding(mesh),
         )

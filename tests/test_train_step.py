@@ -9,8 +9,8 @@ import optax
 import pytest
 from flax import nnx
 
+from opdjax import learner, recipes, sharding, trainer
 from opdjax import objectives as obj
-from opdjax import recipes, sharding, trainer
 from opdjax.models import Decoder, tiny_config
 from opdjax.recipes.base import join, loss_from_logits
 from opdjax.sampling import SamplingParams, generate
@@ -78,7 +78,7 @@ def one_step(student, teacher, seq, recipe, *, microbatches=1, tx=None, referenc
   params = jax.tree.map(jnp.copy, params)
   tx = tx or optax.adam(1e-3)
   opt_state = tx.init(params)
-  step = trainer.make_train_step(
+  step = learner.make_train_step(
       graphdef,
       recipe,
       tx,
@@ -193,7 +193,7 @@ def test_sampled_opd_updates_lower_the_reverse_kl_on_average():
   mesh = sharding.make_mesh((1,), ("data",))
   graphdef, params = nnx.split(student)
   tx = optax.sgd(0.05)
-  step = trainer.make_train_step(
+  step = learner.make_train_step(
       graphdef,
       recipe,
       tx,

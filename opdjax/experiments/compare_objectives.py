@@ -72,7 +72,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from opdjax import checkpoint, distributed, metrics, recipes, trainer
+from opdjax import build, checkpoint, distributed, metrics, recipes
 from opdjax.configs import distill_config, teacher_config, tiny_stage, warmstart_config
 from opdjax.data import Record, char_tokenizer, encode, tasks
 from opdjax.errors import ConfigError
@@ -213,9 +213,9 @@ def teacher_after_mistakes(config, workdir, teacher: str = "teacher") -> dict[st
   stage = config.method_template.copy_and_resolve_references()
   stage.teacher.checkpoint = str(workdir / teacher)
   tokenizer = char_tokenizer()
-  mesh = trainer.build_mesh(stage)
-  teacher = trainer.build_model(
-      stage.teacher, trainer.model_config_of(stage.teacher, tokenizer), seed=0, mesh=mesh
+  mesh = build.build_mesh(stage)
+  teacher = build.build_model(
+      stage.teacher, build.model_config_of(stage.teacher, tokenizer), seed=0, mesh=mesh
   )
   task = stage.task
   problems = tasks.split(

@@ -85,7 +85,7 @@ from __future__ import annotations
 
 import math
 
-from opdjax import checkpoint, distributed, metrics, trainer
+from opdjax import build, checkpoint, distributed, metrics
 from opdjax.configs import distillation_comparison, size_and_options
 from opdjax.models.hf import parameter_count
 from opdjax.stages import (
@@ -160,8 +160,8 @@ def get_config(arg=None):
 def student_parameters(config) -> int:
   """How many parameters the warm-started student has (from shapes; nothing allocated)."""
   warmstart = config.stages.warmstart
-  tokenizer = trainer.build_tokenizer(warmstart)
-  return parameter_count(trainer.model_config_of(warmstart.student, tokenizer))
+  tokenizer = build.build_tokenizer(warmstart)
+  return parameter_count(build.model_config_of(warmstart.student, tokenizer))
 
 
 def variants_of(config) -> dict:

@@ -42,7 +42,7 @@ from __future__ import annotations
 import jax
 import ml_collections
 
-from opdjax import checkpoint, distributed, metrics, trainer
+from opdjax import build, checkpoint, distributed, metrics
 from opdjax.configs import (
     TASK_SHAPES,
     distill_config,
@@ -104,16 +104,14 @@ def old_task_scorer(config):
   tokenizer, held-out set and mesh are built once for every run it scores."""
   section = config.stages.student_old.copy_and_resolve_references()
   section.task.eval_size = int(config.old_eval_size)
-  tokenizer = trainer.build_tokenizer(section)
-  _, held_out = trainer.build_data(section, tokenizer)
-  mesh = trainer.build_mesh(section)
+  tokenizer = build.build_tokenizer(section)
+  _, held_out = build.build_data(section, tokenizer)
+  mesh = build.build_mesh(section)
 
   def accuracy(run_dir) -> float:
     student = section.student.copy_and_resolve_references()
     student.init_from = str(run_dir)
-    model = trainer.build_model(
-        student, trainer.model_config_of(student, tokenizer), seed=0, mesh=mesh
-    )
+    model = build.build_model(student, build.model_config_of(student, tokenizer), seed=0, mesh=mesh)
     results = evaluate(
         model,
         held_out,

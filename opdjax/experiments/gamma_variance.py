@@ -90,7 +90,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from opdjax import checkpoint, distributed, metrics, recipes, trainer
+from opdjax import build, checkpoint, distributed, learner, metrics, recipes
 from opdjax import objectives as obj
 from opdjax.configs import distillation_comparison, size_and_options
 from opdjax.errors import ConfigError
@@ -188,17 +188,17 @@ def gradient_statistics(config, workdir) -> dict[str, dict[str, float]]:
   mean gradient's cosine to the full-vocabulary per-token reverse-KL gradient."""
   stage = ml_collections.ConfigDict(config.method_template.to_dict())
   stage = resolve_references(stage, {n: workdir / n for n in ("teacher", "warmstart")})
-  tokenizer = trainer.build_tokenizer(stage)
-  _, held_out = trainer.build_data(stage, tokenizer)
-  mesh = trainer.build_mesh(stage)
+  tokenizer = build.build_tokenizer(stage)
+  _, held_out = build.build_data(stage, tokenizer)
+  mesh = build.build_mesh(stage)
 
-  load = lambda section: trainer.build_model(
-      section, trainer.model_config_of(section, tokenizer), seed=0, mesh=mesh
+  load = lambda section: build.build_model(
+      section, build.model_config_of(section, tokenizer), seed=0, mesh=mesh
   )
   student, teacher = load(stage.student), load(stage.teacher)  # warm start; teacher stage
   graphdef, params = nnx.split(student)
   teacher_graphdef, teacher_state = nnx.split(teacher)
-  kernel = trainer.head_kernel(teacher_graphdef, teacher_state)
+  kernel = learner.head_kernel(teacher_graphdef, teacher_state)
   rows = slice(0, min(int(config.rollout_prompts), len(held_out)))
   prompt_tokens, prompt_mask = held_out.prompt_tokens[rows], held_out.prompt_mask[rows]
 

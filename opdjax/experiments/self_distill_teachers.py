@@ -59,7 +59,7 @@ import json
 import jax
 import ml_collections
 
-from opdjax import checkpoint, distributed, metrics, trainer
+from opdjax import build, checkpoint, distributed, metrics
 from opdjax.configs import (
     TASK_SHAPES,
     base_config,
@@ -165,15 +165,15 @@ def privileged_accuracy(warmstart, workdir) -> float:
   template): whether the model can read the context it is to teach from."""
   section = warmstart.copy_and_resolve_references()
   section.task.eval_jsonl = str(workdir / "data" / FILES[3])
-  tokenizer = trainer.build_tokenizer(section)
-  _, held_out = trainer.build_data(section, tokenizer)
+  tokenizer = build.build_tokenizer(section)
+  _, held_out = build.build_data(section, tokenizer)
   student = section.student.copy_and_resolve_references()
   student.init_from = str(workdir / "warmstart")
-  model = trainer.build_model(
+  model = build.build_model(
       student,
-      trainer.model_config_of(student, tokenizer),
+      build.model_config_of(student, tokenizer),
       seed=0,
-      mesh=trainer.build_mesh(section),
+      mesh=build.build_mesh(section),
   )
   results = evaluate(
       model,

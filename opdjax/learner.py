@@ -1,0 +1,247 @@
+"""The jitted update (`make_train_step`), its optimizer, and the memory plan that compiles
+it from shapes before anything is allocated (`check_memory`)."""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from opdjax import memory, recipes, sharding
+from opdjax import objectives as obj
+from opdjax.build import Setup, abstract_split, dtype_of, members, routed_kernel_sharding
+from opdjax.errors import ConfigError
+from opdjax.recipes.base import batch_loss, frozen_argument
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  opt = config.optimizer
+  if opt.schedule not in ("cosine", "constant"):
+    raise ConfigError(f"optimizer.schedule must be 'cosine' or 'constant', got {opt.schedule!r}")
+  if opt.warmup_steps < 0:
+    raise ConfigError(f"optimizer.warmup_steps must be >= 0, got {opt.warmup_steps}")
+  decay_steps = max(config.train.steps - opt.warmup_steps, 1)
+  after_warmup = (
+      optax.cosine_decay_schedule(opt.learning_rate, decay_steps, alpha=opt.final_lr_fraction)
+      if opt.schedule == "cosine"
+      else optax.constant_schedule(opt.learning_rate)
+  )
+  lr = (  # update 0 takes the full rate when there is no warm-up
+      optax.join_schedules(
+          [optax.linear_schedule(0.0, opt.learning_rate, opt.warmup_steps), after_warmup],
+          [opt.warmup_steps],
+      )
+      if opt.warmup_steps
+      else after_warmup
+  )
+  name = opt.get("name", "adamw")
+  if name == "adamw":
+    update = optax.adamw(lr, b1=0.9, b2=0.98, weight_decay=opt.weight_decay)
+  elif name == "sgd":
+    update = optax.sgd(lr)
+  else:
+    raise ConfigError(f"optimizer.name must be 'adamw' or 'sgd', got {name!r}")
+  return optax.chain(optax.clip_by_global_norm(opt.grad_clip), update)
+
+
+def make_train_step(
+    graphdef,
+    recipe,
+    tx,
+    param_shardings,
+    opt_shardings,
+    *,
+    microbatches: int = 1,
+    chunk_size: int = 0,
+):
+  """`(params, opt_state, seq, frozen) -> (params, opt_state, metrics)`, jitted.
+
+  `frozen` is `{role: Head}` for the recipe's roles (their hidden states and heads, computed
+  once per rollout), or None. The student runs to its final hidden states and the loss is
+  computed from them in token chunks (`recipes.base.batch_loss`: one pass when the recipe
+  names its `loss_value`, else a rematerialised scan), so no `[B, T, V]` array is formed.
+  With `microbatches = M` the batch is split into M row blocks whose gradients are summed
+  in a `lax.scan`; the loss is normalised by the whole batch's completion tokens (or rows,
+  for a recipe's sequence mean), so the update equals the whole-batch one.
+  """
+
+  def grads_of(params, seq, frozen_hidden, frozen_kernels, num_tokens, num_rows):
+    tokens, mask = recipes.inputs_of(seq)
+    targets = recipes.targets_of(seq)
+    frozen = {role: obj.Head(frozen_hidden[role], frozen_kernels[role]) for role in recipe.roles}
+
+    def loss_fn(params):
+      model = nnx.merge(graphdef, params)
+      student = obj.Head(model.hidden_states(tokens, attention_mask=mask), model.head_kernel())
+      return batch_loss(
+          recipe,
+          student,
+          frozen_argument(recipe, frozen),
+          targets,
+          num_tokens=num_tokens,
+          num_rows=num_rows,
+          chunk_size=chunk_size,
+      )
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return loss, metrics, grads
+
+  def step(params, opt_state, seq, frozen):
+    frozen = frozen or {}
+    hidden = {role: head.hidden for role, head in frozen.items()}
+    kernels = {role: head.kernel for role, head in frozen.items()}
+    targets = recipes.targets_of(seq)
+    num_tokens = jnp.maximum(jnp.sum(targets.mask), 1).astype(jnp.float32)
+    num_rows = jnp.float32(seq.tokens.shape[0])
+    if microbatches == 1:
+      loss, step_metrics, grads = grads_of(params, seq, hidden, kernels, num_tokens, num_rows)
+    else:
+      split = lambda x: x.reshape((microbatches, x.shape[0] // microbatches) + x.shape[1:])
+      blocks = jax.tree.map(split, (seq, hidden))
+
+      def accumulate(total, block):
+        out = grads_of(params, *block, kernels, num_tokens, num_rows)
+        return jax.tree.map(jnp.add, total, out), None
+
+      first = jax.tree.map(lambda x: x[0], blocks)
+      zeros = jax.tree.map(
+          lambda x: jnp.zeros(x.shape, x.dtype),
+          jax.eval_shape(grads_of, params, *first, kernels, num_tokens, num_rows),
+      )
+      (loss, step_metrics, grads), _ = jax.lax.scan(accumulate, zeros, blocks)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    step_metrics = dict(
+        step_metrics,
+        loss=(loss, jnp.float32(1)),
+        grad_norm=(optax.tree.norm(grads), jnp.float32(1)),
+        completion_tokens=(jnp.sum(targets.mask), jnp.float32(seq.tokens.shape[0])),
+    )
+    return params, opt_state, step_metrics
+
+  return jax.jit(step, donate_argnums=(0, 1), out_shardings=(param_shardings, opt_shardings, None))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def head_kernel(graphdef, state) -> jax.Array:
+  """A frozen model's `[D, V]` LM head (jitted, so the memory plan's compiled step sees the
+  layout the run passes it)."""
+  return nnx.merge(graphdef, state).head_kernel()
+
+
+@jax.jit
+def all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def abstract_optimizer_state(tx, params, mesh):
+  """`tx.init(params)` as ShapeDtypeStructs with the shardings `sharding.init_optimizer` gives."""
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      jax.eval_shape(tx.init, params),
+      sharding.optimizer_shardings(tx, params, mesh),
+  )
+
+
+class Plan(NamedTuple):
+  terms: dict[str, int]  # per-device bytes of each part of a step
+  train_step: Callable  # the compiled step; the run calls it (so it compiles once)
+
+
+def memory_plan(config, run_setup: Setup) -> Plan:
+  """Per-device bytes of each part of a step (`opdjax.memory`), from shapes alone: nothing
+  is allocated. The train step is compiled here, and the run calls that executable, which
+  refuses (rather than recompiles) arguments laid out otherwise."""
+  recipe, mesh = run_setup.recipe, run_setup.mesh
+  abstract = {}
+  for role in run_setup.sections:
+    if role != "student" and role.partition("/")[0] not in recipe.roles:
+      continue
+    abstract[role] = abstract_split(run_setup, role)
+  graphdef, params = abstract["student"]
+  tx = make_optimizer(config)
+  opt_state = abstract_optimizer_state(tx, params, mesh)
+  terms = {
+      "student parameters": memory.per_device_bytes(params),
+      "optimizer state": memory.per_device_bytes(opt_state),
+  }
+  rows = config.train.batch_size * recipe.group_size
+  length = config.task.prompt_length + config.task.completion_length
+  batch = sharding.batch_sharding(mesh)
+  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=batch)
+  seq = recipes.Sequences(
+      tokens=spec((rows, length), jnp.int32),
+      attention_mask=spec((rows, length), bool),
+      completion_mask=spec((rows, length), bool),
+      behaviour_logprobs=spec((rows, length), jnp.float32),
+      model_logprobs=spec((rows, length), jnp.float32),
+      rewards=spec((rows,), jnp.float32),
+  )
+  frozen = {}
+  for role in recipe.roles:
+    names = members(run_setup, role)
+    terms[f"{role} parameters"] = sum(memory.per_device_bytes(abstract[n][1]) for n in names)
+    widths = [run_setup.model_configs[n].hidden_size for n in names]
+    dtype = jnp.result_type(*[dtype_of(run_setup.sections[n].dtype) for n in names])
+    kernels = [
+        jax.eval_shape(functools.partial(head_kernel, abstract[n][0]), abstract[n][1])
+        for n in names
+    ]
+    if len(names) == 1:
+      kernel_sharding = head_kernel.lower(*abstract[role]).compile().output_shardings
+    else:
+      kernel_sharding = routed_kernel_sharding(run_setup, sum(widths))
+    frozen[role] = obj.Head(
+        spec((rows, length - 1, sum(widths)), dtype),
+        jax.ShapeDtypeStruct(
+            (sum(widths), kernels[0].shape[1]),
+            jnp.result_type(*[k.dtype for k in kernels]),
+            sharding=kernel_sharding,
+        ),
+    )
+  if frozen:
+    terms["frozen hidden states"] = memory.per_device_bytes([h.hidden for h in frozen.values()])
+  sampled_rows = rows if recipe.source != "dataset" else 0
+  if config.eval.every:
+    sampled_rows = max(sampled_rows, min(config.eval.batch_size, config.task.eval_size))
+  if sampled_rows:
+    cfg = run_setup.model_configs["student"]
+    data_devices = sharding.row_splits(mesh)
+    itemsize = jnp.dtype(dtype_of(config.student.dtype)).itemsize
+    terms["KV cache (sampling)"] = (
+        math.ceil(sampled_rows / data_devices)
+        * length
+        * cfg.num_layers
+        * 2
+        * cfg.num_kv_heads
+        * cfg.head_dim
+        * itemsize
+    )
+  step = make_train_step(
+      graphdef,
+      recipe,
+      tx,
+      jax.tree.map(lambda x: x.sharding, params),
+      jax.tree.map(lambda x: x.sharding, opt_state),
+      microbatches=config.train.microbatches,
+      chunk_size=config.train.loss_chunk_size,
+  )
+  compiled = step.lower(params, opt_state, seq, frozen or None).compile()
+  terms["train step temporaries"] = int(compiled.memory_analysis().temp_size_in_bytes)
+  return Plan(terms, compiled)
+
+
+def check_memory(config, run_setup: Setup, *, quiet: bool) -> Plan:
+  """Prints the memory plan (unless quiet) and stops with one line if it does not fit."""
+  plan = memory_plan(config, run_setup)
+  terms = plan.terms
+  limit = int(config.train.memory_limit_gb * 1e9) or memory.device_limit_bytes()
+  if not quiet:
+    print(memory.format_plan(terms, limit))
+  memory.check(terms, limit)
+  return plan
