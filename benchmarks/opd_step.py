@@ -27,6 +27,7 @@ tokens.
 
     python benchmarks/opd_step.py --out benchmarks/results/opd_step_cpu_2core.jsonl
     python benchmarks/opd_step.py --steps 4 --tools opdjax trl   # a quick look
+    python benchmarks/opd_step.py --scan_layers --tools opdjax opdjax_cached  # layers scanned
 
 Needs the `bench` extra (PyTorch, TRL) for the TRL side. About 4 minutes on 2 CPU cores.
 """
@@ -52,9 +53,11 @@ from flax import nnx
 from opdjax import configs, recipes, sharding
 from opdjax import objectives as obj
 from opdjax.evaluation import forward_hidden
-from opdjax.models import Decoder, ModelConfig, save_pretrained
-from opdjax.sampling import SamplingParams, generate
 from opdjax.learner import head_kernel, make_optimizer, make_train_step
+from opdjax.models import Decoder, ModelConfig, save_pretrained
+from opdjax.models.decoder import stack_layers
+from opdjax.models.hf import abstract_model
+from opdjax.sampling import SamplingParams, generate
 
 TOOLS = ("opdjax", "opdjax_cached", "trl", "trl_default")
 BETA = 0.5
@@ -224,6 +227,11 @@ def main(argv=None):
   )
   p.add_argument("--tools", nargs="+", default=list(TOOLS), choices=TOOLS)
   p.add_argument("--threads", type=int, default=0, help="torch threads (0: one per core)")
+  p.add_argument(
+      "--scan_layers",
+      action="store_true",
+      help="opdjax models scan over their layers (`scan_layers=True`): one layer traced",
+  )
   p.add_argument("--out", default=None)
   p.add_argument("--use_cache", action="store_true", help=argparse.SUPPRESS)  # see cached_run
   args = p.parse_args(argv)
@@ -232,6 +240,14 @@ def main(argv=None):
 
   student = Decoder(model_config(*args.student, args.vocab), dtype=jnp.float32, rngs=nnx.Rngs(0))
   teacher = Decoder(model_config(*args.teacher, args.vocab), dtype=jnp.float32, rngs=nnx.Rngs(1))
+  if args.scan_layers:  # the same weights, stacked for `lax.scan`
+    scanned = lambda m: nnx.merge(
+        nnx.split(abstract_model(m.config, jnp.float32, scan_layers=True))[0],
+        stack_layers(nnx.state(m)),
+    )
+    opdjax_models = scanned(student), scanned(teacher)
+  else:
+    opdjax_models = student, teacher
   prompts = np.random.default_rng(0).integers(1, args.vocab, (args.batch, args.prompt))
   prompts = prompts.astype(np.int32)
   shapes = dict(
@@ -261,8 +277,12 @@ def main(argv=None):
           from opdjax.train import enable_compilation_cache
 
           enable_compilation_cache()
-        times = opdjax_steps(student, teacher, prompts, args)
-        version = {"jax": jax.__version__, "compilation_cache": args.use_cache}
+        times = opdjax_steps(*opdjax_models, prompts, args)
+        version = {
+            "jax": jax.__version__,
+            "compilation_cache": args.use_cache,
+            "scan_layers": args.scan_layers,
+        }
       else:
         import torch
         import trl
