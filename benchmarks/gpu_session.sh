@@ -42,6 +42,8 @@ fi
 if want opd_vs_trl; then
   log "one on-policy JSD(0.5) step against TRL's GKDTrainer (needs trl), float32, small shapes"
   timeout 200 python3 benchmarks/opd_step.py --steps 8 --out "$OUT/opd_step.jsonl"
+  timeout 120 python3 benchmarks/opd_step.py --steps 8 --tools opdjax opdjax_cached \
+    --scan_layers --out "$OUT/opd_step.jsonl"
 fi
 
 if want rollout_ahead; then
