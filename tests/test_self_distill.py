@@ -255,13 +255,30 @@ def test_ema_teacher_survives_sigkill_exactly(tmp_path):
   assert moved(ema, initial) > 0 and moved(ema, params) > 0
 
 
-def test_trust_region_teacher_trains(tmp_path):
-  result = trainer.run(
-      tiny_self_distill("trust_region", trust_region_alpha=0.5), tmp_path, quiet=True
-  )
+def test_trust_region_teacher_trains_and_resumes_exactly(tmp_path):
+  """The trust-region teacher mixes the current weights with the initial ones, which a
+  resumed run rebuilds (they are not in the checkpoint): after its last two checkpoints
+  are removed, the run ends with the uninterrupted parameters bitwise. Rebuilding the
+  initial weights from the restored parameters would change updates 2 and 3."""
+  import shutil
+
+  config = tiny_self_distill("trust_region", trust_region_alpha=0.5)
+  config.train.steps, config.optimizer.warmup_steps = 3, 0
+  config.train.keep_checkpoints = 3
+  result = trainer.run(config, tmp_path, quiet=True)
   rows = [r for r in result.history if r["split"] == "train"]
   assert all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in rows)
-  assert "teacher_drift_kl" in rows[0]
+  assert all(r["teacher_drift_kl"] > 0 for r in rows[1:])  # the current weights moved
+  abstract = nnx.state(Decoder(checkpoint.read_model_config(tmp_path), rngs=nnx.Rngs(0)))
+  want = checkpoint.restore_params(tmp_path, abstract)
+  for step in ("2", "3"):
+    shutil.rmtree(tmp_path / "checkpoints" / step)
+  assert checkpoint.Checkpointer(tmp_path).latest_step() == 1
+  resumed = trainer.run(config, tmp_path, quiet=True)
+  assert [r["step"] for r in resumed.history if r["split"] == "train"] == [1, 2, 3]
+  got = checkpoint.restore_params(tmp_path, abstract)
+  for (path, a), (_, b) in zip(nnx.to_flat_state(want), nnx.to_flat_state(got)):
+    np.testing.assert_array_equal(b.get_value(), a.get_value(), err_msg=str(path))
 
 
 def test_self_distill_config_errors():
