@@ -31,29 +31,29 @@ from tqdm.auto import tqdm
 from opdjax import checkpoint, distributed, evaluation, metrics, recipes, sharding
 from opdjax import objectives as obj
 from opdjax.build import (
-  abstract_split,
-  build_data,
-  build_model,
-  members,
-  privileged_length,
-  routed_kernel_sharding,
-  setup,
+    abstract_split,
+    build_data,
+    build_model,
+    members,
+    privileged_length,
+    routed_kernel_sharding,
+    setup,
 )
 from opdjax.data import batches, stream
 from opdjax.errors import ConfigError
 from opdjax.evaluation import (
-  evaluate,
-  forward_hidden,
-  forward_hidden_rows,
-  own_rows,
-  privileged_hidden,
+    evaluate,
+    forward_hidden,
+    forward_hidden_rows,
+    own_rows,
+    privileged_hidden,
 )
 from opdjax.learner import (
-  abstract_optimizer_state,
-  all_finite,
-  check_memory,
-  head_kernel,
-  make_optimizer,
+    abstract_optimizer_state,
+    all_finite,
+    check_memory,
+    head_kernel,
+    make_optimizer,
 )
 from opdjax.recipes.base import join
 from opdjax.recipes.self_distill import ema_update
@@ -106,7 +106,7 @@ class Rollout(NamedTuple):
   """What a step trains on, kept while the rollout is reused."""
 
   seq: recipes.Sequences  # prompt + completion [B·G, P + N], with log-probs and rewards
-  frozen: dict | None  # role -> obj.Head: each frozen model's [B·G, P + N, H] hidden states
+  frozen: dict | None  # role -> obj.Head: each frozen model's [B·G, P + N − 1, H] hidden states
   drift: jax.Array | None  # self_distill: KL of the teacher's weights from the current ones
 
 
