@@ -29,8 +29,9 @@ the KL rise (the warm start's accuracy is near zero); step credit is reported be
 
 Results go to `early_dip.{json,png}` (`early_dip_modular_chain.{json,png}`);
 `experiments/results/` holds the measured ones. Time on a 2-core CPU: full ≈ 6½ minutes
-(teacher and warm start ≈ 2½, 5 variants × 3 seeds × 100 updates ≈ 4); on the chain ≈ 15
-minutes (teacher 7½, warm start 3, the variants 4½); `:tiny` ≈ 30 seconds each.
+(teacher and warm start ≈ 2½, 5 variants × 3 seeds × 100 updates ≈ 4); on the chain 14 min
+19 s from an empty workdir (measured, one command; teacher 7½, warm start 3, the variants
+4½; the same numbers as the result below); `:tiny` ≈ 30 seconds each.
 
     python -m opdjax.train --exp early_dip
     python -m opdjax.train --exp early_dip:modular_chain

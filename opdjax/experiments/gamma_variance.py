@@ -26,8 +26,10 @@ What it does, from the SFT-warm-started student and the SFT teacher of `compare_
 Results go to `gamma_variance.{json,png}` (`gamma_variance_modular_chain.{json,png}`) in the
 workdir; `experiments/results/` holds the measured ones.
 Time on a 2-core CPU: full ≈ 6½ minutes (teacher and warm start ≈ 2, variance < 1,
-4 γ × 3 seeds × 150 updates ≈ 4); on the chain ≈ 17 minutes (teacher 7½, warm start 3,
-variance 2½, 4 γ × 3 seeds × 100 updates 4); `:tiny` (the test-suite variant) ≈ 30 seconds.
+4 γ × 3 seeds × 150 updates ≈ 4); on the chain 16 min 21 s from an empty workdir
+(measured, one command; teacher 7½, warm start 3, variance 2½, 4 γ × 3 seeds × 100
+updates 4; the same numbers as the result below); `:tiny` (the test-suite variant) ≈ 30
+seconds.
 
     python -m opdjax.train --exp gamma_variance
     python -m opdjax.train --exp gamma_variance:modular_chain
