@@ -26,17 +26,26 @@ def test_moment_statistics_equal_the_direct_computation():
   np.testing.assert_allclose(stats["signal_to_noise"], (mean @ mean) / stats["gradient_variance"])
 
 
-@pytest.mark.parametrize("arg", ["tiny", "tiny,modular_chain"])
-def test_gamma_variance_tiny(arg, capsys, tmp_path, copy_finished_stages):
+def test_gamma_variance_on_addition_differs_from_the_chain_in_its_task_only():
+  """The addition variant (the default) is checked at the config level; the suite runs the
+  chain variant below, through the same code (suite time)."""
+  addition, chain = (gamma_variance.get_config(a) for a in ("tiny", "tiny,modular_chain"))
+  for config, task in ((addition, "addition"), (chain, "modular_chain")):
+    assert {s.task.name for s in config.stages.values()} == {task}
+    assert config.method_template.task.name == task
+    assert config.method_template.recipe.estimator == "sampled" and config.gammas == "0.5"
+
+
+def test_gamma_variance_tiny_on_the_chain(capsys, tmp_path, copy_finished_stages):
+  arg = "tiny,modular_chain"
   copy_finished_stages(gamma_variance.get_config(arg).stages, tmp_path)
   code = cli_main(["--exp", f"gamma_variance:{arg}", "--workdir", str(tmp_path)])
   out, err = capsys.readouterr()
   assert code == 0, err
-  name = "gamma_variance_modular_chain" if "modular_chain" in arg else "gamma_variance"
-  result = json.loads((tmp_path / f"{name}.json").read_text())
+  result = json.loads((tmp_path / "gamma_variance_modular_chain.json").read_text())
   assert result["claim"] and result["verdict"] in out
   # the score the verdict and the second panel use: step credit on the chain
-  score = "step_credit_greedy" if "modular_chain" in arg else "accuracy_greedy"
+  score = "step_credit_greedy"
   assert result["score"] == score and f"Final {score}" in result["verdict"]
   assert (
       result["methods"]["gamma=0.5"][score]["mean"]
@@ -49,7 +58,7 @@ def test_gamma_variance_tiny(arg, capsys, tmp_path, copy_finished_stages):
   assert set(result["methods"]) == {"gamma=0.5"}
   assert (tmp_path / "opd_gamma0p5_seed0" / "metrics.jsonl").exists()
   assert [p["title"] for p in result["panels"]][0] == "gradient variance over rollouts"
-  assert (tmp_path / f"{name}.png").exists()
+  assert (tmp_path / "gamma_variance_modular_chain.png").exists()
 
 
 def test_gamma_variance_variance_only_on_the_long_horizon_task(capsys, tmp_path):
@@ -280,28 +289,32 @@ def test_experiments_reject_an_unknown_size_naming_the_valid_ones():
       experiment.get_config("big")
 
 
-@pytest.mark.parametrize("arg", ["tiny", "tiny,modular_chain"])
-def test_early_dip_tiny(arg, capsys, tmp_path, copy_finished_stages):
+def test_early_dip_on_addition_changes_one_optimizer_setting_per_variant():
+  """The addition variant's stages at the config level (the suite runs the chain's)."""
   from opdjax.experiments import early_dip
 
-  config = early_dip.get_config(arg)
+  stages, _ = early_dip._stages(early_dip.get_config("tiny"))
+  adam, sgd = stages["adam_seed0"], stages["sgd_seed0"]
+  assert adam.optimizer.name == "adamw" and sgd.optimizer.name == "sgd"
+  assert sgd.optimizer.learning_rate == 0.05 and adam.optimizer.learning_rate == 1e-4
+  assert adam.recipe == sgd.recipe and adam.recipe.estimator == "full"
+  assert adam.task.name == sgd.task.name == "addition"
+
+
+def test_early_dip_tiny_on_the_chain(capsys, tmp_path, copy_finished_stages):
+  from opdjax.experiments import early_dip
+
+  config = early_dip.get_config("tiny,modular_chain")
   copy_finished_stages(config.stages, tmp_path)
-  code = cli_main(["--exp", f"early_dip:{arg}", "--workdir", str(tmp_path)])
+  code = cli_main(["--exp", "early_dip:tiny,modular_chain", "--workdir", str(tmp_path)])
   out, err = capsys.readouterr()
   assert code == 0, err
-  chain = "modular_chain" in arg
-  name = "early_dip_modular_chain" if chain else "early_dip"
-  result = json.loads((tmp_path / f"{name}.json").read_text())
-  sgd_name = "sgd_matched" if chain else "sgd"
-  assert result["verdict"] in out and set(result["methods"]) == {"adam", sgd_name}
+  result = json.loads((tmp_path / "early_dip_modular_chain.json").read_text())
+  assert result["verdict"] in out and set(result["methods"]) == {"adam", "sgd_matched"}
   # Each variant changes only its own optimizer setting; the recipe is the same.
-  adam, sgd = (run_config(tmp_path / f"{v}_seed0") for v in ("adam", sgd_name))
+  adam, sgd = (run_config(tmp_path / f"{v}_seed0") for v in ("adam", "sgd_matched"))
   assert adam["optimizer"]["name"] == "adamw" and sgd["optimizer"]["name"] == "sgd"
   assert adam["recipe"] == sgd["recipe"]
-  if not chain:
-    assert sgd["optimizer"]["learning_rate"] == 0.05 and adam["optimizer"]["learning_rate"] == 1e-4
-    assert adam["recipe"]["estimator"] == "full"
-    return
   # compare_objectives' sampled method; SGD's clipped step has the norm of Adam's first
   # full-rate step: lr·√(parameters). student-small: 2 layers × 110,832 (attention 27,648,
   # q/k norms 48, MLP 82,944, two norms 192), the final norm 96, embedding and head 2 × 51 × 96.
