@@ -14,9 +14,18 @@ from flax import nnx
 
 from opdjax import memory, recipes, sharding
 from opdjax import objectives as obj
-from opdjax.build import Setup, abstract_split, dtype_of, members, routed_kernel_sharding
+from opdjax.build import (
+    Setup,
+    abstract_split,
+    dtype_of,
+    members,
+    privileged_length,
+    routed_kernel_sharding,
+)
 from opdjax.errors import ConfigError
+from opdjax.models.decoder import KVCache
 from opdjax.recipes.base import batch_loss, frozen_argument
+from opdjax.sampling import cache_slots
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
@@ -206,22 +215,9 @@ def memory_plan(config, run_setup: Setup) -> Plan:
     )
   if frozen:
     terms["frozen hidden states"] = memory.per_device_bytes([h.hidden for h in frozen.values()])
-  sampled_rows = rows if recipe.source != "dataset" else 0
-  if config.eval.every:
-    sampled_rows = max(sampled_rows, min(config.eval.batch_size, config.task.eval_size))
-  if sampled_rows:
-    cfg = run_setup.model_configs["student"]
-    data_devices = sharding.row_splits(mesh)
-    itemsize = jnp.dtype(dtype_of(config.student.dtype)).itemsize
-    terms["KV cache (sampling)"] = (
-        math.ceil(sampled_rows / data_devices)
-        * length
-        * cfg.num_layers
-        * 2
-        * cfg.num_kv_heads
-        * cfg.head_dim
-        * itemsize
-    )
+  kv_cache = kv_cache_bytes(config, run_setup, rows)
+  if kv_cache:
+    terms["KV cache (sampling)"] = kv_cache
   step = make_train_step(
       graphdef,
       recipe,
@@ -234,6 +230,43 @@ def memory_plan(config, run_setup: Setup) -> Plan:
   compiled = step.lower(params, opt_state, seq, frozen or None).compile()
   terms["train step temporaries"] = int(compiled.memory_analysis().temp_size_in_bytes)
   return Plan(terms, compiled)
+
+
+def kv_cache_bytes(config, run_setup: Setup, rows: int) -> int:
+  """Per-device bytes of the largest KV cache a run's `generate` calls allocate (one at a
+  time): the rollouts' sampler (the student, or the teacher for SeqKD; `rows` with each
+  prompt's group), and in evaluation the student and each teacher, a self-distillation
+  teacher after its privileged prompt. Each cache holds `sampling.cache_slots` positions of
+  its own model's layers and KV heads (`KVCache`: keys, values and the slot mask)."""
+  recipe, completion = run_setup.recipe, config.task.completion_length
+  prompt = config.task.prompt_length
+  uses = []  # (model section, rows, prompt length) of each kind of generate call
+  if recipe.source == "teacher":
+    uses.append(("teacher", rows, prompt))
+  elif recipe.source != "dataset":  # the student (GKD's coin samples it too)
+    uses.append(("student", rows, prompt))
+  if config.eval.every:
+    eval_rows = min(config.eval.batch_size, config.task.eval_size)
+    uses.append(("student", eval_rows, prompt))
+    teacher_prompt = privileged_length(config) if recipe.self_teacher else prompt
+    for name in run_setup.model_configs:
+      if name.partition("/")[0] == "teacher":
+        uses.append((name, eval_rows, teacher_prompt))
+  data_devices = sharding.row_splits(run_setup.mesh)
+
+  def size(name, rows, prompt_length):  # one device's rows of the cache, from shapes
+    cache = jax.eval_shape(
+        functools.partial(
+            KVCache.create,
+            run_setup.model_configs[name],
+            math.ceil(rows / data_devices),
+            cache_slots(prompt_length, completion),
+            dtype_of(run_setup.sections[name].dtype),
+        )
+    )
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
+
+  return max((size(*use) for use in uses), default=0)
 
 
 def check_memory(config, run_setup: Setup, *, quiet: bool) -> Plan:

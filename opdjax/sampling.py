@@ -110,6 +110,12 @@ def bucket_size(n: int, minimum: int = _MIN_BUCKET) -> int:
   return max(minimum, 1 << max(0, int(n) - 1).bit_length())
 
 
+def cache_slots(prompt_length: int, max_new_tokens: int) -> int:
+  """The length of the KV cache `generate` allocates: the prompt and the new tokens, each
+  rounded up to its compile bucket (`bucket_size`)."""
+  return bucket_size(prompt_length) + bucket_size(max_new_tokens)
+
+
 def sampling_distribution(logits: jax.Array, sampling: SamplingParams) -> jax.Array:
   """Log-probabilities `[..., V]` the sampler draws from (processed, renormalised).
 

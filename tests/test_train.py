@@ -2,6 +2,7 @@
 a torn checkpoint, a three-axis mesh equals one device, non-finite loss handling,
 multi-stage experiments, several teachers. (Resume after SIGKILL: tests/test_multihost.py.)"""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from flax import nnx
 from opdjax import build, checkpoint, configs, learner, recipes, trainer
 from opdjax.errors import ConfigError
 from opdjax.models import Decoder, save_pretrained, splash, tiny_config
+from opdjax.models.decoder import KVCache
+from opdjax.sampling import cache_slots, generate
 from opdjax.train import main as cli_main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -162,15 +165,10 @@ def test_memory_plan_counts_each_term_and_stops_over_the_limit(teacher_dir, mesh
   assert 2 * on_device_0 <= terms["optimizer state"] <= 2 * on_device_0 + 64  # Adam: mu, nu
   teacher_cfg = run_setup.model_configs["teacher"]
   rows, length = 8 // mesh_shape[0], 6 + 4
-  assert terms["KV cache (sampling)"] == (
-      rows
-      * length
-      * teacher_cfg.num_layers
-      * 2
-      * teacher_cfg.num_kv_heads
-      * teacher_cfg.head_dim
-      * 4
-  )
+  slots = cache_slots(6, 4)  # the student's and the teacher's caches are alike here
+  kv_and_mask = rows * slots * teacher_cfg.num_layers * 2 * teacher_cfg.num_kv_heads
+  kv_and_mask = kv_and_mask * teacher_cfg.head_dim * 4 + rows * slots
+  assert terms["KV cache (sampling)"] == kv_and_mask + 4  # + the int32 write index
   assert terms["frozen hidden states"] == rows * (length - 1) * teacher_cfg.hidden_size * 4
   assert terms["train step temporaries"] > 0
   config.train.memory_limit_gb = sum(terms.values()) / 2e9
@@ -180,6 +178,42 @@ def test_memory_plan_counts_each_term_and_stops_over_the_limit(teacher_dir, mesh
       r"term is (student|teacher|optimizer|train step)",
   ):
     learner.check_memory(config, run_setup, quiet=True)
+
+
+def test_memory_plan_kv_cache_is_what_generate_allocates_for_the_model_that_samples(tmp_path):
+  """SeqKD samples its rollouts from the teacher: the plan's KV cache term is the cache
+  `generate` allocates for the teacher (its layers and KV heads, both lengths rounded up to
+  their buckets), here larger than the student's; evaluation's caches are smaller."""
+  config = tiny("seqkd")
+  config.eval.batch_size = 4
+  student_cfg = build.setup(tiny("sft")).model_configs["student"]
+  big = dataclasses.replace(student_cfg, num_layers=3, num_kv_heads=4, num_heads=8)
+  checkpoint.write_model_config(tmp_path, big)  # the plan reads shapes only
+  config.teacher.checkpoint = str(tmp_path)
+  run_setup = build.setup(config)
+  allocated = []
+  create = KVCache.create
+
+  def recording_create(model_config, batch, max_length, *args, **kwargs):
+    cache = create(model_config, batch, max_length, *args, **kwargs)
+    allocated.append(sum(x.nbytes for x in jax.tree.leaves(cache)))
+    return cache
+
+  teacher = Decoder(big, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  prompts = jnp.ones((8, config.task.prompt_length), jnp.int32)
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(KVCache, "create", staticmethod(recording_create))
+    generate(
+        teacher,
+        prompts,
+        prompts > 0,
+        key=jax.random.key(0),
+        max_new_tokens=config.task.completion_length,
+    )
+  assert learner.kv_cache_bytes(config, run_setup, 8) == max(allocated)
+  assert learner.memory_plan(config, run_setup).terms["KV cache (sampling)"] == max(allocated)
+  student_rollout_kv = 8 * cache_slots(6, 4) * 2 * 2 * 2 * 16 * 4  # 2 layers, 2 KV heads
+  assert max(allocated) > 8 * cache_slots(6, 4) * 3 * 2 * 4 * 16 * 4 > student_rollout_kv
 
 
 def test_three_axis_mesh_equals_one_device(teacher_dir, tmp_path, monkeypatch):
