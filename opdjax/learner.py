@@ -215,7 +215,7 @@ def memory_plan(config, run_setup: Setup) -> Plan:
     )
   if frozen:
     terms["frozen hidden states"] = memory.per_device_bytes([h.hidden for h in frozen.values()])
-  kv_cache = kv_cache_bytes(config, run_setup, rows)
+  kv_cache = kv_cache_bytes(config, run_setup)
   if kv_cache:
     terms["KV cache (sampling)"] = kv_cache
   step = make_train_step(
@@ -232,14 +232,15 @@ def memory_plan(config, run_setup: Setup) -> Plan:
   return Plan(terms, compiled)
 
 
-def kv_cache_bytes(config, run_setup: Setup, rows: int) -> int:
+def kv_cache_bytes(config, run_setup: Setup) -> int:
   """Per-device bytes of the largest KV cache a run's `generate` calls allocate (one at a
-  time): the rollouts' sampler (the student, or the teacher for SeqKD; `rows` with each
-  prompt's group), and in evaluation the student and each teacher, a self-distillation
+  time): the rollouts' sampler (the student, or the teacher for SeqKD; every prompt's
+  group of rows), and in evaluation the student and each teacher, a self-distillation
   teacher after its privileged prompt. Each cache holds `sampling.cache_slots` positions of
   its own model's layers and KV heads (`KVCache`: keys, values and the slot mask)."""
   recipe, completion = run_setup.recipe, config.task.completion_length
   prompt = config.task.prompt_length
+  rows = config.train.batch_size * recipe.group_size
   uses = []  # (model section, rows, prompt length) of each kind of generate call
   if recipe.source == "teacher":
     uses.append(("teacher", rows, prompt))
@@ -255,16 +256,17 @@ def kv_cache_bytes(config, run_setup: Setup, rows: int) -> int:
   data_devices = sharding.row_splits(run_setup.mesh)
 
   def size(name, rows, prompt_length):  # one device's rows of the cache, from shapes
-    cache = jax.eval_shape(
-        functools.partial(
-            KVCache.create,
-            run_setup.model_configs[name],
-            math.ceil(rows / data_devices),
-            cache_slots(prompt_length, completion),
-            dtype_of(run_setup.sections[name].dtype),
+    return memory.per_device_bytes(
+        jax.eval_shape(
+            functools.partial(
+                KVCache.create,
+                run_setup.model_configs[name],
+                math.ceil(rows / data_devices),
+                cache_slots(prompt_length, completion),
+                dtype_of(run_setup.sections[name].dtype),
+            )
         )
     )
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
 
   return max((size(*use) for use in uses), default=0)
 

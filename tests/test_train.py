@@ -210,7 +210,7 @@ def test_memory_plan_kv_cache_is_what_generate_allocates_for_the_model_that_samp
         key=jax.random.key(0),
         max_new_tokens=config.task.completion_length,
     )
-  assert learner.kv_cache_bytes(config, run_setup, 8) == max(allocated)
+  assert learner.kv_cache_bytes(config, run_setup) == max(allocated)
   assert learner.memory_plan(config, run_setup).terms["KV cache (sampling)"] == max(allocated)
   student_rollout_kv = 8 * cache_slots(6, 4) * 2 * 2 * 2 * 16 * 4  # 2 layers, 2 KV heads
   assert max(allocated) > 8 * cache_slots(6, 4) * 3 * 2 * 4 * 16 * 4 > student_rollout_kv
