@@ -298,8 +298,8 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
         batch_sharding=batch_sharding,
     )
     if self_teacher:  # the teacher role's weights, reading the privileged prompts
-      weights = nnx.merge(graphdef, self_teacher_weights("teacher", params, extra))
-      results = evaluate_on(eval_set, teacher=weights, privileged=True)
+      self_teacher_model = nnx.merge(graphdef, self_teacher_weights("teacher", params, extra))
+      results = evaluate_on(eval_set, teacher=self_teacher_model, privileged=True)
     elif not routed_teachers:
       results = evaluate_on(eval_set, teacher=teacher)
     else:  # the unprefixed metrics: the teachers' values weighted by their rows
