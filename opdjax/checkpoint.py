@@ -32,10 +32,15 @@ from opdjax.models.config import ModelConfig
 CONFIG_FILE = "model_config.json"
 
 
+def is_remote(path: str | os.PathLike) -> bool:
+  """Whether `path` is a URI (`gs://…`, an object store) rather than a local path."""
+  return "://" in os.fspath(path)
+
+
 def resolve(workdir: str | os.PathLike) -> epath.Path:
   """A workdir as an `epath.Path`: local paths made absolute, `gs://...` and other URIs kept."""
   text = os.fspath(workdir)
-  return epath.Path(text if "://" in text else os.path.abspath(text))
+  return epath.Path(text if is_remote(text) else os.path.abspath(text))
 
 
 def abstract_like(tree):

@@ -40,14 +40,20 @@ class Writer:
   """Appends `{"step", "split", **scalars}` lines to `metrics.jsonl` and TensorBoard events.
 
   Only an `enabled` writer (process 0 of a multi-host run) touches files; the others keep
-  the same calls and write nothing. `workdir` may be an `etils.epath` path (`gs://...`)."""
+  the same calls and write nothing. `workdir` may be an `etils.epath` path (`gs://...`).
+  An object store cannot append to an object, so there each line rewrites the whole file
+  (a run logs thousands of lines at most): every logged line is stored when `write`
+  returns, wherever the run stops."""
 
   def __init__(self, workdir, *, tensorboard: bool = True, enabled: bool = True):
     from etils import epath
 
+    from opdjax.checkpoint import is_remote
+
     self.workdir = epath.Path(workdir)
     self.path = self.workdir / HISTORY_FILE
     self.enabled = enabled
+    self._lines: list[str] | None = [] if is_remote(self.workdir) else None  # object stores
     self._tb = None
     if not enabled:
       return
@@ -61,18 +67,25 @@ class Writer:
     """Drops records past `step` (a resumed run redoes them)."""
     if self.enabled and self.path.exists():
       keep = [
-          line
+          line + "\n"
           for line in self.path.read_text().splitlines()
           if line.strip() and json.loads(line)["step"] <= step
       ]
-      self.path.write_text("".join(line + "\n" for line in keep))
+      self.path.write_text("".join(keep))
+      if self._lines is not None:
+        self._lines = keep
 
   def write(self, step: int, split: str, scalars: Mapping[str, float]) -> None:
     if not self.enabled:
       return
     record = {"step": int(step), "split": split, **{k: float(v) for k, v in scalars.items()}}
-    with self.path.open("a") as f:
-      f.write(json.dumps(record) + "\n")
+    line = json.dumps(record) + "\n"
+    if self._lines is None:
+      with self.path.open("a") as f:
+        f.write(line)
+    else:
+      self._lines.append(line)
+      self.path.write_text("".join(self._lines))
     if self._tb is not None:
       for name, value in scalars.items():
         self._tb.add_scalar(f"{split}/{name}", float(value), int(step))
@@ -126,7 +139,9 @@ def _save(fig, path: str | Path, title: str) -> Path:
   path = epath.Path(path)
   with path.open("wb") as f:  # through epath, so a gs:// workdir works
     fig.savefig(f, dpi=110, format="png")
-  return path if "://" in str(path) else Path(str(path))
+  from opdjax.checkpoint import is_remote
+
+  return path if is_remote(path) else Path(str(path))
 
 
 def plot_curves(

@@ -231,7 +231,8 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
   if restored:
     start, params, opt_state, meta, extra = restored
     data.set_state(meta["data_state"])  # a position in the global stream: one for all processes
-    writer.truncate_after(start)
+  # Lines past the checkpoint are redone; a run that stopped before its first has none to keep.
+  writer.truncate_after(start if restored else -1)
   total = config.train.steps
   base_key = jax.random.key(config.seed)
   eval_key = jax.random.key(config.seed + 1_000_003)

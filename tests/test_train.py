@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from opdjax import build, checkpoint, configs, learner, recipes, trainer
+from opdjax import build, checkpoint, configs, learner, metrics, recipes, trainer
 from opdjax.errors import ConfigError
 from opdjax.models import Decoder, save_pretrained, splash, tiny_config
 from opdjax.models.decoder import KVCache
@@ -288,8 +288,8 @@ def test_torn_checkpoint_falls_back_to_the_previous_one(teacher_dir, tmp_path, m
 
 
 def test_workdir_uris_keep_their_scheme(tmp_path):
-  """`gs://...` stays a cloud path (not `$PWD/gs:/...`); a local one becomes absolute. (No
-  object store is reachable offline, so this checks the path, not a write to it.)"""
+  """`gs://...` stays a cloud path (not `$PWD/gs:/...`); a local one becomes absolute.
+  (tests/test_object_store.py runs training into a bucket.)"""
   cloud = checkpoint.resolve("gs://bucket/runs/opd")
   assert str(cloud) == "gs://bucket/runs/opd"
   assert str(checkpoint.resolve("relative/run")) == str(Path("relative/run").absolute())
@@ -310,6 +310,18 @@ def test_non_finite_loss_stops_without_overwriting(tmp_path):
   if last is not None:
     params = checkpoint.restore_params(tmp_path, abstract)
     assert all(np.isfinite(np.asarray(v.get_value())).all() for _, v in nnx.to_flat_state(params))
+
+
+def test_a_run_stopped_before_its_first_checkpoint_logs_each_step_once(tmp_path):
+  """A run killed before its first checkpoint starts again from step 0; the lines it had
+  logged are redone, so they are dropped rather than kept beside the new ones."""
+  stale = {"step": 2, "split": "train", "loss": 123.0}
+  (tmp_path / metrics.HISTORY_FILE).write_text(json.dumps(stale) + "\n")
+  config = tiny("sft")
+  config.train.steps, config.eval.every = 2, 0
+  result = trainer.run(config, tmp_path, quiet=True)
+  assert [(r["step"], r["split"]) for r in result.history] == [(2, "train")]
+  assert result.history[0]["loss"] != stale["loss"]
 
 
 # ---------------------------------------------------------------- command line

@@ -33,6 +33,7 @@ from jax.sharding import Mesh
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from opdjax import checkpoint
 from opdjax import sharding as sharding_lib
 from opdjax.distributed import to_host
 from opdjax.errors import ConfigError
@@ -100,11 +101,6 @@ def _weight_files(directory: Path) -> list[Path]:
   return files
 
 
-def is_remote(path: str | os.PathLike) -> bool:
-  """Whether `path` is a URI (`gs://…`) rather than a local path."""
-  return "://" in str(path)
-
-
 def local_directory(path: str | os.PathLike, *, weights: bool = True) -> Path:
   """A local directory holding the files of the checkpoint directory `path`.
 
@@ -114,7 +110,7 @@ def local_directory(path: str | os.PathLike, *, weights: bool = True) -> Path:
   `*.safetensors` files are left out (a tokenizer needs only its own files). In a multi-host
   run each process copies to its own disk.
   """
-  if not is_remote(path):
+  if not checkpoint.is_remote(path):
     return Path(path)
   source = epath.Path(path)
   if not source.is_dir():
@@ -343,7 +339,7 @@ def save_pretrained(
   Returns:
     The directory (an `etils.epath.Path` for a URI).
   """
-  if is_remote(path):
+  if checkpoint.is_remote(path):
     with tempfile.TemporaryDirectory() as staging:
       save_pretrained(model, staging, tokenizer=tokenizer, max_shard_bytes=max_shard_bytes)
       remote = epath.Path(path)
