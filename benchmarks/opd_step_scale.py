@@ -33,9 +33,9 @@ from flax import nnx
 from opdjax import configs, recipes, sharding
 from opdjax import objectives as obj
 from opdjax.evaluation import forward_hidden
+from opdjax.learner import make_optimizer, make_train_step
 from opdjax.models import Decoder, ModelConfig
 from opdjax.sampling import SamplingParams, generate
-from opdjax.trainer import make_optimizer, make_train_step
 
 
 def peak_bytes() -> int:
