@@ -174,6 +174,30 @@ def build_model(
   return nnx.merge(graphdef, sharding.place_state(state, mesh, rules))
 
 
+def build_frozen_models(config, run_setup: Setup, teacher, *, mesh, rules) -> dict:
+  """`{section name: model}` for each frozen model the recipe's roles read: the external
+  `teacher` (already built), each routed teacher, the reference (the student's seed: a copy
+  of its initial weights unless it loads its own), and for self-distillation the student's
+  initial weights (a frozen teacher, trust-region's second role, an EMA's start; no model
+  for the current weights)."""
+  student_cfg = run_setup.model_configs["student"]
+  self_teacher = run_setup.recipe.self_teacher
+  place = dict(mesh=mesh, rules=rules)
+  models = {}
+  for name in (n for role in run_setup.recipe.roles for n in members(run_setup, role)):
+    if self_teacher:
+      if self_teacher.kind(name) != "current":
+        models[name] = build_model(config.student, student_cfg, seed=config.seed, **place)
+    elif name == "teacher":
+      models[name] = teacher
+    else:  # the reference (the student's seed) or a routed teacher, teacher/NAME
+      seed = config.seed if name == "reference" else config.seed + 1
+      models[name] = build_model(
+          run_setup.sections[name], run_setup.model_configs[name], seed=seed, **place
+      )
+  return models
+
+
 def restore_either_layout(source, abstract, mesh, rules=sharding.DEFAULT_RULES, *, scanned: bool):
   """A run's parameters restored into `abstract`'s layer layout (`scanned` or per-layer),
   whichever of the two layouts the checkpoint was saved in."""

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from opdjax import build, checkpoint, configs, learner, metrics, recipes, trainer
+from opdjax import build, checkpoint, configs, learner, metrics, recipes, rollouts, trainer
 from opdjax.errors import ConfigError
 from opdjax.models import Decoder, save_pretrained, splash, tiny_config
 from opdjax.models.decoder import KVCache
@@ -662,7 +662,7 @@ def test_rollout_ahead_samples_from_the_parameters_before_each_update(
       sum(np.asarray(x, np.float64).sum() for x in jax.tree.leaves(state))
   )
   sampled_from, updated_from = [], []
-  generate = trainer.generate
+  generate = rollouts.generate
 
   def recording_generate(model, *args, **kwargs):
     sampled_from.append(fingerprint(nnx.state(model, nnx.Param)))
@@ -679,7 +679,7 @@ def test_rollout_ahead_samples_from_the_parameters_before_each_update(
 
     return plan._replace(train_step=train_step)
 
-  monkeypatch.setattr(trainer, "generate", recording_generate)
+  monkeypatch.setattr(rollouts, "generate", recording_generate)
   monkeypatch.setattr(trainer, "check_memory", recording_check_memory)
 
   def run(ahead, workdir):

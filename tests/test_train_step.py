@@ -9,7 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
-from opdjax import learner, recipes, sharding, trainer
+from opdjax import learner, recipes, rollouts, sharding
 from opdjax import objectives as obj
 from opdjax.models import Decoder, tiny_config
 from opdjax.recipes.base import join, loss_from_logits
@@ -405,7 +405,7 @@ def test_grpo_opd_weight_adds_the_teachers_dense_advantage():
 
 def test_group_rows_keep_each_prompt_with_its_index():
   batch = {"prompt_tokens": np.array([[1, 2], [3, 4]]), "index": np.array([7, 9])}
-  rows = trainer.repeat_rows(batch, 3)
+  rows = rollouts.repeat_rows(batch, 3)
   np.testing.assert_array_equal(rows["index"], [7, 7, 7, 9, 9, 9])
   np.testing.assert_array_equal(rows["prompt_tokens"][:, 0], [1, 1, 1, 3, 3, 3])
 
