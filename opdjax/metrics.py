@@ -3,6 +3,7 @@ terminal tables and PNG plots of the curves."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections import defaultdict
@@ -12,6 +13,8 @@ from typing import Iterable, Mapping
 import numpy as np
 
 HISTORY_FILE = "metrics.jsonl"  # a run's logged values, one JSON object per line
+# Logged values measured on the clock: they differ between two runs that train identically.
+CLOCK_KEYS = ("steps_per_s", "tokens_per_s", "compile_s")
 
 
 class Accumulator:
@@ -34,6 +37,53 @@ class Accumulator:
   def reset(self) -> None:
     self.sums.clear()
     self.counts.clear()
+
+
+class CompileClock:
+  """Seconds JAX spends tracing, lowering to MLIR and compiling, counted from JAX's own
+  monitoring events while the clock is open (`with CompileClock() as clock: ...`; read
+  `clock.seconds`). A persistent compilation cache hit skips the compile, not the trace."""
+
+  EVENTS = (
+      "/jax/core/compile/jaxpr_trace_duration",
+      "/jax/core/compile/jaxpr_to_mlir_module_duration",
+      "/jax/core/compile/backend_compile_duration",
+  )
+
+  def __init__(self):
+    self.seconds = 0.0
+    self._lapped = self._excluded = 0.0
+
+  def _listen(self, event: str, duration: float, **kwargs) -> None:
+    if event in self.EVENTS:
+      self.seconds += duration
+
+  def lap(self) -> float:
+    """The seconds counted since the last lap, less those inside `excluded()`."""
+    seconds = self.seconds - self._lapped - self._excluded
+    self._lapped, self._excluded = self.seconds, 0.0
+    return seconds
+
+  @contextlib.contextmanager
+  def excluded(self):
+    """Leaves what compiles inside the block out of the current lap (evaluation's programs,
+    as the training rates leave out its time)."""
+    before = self.seconds
+    try:
+      yield
+    finally:
+      self._excluded += self.seconds - before
+
+  def __enter__(self) -> "CompileClock":
+    import jax
+
+    jax.monitoring.register_event_duration_secs_listener(self._listen)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    import jax
+
+    jax.monitoring.unregister_event_duration_listener(self._listen)
 
 
 class Writer:

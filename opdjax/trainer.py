@@ -66,7 +66,17 @@ class RunResult:
 
 
 def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
-  """Trains (or resumes, or returns a finished run from) `workdir`. See `opdjax/experiments/`."""
+  """Trains (or resumes, or returns a finished run from) `workdir`. See `opdjax/experiments/`.
+
+  Each logged training line's `compile_s` is the time JAX spent tracing and compiling since
+  the line before, evaluation's programs left out: the first line's includes the memory
+  plan's compilation of the update and the first rollout's programs; later lines read 0
+  unless something recompiled."""
+  with metrics.CompileClock() as compile_clock:
+    return _run(config, workdir, quiet=quiet, compile_clock=compile_clock)
+
+
+def _run(config, workdir, *, quiet: bool, compile_clock: metrics.CompileClock) -> RunResult:
   workdir = checkpoint.resolve(workdir)
   run_setup = setup(config)
   recipe, tokenizer, mesh, rules = (
@@ -220,7 +230,8 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
     return results
 
   if start == 0 and config.eval.every and config.eval.at_start:
-    run_eval(0, params, extra)
+    with compile_clock.excluded():
+      run_eval(0, params, extra)
   accumulator = metrics.Accumulator()
   progress = tqdm(
       total=total,
@@ -282,6 +293,7 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
       elapsed = max(time.perf_counter() - started, 1e-9)
       means["steps_per_s"] = (done - logged) / elapsed
       means["tokens_per_s"] = accumulator.sums["completion_tokens"] / elapsed  # trained tokens
+      means["compile_s"] = compile_clock.lap()
       started, logged = time.perf_counter(), done
       writer.write(done, "train", means)
       accumulator.reset()
@@ -295,7 +307,8 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
       )
     if eval_now:
       evaluating = time.perf_counter()
-      last_eval = run_eval(done, params, extra)
+      with compile_clock.excluded():
+        last_eval = run_eval(done, params, extra)
       started += time.perf_counter() - evaluating  # the rates count training time only
     if save_now:
       if not all_finite(params):

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
-from opdjax import checkpoint
+from opdjax import checkpoint, metrics
 from opdjax.models import Decoder
 from tests.conftest import FAST_COMPILE
 
@@ -106,7 +106,7 @@ def check_equal(one: Path, two: Path, stage: str) -> None:
   assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b]
   for x, y in zip(a, b):
     for key in x:
-      if key not in ("steps_per_s", "tokens_per_s", "split"):  # timings
+      if key not in (*metrics.CLOCK_KEYS, "split"):
         np.testing.assert_allclose(
             y[key], x[key], rtol=1e-5, atol=1e-6, err_msg=f"{stage} step {x['step']} {key}"
         )

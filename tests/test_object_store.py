@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 from gcsfs.core import GCSFileSystem  # the plain client (see gcs_emulator.environment)
 
+from opdjax import metrics
 from tests import gcs_emulator
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = REPO / "tests" / "experiments" / "two_stages.py"
-TIMING = ("steps_per_s", "tokens_per_s")  # wall-clock rates, different in every run
 
 KILLED_AFTER_OPD_STEP_2 = (
     "import os, signal, sys\n"
@@ -63,14 +63,14 @@ def fixture_gcs_url():
 
 def _history(text: str) -> list[dict]:
   rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-  return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
+  return [{k: v for k, v in row.items() if k not in metrics.CLOCK_KEYS} for row in rows]
 
 
 def test_a_run_on_gcs_writes_everything_to_the_bucket_and_resumes_there(gcs_url, tmp_path):
   """`two_stages` (SFT, then OPD whose two teachers load the SFT checkpoint and whose
   prompts are JSONL files in the workdir) on `gs://bucket/run`, killed with SIGKILL after
   the OPD stage's checkpoint at step 2 and run again, logs exactly what an uninterrupted
-  run in a local directory logs (every value but the wall-clock rates, bitwise), and
+  run in a local directory logs (every value but the clock's, bitwise), and
   the bucket holds each stage's files. An object store cannot append: writing
   `metrics.jsonl` by appending kept only its last line. Nothing is written locally."""
   from tests.experiments.two_stages import get_config, main

@@ -624,7 +624,7 @@ def test_default_precision_is_float32_master_weights_with_bfloat16_compute(teach
 
 def test_no_recompilation_across_steps(teacher_dir, tmp_path, monkeypatch):
   """A compile counter: after the first step (which compiles sampling, the teacher's forward
-  pass and the update), later steps compile nothing."""
+  pass and the update), later steps compile nothing, and the logged `compile_s` says so."""
   config = tiny("opd", estimator="sampled", correction="none")
   config.teacher.checkpoint = str(teacher_dir)
   config.train.steps, config.train.log_every, config.train.save_every = 5, 1, 5
@@ -644,10 +644,13 @@ def test_no_recompilation_across_steps(teacher_dir, tmp_path, monkeypatch):
 
   monkeypatch.setattr(trainer.metrics.Writer, "write", counting_write)
   try:
-    trainer.run(config, tmp_path, quiet=True)
+    result = trainer.run(config, tmp_path, quiet=True)
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
   assert at_step[1] > 0 and at_step[2] == at_step[5], at_step
+  # The run reports it: its compile_s is the first step's compilation, then nothing.
+  compile_s = [r["compile_s"] for r in result.history if r["split"] == "train"]
+  assert compile_s[0] > 0.5 and compile_s[1:] == [0.0] * 4, compile_s
 
 
 def test_rollout_ahead_samples_from_the_parameters_before_each_update(
