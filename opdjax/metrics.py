@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -91,11 +92,19 @@ class Writer:
 
   Only an `enabled` writer (process 0 of a multi-host run) touches files; the others keep
   the same calls and write nothing. `workdir` may be an `etils.epath` path (`gs://...`).
-  An object store cannot append to an object, so there each line rewrites the whole file
-  (a run logs thousands of lines at most): every logged line is stored when `write`
-  returns, wherever the run stops."""
+  A local file gets each line as it is written. An object store cannot append to an
+  object, so there the whole file is rewritten, at most every `store_every_s` seconds and
+  on `flush()`: the trainer flushes before each checkpoint (a resumed run redoes the lines
+  after it), before stopping on a non-finite loss, and on `close()`."""
 
-  def __init__(self, workdir, *, tensorboard: bool = True, enabled: bool = True):
+  def __init__(
+      self,
+      workdir,
+      *,
+      tensorboard: bool = True,
+      enabled: bool = True,
+      store_every_s: float = 30.0,
+  ):
     from etils import epath
 
     from opdjax.checkpoint import is_remote
@@ -104,6 +113,7 @@ class Writer:
     self.path = self.workdir / HISTORY_FILE
     self.enabled = enabled
     self._lines: list[str] | None = [] if is_remote(self.workdir) else None  # object stores
+    self._stored, self._stored_at, self.store_every_s = 0, time.monotonic(), store_every_s
     self._tb = None
     if not enabled:
       return
@@ -123,7 +133,7 @@ class Writer:
       ]
       self.path.write_text("".join(keep))
       if self._lines is not None:
-        self._lines = keep
+        self._lines, self._stored = keep, len(keep)
 
   def write(self, step: int, split: str, scalars: Mapping[str, float]) -> None:
     if not self.enabled:
@@ -135,12 +145,22 @@ class Writer:
         f.write(line)
     else:
       self._lines.append(line)
-      self.path.write_text("".join(self._lines))
+      if time.monotonic() - self._stored_at >= self.store_every_s:
+        self.flush()
     if self._tb is not None:
       for name, value in scalars.items():
         self._tb.add_scalar(f"{split}/{name}", float(value), int(step))
 
+  def flush(self) -> None:
+    """Stores every line written so far (on an object store; a local file has them)."""
+    if self.enabled and self._lines is not None and self._stored < len(self._lines):
+      self.path.write_text("".join(self._lines))
+      self._stored, self._stored_at = len(self._lines), time.monotonic()
+    if self._tb is not None:
+      self._tb.flush()
+
   def close(self) -> None:
+    self.flush()
     if self._tb is not None:
       self._tb.close()
 

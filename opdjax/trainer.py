@@ -248,6 +248,7 @@ def _run(config, workdir, *, quiet: bool, compile_clock: metrics.CompileClock) -
 
   def fail(message):
     progress.close()
+    writer.flush()  # the lines that led here
     raise NonFiniteLossError(
         f"{message}; stopped without saving, the last good checkpoint "
         f"(step {ckpt.latest_step()}) in {ckpt.directory} is kept"
@@ -313,6 +314,7 @@ def _run(config, workdir, *, quiet: bool, compile_clock: metrics.CompileClock) -
     if save_now:
       if not all_finite(params):
         fail(f"non-finite parameters after step {done}")
+      writer.flush()  # every line up to the checkpoint is stored before it
       ckpt.save(
           done,
           params,

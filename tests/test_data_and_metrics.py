@@ -253,6 +253,32 @@ def test_writer_truncates_after_resume_and_table(tmp_path):
   assert path.stat().st_size > 1000
 
 
+def test_on_an_object_store_the_writer_rewrites_the_file_on_flush_and_every_interval(
+    tmp_path, monkeypatch
+):
+  """An object cannot be appended to, so there the writer keeps the lines and rewrites the
+  whole file on `flush()` (the trainer's checkpoints, a non-finite stop, `close()`) or once
+  `store_every_s` has passed; a resumed writer starts from the stored lines."""
+  from opdjax import checkpoint
+
+  monkeypatch.setattr(checkpoint, "is_remote", lambda path: True)  # tmp_path as a bucket
+  stored = lambda: [(r["step"], r["loss"]) for r in metrics.read_history(writer.path)]
+  writer = metrics.Writer(tmp_path, tensorboard=False, store_every_s=3600)
+  writer.write(1, "train", {"loss": 1.0})
+  writer.write(2, "train", {"loss": 2.0})
+  assert stored() == []
+  writer.flush()
+  assert stored() == [(1, 1.0), (2, 2.0)]
+  writer.store_every_s = 0
+  writer.write(3, "train", {"loss": 3.0})
+  assert stored() == [(1, 1.0), (2, 2.0), (3, 3.0)]
+  writer = metrics.Writer(tmp_path, tensorboard=False, store_every_s=3600)  # a resume
+  writer.truncate_after(2)
+  writer.write(3, "train", {"loss": 30.0})
+  writer.close()
+  assert stored() == [(1, 1.0), (2, 2.0), (3, 30.0)]
+
+
 def test_evaluation_credits_decoded_completions_against_their_own_answers():
   """`credited` decodes each row up to its length and scores it against that row's answer
   (a row shift or decoding past the EOS would change the credits)."""
