@@ -232,6 +232,49 @@ def test_grpo_plus_opd_tiny(capsys, tmp_path, copy_finished_stages):
   assert (tmp_path / "grpo_plus_opd.png").exists()
 
 
+def test_grpo_rewards_tiny(capsys, tmp_path, copy_finished_stages):
+  from opdjax.experiments import grpo_rewards
+
+  copy_finished_stages(grpo_rewards.get_config("tiny").stages, tmp_path)
+  code = cli_main(["--exp", "grpo_rewards:tiny", "--workdir", str(tmp_path)])
+  out, err = capsys.readouterr()
+  assert code == 0, err
+  result = json.loads((tmp_path / "grpo_rewards.json").read_text())
+  assert result["claim"] and result["verdict"] in out
+  assert set(result["methods"]) == {"exact", "step_credit"}
+  # Each arm scores its groups with the reward it names, from the warm start, no teacher.
+  for reward in ("exact", "step_credit"):
+    config = run_config(tmp_path / f"{reward}_seed0")
+    assert config["recipe"]["name"] == "grpo" and config["recipe"]["reward"] == reward
+    assert config["recipe"]["opd_weight"] == 0.0 and config["teacher"]["checkpoint"] == ""
+    assert config["student"]["init_from"].endswith("warmstart")
+    assert config["task"]["name"] == "modular_chain"
+    uniform = result["methods"][reward]["training"]["zero_std_groups"]["y"]
+    assert uniform and all(0.0 <= u <= 1.0 for u in uniform)
+  assert not (tmp_path / "teacher").exists()
+  assert (tmp_path / "grpo_rewards.png").exists()
+
+
+def test_grpo_rewards_verdict_needs_a_better_student_not_only_a_denser_signal():
+  from opdjax.experiments.grpo_rewards import verdict
+
+  def method(credit, std, uniform):
+    stat = lambda mean: {"mean": mean, "std": std, "per_seed": [mean]}
+    return {
+        "accuracy_greedy": stat(0.0),
+        "step_credit_greedy": stat(credit),
+        "curves": {"step_credit_greedy": {"x": [0, 25], "y": [0.13, credit]}},
+        "training": {"zero_std_groups": {"x": [5, 10], "y": [uniform, uniform]}},
+    }
+
+  holds = verdict({"exact": method(0.11, 0.01, 0.95), "step_credit": method(0.2, 0.01, 0.1)})
+  assert "gives more groups a signal" in holds and "claim holds" in holds
+  denser_only = verdict({"exact": method(0.11, 0.01, 0.95), "step_credit": method(0.09, 0.01, 0.1)})
+  assert "gives more groups a signal" in denser_only and "not supported" in denser_only
+  neither = verdict({"exact": method(0.11, 0.05, 0.95), "step_credit": method(0.14, 0.05, 0.9)})
+  assert "does not give more groups" in neither and "not supported" in neither
+
+
 def test_updates_to_reach_is_the_first_evaluation_at_the_target():
   from opdjax.experiments.grpo_plus_opd import updates_to_reach
 

@@ -362,6 +362,7 @@ def test_grpo_loss_by_hand(normalize_std):
   expected = np.where(targets.mask, advantage[:, None], 0.0)  # −Â·log p with log p = −1
   np.testing.assert_allclose(np.where(targets.mask, per_token, 0.0), expected, rtol=1e-5)
   np.testing.assert_allclose(metrics["verifier_reward"][0] / metrics["verifier_reward"][1], 0.75)
+  np.testing.assert_allclose(metrics["zero_std_groups"], (1.0, 2.0))  # (1, 1) of 2 groups
   grad = jax.grad(
       lambda lp: obj.masked_sum(
           recipe.loss({"log_p": lp, "student_entropy": lp}, targets)[0], targets.mask

@@ -12,6 +12,8 @@ are corrected with `correction` (plain, truncated, ppo_clip) as in `opd`. `loss_
 "token" averages over every completion token of the batch (Dr. GRPO); "sequence" averages
 each completion's tokens first, then the completions (the original GRPO objective, whose
 1/|o| factor Dr. GRPO shows to favour short correct and long wrong completions).
+Besides the policy-gradient metrics it logs `verifier_reward` (the mean reward) and
+`zero_std_groups`, the fraction of groups whose samples all got the same reward.
 
 References: Shao et al., DeepSeekMath (GRPO), arXiv:2402.03300; Liu et al., Dr. GRPO,
 arXiv:2503.20783; Agarwal et al., GKD, arXiv:2306.13649.
@@ -80,7 +82,12 @@ def build(config) -> Recipe:
 
   def loss(values, targets):
     per_token, metrics = pg_loss(values, targets)
+    rewards = targets.rewards.reshape(-1, group_size)
     metrics["verifier_reward"] = pair(targets.rewards, jnp.ones_like(targets.rewards))
+    # Groups whose samples all scored the same: their advantages are 0, so they teach nothing
+    # (TRL's frac_reward_zero_std).
+    same = jnp.all(rewards == rewards[:, :1], axis=-1).astype(jnp.float32)
+    metrics["zero_std_groups"] = pair(same, jnp.ones_like(same))
     return per_token, metrics
 
   return Recipe(
