@@ -323,6 +323,7 @@ def test_experiments_reject_an_unknown_size_naming_the_valid_ones():
       "forgetting",
       "gamma_variance",
       "grpo_plus_opd",
+      "grpo_rewards",
       "recovering_teacher",
       "self_distill_teachers",
   ):
