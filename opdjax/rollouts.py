@@ -115,10 +115,10 @@ class Rollouts:
         if len(members(run_setup, role)) > 1
     }
 
-  def put(self, tree):
+  def _put(self, tree):
     return jax.device_put(tree, self.batch_sharding)
 
-  def to_global(self, local):
+  def _to_global(self, local):
     return distributed.global_batch(local, self.batch_sharding)
 
   def sample(self, step: int, params) -> Sampled:
@@ -126,7 +126,7 @@ class Rollouts:
     samples of the teacher or of the student with `params`); nothing is read back yet."""
     recipe = self.recipe
     batch = next(self.data)
-    rows = self.to_global(repeat_rows(batch, recipe.group_size))  # a group's rows share a prompt
+    rows = self._to_global(repeat_rows(batch, recipe.group_size))  # a group's rows share a prompt
     source = recipe.source_at(self.config.seed, step)
     if source == "dataset":
       return Sampled(batch, rows, None)
@@ -136,7 +136,7 @@ class Rollouts:
       if self.sample_shardings is not None:
         params = jax.device_put(params, self.sample_shardings)
       model = nnx.merge(self.graphdef, params)
-    unique = self.to_global({k: batch[k] for k in ("prompt_tokens", "prompt_mask")})
+    unique = self._to_global({k: batch[k] for k in ("prompt_tokens", "prompt_mask")})
     gen = generate(
         model,
         unique["prompt_tokens"],
@@ -163,7 +163,7 @@ class Rollouts:
         answers = [self.train_set.answers[i] for i in indices]
         scorer = evaluation.REWARDS[recipe.reward]
         tokenizer = self.run_setup.tokenizer
-        rewards = self.to_global(np.asarray(scorer(tokenizer, gen, answers), np.float32))
+        rewards = self._to_global(np.asarray(scorer(tokenizer, gen, answers), np.float32))
       seq = join(
           prompts,
           prompt_mask,
@@ -173,7 +173,7 @@ class Rollouts:
           gen.model_logprobs,
           rewards,
       )
-    seq = self.put(seq)
+    seq = self._put(seq)
     if recipe.self_teacher:
       return Rollout(seq, *self._self_teacher_heads(rows, params, extra, seq))
     return Rollout(seq, self._frozen_heads(*recipes.inputs_of(seq), rows, batch), None)
@@ -187,7 +187,7 @@ class Rollouts:
       if len(names) == 1:
         model = self.frozen[names[0]]
         hidden = forward_hidden(model.graphdef, model.state, tokens, mask)
-        heads[role] = obj.Head(self.put(hidden), model.kernel)
+        heads[role] = obj.Head(self._put(hidden), model.kernel)
         continue
       # Each teacher runs on its own rows only; the route is read from the host batch (every
       # process's rows), not copied back from the device.
@@ -203,7 +203,7 @@ class Rollouts:
         else:
           hidden.append(jnp.zeros(tokens.shape + model.kernel.shape[:1], model.kernel.dtype))
       routed = route_hidden(hidden, rows["route"])
-      heads[role] = obj.Head(self.put(routed), self.routed_kernels[role])
+      heads[role] = obj.Head(self._put(routed), self.routed_kernels[role])
     return heads or None
 
   def _self_teacher_heads(self, rows, params, extra, seq):
@@ -219,7 +219,7 @@ class Rollouts:
         seq.tokens[:, prompt_length:],
         seq.attention_mask[:, prompt_length:],
     )
-    moved = lambda weights: self.put(
+    moved = lambda weights: self._put(
         privileged_hidden(
             graphdef,
             weights,
