@@ -69,6 +69,15 @@ class FrozenModel(NamedTuple):
   state: nnx.State
   kernel: jax.Array  # its LM head [D, V]
 
+  @classmethod
+  def of(cls, model: nnx.Module) -> "FrozenModel":
+    graphdef, state = nnx.split(model)
+    return cls(graphdef, state, head_kernel(graphdef, state))
+
+  def model(self) -> nnx.Module:
+    """The module again (it shares the state's arrays), for evaluation."""
+    return nnx.merge(self.graphdef, self.state)
+
 
 def self_teacher_weights(recipe: recipes.Recipe, role: str, params, extra, frozen: dict):
   """The weights a self-distillation role reads: the current parameters, the EMA (kept in

@@ -43,7 +43,6 @@ from opdjax.learner import (
     abstract_optimizer_state,
     all_finite,
     check_memory,
-    head_kernel,
     make_optimizer,
 )
 from opdjax.recipes.self_distill import ema_update
@@ -137,15 +136,14 @@ def _run(config, workdir, *, quiet: bool, compile_clock: metrics.CompileClock) -
       if has_teacher
       else None
   )
-  frozen_models = build_frozen_models(config, run_setup, teacher, **place)  # name -> model
+  frozen = {  # section name -> FrozenModel
+      name: FrozenModel.of(model)
+      for name, model in build_frozen_models(config, run_setup, teacher, **place).items()
+  }
   checkpoint.write_model_config(workdir, student_cfg)
   if main_process:  # the settings this run trains with, next to what it produces
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
   batch_sharding = sharding.batch_sharding(mesh)
-  frozen = {}  # section name -> FrozenModel
-  for name, model in frozen_models.items():
-    model_def, state = nnx.split(model)
-    frozen[name] = FrozenModel(model_def, state, head_kernel(model_def, state))
   # An EMA teacher's weights: updated after every step, saved with the checkpoint.
   ema_role = (
       next((r for r, kind in self_teacher.weights if kind == "ema"), None) if self_teacher else None
@@ -193,7 +191,7 @@ def _run(config, workdir, *, quiet: bool, compile_clock: metrics.CompileClock) -
   eval_key = jax.random.key(config.seed + 1_000_003)
   # Routed teachers are evaluated each on its own held-out rows, as `NAME/metric`.
   routed_teachers = [
-      n for n in members(run_setup, "teacher") if n.startswith("teacher/") and n in frozen_models
+      n for n in members(run_setup, "teacher") if n.startswith("teacher/") and n in frozen
   ]
 
   def run_eval(step, params, extra):
@@ -219,7 +217,7 @@ def _run(config, workdir, *, quiet: bool, compile_clock: metrics.CompileClock) -
         rows = eval_set.routed_to(route)
         if len(rows):
           counts[name] = len(rows)
-          part = evaluate_on(rows, teacher=frozen_models[name])
+          part = evaluate_on(rows, teacher=frozen[name].model())
           results |= {f"{name.split('/', 1)[1]}/{k}": v for k, v in part.items()}
       total = sum(counts.values())
       for key in {k.split("/", 1)[1] for k in results}:
