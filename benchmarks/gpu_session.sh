@@ -1,74 +1,79 @@
 #!/usr/bin/env bash
 # The GPU benchmarks of the repository, each part under its own time limit so that one
 # failure does not cost the others. JSON lines go to $OUT (default benchmarks/results/gpu).
-# Run from the repository root on a machine with jax[cuda], torch, trl and liger-kernel; PARTS
-# picks parts (default: all, about 9 minutes on one H100 each for the two groups):
+# Run from the repository root on a machine with jax[cuda], torch, trl and liger-kernel. PARTS
+# picks parts and their order (default: all, about 20 minutes on one H100), so that a short
+# lease runs the most wanted first:
 #
-#     OUT=/tmp/gpu PARTS="fused_sweep compile_depth sampler_large cli" bash benchmarks/gpu_session.sh
+#     OUT=/tmp/gpu PARTS="opd_vs_trl decode_flags sampler_grid" bash benchmarks/gpu_session.sh
 set -u
 OUT=${OUT:-benchmarks/results/gpu}
-PARTS=${PARTS:-"fused opd_step opd_vs_trl rollout_ahead sampler fused_sweep compile_depth sampler_large cli"}
+PARTS=${PARTS:-"fused opd_step opd_vs_trl opd_vs_trl_scanned rollout_ahead sampler sampler_grid decode_flags fused_sweep compile_depth sampler_large cli"}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-}:$PWD
 log() { echo "=== $(date +%T) $*"; }
-want() { [[ " $PARTS " == *" $1 "* ]]; }
 
-log environment
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import jax, flax, optax, orbax.checkpoint as o, torch, transformers
-print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'optax', optax.__version__,
-      'torch', torch.__version__, 'transformers', transformers.__version__)"
-
-if want fused; then
+part_fused() {
   log "fused loss, float32, the issue's two shapes"
   timeout 120 python3 benchmarks/fused_loss.py --repeats 10 --impls opdjax,opdjax_vjp,naive,liger \
     --out "$OUT/fused_loss.jsonl"
   log "fused loss, bfloat16, a Qwen3-1.7B head (H=2048, V=151,936)"
   timeout 80 python3 benchmarks/fused_loss.py --repeats 10 --dtype bfloat16 --shapes 8192,2048,151936 \
     --impls opdjax,opdjax_vjp,naive,liger --out "$OUT/fused_loss.jsonl"
-fi
-
-if want fused_sweep; then
+}
+part_fused_sweep() {
   log "fused loss, bfloat16, Qwen3-1.7B head: tokens per chunk (0 = auto) against Liger"
   timeout 150 python3 benchmarks/fused_loss.py --repeats 10 --dtype bfloat16 --shapes 8192,2048,151936 \
     --impls opdjax_vjp,liger --chunk_sizes 0,512,1024,2048,4096 --out "$OUT/fused_loss_sweep.jsonl"
-fi
-
-if want opd_step; then
+}
+part_opd_step() {
   log "one OPD step, Qwen3-0.6B shape, B=1 T=512, sampling included"
   timeout 150 python3 benchmarks/opd_step_scale.py --sample --repeats 3 --out "$OUT/opd_step_scale.jsonl"
-fi
-
-if want opd_vs_trl; then
+}
+part_opd_vs_trl() {
   log "one on-policy JSD(0.5) step against TRL's GKDTrainer (needs trl), float32, small shapes"
-  timeout 200 python3 benchmarks/opd_step.py --steps 8 --out "$OUT/opd_step.jsonl"
-  timeout 120 python3 benchmarks/opd_step.py --steps 8 --tools opdjax opdjax_cached \
+  timeout 170 python3 benchmarks/opd_step.py --steps 8 --out "$OUT/opd_step.jsonl"
+}
+part_opd_vs_trl_scanned() {
+  log "the same opdjax step with scanned layers, cold and with a warm compilation cache"
+  timeout 110 python3 benchmarks/opd_step.py --steps 8 --tools opdjax opdjax_cached \
     --scan_layers --out "$OUT/opd_step.jsonl"
-fi
-
-if want rollout_ahead; then
+}
+part_rollout_ahead() {
   log "trainer steps/s with and without train.rollout_ahead (opd sampled, grpo), small models"
-  timeout 240 python3 benchmarks/rollout_ahead.py --steps 120 --out "$OUT/rollout_ahead.jsonl"
-fi
-
-if want compile_depth; then
+  timeout 140 python3 benchmarks/rollout_ahead.py --steps 100 --out "$OUT/rollout_ahead.jsonl"
+}
+part_compile_depth() {
   log "compile time and program size against depth, per-layer vs scanned"
   timeout 90 python3 benchmarks/compile_depth.py --out "$OUT/compile_depth.jsonl"
-fi
-
-if want sampler; then
+}
+part_sampler() {
   log "sampler, Qwen3-0.6B shape, bfloat16, against transformers"
   XLA_PYTHON_CLIENT_MEM_FRACTION=.45 timeout 130 python3 benchmarks/sampler.py --models qwen3-0.6b \
     --dtype bfloat16 --batches 1 64 --new_tokens 128 --repeats 2 --out "$OUT/sampler.jsonl"
-fi
-
-if want sampler_large; then
+}
+part_sampler_grid() {
+  log "sampler, tiny and small models, float32, batches 1-256, 64 and 512 new tokens, against transformers"
+  for run in "64 2 70" "512 1 130"; do
+    read -r n repeats limit <<<"$run"
+    XLA_PYTHON_CLIENT_MEM_FRACTION=.45 timeout $limit python3 benchmarks/sampler.py --models tiny small \
+      --batches 1 8 64 256 --new_tokens $n --repeats $repeats --out "$OUT/sampler_grid.jsonl"
+  done
+}
+part_decode_flags() {
+  log "decode, Qwen3-0.6B shape, bfloat16: default XLA flags, then the decode loop as command buffers"
+  for flags in "" "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"; do
+    XLA_FLAGS="$flags" XLA_PYTHON_CLIENT_MEM_FRACTION=.45 timeout 60 python3 benchmarks/sampler.py \
+      --models qwen3-0.6b --dtype bfloat16 --batches 1 64 --new_tokens 128 --repeats 3 \
+      --no_transformers --out "$OUT/decode_flags.jsonl"
+  done
+}
+part_sampler_large() {
   log "sampler, Qwen3-0.6B shape, bfloat16, batches 8 and 256, 512 new tokens, against transformers"
   XLA_PYTHON_CLIENT_MEM_FRACTION=.45 timeout 200 python3 benchmarks/sampler.py --models qwen3-0.6b \
     --dtype bfloat16 --batches 8 256 --new_tokens 512 --repeats 1 --out "$OUT/sampler_large.jsonl"
-fi
-
-if want cli; then
+}
+part_cli() {
   log "the CLI on one GPU: quickstart shortened, bfloat16 compute, async checkpoints (auto)"
   args=()
   for stage in teacher warmstart opd; do
@@ -79,5 +84,16 @@ if want cli; then
   timeout 100 python3 -m opdjax.train --exp quickstart --workdir /tmp/qs_gpu "${args[@]}" 2>&1 \
     | grep -v "it/s\]$" | tail -25
   ls /tmp/qs_gpu/opd/checkpoints
-fi
+}
+
+log environment
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import jax, flax, optax, orbax.checkpoint as o, torch, transformers
+import opdjax.trainer  # fails here, in seconds, if a dependency is missing
+print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'optax', optax.__version__,
+      'torch', torch.__version__, 'transformers', transformers.__version__)" || exit 1
+
+for part in $PARTS; do
+  if declare -F "part_$part" >/dev/null; then "part_$part"; else log "unknown part: $part"; fi
+done
 log done

@@ -150,12 +150,17 @@ def trl_steps(tool: str, student_dir: str, teacher_dir: str, prompts, args) -> l
 
   times, started = [], []
 
+  sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
+  torch.set_float32_matmul_precision("high")  # TF32 on a GPU, as XLA's default precision
+
   class Timer(transformers.TrainerCallback):
 
     def on_step_begin(self, *_, **__):
+      sync()
       started.append(time.perf_counter())
 
     def on_step_end(self, *_, **__):
+      sync()  # the step's kernels have run, not only been queued
       times.append(time.perf_counter() - started[-1])
 
   with tempfile.TemporaryDirectory() as out:

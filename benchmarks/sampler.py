@@ -9,6 +9,12 @@ the line reports the fraction of generated tokens on which they agree.
     python benchmarks/sampler.py --batches 1 8 --new_tokens 32 --out sampler.jsonl
     python benchmarks/sampler.py --models qwen3-0.6b --dtype bfloat16 --batches 1 64   # GPU
 
+Each line records `XLA_FLAGS`, so runs that try compiler flags (for example command buffers
+that capture the decode loop as one CUDA graph) can be told apart:
+
+    XLA_FLAGS=--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL python benchmarks/sampler.py \
+        --models qwen3-0.6b --dtype bfloat16 --batches 1 64 --new_tokens 128 --no_transformers
+
 On an accelerator each line also gives the decode roofline: the bytes one decode step must
 read (every weight once, plus the filled KV cache) over the measured device-to-device copy
 bandwidth, as tokens/s, and the fraction of it reached (prefill included in the time).
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -157,7 +164,8 @@ def main(argv=None):
     )
     params_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     directory = tempfile.mkdtemp()
-    save_pretrained(model, directory)
+    if not args.no_transformers:
+      save_pretrained(model, directory)
     for batch in args.batches:
       prompts = jax.random.randint(
           jax.random.key(batch), (batch, args.prompt_len), 1, config.vocab_size
@@ -208,6 +216,7 @@ def main(argv=None):
                 batch=batch,
                 prompt_len=args.prompt_len,
                 new_tokens=args.new_tokens,
+                xla_flags=os.environ.get("XLA_FLAGS", ""),
                 params=sum(
                     int(np.prod(v.get_value().shape))
                     for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
