@@ -215,7 +215,9 @@ def cached_run(argv, out):
     env = dict(os.environ, OPDJAX_COMPILATION_CACHE=cache)
     command = [sys.executable, __file__, *argv, "--tools", "opdjax", "--use_cache"]
     for _ in range(2):
-      result = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+      result = subprocess.run(command, env=env, capture_output=True, text=True)
+      if result.returncode:  # show why: a bare CalledProcessError hides the child's error
+        sys.exit(f"{' '.join(command)} failed:\n{result.stderr[-4000:]}")
   emit(json.loads(result.stdout.strip().splitlines()[-1]), out)
 
 
