@@ -77,7 +77,8 @@ def torch_parts(c: int, h: int, v: int, repeats: int) -> dict[str, float]:
 
   torch.manual_seed(0)
   device = "cuda" if torch.cuda.is_available() else "cpu"
-  torch.set_float32_matmul_precision("high")  # TF32 on a GPU, as XLA's default precision
+  if device == "cuda":
+    torch.set_float32_matmul_precision("high")  # TF32, as XLA's default precision on a GPU
   randn = lambda *shape: torch.randn(*shape, device=device)
   hidden, t_hidden = randn(c, h), randn(c, h)
   kernel, t_kernel = randn(h, v) * h**-0.5, randn(h, v) * h**-0.5

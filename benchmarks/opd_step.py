@@ -150,8 +150,10 @@ def trl_steps(tool: str, student_dir: str, teacher_dir: str, prompts, args) -> l
 
   times, started = [], []
 
-  sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
-  torch.set_float32_matmul_precision("high")  # TF32 on a GPU, as XLA's default precision
+  sync = lambda: None
+  if torch.cuda.is_available():
+    sync = torch.cuda.synchronize
+    torch.set_float32_matmul_precision("high")  # TF32, as XLA's default precision on a GPU
 
   class Timer(transformers.TrainerCallback):
 

@@ -114,6 +114,8 @@ def time_transformers(directory, prompts, new_tokens, repeats, dtype):
   import transformers
 
   device = "cuda" if torch.cuda.is_available() else "cpu"
+  if device == "cuda":
+    torch.set_float32_matmul_precision("high")  # TF32, as XLA's default precision on a GPU
   model = (
       transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, dtype))
       .to(device)
