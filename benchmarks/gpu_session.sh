@@ -3,74 +3,88 @@
 # failure does not cost the others. JSON lines go to $OUT (default benchmarks/results/gpu).
 # Run from the repository root on a machine with jax[cuda], torch, trl and liger-kernel. PARTS
 # picks parts and their order (default: all, about 20 minutes on one H100), so that a short
-# lease runs the most wanted first:
+# lease runs the most wanted first. BUDGET (seconds) caps the whole script: each run gets
+# the smaller of its own limit and what is left, and is skipped under 20 s, so a lease's
+# limit never cuts a run off unannounced:
 #
-#     OUT=/tmp/gpu PARTS="opd_vs_trl decode_flags sampler_grid" bash benchmarks/gpu_session.sh
+#     OUT=/tmp/gpu BUDGET=560 PARTS="opd_vs_trl decode_flags sampler_grid" bash benchmarks/gpu_session.sh
 set -u
 OUT=${OUT:-benchmarks/results/gpu}
+BUDGET=${BUDGET:-100000}
 PARTS=${PARTS:-"fused opd_step opd_vs_trl opd_vs_trl_scanned rollout_ahead sampler sampler_grid decode_flags fused_sweep compile_depth sampler_large cli"}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-}:$PWD
 log() { echo "=== $(date +%T) $*"; }
+# `budget N command...`: runs the command under `timeout`, at most N seconds and at most
+# what BUDGET leaves; says so and skips it when under 20 s are left.
+budget() {
+  local limit=$1 left=$((BUDGET - SECONDS - 5))
+  shift
+  ((left < limit)) && limit=$left
+  if ((limit < 20)); then log "skipped (${left}s of BUDGET left): $*"; return 124; fi
+  timeout "$limit" "$@"
+}
 
 part_fused() {
   log "fused loss, float32, the issue's two shapes"
-  timeout 120 python3 benchmarks/fused_loss.py --repeats 10 --impls opdjax,opdjax_vjp,naive,liger \
+  budget 120 python3 benchmarks/fused_loss.py --repeats 10 --impls opdjax,opdjax_vjp,naive,liger \
     --out "$OUT/fused_loss.jsonl"
   log "fused loss, bfloat16, a Qwen3-1.7B head (H=2048, V=151,936)"
-  timeout 80 python3 benchmarks/fused_loss.py --repeats 10 --dtype bfloat16 --shapes 8192,2048,151936 \
+  budget 80 python3 benchmarks/fused_loss.py --repeats 10 --dtype bfloat16 --shapes 8192,2048,151936 \
     --impls opdjax,opdjax_vjp,naive,liger --out "$OUT/fused_loss.jsonl"
 }
 part_fused_sweep() {
   log "fused loss, bfloat16, Qwen3-1.7B head: tokens per chunk (0 = auto) against Liger"
-  timeout 150 python3 benchmarks/fused_loss.py --repeats 10 --dtype bfloat16 --shapes 8192,2048,151936 \
+  budget 150 python3 benchmarks/fused_loss.py --repeats 10 --dtype bfloat16 --shapes 8192,2048,151936 \
     --impls opdjax_vjp,liger --chunk_sizes 0,512,1024,2048,4096 --out "$OUT/fused_loss_sweep.jsonl"
 }
 part_opd_step() {
   log "one OPD step, Qwen3-0.6B shape, B=1 T=512, sampling included"
-  timeout 150 python3 benchmarks/opd_step_scale.py --sample --repeats 3 --out "$OUT/opd_step_scale.jsonl"
+  budget 150 python3 benchmarks/opd_step_scale.py --sample --repeats 3 --out "$OUT/opd_step_scale.jsonl"
 }
 part_opd_vs_trl() {
   log "one on-policy JSD(0.5) step against TRL's GKDTrainer (needs trl), float32, small shapes"
-  timeout 170 python3 benchmarks/opd_step.py --steps 8 --out "$OUT/opd_step.jsonl"
+  budget 170 python3 benchmarks/opd_step.py --steps 8 --out "$OUT/opd_step.jsonl"
 }
 part_opd_vs_trl_scanned() {
   log "the same opdjax step with scanned layers, cold and with a warm compilation cache"
-  timeout 110 python3 benchmarks/opd_step.py --steps 8 --tools opdjax opdjax_cached \
+  budget 110 python3 benchmarks/opd_step.py --steps 8 --tools opdjax opdjax_cached \
     --scan_layers --out "$OUT/opd_step.jsonl"
 }
 part_rollout_ahead() {
   log "trainer steps/s with and without train.rollout_ahead (opd sampled, grpo), small models"
-  timeout 140 python3 benchmarks/rollout_ahead.py --steps 100 --out "$OUT/rollout_ahead.jsonl"
+  budget 140 python3 benchmarks/rollout_ahead.py --steps 100 --out "$OUT/rollout_ahead.jsonl"
 }
 part_compile_depth() {
   log "compile time and program size against depth, per-layer vs scanned"
-  timeout 90 python3 benchmarks/compile_depth.py --out "$OUT/compile_depth.jsonl"
+  budget 90 python3 benchmarks/compile_depth.py --out "$OUT/compile_depth.jsonl"
 }
 part_sampler() {
   log "sampler, Qwen3-0.6B shape, bfloat16, against transformers"
-  XLA_PYTHON_CLIENT_MEM_FRACTION=.45 timeout 130 python3 benchmarks/sampler.py --models qwen3-0.6b \
+  XLA_PYTHON_CLIENT_MEM_FRACTION=.45 budget 130 python3 benchmarks/sampler.py --models qwen3-0.6b \
     --dtype bfloat16 --batches 1 64 --new_tokens 128 --repeats 2 --out "$OUT/sampler.jsonl"
 }
 part_sampler_grid() {
   log "sampler, tiny and small models, float32, batches 1-256, 64 and 512 new tokens, against transformers"
-  for run in "64 2 70" "512 1 130"; do
-    read -r n repeats limit <<<"$run"
-    XLA_PYTHON_CLIENT_MEM_FRACTION=.45 timeout $limit python3 benchmarks/sampler.py --models tiny small \
+  for run in "tiny 64 2 80" "small 64 2 80" "tiny 512 1 100" "small 512 1 140"; do
+    read -r model n repeats limit <<<"$run"
+    XLA_PYTHON_CLIENT_MEM_FRACTION=.45 budget $limit python3 benchmarks/sampler.py --models $model \
       --batches 1 8 64 256 --new_tokens $n --repeats $repeats --out "$OUT/sampler_grid.jsonl"
   done
 }
 part_decode_flags() {
   log "decode, Qwen3-0.6B shape, bfloat16: default XLA flags, then the decode loop as command buffers"
   for flags in "" "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"; do
-    XLA_FLAGS="$flags" XLA_PYTHON_CLIENT_MEM_FRACTION=.45 timeout 60 python3 benchmarks/sampler.py \
-      --models qwen3-0.6b --dtype bfloat16 --batches 1 64 --new_tokens 128 --repeats 3 \
-      --no_transformers --out "$OUT/decode_flags.jsonl"
+    for batch in 1 64; do  # one process each: a compile is ~21 s on an H100
+      XLA_FLAGS="$flags" XLA_PYTHON_CLIENT_MEM_FRACTION=.45 budget 60 python3 benchmarks/sampler.py \
+        --models qwen3-0.6b --dtype bfloat16 --batches $batch --new_tokens 128 --repeats 3 \
+        --no_transformers --out "$OUT/decode_flags.jsonl"
+    done
   done
 }
 part_sampler_large() {
   log "sampler, Qwen3-0.6B shape, bfloat16, batches 8 and 256, 512 new tokens, against transformers"
-  XLA_PYTHON_CLIENT_MEM_FRACTION=.45 timeout 200 python3 benchmarks/sampler.py --models qwen3-0.6b \
+  XLA_PYTHON_CLIENT_MEM_FRACTION=.45 budget 200 python3 benchmarks/sampler.py --models qwen3-0.6b \
     --dtype bfloat16 --batches 8 256 --new_tokens 512 --repeats 1 --out "$OUT/sampler_large.jsonl"
 }
 part_cli() {
@@ -81,7 +95,7 @@ part_cli() {
            --exp.stages.$stage.teacher.param_dtype=bfloat16 --exp.stages.$stage.train.steps=40
            --exp.stages.$stage.train.save_every=20 --exp.stages.$stage.eval.every=40)
   done
-  timeout 100 python3 -m opdjax.train --exp quickstart --workdir /tmp/qs_gpu "${args[@]}" 2>&1 \
+  budget 100 python3 -m opdjax.train --exp quickstart --workdir /tmp/qs_gpu "${args[@]}" 2>&1 \
     | grep -v "it/s\]$" | tail -25
   ls /tmp/qs_gpu/opd/checkpoints
 }
