@@ -1,0 +1,102 @@
+"""One decode step's attention: `models.decoder.attend_one` against torch's SDPA, JSON lines.
+
+A decode step attends one query per row over the filled part of the KV cache. At large
+batches on a CPU this dominates the step of a small model, so this times it alone: for
+each filled length, opdjax's `attend_one` (the smallest 128-slot window holding the filled
+slots, float32 softmax) and `torch.nn.functional.scaled_dot_product_attention` over the
+same filled slots (GQA heads expanded, as transformers' eager path does), same shapes.
+
+    python benchmarks/decode_attention.py --out benchmarks/results/decode_attention_cpu_2core.jsonl
+    python benchmarks/decode_attention.py --batch 64 --kv_heads 4 --groups 2 --head_dim 32
+
+The default shape is the `tiny` sampler model's at batch 256 (2 KV heads, 2 query heads
+per KV head, head dim 16) with a 640-slot cache. Milliseconds are the best of `--repeats`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from _jsonl import emit  # benchmarks/, next to this script
+
+from opdjax.models.decoder import attend_one
+
+
+def best_ms(fn, repeats: int) -> float:
+  fn()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return min(times) * 1e3
+
+
+def time_both(filled, repeats, *, batch, kv_heads, groups, head_dim, slots) -> dict:
+  """Milliseconds of opdjax's and torch's attention for one query per row over `filled`
+  of `slots` cache slots."""
+  import torch
+
+  keys = jax.random.split(jax.random.key(0), 3)
+  q = jax.random.normal(keys[0], (batch, 1, kv_heads * groups, head_dim))
+  cache_k = jax.random.normal(keys[1], (batch, kv_heads, slots, head_dim))
+  cache_v = jax.random.normal(keys[2], (batch, kv_heads, slots, head_dim))
+  mask = jnp.broadcast_to(jnp.arange(slots) < filled, (batch, 1, slots))
+  step = jax.jit(attend_one)
+  tq = torch.from_numpy(np.array(q)).transpose(1, 2)  # [B, H, 1, Dh]
+  expand = lambda x: torch.from_numpy(np.array(x[:, :, :filled])).repeat_interleave(groups, 1)
+  tk, tv = expand(cache_k), expand(cache_v)
+  return {
+      "opdjax": best_ms(
+          lambda: jax.block_until_ready(step(q, cache_k, cache_v, mask, jnp.int32(filled))),
+          repeats,
+      ),
+      "torch_sdpa": best_ms(
+          lambda: torch.nn.functional.scaled_dot_product_attention(tq, tk, tv), repeats
+      ),
+  }
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--batch", type=int, default=256)
+  parser.add_argument("--kv_heads", type=int, default=2)
+  parser.add_argument("--groups", type=int, default=2, help="query heads per KV head")
+  parser.add_argument("--head_dim", type=int, default=16)
+  parser.add_argument("--slots", type=int, default=640, help="cache slots (S)")
+  parser.add_argument("--filled", type=int, nargs="+", default=[100, 300, 600])
+  parser.add_argument("--repeats", type=int, default=20)
+  parser.add_argument("--out", default=None)
+  args = parser.parse_args()
+  shape = dict(
+      batch=args.batch,
+      kv_heads=args.kv_heads,
+      groups=args.groups,
+      head_dim=args.head_dim,
+      slots=args.slots,
+  )
+  for filled in args.filled:
+    for impl, ms in time_both(filled, args.repeats, **shape).items():
+      emit(
+          dict(
+              benchmark="decode_attention",
+              impl=impl,
+              **shape,
+              filled=filled,
+              ms=round(ms, 3),
+              device=str(jax.devices()[0].device_kind) if impl == "opdjax" else "cpu",
+              cpus=os.cpu_count(),
+              machine=platform.machine(),
+          ),
+          args.out,
+      )
+
+
+if __name__ == "__main__":
+  main()
