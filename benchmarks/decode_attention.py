@@ -3,8 +3,8 @@
 A decode step attends one query per row over the filled part of the KV cache. At large
 batches on a CPU this dominates the step of a small model, so this times it alone: for
 each filled length, opdjax's `attend_one` (the smallest 128-slot window holding the filled
-slots, float32 softmax) and `torch.nn.functional.scaled_dot_product_attention` over the
-same filled slots (GQA heads expanded, as transformers' eager path does), same shapes.
+slots, float32 softmax) and `torch.nn.functional.scaled_dot_product_attention` (on the
+CPU) over the same filled slots, GQA heads expanded as transformers' eager path does.
 
     python benchmarks/decode_attention.py --out benchmarks/results/decode_attention_cpu_2core.jsonl
     python benchmarks/decode_attention.py --batch 64 --kv_heads 4 --groups 2 --head_dim 32
@@ -18,24 +18,14 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from _jsonl import emit  # benchmarks/, next to this script
+from _timing import best_seconds
 
 from opdjax.models.decoder import attend_one
-
-
-def best_ms(fn, repeats: int) -> float:
-  fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return min(times) * 1e3
 
 
 def time_both(filled, repeats, *, batch, kv_heads, groups, head_dim, slots) -> dict:
@@ -49,17 +39,15 @@ def time_both(filled, repeats, *, batch, kv_heads, groups, head_dim, slots) -> d
   cache_v = jax.random.normal(keys[2], (batch, kv_heads, slots, head_dim))
   mask = jnp.broadcast_to(jnp.arange(slots) < filled, (batch, 1, slots))
   step = jax.jit(attend_one)
+  length = jnp.int32(filled)
   tq = torch.from_numpy(np.array(q)).transpose(1, 2)  # [B, H, 1, Dh]
   expand = lambda x: torch.from_numpy(np.array(x[:, :, :filled])).repeat_interleave(groups, 1)
   tk, tv = expand(cache_k), expand(cache_v)
+  opdjax = lambda: jax.block_until_ready(step(q, cache_k, cache_v, mask, length))
+  sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(tq, tk, tv)
   return {
-      "opdjax": best_ms(
-          lambda: jax.block_until_ready(step(q, cache_k, cache_v, mask, jnp.int32(filled))),
-          repeats,
-      ),
-      "torch_sdpa": best_ms(
-          lambda: torch.nn.functional.scaled_dot_product_attention(tq, tk, tv), repeats
-      ),
+      "opdjax": best_seconds(opdjax, repeats) * 1e3,
+      "torch_sdpa": best_seconds(sdpa, repeats) * 1e3,
   }
 
 

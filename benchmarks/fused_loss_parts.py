@@ -26,26 +26,16 @@ import argparse
 import math
 import os
 import platform
-import time
 
 import jax
 import jax.numpy as jnp
 from _jsonl import emit  # benchmarks/, next to this script
+from _timing import best_seconds
 
 from opdjax import objectives as obj
 
 BETA = 0.5
 TOKENS = 8192
-
-
-def best_seconds(fn, repeats: int) -> float:
-  fn()  # compile / warm up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return min(times)
 
 
 def jax_parts(c: int, h: int, v: int, repeats: int) -> dict[str, float]:
