@@ -19,7 +19,12 @@ Tools (one JSON line each):
   gradient checkpointing off (its fastest setting here); the step is timed from
   `on_step_begin` to `on_step_end`, the optimizer step included;
 - `trl_default`: the same with TRL's default `gradient_checkpointing=True`, which also
-  turns off the KV cache in `generate`.
+  turns off the KV cache in `generate`;
+- `trl_distill`: TRL's maintained `DistillationTrainer(beta=0.5, temperature=1)`, which
+  TRL recommends over `GKDTrainer` for this on-policy configuration (always on-policy; a
+  chunked loss), gradient checkpointing off. It takes text prompts, so the token ids are
+  spelled as words of one width (`t000` … `t511`) and tokenised back to the same ids;
+  completions run their full length through `min_new_tokens`.
 
 Each line gives the first step's seconds and the median of the others. The default shapes:
 student 4 layers × 256, teacher 8 layers × 512, V = 512, 16 prompts of 16 tokens, 64 new
@@ -59,7 +64,7 @@ from opdjax.models.decoder import stack_layers
 from opdjax.models.hf import abstract_model
 from opdjax.sampling import SamplingParams, generate
 
-TOOLS = ("opdjax", "opdjax_cached", "trl", "trl_default")
+TOOLS = ("opdjax", "opdjax_cached", "trl", "trl_default", "trl_distill")
 BETA = 0.5
 LEARNING_RATE = 1e-5
 
@@ -122,31 +127,15 @@ def opdjax_steps(student: Decoder, teacher: Decoder, prompts: np.ndarray, args) 
 
 
 def trl_steps(tool: str, student_dir: str, teacher_dir: str, prompts, args) -> list[float]:
-  """Seconds of each `GKDTrainer` step (on_step_begin → on_step_end)."""
-  import datasets
-  import tokenizers
+  """Seconds of each TRL trainer step (on_step_begin → on_step_end)."""
   import torch
   import transformers
-  from trl.experimental.gkd import GKDConfig, GKDTrainer
 
   torch.manual_seed(0)
-  vocab = {str(i): i for i in range(args.vocab)}
-  tokenizer = transformers.PreTrainedTokenizerFast(
-      tokenizer_object=tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="0")),
-      pad_token="0",
-  )
   load = lambda d: transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
   student, teacher = load(student_dir), load(teacher_dir)
   for model in (student, teacher):
     model.generation_config.eos_token_id = None
-
-  def collate(rows):
-    ids = torch.tensor([row["prompt"] for row in rows])
-    ones = torch.ones_like(ids)
-    # lmbda = 1: training_step replaces input_ids/attention_mask/labels by the sample.
-    return dict(
-        input_ids=ids, attention_mask=ones, labels=ids, prompts=ids, prompt_attention_mask=ones
-    )
 
   times, started = [], []
 
@@ -166,16 +155,13 @@ def trl_steps(tool: str, student_dir: str, teacher_dir: str, prompts, args) -> l
       times.append(time.perf_counter() - started[-1])
 
   with tempfile.TemporaryDirectory() as out:
-    config = GKDConfig(
+    common = dict(
         output_dir=out,
         per_device_train_batch_size=len(prompts),
         max_steps=args.steps,
         learning_rate=LEARNING_RATE,
-        lmbda=1.0,
         beta=BETA,
         temperature=1.0,
-        max_new_tokens=args.new_tokens,
-        max_length=None,
         report_to=[],
         save_strategy="no",
         logging_strategy="no",
@@ -186,18 +172,80 @@ def trl_steps(tool: str, student_dir: str, teacher_dir: str, prompts, args) -> l
         gradient_checkpointing=tool == "trl_default",
         seed=0,
     )
-    data = datasets.Dataset.from_dict({"prompt": [list(map(int, row)) for row in prompts]})
-    trainer = GKDTrainer(
-        model=student,
-        teacher_model=teacher,
-        args=config,
-        data_collator=collate,
-        train_dataset=data,
-        processing_class=tokenizer,
-        callbacks=[Timer()],
-    )
+    if tool == "trl_distill":
+      trainer = distillation_trainer(student, teacher, prompts, args, common)
+    else:
+      trainer = gkd_trainer(student, teacher, prompts, args, common)
+    trainer.add_callback(Timer())
     trainer.train()
   return times
+
+
+def gkd_trainer(student, teacher, prompts, args, common):
+  """`GKDTrainer(lmbda=1)` on token-id prompts (its collator takes them as they are)."""
+  import datasets
+  import tokenizers
+  import torch
+  import transformers
+  from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+  vocab = {str(i): i for i in range(args.vocab)}
+  tokenizer = transformers.PreTrainedTokenizerFast(
+      tokenizer_object=tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="0")),
+      pad_token="0",
+  )
+
+  def collate(rows):
+    ids = torch.tensor([row["prompt"] for row in rows])
+    ones = torch.ones_like(ids)
+    # lmbda = 1: training_step replaces input_ids/attention_mask/labels by the sample.
+    return dict(
+        input_ids=ids, attention_mask=ones, labels=ids, prompts=ids, prompt_attention_mask=ones
+    )
+
+  config = GKDConfig(lmbda=1.0, max_new_tokens=args.new_tokens, max_length=None, **common)
+  data = datasets.Dataset.from_dict({"prompt": [list(map(int, row)) for row in prompts]})
+  return GKDTrainer(
+      model=student,
+      teacher_model=teacher,
+      args=config,
+      data_collator=collate,
+      train_dataset=data,
+      processing_class=tokenizer,
+  )
+
+
+def distillation_trainer(student, teacher, prompts, args, common):
+  """`DistillationTrainer` on text prompts that tokenise to the same ids: each id is a word
+  of one width, so no token (the pad and EOS among them) is a substring of another."""
+  import datasets
+  import tokenizers
+  import transformers
+  from trl import DistillationConfig, DistillationTrainer
+
+  width = len(str(args.vocab - 1))
+  word = lambda i: f"t{int(i):0{width}d}"
+  words = tokenizers.Tokenizer(
+      tokenizers.models.WordLevel({word(i): i for i in range(args.vocab)}, unk_token=word(0))
+  )
+  words.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+  # It needs an EOS id; min_new_tokens keeps every completion at full length, as opdjax's.
+  tokenizer = transformers.PreTrainedTokenizerFast(
+      tokenizer_object=words, pad_token=word(0), eos_token=word(args.vocab - 1)
+  )
+  config = DistillationConfig(
+      max_completion_length=args.new_tokens,
+      generation_kwargs={"min_new_tokens": args.new_tokens},
+      **common,
+  )
+  data = datasets.Dataset.from_dict({"prompt": [" ".join(map(word, row)) for row in prompts]})
+  return DistillationTrainer(
+      model=student,
+      teacher_model=teacher,
+      args=config,
+      train_dataset=data,
+      processing_class=tokenizer,
+  )
 
 
 def cached_run(argv, out):
