@@ -10,7 +10,8 @@ each by the `8192 / C` chunks of the benchmark's (8192, H, V) shape:
     formula);
   * `grad_hidden`: `dlogits [C, V] @ kernelᵀ`;
   * `grad_kernel_accumulate`: `acc [H, V] += hiddenᵀ @ dlogits`, the head's gradient summed
-    over chunks (torch: `addmm_`, which accumulates inside the matrix product; XLA forms the
+    over chunks, in place on both sides (JAX: `acc` donated, as the fused loss's scan
+    carries it; torch: `addmm_`, which accumulates inside the matrix product; XLA forms the
     product, then adds it).
 
     python benchmarks/fused_loss_parts.py --out benchmarks/results/fused_loss_parts_cpu_2core.jsonl
@@ -48,17 +49,22 @@ def jax_parts(c: int, h: int, v: int, repeats: int) -> dict[str, float]:
   jsd = lambda s, t: jnp.sum(obj.generalized_jsd(s, t, beta=BETA))
   value_and_grad = jax.jit(lambda s, t: jax.value_and_grad(jsd)(s, t))
   grad_hidden = jax.jit(lambda g, w: g @ w.T)
-  accumulate = jax.jit(lambda acc, x, g: acc + x.T @ g)
+  # In place, as the fused loss's scan carries it (`acc` donated).
+  accumulate = jax.jit(lambda acc, x, g: acc + x.T @ g, donate_argnums=0)
   s, t = matmul(hidden, kernel), matmul(t_hidden, t_kernel)
   g = value_and_grad(s, t)[1]
-  acc = jnp.zeros((h, v))
+  acc = [jnp.zeros((h, v))]
+
+  def accumulate_in_place():
+    acc[0] = jax.block_until_ready(accumulate(acc[0], hidden, g))
+
   run = lambda fn, *args: lambda: jax.block_until_ready(fn(*args))
   return {
       "student_logits": best_seconds(run(matmul, hidden, kernel), repeats),
       "teacher_logits": best_seconds(run(matmul, t_hidden, t_kernel), repeats),
       "jsd_value_and_grad": best_seconds(run(value_and_grad, s, t), repeats),
       "grad_hidden": best_seconds(run(grad_hidden, g, kernel), repeats),
-      "grad_kernel_accumulate": best_seconds(run(accumulate, acc, hidden, g), repeats),
+      "grad_kernel_accumulate": best_seconds(accumulate_in_place, repeats),
   }
 
 
