@@ -49,8 +49,8 @@ def drift_kl(teacher: obj.Head, current: obj.Head, targets: recipes.Targets):
 class Sampled(NamedTuple):
   """A rollout's completions, dispatched but not read back (`train.rollout_ahead`)."""
 
-  batch: dict  # this process's prompt rows (host): prompt_tokens [b, P], index [b], ...
-  rows: dict  # the global batch, each prompt repeated for its group: [B·G, ...]
+  local: dict  # this process's rows (host), each prompt repeated for its group: index [b·G], ...
+  rows: dict  # the global batch of those rows: [B·G, ...]
   gen: Generation | None  # [B·G, N] completions; None for dataset answers
 
 
@@ -135,10 +135,11 @@ class Rollouts:
     samples of the teacher or of the student with `params`); nothing is read back yet."""
     recipe = self.recipe
     batch = next(self.data)
-    rows = self._to_global(repeat_rows(batch, recipe.group_size))  # a group's rows share a prompt
+    local = repeat_rows(batch, recipe.group_size)  # a group's rows share a prompt
+    rows = self._to_global(local)
     source = recipe.source_at(self.config.seed, step)
     if source == "dataset":
-      return Sampled(batch, rows, None)
+      return Sampled(local, rows, None)
     if source == "teacher":
       model = self.teacher
     else:
@@ -155,21 +156,20 @@ class Rollouts:
         sampling=self.sampling,
         num_samples=recipe.group_size,
     )  # one prefill per prompt
-    return Sampled(batch, rows, gen)
+    return Sampled(local, rows, gen)
 
   def score(self, sampled: Sampled, params, extra) -> Rollout:
     """The rollout a step trains on: the completions joined to their prompts (with their
     rewards, read back and verified on the host), and the frozen models' hidden states."""
     recipe = self.recipe
-    batch, rows, gen = sampled
+    local, rows, gen = sampled
     prompts, prompt_mask = rows["prompt_tokens"], rows["prompt_mask"]
     if gen is None:
       seq = join(prompts, prompt_mask, rows["answer_tokens"], rows["answer_mask"])
     else:
       rewards = None
       if recipe.reward:  # each process scores its own rows
-        indices = repeat_rows(batch, recipe.group_size)["index"]
-        answers = [self.train_set.answers[i] for i in indices]
+        answers = [self.train_set.answers[i] for i in local["index"]]
         scorer = evaluation.REWARDS[recipe.reward]
         tokenizer = self.run_setup.tokenizer
         rewards = self._to_global(np.asarray(scorer(tokenizer, gen, answers), np.float32))
@@ -185,9 +185,9 @@ class Rollouts:
     seq = self._put(seq)
     if recipe.self_teacher:
       return Rollout(seq, *self._self_teacher_heads(rows, params, extra, seq))
-    return Rollout(seq, self._frozen_heads(*recipes.inputs_of(seq), rows, batch), None)
+    return Rollout(seq, self._frozen_heads(*recipes.inputs_of(seq), rows, local), None)
 
-  def _frozen_heads(self, tokens, mask, rows, batch):
+  def _frozen_heads(self, tokens, mask, rows, local):
     """`{role: Head}` of a rollout: each frozen model's `[B, T, H]` hidden states (never
     `[B, T, V]`), laid out as the memory plan compiled the step; routed teachers as one."""
     heads = {}
@@ -200,7 +200,7 @@ class Rollouts:
         continue
       # Each teacher runs on its own rows only; the route is read from the host batch (every
       # process's rows), not copied back from the device.
-      route = distributed.all_rows(repeat_rows(batch, self.recipe.group_size)["route"])
+      route = distributed.all_rows(local["route"])
       hidden = []
       for k, name in enumerate(names):
         model = self.frozen[name]
