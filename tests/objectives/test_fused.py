@@ -199,7 +199,14 @@ def test_recipe_loss_and_metrics_fused_equal_full(variant):
     np.testing.assert_allclose(g_t, g_u, rtol=1e-5, atol=1e-6)
 
 
-def test_one_pass_sum_equals_the_rematerialised_path():
+# The one-pass loss's head backward: one product (the GPU/TPU form), and blocks of the
+# vocabulary (the CPU form) with V = 19 = 3 blocks of 5 and a shorter last one.
+HEAD_BLOCKS = pytest.mark.parametrize("head_block", [0, 5], ids=["one_product", "blocks_of_5"])
+
+
+@HEAD_BLOCKS
+def test_one_pass_sum_equals_the_rematerialised_path(head_block, monkeypatch):
+  monkeypatch.setitem(obj.fused.HEAD_BLOCK, jax.default_backend(), head_block)
   hidden, kernel, t_hidden, t_kernel, vocab_mask, targets = _problem(3)
   weights = targets.mask / jnp.sum(targets.mask)
   fn = lambda s, t, a: {
@@ -365,9 +372,11 @@ def test_compiled_opd_step_at_qwen3_vocabulary_holds_no_full_logits(recipe_kwarg
   assert temp < 1e9, f"temporaries {temp / 1e9:.2f} GB"
 
 
-def test_bfloat16_hidden_states_get_bfloat16_gradients():
+@HEAD_BLOCKS
+def test_bfloat16_hidden_states_get_bfloat16_gradients(head_block, monkeypatch):
   """Mixed precision: bf16 hidden/head in, float32 loss, gradients in the inputs' dtype and
   close to the float32 computation, on both fused paths."""
+  monkeypatch.setitem(obj.fused.HEAD_BLOCK, jax.default_backend(), head_block)
   hidden, kernel, t_hidden, t_kernel, _, targets = _problem(4)
   weights = targets.mask / jnp.sum(targets.mask)
   fn = lambda s, t, a: {"loss": obj.reverse_kl(s, t)}
