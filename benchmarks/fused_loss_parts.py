@@ -1,8 +1,9 @@
 """Where one chunk of the fused JSD(β=0.5) loss spends its time, JAX against torch.
 
-`benchmarks/fused_loss.py` times the whole loss; this times its parts for one chunk of `C`
-tokens (H hidden, V vocabulary, float32), each as its own compiled program, and scales
-each by the `8192 / C` chunks of the benchmark's (8192, H, V) shape:
+`benchmarks/fused_loss.py` times the whole loss; this times its parts for the chunks of
+`C` tokens (H hidden, V vocabulary, float32) of the benchmark's (8192, H, V) shape. JAX
+runs each part over all `8192 / C` chunks in one program, as the loss's scan does (see
+`jax_parts`); torch runs it chunk by chunk, eagerly, its allocator reusing memory:
 
   * `student_logits`, `teacher_logits`: `[C, H] @ [H, V]`;
   * `jsd_value_and_grad`: the divergence and its gradient w.r.t. the student's logits
@@ -10,20 +11,23 @@ each by the `8192 / C` chunks of the benchmark's (8192, H, V) shape:
     formula);
   * `grad_hidden`: `dlogits [C, V] @ kernelᵀ`;
   * `grad_kernel_accumulate`: `acc [H, V] += hiddenᵀ @ dlogits`, the head's gradient summed
-    over chunks, in place on both sides (JAX: `acc` donated, as the fused loss's scan
-    carries it; torch: `addmm_`, which accumulates inside the matrix product; XLA forms the
-    product, then adds it).
+    over chunks (torch: `addmm_`, which accumulates inside the matrix product; XLA's CPU
+    backend forms the product, then adds it);
+  * `head_backward`: the two above together, as `objectives.fused.head_backward` runs
+    them; on a CPU also `head_backward_blocks_of_N`, the same over vocabulary blocks
+    (`objectives.fused.HEAD_BLOCK`), which the loss uses there.
 
     python benchmarks/fused_loss_parts.py --out benchmarks/results/fused_loss_parts_cpu_2core.jsonl
     python benchmarks/fused_loss_parts.py --chunk 1024
 
-One JSON line per (framework, part): milliseconds per chunk (best of `--repeats`) and the
-seconds for all chunks. About 1 minute on 2 CPU cores.
+One JSON line per (framework, part): milliseconds per chunk (best of `--repeats`, divided
+by the chunks) and the seconds for all chunks. About 2 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import platform
@@ -40,32 +44,62 @@ TOKENS = 8192
 
 
 def jax_parts(c: int, h: int, v: int, repeats: int) -> dict[str, float]:
+  """Seconds per chunk of each part. Each part runs all `TOKENS / c` chunks in one program
+  (a `fori_loop`, as the loss's scan runs them), so its buffers are allocated once: a
+  program per chunk would pay for fresh output pages on every call (for the `[H, V]`
+  head gradient, 128 MB a chunk at the default shape), which the loss does not. Each
+  chunk's input is scaled by `1 + i·2⁻²⁰` so that XLA cannot hoist the work out of the
+  loop; the scaling is one elementwise pass over the input (`head_backward` scales the
+  logits' gradient, which both of its products read)."""
   ks = jax.random.split(jax.random.key(0), 4)
   hidden = jax.random.normal(ks[0], (c, h))
   kernel = jax.random.normal(ks[1], (h, v)) * h**-0.5
   t_hidden = jax.random.normal(ks[2], (c, h))
   t_kernel = jax.random.normal(ks[3], (h, v)) * h**-0.5
-  matmul = jax.jit(lambda a, b: a @ b)
+  chunks = TOKENS // c
   jsd = lambda s, t: jnp.sum(obj.generalized_jsd(s, t, beta=BETA))
-  value_and_grad = jax.jit(lambda s, t: jax.value_and_grad(jsd)(s, t))
-  grad_hidden = jax.jit(lambda g, w: g @ w.T)
-  # In place, as the fused loss's scan carries it (`acc` donated).
-  accumulate = jax.jit(lambda acc, x, g: acc + x.T @ g, donate_argnums=0)
-  s, t = matmul(hidden, kernel), matmul(t_hidden, t_kernel)
-  g = value_and_grad(s, t)[1]
-  acc = [jnp.zeros((h, v))]
+  s, t = hidden @ kernel, t_hidden @ t_kernel
+  g = jax.grad(jsd)(s, t)
+  block = obj.fused.HEAD_BLOCK.get(jax.default_backend(), 0)
 
-  def accumulate_in_place():
-    acc[0] = jax.block_until_ready(accumulate(acc[0], hidden, g))
+  def looped(part, carry, x, *operands):
+    """A program running `carry = part(carry, x · (1 + i·2⁻²⁰), *operands)` for every
+    chunk i (the arrays are arguments: as constants XLA would fold the products away)."""
 
-  run = lambda fn, *args: lambda: jax.block_until_ready(fn(*args))
-  return {
-      "student_logits": best_seconds(run(matmul, hidden, kernel), repeats),
-      "teacher_logits": best_seconds(run(matmul, t_hidden, t_kernel), repeats),
-      "jsd_value_and_grad": best_seconds(run(value_and_grad, s, t), repeats),
-      "grad_hidden": best_seconds(run(grad_hidden, g, kernel), repeats),
-      "grad_kernel_accumulate": best_seconds(accumulate_in_place, repeats),
+    def program(carry, x, *operands):
+      scaled = lambda i: x * (1 + i * 2.0**-20)
+      return jax.lax.fori_loop(0, chunks, lambda i, c: part(c, scaled(i), *operands), carry)
+
+    run = jax.jit(program)
+    jax.block_until_ready(run(carry, x, *operands))
+    return lambda: jax.block_until_ready(run(carry, x, *operands))
+
+  def value_and_grad(total, s, t):
+    value, grad = jax.value_and_grad(jsd)(s, t)
+    return total + value + grad[0, 0]
+
+  def head_backward(carry, g, hidden, kernel, *, block):  # g varies: both products do
+    grad_hidden, grad_kernel = obj.fused.head_backward(hidden, kernel, g, carry[1], block=block)
+    return carry[0] + grad_hidden, grad_kernel
+
+  zero = jnp.float32(0)
+  both = (jnp.zeros((c, h)), jnp.zeros((h, v)))
+  logits = lambda total, x, w: total + jnp.sum(x @ w)
+  programs = {
+      "student_logits": looped(logits, zero, hidden, kernel),
+      "teacher_logits": looped(logits, zero, t_hidden, t_kernel),
+      "jsd_value_and_grad": looped(value_and_grad, zero, s, t),
+      "grad_hidden": looped(lambda acc, g, w: acc + g @ w.T, jnp.zeros((c, h)), g, kernel),
+      "grad_kernel_accumulate": looped(
+          lambda acc, x, g: acc + x.T @ g, jnp.zeros((h, v)), hidden, g
+      ),
+      "head_backward": looped(functools.partial(head_backward, block=0), both, g, hidden, kernel),
   }
+  if block:
+    programs[f"head_backward_blocks_of_{block}"] = looped(
+        functools.partial(head_backward, block=block), both, g, hidden, kernel
+    )
+  return {name: best_seconds(program, repeats) / chunks for name, program in programs.items()}
 
 
 def torch_parts(c: int, h: int, v: int, repeats: int) -> dict[str, float]:
@@ -99,6 +133,9 @@ def torch_parts(c: int, h: int, v: int, repeats: int) -> dict[str, float]:
       "jsd_value_and_grad": best_seconds(timed(value_and_grad), repeats),
       "grad_hidden": best_seconds(timed(lambda: g @ kernel.T), repeats),
       "grad_kernel_accumulate": best_seconds(timed(lambda: acc.addmm_(hidden.T, g)), repeats),
+      "head_backward": best_seconds(
+          timed(lambda: (g @ kernel.T, acc.addmm_(hidden.T, g))), repeats
+      ),
   }
 
 
