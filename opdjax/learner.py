@@ -3,6 +3,7 @@ it from shapes before anything is allocated (`check_memory`)."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import math
 from typing import Callable, NamedTuple
@@ -11,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from tqdm.auto import tqdm
 
 from opdjax import memory, recipes, sharding
 from opdjax import objectives as obj
@@ -166,6 +168,19 @@ def memory_plan(config, run_setup: Setup) -> Plan:
   """Per-device bytes of each part of a step (`opdjax.memory`), from shapes alone: nothing
   is allocated. The train step is compiled here, and the run calls that executable, which
   refuses (rather than recompiles) arguments laid out otherwise."""
+  terms, lower = shape_terms(config, run_setup)
+  compiled = lower().compile()
+  return Plan(with_temporaries(terms, compiled), compiled)
+
+
+def with_temporaries(terms: dict[str, int], compiled) -> dict[str, int]:
+  """`terms` and the compiled train step's temporaries (XLA's `memory_analysis()`)."""
+  return terms | {"train step temporaries": int(compiled.memory_analysis().temp_size_in_bytes)}
+
+
+def shape_terms(config, run_setup: Setup) -> tuple[dict[str, int], Callable]:
+  """The plan's terms that shapes alone give, and a function lowering the train step for
+  the abstract arguments the run will pass it."""
   recipe, mesh = run_setup.recipe, run_setup.mesh
   abstract = {}
   for role in run_setup.sections:
@@ -227,9 +242,7 @@ def memory_plan(config, run_setup: Setup) -> Plan:
       microbatches=config.train.microbatches,
       chunk_size=config.train.loss_chunk_size,
   )
-  compiled = step.lower(params, opt_state, seq, frozen or None).compile()
-  terms["train step temporaries"] = int(compiled.memory_analysis().temp_size_in_bytes)
-  return Plan(terms, compiled)
+  return terms, lambda: step.lower(params, opt_state, seq, frozen or None)
 
 
 def kv_cache_bytes(config, run_setup: Setup) -> int:
@@ -271,12 +284,49 @@ def kv_cache_bytes(config, run_setup: Setup) -> int:
   return max((size(*use) for use in uses), default=0)
 
 
-def check_memory(config, run_setup: Setup, *, quiet: bool) -> Plan:
-  """Prints the memory plan (unless quiet) and stops with one line if it does not fit."""
-  plan = memory_plan(config, run_setup)
-  terms = plan.terms
+def check_memory(config, run_setup: Setup, *, quiet: bool, background: bool = False) -> Plan:
+  """Prints the memory plan (unless quiet) and stops with one line if it does not fit.
+
+  With `background`, the terms that shapes give are checked now, and the train step is
+  traced and compiled in a thread while the run builds its models and samples its first
+  rollout (XLA compiles without holding Python's lock); the first call of
+  `Plan.train_step` waits for it, then prints and checks the whole plan before the first
+  update. A run's first step then costs about the longest of its compilations rather than
+  their sum.
+  """
   limit = int(config.train.memory_limit_gb * 1e9) or memory.device_limit_bytes()
-  if not quiet:
-    print(memory.format_plan(terms, limit))
+  if not background:
+    plan = memory_plan(config, run_setup)
+    if not quiet:
+      print(memory.format_plan(plan.terms, limit))
+    memory.check(plan.terms, limit)
+    return plan
+  terms, lower = shape_terms(config, run_setup)
   memory.check(terms, limit)
-  return plan
+  return Plan(terms, CompilingStep(lower, terms, limit, quiet=quiet))
+
+
+class CompilingStep:
+  """The train step, compiled in a background thread (`check_memory(background=True)`).
+
+  The first call waits for the compilation, adds the step's temporaries to the plan's
+  terms (the same dict), prints the plan unless quiet, and stops with `memory.check`'s
+  one line if it does not fit; every call then runs the compiled executable.
+  """
+
+  def __init__(self, lower: Callable, terms: dict[str, int], limit: int | None, *, quiet: bool):
+    self._terms, self._limit, self._quiet = terms, limit, quiet
+    self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile")
+    self._future = self._executor.submit(lambda: lower().compile())
+    self._compiled = None
+
+  def __call__(self, *args):
+    if self._compiled is None:
+      compiled = self._future.result()  # re-raises a tracing or compilation error here
+      self._executor.shutdown()
+      self._terms.update(with_temporaries(self._terms, compiled))
+      if not self._quiet:
+        tqdm.write(memory.format_plan(self._terms, self._limit))
+      memory.check(self._terms, self._limit)
+      self._compiled = compiled
+    return self._compiled(*args)

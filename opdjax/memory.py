@@ -1,10 +1,11 @@
 """The per-device memory plan of a run: what each part of a step holds on one device.
 
 Terms are computed from shapes, dtypes and shardings alone (nothing is allocated), plus the
-compiled train step's temporaries from XLA (`compile().memory_analysis()`). The trainer
-prints the plan at start and under `--dry_run`, and stops before allocating anything when
-the total exceeds `train.memory_limit_gb` (or, when that is 0, the limit the device itself
-reports; CPUs report none).
+compiled train step's temporaries from XLA (`compile().memory_analysis()`). A run checks
+the terms from shapes before it allocates anything, and the whole plan (printed) once its
+train step has compiled, in the background, before the first update; `--dry_run` prints
+it at once. It stops when the total exceeds `train.memory_limit_gb` (or, when that is 0,
+the limit the device itself reports; CPUs report none).
 """
 
 from __future__ import annotations

@@ -43,7 +43,8 @@ class Accumulator:
 class CompileClock:
   """Seconds JAX spends tracing, lowering to MLIR and compiling, counted from JAX's own
   monitoring events while the clock is open (`with CompileClock() as clock: ...`; read
-  `clock.seconds`). A persistent compilation cache hit skips the compile, not the trace."""
+  `clock.seconds`), in any thread: seconds compiled in the background while other work
+  ran count too. A persistent compilation cache hit skips the compile, not the trace."""
 
   EVENTS = (
       "/jax/core/compile/jaxpr_trace_duration",

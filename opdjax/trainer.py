@@ -121,7 +121,10 @@ def _run(config, workdir, *, quiet: bool, compile_clock: metrics.CompileClock) -
   if restored and restored[0] >= config.train.steps:
     ckpt.close()
     return report(workdir, recipe.name, quiet=quiet or not main_process)
-  train_step = check_memory(config, run_setup, quiet=quiet or not main_process).train_step
+  # Compiled in a thread while the models are built and the first rollout is sampled.
+  train_step = check_memory(
+      config, run_setup, quiet=quiet or not main_process, background=True
+  ).train_step
 
   place = dict(mesh=mesh, rules=rules)
   if restored:  # the checkpoint's parameters and optimizer state: nothing to initialise or load

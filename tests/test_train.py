@@ -180,6 +180,48 @@ def test_memory_plan_counts_each_term_and_stops_over_the_limit(teacher_dir, mesh
     learner.check_memory(config, run_setup, quiet=True)
 
 
+def test_a_step_compiled_in_the_background_checks_the_whole_plan_before_the_first_update(
+    teacher_dir, tmp_path, capsys
+):
+  """`check_memory(background=True)` (the trainer's) checks the terms shapes give at once,
+  and the whole plan, temporaries included, when the first update waits for the compiled
+  step: a limit that only the temporaries exceed stops the run there, with no update and no
+  checkpoint, and a limit the shape terms exceed stops it before anything is built."""
+  config = tiny("opd", estimator="full", divergence="reverse_kl")
+  config.teacher.checkpoint = str(teacher_dir)
+  run_setup = build.setup(config)
+  terms = learner.memory_plan(config, run_setup).terms
+  temporaries = terms["train step temporaries"]
+  shapes_only = sum(terms.values()) - temporaries
+  assert temporaries > 0
+
+  config.train.memory_limit_gb = (shapes_only + temporaries / 2) / 1e9
+  plan = learner.check_memory(config, run_setup, quiet=False, background=True)
+  assert "train step temporaries" not in plan.terms
+  with pytest.raises(ConfigError, match="above the .* limit"):
+    plan.train_step()  # waits for the compilation; the check stops it before any argument
+  assert plan.terms == terms  # the same dict, now whole
+  assert "train step temporaries" in capsys.readouterr().out  # the plan, printed
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(rollouts, "generate", lambda *a, **k: pytest.fail("sampled over the limit"))
+    config.train.memory_limit_gb = shapes_only / 2e9
+    with pytest.raises(ConfigError, match="above the .* limit"):
+      trainer.run(config, tmp_path / "shapes", quiet=True)
+
+  sampled = []
+  generate = rollouts.generate
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(rollouts, "generate", lambda *a, **k: sampled.append(1) or generate(*a, **k))
+    config.train.memory_limit_gb = (shapes_only + temporaries / 2) / 1e9
+    with pytest.raises(ConfigError, match="above the .* limit"):
+      trainer.run(config, tmp_path / "temporaries", quiet=True)
+  assert sampled  # the first rollout was sampled while the step compiled, and no update ran
+  history = tmp_path / "temporaries" / "metrics.jsonl"
+  assert not history.exists() or not metrics.read_history(history)
+  assert not list((tmp_path / "temporaries" / "checkpoints").glob("[0-9]*"))
+
+
 def test_memory_plan_kv_cache_is_what_generate_allocates_for_the_model_that_samples(tmp_path):
   """SeqKD samples its rollouts from the teacher: the plan's KV cache term is the cache
   `generate` allocates for the teacher (its layers and KV heads, both lengths rounded up to
