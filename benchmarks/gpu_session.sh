@@ -11,7 +11,7 @@
 set -u
 OUT=${OUT:-benchmarks/results/gpu}
 BUDGET=${BUDGET:-100000}
-PARTS=${PARTS:-"fused opd_step opd_vs_trl opd_vs_trl_scanned rollout_ahead sampler sampler_grid decode_flags fused_sweep compile_depth sampler_large cli"}
+PARTS=${PARTS:-"fused opd_step opd_vs_trl opd_vs_trl_scanned first_step rollout_ahead sampler sampler_grid decode_flags fused_sweep compile_depth sampler_large cli"}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-}:$PWD
 log() { echo "=== $(date +%T) $*"; }
@@ -54,6 +54,10 @@ part_opd_vs_trl_scanned() {
 part_rollout_ahead() {
   log "trainer steps/s with and without train.rollout_ahead (opd sampled, grpo), small models"
   budget 140 python3 benchmarks/rollout_ahead.py --steps 100 --out "$OUT/rollout_ahead.jsonl"
+}
+part_first_step() {
+  log "a one-step trainer.run, the train step compiled in the background or in line, cold"
+  budget 150 python3 benchmarks/first_step.py --repeats 2 --out "$OUT/first_step.jsonl"
 }
 part_compile_depth() {
   log "compile time and program size against depth, per-layer vs scanned"
