@@ -10,7 +10,8 @@ float32, and see the same prompts.
 Tools (one JSON line each):
 - `opdjax`: `sampling.generate`, `evaluation.forward_hidden` and `learner.make_train_step`,
   the functions `trainer.run` calls each step, with the fused chunked loss; its first step
-  compiles all three;
+  compiles all three, the update in a thread while the rollout runs, as `trainer.run` does
+  (`--serial_compile` compiles it in line, as this benchmark did before);
 - `opdjax_cached`: the same in a fresh process whose persistent compilation cache was
   filled by an earlier process (`opdjax.train.enable_compilation_cache`, on by default in
   the CLI): the first step of a rerun, a resume or the next seed;
@@ -40,6 +41,7 @@ Needs the `bench` extra (PyTorch, TRL) for the TRL side. About 4 minutes on 2 CP
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import platform
@@ -106,6 +108,8 @@ def opdjax_steps(student: Decoder, teacher: Decoder, prompts: np.ndarray, args) 
   times = []
   for i in range(args.steps):
     start = time.perf_counter()
+    if i == 0 and not args.serial_compile:  # as `trainer.run`: compiled beside the rollout
+      update = background_compile(update, params, opt_state, prompts.shape, args, teacher)
     gen = generate(
         nnx.merge(graphdef, params),
         prompt_tokens,
@@ -124,6 +128,34 @@ def opdjax_steps(student: Decoder, teacher: Decoder, prompts: np.ndarray, args) 
     float(metrics["loss"][0])  # the step is done when its loss is on the host
     times.append(time.perf_counter() - start)
   return times
+
+
+def background_compile(update, params, opt_state, prompt_shape, args, teacher: Decoder):
+  """`update`, lowered for the rollout's shapes and compiled in a thread (the trainer's
+  `learner.check_memory(background=True)`); the returned function waits for it."""
+  rows, prompt_len = prompt_shape
+  length = prompt_len + args.new_tokens
+  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
+  seq = recipes.Sequences(
+      tokens=spec((rows, length), jnp.int32),
+      attention_mask=spec((rows, length), bool),
+      completion_mask=spec((rows, length), bool),
+      behaviour_logprobs=spec((rows, length), jnp.float32),
+      model_logprobs=spec((rows, length), jnp.float32),
+      rewards=spec((rows,), jnp.float32),  # `recipes.join` gives zeros
+  )
+  t_graphdef, t_state = nnx.split(teacher)
+
+  def compile_update():
+    score = lambda seq: forward_hidden(t_graphdef, t_state, *recipes.inputs_of(seq))
+    hidden = jax.eval_shape(score, seq)
+    kernel = jax.eval_shape(lambda state: head_kernel(t_graphdef, state), t_state)
+    return update.lower(params, opt_state, seq, {"teacher": obj.Head(hidden, kernel)}).compile()
+
+  executor = concurrent.futures.ThreadPoolExecutor(1)
+  future = executor.submit(compile_update)
+  executor.shutdown(wait=False)
+  return lambda *step_args: future.result()(*step_args)
 
 
 def trl_steps(tool: str, student_dir: str, teacher_dir: str, prompts, args) -> list[float]:
@@ -289,6 +321,11 @@ def main(argv=None):
       action="store_true",
       help="opdjax models scan over their layers (`scan_layers=True`): one layer traced",
   )
+  p.add_argument(
+      "--serial_compile",
+      action="store_true",
+      help="opdjax compiles its update in line in the first step, not beside the rollout",
+  )
   p.add_argument("--out", default=None)
   p.add_argument("--use_cache", action="store_true", help=argparse.SUPPRESS)  # see cached_run
   args = p.parse_args(argv)
@@ -339,6 +376,7 @@ def main(argv=None):
             "jax": jax.__version__,
             "compilation_cache": args.use_cache,
             "scan_layers": args.scan_layers,
+            "background_compile": not args.serial_compile,
         }
       else:
         import torch
