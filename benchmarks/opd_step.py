@@ -131,8 +131,8 @@ def opdjax_steps(student: Decoder, teacher: Decoder, prompts: np.ndarray, args) 
 
 
 def background_compile(update, params, opt_state, prompt_shape, args, teacher: Decoder):
-  """`update`, lowered for the rollout's shapes and compiled in a thread (the trainer's
-  `learner.check_memory(background=True)`); the returned function waits for it."""
+  """`update`, lowered here for the rollout's shapes and compiled in a thread (as the
+  trainer's `learner.check_memory(background=True)`); the returned function waits for it."""
   rows, prompt_len = prompt_shape
   length = prompt_len + args.new_tokens
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
@@ -145,15 +145,12 @@ def background_compile(update, params, opt_state, prompt_shape, args, teacher: D
       rewards=spec((rows,), jnp.float32),  # `recipes.join` gives zeros
   )
   t_graphdef, t_state = nnx.split(teacher)
-
-  def compile_update():
-    score = lambda seq: forward_hidden(t_graphdef, t_state, *recipes.inputs_of(seq))
-    hidden = jax.eval_shape(score, seq)
-    kernel = jax.eval_shape(lambda state: head_kernel(t_graphdef, state), t_state)
-    return update.lower(params, opt_state, seq, {"teacher": obj.Head(hidden, kernel)}).compile()
-
+  score = lambda seq: forward_hidden(t_graphdef, t_state, *recipes.inputs_of(seq))
+  hidden = jax.eval_shape(score, seq)
+  kernel = jax.eval_shape(lambda state: head_kernel(t_graphdef, state), t_state)
+  lowered = update.lower(params, opt_state, seq, {"teacher": obj.Head(hidden, kernel)})
   executor = concurrent.futures.ThreadPoolExecutor(1)
-  future = executor.submit(compile_update)
+  future = executor.submit(lowered.compile)
   executor.shutdown(wait=False)
   return lambda *step_args: future.result()(*step_args)
 

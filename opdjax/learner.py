@@ -287,8 +287,9 @@ def kv_cache_bytes(config, run_setup: Setup) -> int:
 def check_memory(config, run_setup: Setup, *, quiet: bool, background: bool = False) -> Plan:
   """Prints the memory plan (unless quiet) and stops with one line if it does not fit.
 
-  With `background`, the terms that shapes give are checked now, and the train step is
-  traced and compiled in a thread while the run builds its models and samples its first
+  With `background`, the terms that shapes give are checked now, the train step is traced
+  here (so it sees this thread's JAX settings, such as `jax.default_matmul_precision`), and
+  XLA compiles it in a thread while the run builds its models and samples its first
   rollout (XLA compiles without holding Python's lock); the first call of
   `Plan.train_step` waits for it, then prints and checks the whole plan before the first
   update. A run's first step then costs about the longest of its compilations rather than
@@ -303,26 +304,28 @@ def check_memory(config, run_setup: Setup, *, quiet: bool, background: bool = Fa
     return plan
   terms, lower = shape_terms(config, run_setup)
   memory.check(terms, limit)
-  return Plan(terms, CompilingStep(lower, terms, limit, quiet=quiet))
+  return Plan(terms, CompilingStep(lower(), terms, limit, quiet=quiet))
 
 
 class CompilingStep:
   """The train step, compiled in a background thread (`check_memory(background=True)`).
 
-  The first call waits for the compilation, adds the step's temporaries to the plan's
-  terms (the same dict), prints the plan unless quiet, and stops with `memory.check`'s
-  one line if it does not fit; every call then runs the compiled executable.
+  `lowered` is the step traced in the caller's thread. The first call waits for the
+  compilation, adds the step's temporaries to the plan's terms (the same dict), prints the
+  plan unless quiet, and stops with `memory.check`'s one line if it does not fit; every
+  call then runs the compiled executable.
   """
 
-  def __init__(self, lower: Callable, terms: dict[str, int], limit: int | None, *, quiet: bool):
+  def __init__(self, lowered, terms: dict[str, int], limit: int | None, *, quiet: bool):
+    self.lowered = lowered
     self._terms, self._limit, self._quiet = terms, limit, quiet
     self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile")
-    self._future = self._executor.submit(lambda: lower().compile())
+    self._future = self._executor.submit(lowered.compile)
     self._compiled = None
 
   def __call__(self, *args):
     if self._compiled is None:
-      compiled = self._future.result()  # re-raises a tracing or compilation error here
+      compiled = self._future.result()  # re-raises a compilation error here
       self._executor.shutdown()
       self._terms.update(with_temporaries(self._terms, compiled))
       if not self._quiet:

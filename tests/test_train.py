@@ -184,8 +184,8 @@ def test_a_step_compiled_in_the_background_checks_the_whole_plan_before_the_firs
     teacher_dir, tmp_path, capsys
 ):
   """`check_memory(background=True)` (the trainer's) checks the terms shapes give at once,
-  and the whole plan, temporaries included, when the first update waits for the compiled
-  step: a limit that only the temporaries exceed stops the run there, with no update and no
+  traces the step in the caller's thread (its JAX settings apply), and checks the whole
+  plan, temporaries included, when the first update waits for the compiled step: a limit that only the temporaries exceed stops the run there, with no update and no
   checkpoint, and a limit the shape terms exceed stops it before anything is built."""
   config = tiny("opd", estimator="full", divergence="reverse_kl")
   config.teacher.checkpoint = str(teacher_dir)
@@ -196,7 +196,9 @@ def test_a_step_compiled_in_the_background_checks_the_whole_plan_before_the_firs
   assert temporaries > 0
 
   config.train.memory_limit_gb = (shapes_only + temporaries / 2) / 1e9
-  plan = learner.check_memory(config, run_setup, quiet=False, background=True)
+  with jax.default_matmul_precision("highest"):  # a thread-local setting the step must see
+    plan = learner.check_memory(config, run_setup, quiet=False, background=True)
+  assert "HIGHEST" in plan.train_step.lowered.as_text()  # traced here, not in the thread
   assert "train step temporaries" not in plan.terms
   with pytest.raises(ConfigError, match="above the .* limit"):
     plan.train_step()  # waits for the compilation; the check stops it before any argument
