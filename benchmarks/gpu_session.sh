@@ -56,8 +56,12 @@ part_rollout_ahead() {
   budget 140 python3 benchmarks/rollout_ahead.py --steps 100 --out "$OUT/rollout_ahead.jsonl"
 }
 part_first_step() {
-  log "a one-step trainer.run, the train step compiled in the background or in line, cold"
-  budget 150 python3 benchmarks/first_step.py --repeats 2 --out "$OUT/first_step.jsonl"
+  log "the first step with the update compiled beside the rollout or in line, cold"
+  budget 80 python3 benchmarks/opd_step.py --steps 4 --tools opdjax --serial_compile \
+    --out "$OUT/opd_step.jsonl"
+  budget 80 python3 benchmarks/opd_step.py --steps 4 --tools opdjax --out "$OUT/opd_step.jsonl"
+  budget 120 python3 benchmarks/first_step.py --repeats 1 --recipes opd_sampled \
+    --out "$OUT/first_step.jsonl"
 }
 part_compile_depth() {
   log "compile time and program size against depth, per-layer vs scanned"
