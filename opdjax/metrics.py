@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -55,10 +56,12 @@ class CompileClock:
   def __init__(self):
     self.seconds = 0.0
     self._lapped = self._excluded = 0.0
+    self._lock = threading.Lock()  # events also arrive from the train step's compile thread
 
   def _listen(self, event: str, duration: float, **kwargs) -> None:
     if event in self.EVENTS:
-      self.seconds += duration
+      with self._lock:
+        self.seconds += duration
 
   def lap(self) -> float:
     """The seconds counted since the last lap, less those inside `excluded()`."""
