@@ -134,16 +134,7 @@ def background_compile(update, params, opt_state, prompt_shape, args, teacher: D
   """`update`, lowered here for the rollout's shapes and compiled in a thread (as the
   trainer's `learner.check_memory(background=True)`); the returned function waits for it."""
   rows, prompt_len = prompt_shape
-  length = prompt_len + args.new_tokens
-  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
-  seq = recipes.Sequences(
-      tokens=spec((rows, length), jnp.int32),
-      attention_mask=spec((rows, length), bool),
-      completion_mask=spec((rows, length), bool),
-      behaviour_logprobs=spec((rows, length), jnp.float32),
-      model_logprobs=spec((rows, length), jnp.float32),
-      rewards=spec((rows,), jnp.float32),  # `recipes.join` gives zeros
-  )
+  seq = recipes.Sequences.spec(rows, prompt_len + args.new_tokens)
   t_graphdef, t_state = nnx.split(teacher)
   score = lambda seq: forward_hidden(t_graphdef, t_state, *recipes.inputs_of(seq))
   hidden = jax.eval_shape(score, seq)

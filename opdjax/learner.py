@@ -198,14 +198,7 @@ def shape_terms(config, run_setup: Setup) -> tuple[dict[str, int], Callable]:
   length = config.task.prompt_length + config.task.completion_length
   batch = sharding.batch_sharding(mesh)
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=batch)
-  seq = recipes.Sequences(
-      tokens=spec((rows, length), jnp.int32),
-      attention_mask=spec((rows, length), bool),
-      completion_mask=spec((rows, length), bool),
-      behaviour_logprobs=spec((rows, length), jnp.float32),
-      model_logprobs=spec((rows, length), jnp.float32),
-      rewards=spec((rows,), jnp.float32),
-  )
+  seq = recipes.Sequences.spec(rows, length, batch)
   frozen = {}
   for role in recipe.roles:
     names = members(run_setup, role)

@@ -30,6 +30,20 @@ class Sequences(NamedTuple):
   model_logprobs: jax.Array  # float32, sampler's log p_old(a_t) at temperature 1
   rewards: jax.Array | None = None  # [B] float32 sequence reward (the task verifier; GRPO)
 
+  @classmethod
+  def spec(cls, rows: int, length: int, sharding=None) -> "Sequences":
+    """`ShapeDtypeStruct`s of what a rollout gives (`join`'s output) for `rows` rows of
+    `length` slots, laid out by `sharding`: to compile a step before the first rollout."""
+    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+    return cls(
+        tokens=spec((rows, length), jnp.int32),
+        attention_mask=spec((rows, length), bool),
+        completion_mask=spec((rows, length), bool),
+        behaviour_logprobs=spec((rows, length), jnp.float32),
+        model_logprobs=spec((rows, length), jnp.float32),
+        rewards=spec((rows,), jnp.float32),
+    )
+
 
 class Targets(NamedTuple):
   """The shifted view: position t of every field refers to the token at slot t+1."""
