@@ -4,8 +4,8 @@ A decode step attends one query per row over the filled part of the KV cache. At
 batches on a CPU this dominates the step of a small model, so this times it alone: for
 each filled length, opdjax's `attend_one` (the smallest 128-slot window holding the filled
 slots, float32 softmax) and `torch.nn.functional.scaled_dot_product_attention` (on the
-CPU) over the same filled slots, GQA heads expanded as transformers' eager path does. opdjax's steps run
-`STEPS` at a time in one compiled loop, as the sampler runs them.
+CPU) over the same filled slots, GQA heads expanded as transformers' eager path does.
+opdjax's steps run `STEPS` at a time in one compiled loop, as the sampler runs them.
 
     python benchmarks/decode_attention.py --out benchmarks/results/decode_attention_cpu_2core.jsonl
     python benchmarks/decode_attention.py --batch 64 --kv_heads 4 --groups 2 --head_dim 32
