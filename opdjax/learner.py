@@ -161,7 +161,7 @@ def abstract_optimizer_state(tx, params, mesh):
 
 class Plan(NamedTuple):
   terms: dict[str, int]  # per-device bytes of each part of a step
-  train_step: Callable  # the compiled step; the run calls it (so it compiles once)
+  train_step: Callable  # the compiled step (`CompilingStep` from `check_memory`); the run calls it
 
 
 def memory_plan(config, run_setup: Setup) -> Plan:
@@ -170,12 +170,13 @@ def memory_plan(config, run_setup: Setup) -> Plan:
   refuses (rather than recompiles) arguments laid out otherwise."""
   terms, lower = shape_terms(config, run_setup)
   compiled = lower().compile()
-  return Plan(with_temporaries(terms, compiled), compiled)
+  terms["train step temporaries"] = temporaries(compiled)
+  return Plan(terms, compiled)
 
 
-def with_temporaries(terms: dict[str, int], compiled) -> dict[str, int]:
-  """`terms` and the compiled train step's temporaries (XLA's `memory_analysis()`)."""
-  return terms | {"train step temporaries": int(compiled.memory_analysis().temp_size_in_bytes)}
+def temporaries(compiled) -> int:
+  """Per-device bytes of a compiled step's temporaries (XLA's `memory_analysis()`)."""
+  return int(compiled.memory_analysis().temp_size_in_bytes)
 
 
 def shape_terms(config, run_setup: Setup) -> tuple[dict[str, int], Callable]:
@@ -289,24 +290,22 @@ def check_memory(config, run_setup: Setup, *, quiet: bool, background: bool = Fa
   their sum.
   """
   limit = int(config.train.memory_limit_gb * 1e9) or memory.device_limit_bytes()
-  if not background:
-    plan = memory_plan(config, run_setup)
-    if not quiet:
-      print(memory.format_plan(plan.terms, limit))
-    memory.check(plan.terms, limit)
-    return plan
   terms, lower = shape_terms(config, run_setup)
-  memory.check(terms, limit)
-  return Plan(terms, CompilingStep(lower(), terms, limit, quiet=quiet))
+  if background:  # the shape terms now, before anything is built; the whole plan later
+    memory.check(terms, limit)
+  step = CompilingStep(lower(), terms, limit, quiet=quiet)
+  if not background:
+    step.wait()
+  return Plan(terms, step)
 
 
 class CompilingStep:
-  """The train step, compiled in a background thread (`check_memory(background=True)`).
+  """The train step, compiled in a background thread.
 
-  `lowered` is the step traced in the caller's thread. The first call waits for the
-  compilation, adds the step's temporaries to the plan's terms (the same dict), prints the
-  plan unless quiet, and stops with `memory.check`'s one line if it does not fit; every
-  call then runs the compiled executable.
+  `lowered` is the step traced in the caller's thread. `wait()` (the first call does it)
+  waits for the compilation, adds the step's temporaries to the plan's terms (the same
+  dict), prints the plan unless quiet, and stops with `memory.check`'s one line if it
+  does not fit; every call runs the compiled executable.
   """
 
   def __init__(self, lowered, terms: dict[str, int], limit: int | None, *, quiet: bool):
@@ -316,13 +315,17 @@ class CompilingStep:
     self._future = self._executor.submit(lowered.compile)
     self._compiled = None
 
-  def __call__(self, *args):
+  def wait(self):
+    """The compiled step, once the whole plan is printed and checked."""
     if self._compiled is None:
       compiled = self._future.result()  # re-raises a compilation error here
       self._executor.shutdown()
-      self._terms.update(with_temporaries(self._terms, compiled))
+      self._terms["train step temporaries"] = temporaries(compiled)
       if not self._quiet:
         tqdm.write(memory.format_plan(self._terms, self._limit))
       memory.check(self._terms, self._limit)
       self._compiled = compiled
-    return self._compiled(*args)
+    return self._compiled
+
+  def __call__(self, *args):
+    return self.wait()(*args)
