@@ -26,7 +26,7 @@ import numpy as np
 from _jsonl import emit  # benchmarks/, next to this script
 from _timing import best_seconds
 
-from opdjax.models.decoder import attend_one
+from opdjax.models.decoder import LayerCache, attend_one
 
 # Decode steps per timed program: the sampler runs its steps inside one compiled loop, so
 # buffers are allocated once per call rather than once per step (a program per step would
@@ -49,7 +49,8 @@ def time_both(filled, repeats, *, batch, kv_heads, groups, head_dim, slots) -> d
   @jax.jit
   def steps(q, cache_k, cache_v, mask, length):  # STEPS decode steps in one program
     def step(i, out):
-      return out + attend_one(q * (1 + i * 2.0**-20), cache_k, cache_v, mask, length)
+      cache = LayerCache(cache_k, cache_v, index=length - 1)
+      return out + attend_one(q * (1 + i * 2.0**-20), cache, mask, length)
 
     return jax.lax.fori_loop(0, STEPS, step, jnp.zeros_like(q))
 

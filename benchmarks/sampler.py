@@ -151,6 +151,7 @@ def main(argv=None):
   parser.add_argument("--no_transformers", action="store_true")
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--attention", default="auto", help="the decoder's attention implementation")
+  parser.add_argument("--scan_layers", action="store_true", help="stacked layers in a lax.scan")
   parser.add_argument("--out", default=None, help="also append the JSON lines to this file")
   args = parser.parse_args(argv)
   sink = open(args.out, "a") if args.out else None
@@ -162,7 +163,12 @@ def main(argv=None):
   for name in args.models:
     config = CONFIGS[name]
     model = Decoder(
-        config, dtype=dtype, param_dtype=dtype, attention=args.attention, rngs=nnx.Rngs(0)
+        config,
+        dtype=dtype,
+        param_dtype=dtype,
+        attention=args.attention,
+        scan_layers=args.scan_layers,
+        rngs=nnx.Rngs(0),
     )
     params_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     directory = tempfile.mkdtemp()
@@ -215,6 +221,7 @@ def main(argv=None):
                 device_kind=kind,
                 dtype=args.dtype,
                 attention=args.attention,
+                scan_layers=args.scan_layers,
                 batch=batch,
                 prompt_len=args.prompt_len,
                 new_tokens=args.new_tokens,

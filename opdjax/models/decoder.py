@@ -67,6 +67,46 @@ class KVCache(NamedTuple):
     return self.valid.shape[1]
 
 
+class LayerCache(NamedTuple):
+  """One layer's part of a `KVCache` in a cached forward pass.
+
+  Attributes:
+    keys: that layer's `[B, K, S, Dh]` buffer, or, with `layer` set, every layer's
+      stacked `[L, B, K, S, Dh]` buffer (scanned layers: the stack is the scan's carry and
+      each layer writes its row in place; passing rows in and out of the scan would copy
+      the whole cache in every step).
+    values: the same layout as `keys`.
+    index: int32 scalar, the first slot to write.
+    layer: int32 scalar row of the stacked buffers, or None.
+  """
+
+  keys: jax.Array
+  values: jax.Array
+  index: jax.Array
+  layer: jax.Array | None = None
+
+  def write(self, k, v) -> "LayerCache":
+    """Writes `k, v [B, T, K, Dh]` at slots `[index, index + T)`."""
+    lead = () if self.layer is None else (self.layer,)
+
+    def put(cache, new):
+      new = new.swapaxes(1, 2).astype(cache.dtype)  # [B, K, T, Dh]
+      zero = jnp.zeros((), jnp.int32)
+      start = lead + (zero, zero, self.index, zero)
+      return jax.lax.dynamic_update_slice(cache, new.reshape((1,) * len(lead) + new.shape), start)
+
+    return self._replace(keys=put(self.keys, k), values=put(self.values, v))
+
+  def read(self, slots: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """This layer's keys and values `[B, K, slots, Dh]`: its first `slots` (default all)."""
+    if self.layer is None:
+      return self.keys[:, :, :slots], self.values[:, :, :slots]
+    size = (1,) + self.keys.shape[1:3] + (slots or self.keys.shape[3],) + self.keys.shape[4:]
+    start = (self.layer,) + (jnp.zeros((), jnp.int32),) * 4
+    row = lambda x: jax.lax.dynamic_slice(x, start, size)[0]
+    return row(self.keys), row(self.values)
+
+
 class RMSNorm(nnx.Module):
   """`x / sqrt(mean(x²) + ε) · w`, statistics in float32, as Hugging Face computes it."""
 
@@ -155,12 +195,12 @@ def decode_windows(max_length: int) -> tuple[int, ...]:
   return tuple(range(step, max_length, step)) + (max_length,)
 
 
-def attend_one(q, keys, values, mask, filled) -> jax.Array:
+def attend_one(q, cache: LayerCache, mask, filled) -> jax.Array:
   """`attend` for one query per row (a decode step), reading only the filled cache slots.
 
   Args:
     q: `[B, 1, H, Dh]`.
-    keys: `[B, K, S, Dh]`, the KV cache's layout; `values` the same.
+    cache: the layer's `LayerCache` (keys and values `[B, K, S, Dh]` per layer).
     mask: `[B, 1, S]`, True where the query may attend a slot; False from slot `filled` on.
     filled: int32 scalar, the slots written so far (the cache index after this token).
 
@@ -172,20 +212,19 @@ def attend_one(q, keys, values, mask, filled) -> jax.Array:
   a decode step is bound by reading the cache. Softmax in float32.
   """
   batch, _, heads, head_dim = q.shape
-  kv_heads = keys.shape[1]
+  kv_heads = cache.keys.shape[-3]
   q = q.reshape(batch, kv_heads, heads // kv_heads, 1, head_dim).astype(jnp.float32)
   scale = head_dim**-0.5
 
   def over(window):
-    k = keys[:, :, None, :window].astype(jnp.float32)  # [B, K, 1, W, Dh]
-    v = values[:, :, None, :window].astype(jnp.float32)
+    k, v = (x[:, :, None].astype(jnp.float32) for x in cache.read(window))  # [B, K, 1, W, Dh]
     seen = mask[:, None, None, 0, :window]  # [B, 1, 1, W]
     scores = jnp.where(seen, jnp.sum(q * k, axis=-1) * scale, -jnp.inf)  # [B, K, G, W]
     scores = jnp.where(jnp.any(seen, axis=-1, keepdims=True), scores, 0.0)  # padding rows
     weights = jax.nn.softmax(scores, axis=-1)
     return jnp.sum(weights[..., None] * v, axis=3)  # [B, K, G, Dh]
 
-  windows = decode_windows(keys.shape[2])
+  windows = decode_windows(mask.shape[-1])
   if len(windows) == 1:
     out = over(windows[0])
   else:
@@ -274,8 +313,9 @@ class Attention(nnx.Module):
     else:
       self.q_norm = self.k_norm = None
 
-  def __call__(self, x, cos, sin, mask, kv=None, index=None):
-    """x `[B, T, D]`, mask `[B, T, S]`; kv = (keys, values) `[B, K, S, Dh]` to write at `index`."""
+  def __call__(self, x, cos, sin, mask, cache: LayerCache | None = None):
+    """x `[B, T, D]`, mask `[B, T, S]` -> `(out [B, T, D], cache)`; with a `cache`, the new
+    keys and values are written at its index and attention reads the cache."""
     batch, length, _ = x.shape
     q = self.q_proj(x).reshape(batch, length, self.num_heads, self.head_dim)
     k = self.k_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
@@ -283,23 +323,19 @@ class Attention(nnx.Module):
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    if kv is None:
+    if cache is None:
       if self.implementation == "splash":  # the mask is causal & valid: valid is its diagonal
         out = splash_attention(q, k, v, jnp.diagonal(mask, axis1=1, axis2=2), mesh=self.mesh)
       else:
         out = attend(q, k, v, mask, implementation=self.implementation)
-      return self.o_proj(out.reshape(batch, length, -1).astype(x.dtype)), kv
-    keys, values = kv  # [B, K, S, Dh]
-    write = lambda cache, new: jax.lax.dynamic_update_slice_in_dim(
-        cache, new.swapaxes(1, 2).astype(cache.dtype), index, axis=2
-    )
-    kv = (write(keys, k), write(values, v))
+      return self.o_proj(out.reshape(batch, length, -1).astype(x.dtype)), cache
+    cache = cache.write(k, v)
     if length == 1:  # a decode step
-      out = attend_one(q, *kv, mask, index + 1)
+      out = attend_one(q, cache, mask, cache.index + 1)
     else:  # a prefill: once per generation, so the cache's transpose costs little
-      k, v = (cache.swapaxes(1, 2).astype(q.dtype) for cache in kv)
+      k, v = (c.swapaxes(1, 2).astype(q.dtype) for c in cache.read())
       out = attend(q, k, v, mask, implementation=self.implementation)
-    return self.o_proj(out.reshape(batch, length, -1).astype(x.dtype)), kv
+    return self.o_proj(out.reshape(batch, length, -1).astype(x.dtype)), cache
 
 
 class MLP(nnx.Module):
@@ -365,10 +401,10 @@ class DecoderLayer(nnx.Module):
     )
     self.mlp = MLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-  def __call__(self, x, cos, sin, mask, kv=None, index=None):
-    attn_out, kv = self.attn(self.input_norm(x), cos, sin, mask, kv, index)
+  def __call__(self, x, cos, sin, mask, cache: LayerCache | None = None):
+    attn_out, cache = self.attn(self.input_norm(x), cos, sin, mask, cache)
     x = x + attn_out
-    return x + self.mlp(self.post_attention_norm(x)), kv
+    return x + self.mlp(self.post_attention_norm(x)), cache
 
 
 REMAT_POLICIES = {
@@ -379,11 +415,11 @@ REMAT_POLICIES = {
 
 
 def _layer_fn(graphdef, remat: str):
-  """`(state, x, cos, sin, mask, kv, index) -> (x, kv)` for one layer, rematerialised per
+  """`(state, x, cos, sin, mask, cache) -> (x, cache)` for one layer, rematerialised per
   `remat` (a `REMAT_POLICIES` name)."""
 
-  def apply(state, x, cos, sin, mask, kv, index):
-    return nnx.merge(graphdef, state)(x, cos, sin, mask, kv, index)
+  def apply(state, x, cos, sin, mask, cache):
+    return nnx.merge(graphdef, state)(x, cos, sin, mask, cache)
 
   if remat == "none":
     return apply
@@ -519,9 +555,7 @@ class Decoder(nnx.Module):
     query_slots = cache.index + jnp.arange(length)
     causal = jnp.arange(cache.max_length)[None, :] <= query_slots[:, None]  # [T, S]
     mask = causal[None] & valid[:, None, :]
-    hidden, keys, values = self._run(
-        tokens, jnp.asarray(positions), mask, kv=(cache.keys, cache.values), index=cache.index
-    )
+    hidden, keys, values = self._run(tokens, jnp.asarray(positions), mask, cache)
     cache = KVCache(keys=keys, values=values, valid=valid, index=cache.index + length)
     if logits_at is not None:
       hidden = jnp.take_along_axis(hidden, jnp.asarray(logits_at)[:, None, None], axis=1)[:, 0]
@@ -544,33 +578,41 @@ class Decoder(nnx.Module):
 
   # ------------------------------------------------------------ shared body
 
-  def _run(self, tokens, positions, mask, kv=None, index=None):
+  def _run(self, tokens, positions, mask, cache: KVCache | None = None):
+    """Hidden states `[B, T, D]`; with a `cache`, also its keys and values with the tokens'
+    written at `cache.index`."""
     x = self.embed(tokens)
     cos, sin = rope_tables(self.config, positions, x.dtype)
     if self.scan_layers:
       graphdef, state = nnx.split(self.layers)
       layer = _layer_fn(graphdef, self.remat)
+      if cache is None:
+        x, _ = jax.lax.scan(lambda x, s: layer(s, x, cos, sin, mask, None), x, state)
+        return self.final_norm(x)
 
-      def body(x, inputs):
-        layer_state, layer_kv = inputs
-        return layer(layer_state, x, cos, sin, mask, layer_kv, index)
+      def body(carry, layer_state):  # the stacked cache is carried, each layer writes its row
+        x, layer_cache = carry
+        x, layer_cache = layer(layer_state, x, cos, sin, mask, layer_cache)
+        return (x, layer_cache._replace(layer=layer_cache.layer + 1)), None
 
-      x, new_kv = jax.lax.scan(body, x, (state, kv))
-      hidden = self.final_norm(x)
-      return hidden if kv is None else (hidden, *new_kv)
-    new_keys, new_values = [], []
+      start = LayerCache(cache.keys, cache.values, cache.index, layer=jnp.zeros((), jnp.int32))
+      (x, written), _ = jax.lax.scan(body, (x, start), state)
+      return self.final_norm(x), written.keys, written.values
+    keys, values = [], []
     for i, module in enumerate(self.layers):
-      layer_kv = None if kv is None else (kv[0][i], kv[1][i])
+      layer_cache = (
+          None if cache is None else LayerCache(cache.keys[i], cache.values[i], cache.index)
+      )
       if self.remat == "none":
-        x, layer_kv = module(x, cos, sin, mask, layer_kv, index)
+        x, layer_cache = module(x, cos, sin, mask, layer_cache)
       else:
         graphdef, state = nnx.split(module)
-        x, layer_kv = _layer_fn(graphdef, self.remat)(state, x, cos, sin, mask, layer_kv, index)
-      if layer_kv is not None:
-        new_keys.append(layer_kv[0])
-        new_values.append(layer_kv[1])
+        x, layer_cache = _layer_fn(graphdef, self.remat)(state, x, cos, sin, mask, layer_cache)
+      if layer_cache is not None:
+        keys.append(layer_cache.keys)
+        values.append(layer_cache.values)
     hidden = self.final_norm(x)
-    return hidden if kv is None else (hidden, tuple(new_keys), tuple(new_values))
+    return hidden if cache is None else (hidden, tuple(keys), tuple(values))
 
 
 def stack_layers(state):

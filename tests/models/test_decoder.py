@@ -93,7 +93,8 @@ def test_a_decode_step_reads_only_its_window(monkeypatch, filled, window):
   mask = mask.at[2].set(False)  # a fully masked row (a finished row's padding)
   expected = decoder.attend(q, keys.swapaxes(1, 2), values.swapaxes(1, 2), mask)
   poison = lambda x: x.at[:, :, window:].set(jnp.nan)
-  out = decoder.attend_one(q, poison(keys), poison(values), mask, jnp.int32(filled))
+  cache = decoder.LayerCache(poison(keys), poison(values), index=jnp.int32(filled - 1))
+  out = decoder.attend_one(q, cache, mask, jnp.int32(filled))
   np.testing.assert_allclose(out[:2], expected[:2], atol=1e-6)
   assert np.isfinite(out[2]).all()  # its output is never read, but must not be NaN
 
@@ -284,6 +285,22 @@ def test_scanned_layers_equal_the_per_layer_model(remat):
   a, b = generate(model, tokens, mask, **greedy), generate(scanned, tokens, mask, **greedy)
   np.testing.assert_array_equal(a.tokens, b.tokens)
   np.testing.assert_allclose(a.model_logprobs, b.model_logprobs, atol=1e-5)
+
+
+def test_a_scanned_decode_step_carries_the_stacked_cache_through_its_layers():
+  """Scanned layers must carry the stacked KV cache and write their slots in place. Passed
+  through the layer scan as inputs and outputs, every layer's whole cache was copied in
+  every decode step: the sampler ran 2–4.5× slower at batch 64–256 on a CPU."""
+  import jax
+
+  model = Decoder(tiny_config("qwen3"), rngs=nnx.Rngs(0), scan_layers=True)
+  cache = model.init_cache(2, 16)
+  step = lambda cache: model.decode(jnp.zeros(2, jnp.int32), jnp.zeros(2, jnp.int32), cache)
+  (scan,) = [e for e in jax.make_jaxpr(step)(cache).eqns if e.primitive.name == "scan"]
+  consts, carried = scan.params["num_consts"], scan.params["num_carry"]
+  stacked = lambda variables: sum(v.aval.shape == cache.keys.shape for v in variables)
+  assert stacked(scan.invars[consts : consts + carried]) == 2  # keys and values
+  assert stacked(scan.invars[consts + carried :]) == stacked(scan.outvars[carried:]) == 0
 
 
 def test_scanned_program_size_is_flat_in_depth():
