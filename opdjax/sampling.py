@@ -311,8 +311,17 @@ def _generate_jit(
       done=jnp.zeros((batch,), bool),
       buffers=buffers,
   )
-  buffers = jax.lax.while_loop(keep_going, chunk, state).buffers
-  return buffers
+  out = jax.lax.while_loop(keep_going, chunk, state).buffers
+  out["lengths"] = jnp.sum(out["mask"], axis=1).astype(jnp.int32)
+  last = jnp.take_along_axis(out["tokens"], jnp.maximum(out["lengths"] - 1, 0)[:, None], axis=1)
+  out["truncated"] = (out["lengths"] == max_new_tokens) & ~jnp.isin(last[:, 0], eos)
+  return out
+
+
+@functools.partial(jax.jit, static_argnames="length")
+def _first_columns(buffers: dict, length: int) -> dict:
+  """Each `[B, N_bucket, ...]` buffer cut to its first `length` columns, in one program."""
+  return {name: value[:, :length] for name, value in buffers.items()}
 
 
 def _row_sharding(x):
@@ -414,15 +423,14 @@ def generate(
       num_samples=num_samples,
       rows=rows,
   )
-  out = {name: value[:, :max_new_tokens] for name, value in out.items()}
-  lengths = jnp.sum(out["mask"], axis=1).astype(jnp.int32)
-  last = jnp.take_along_axis(out["tokens"], jnp.maximum(lengths - 1, 0)[:, None], axis=1)[:, 0]
-  ended = jnp.isin(last, jnp.asarray(eos_ids if eos_ids else (-1,)))
+  lengths, truncated = out.pop("lengths"), out.pop("truncated")
+  if max_new_tokens < steps:  # no eager ops after the sampler: each would compile on first use
+    out = _first_columns(out, max_new_tokens)
   return Generation(
       tokens=out["tokens"],
       mask=out["mask"],
       lengths=lengths,
-      truncated=(lengths == max_new_tokens) & ~ended,
+      truncated=truncated,
       sample_logprobs=out["sample_logprobs"],
       model_logprobs=out["model_logprobs"],
       logits=out.get("logits"),
