@@ -236,6 +236,12 @@ def token_values(
 ) -> dict:
   """Applies the per-token function `fn` to chunks of `B·T` positions.
 
+  Under `jax.grad` only the inputs are kept: the backward pass computes each chunk's
+  logits again, differentiates `fn` at them and runs the head's backward as
+  `weighted_token_sum` does (`head_backward`, in vocabulary blocks where `HEAD_BLOCK` names
+  the backend). For losses that mix positions (reward-to-go) or weigh tokens by values
+  known only after the pass; fixed-weight sums are faster through `weighted_token_sum`.
+
   Args:
     fn: `(student_logits [C, V], teacher_logits [C, V] | None, tokens [C]) -> {name: [C]}`.
       The student's logits are differentiated; the teacher's are stop-gradiented here.
@@ -255,16 +261,44 @@ def token_values(
       student, tokens, teacher, vocab_mask, chunk_size
   )
   hidden, kernel = student
+  xs = (teacher_hidden, chunks.split(tokens))
 
-  @jax.checkpoint
-  def chunk_fn(kernel, hidden_c, teacher_hidden_c, tokens_c):
-    return fn(masked(logits_of(hidden_c, kernel)), teacher_logits(teacher_hidden_c), tokens_c)
+  def chunk_values(student_logits, teacher_hidden_c, tokens_c):
+    return fn(masked(student_logits), teacher_logits(teacher_hidden_c), tokens_c)
 
-  def body(carry, x):
-    return carry, chunk_fn(kernel, *x)
+  def values(hidden, kernel):
+    def body(carry, x):
+      hidden_c, *rest = x
+      return carry, chunk_values(logits_of(hidden_c, kernel), *rest)
 
-  _, out = jax.lax.scan(body, None, (chunks.split(hidden), teacher_hidden, chunks.split(tokens)))
-  return jax.tree.map(chunks.join, out)
+    _, out = jax.lax.scan(body, None, (chunks.split(hidden),) + xs)
+    return jax.tree.map(chunks.join, out)
+
+  block = HEAD_BLOCK.get(jax.default_backend(), 0)
+
+  def backward(residuals, grad_values):  # each chunk's logits again, then its backward
+    hidden, kernel = residuals
+
+    def body(grad_kernel, x):
+      hidden_c, grad_c, *rest = x
+      values_c = lambda logits: chunk_values(logits, *rest)
+      _, vjp = jax.vjp(values_c, logits_of(hidden_c, kernel))
+      (grad_logits,) = vjp(grad_c)
+      grad_hidden_c, grad_kernel = head_backward(
+          hidden_c, kernel, grad_logits, grad_kernel, block=block
+      )
+      return grad_kernel, grad_hidden_c
+
+    grad_kernel, grad_hidden = jax.lax.scan(
+        body,
+        jnp.zeros(kernel.shape, jnp.float32),
+        (chunks.split(hidden), jax.tree.map(chunks.split, grad_values)) + xs,
+    )
+    return chunks.join(grad_hidden).astype(hidden.dtype), grad_kernel.astype(kernel.dtype)
+
+  rematerialised = jax.custom_vjp(values)
+  rematerialised.defvjp(lambda hidden, kernel: (values(hidden, kernel), (hidden, kernel)), backward)
+  return rematerialised(hidden, kernel)
 
 
 def weighted_token_sum(

@@ -205,7 +205,7 @@ HEAD_BLOCKS = pytest.mark.parametrize("head_block", [0, 5], ids=["one_product", 
 
 
 @HEAD_BLOCKS
-def test_one_pass_sum_equals_the_rematerialised_path(head_block, monkeypatch):
+def test_one_pass_and_rematerialised_paths_equal_whole_logits(head_block, monkeypatch):
   monkeypatch.setitem(obj.fused.HEAD_BLOCK, jax.default_backend(), head_block)
   hidden, kernel, t_hidden, t_kernel, vocab_mask, targets = _problem(3)
   weights = targets.mask / jnp.sum(targets.mask)
@@ -236,12 +236,20 @@ def test_one_pass_sum_equals_the_rematerialised_path(head_block, monkeypatch):
     )
     return jnp.sum(weights * values["loss"]), values
 
+  def full(hidden, kernel):  # the reference: whole logits, autodiff
+    student = _full_logits(hidden, kernel, vocab_mask)
+    values = fn(student, _full_logits(t_hidden, t_kernel, vocab_mask), targets.tokens)
+    return jnp.sum(weights * values["loss"]), values
+
   (l1, v1), g1 = jax.value_and_grad(one_pass, argnums=(0, 1), has_aux=True)(hidden, kernel)
   (l2, v2), g2 = jax.value_and_grad(remat, argnums=(0, 1), has_aux=True)(hidden, kernel)
+  (l0, _), g0 = jax.value_and_grad(full, argnums=(0, 1), has_aux=True)(hidden, kernel)
   np.testing.assert_allclose(l1, l2, rtol=1e-6)
+  np.testing.assert_allclose(l0, l2, rtol=1e-6)
   np.testing.assert_allclose(v1["lp"], v2["lp"], rtol=1e-6, atol=1e-6)
-  for a, b in zip(g1, g2):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  for a, b, reference in zip(g1, g2, g0):  # both paths run the head backward in blocks
+    np.testing.assert_allclose(a, reference, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(b, reference, rtol=1e-5, atol=1e-7)
   # Under jit and scaled by an outer factor (the cotangent reaches the stored gradients).
   g3 = jax.jit(jax.grad(lambda h, k: 3.0 * one_pass(h, k)[0], argnums=(0, 1)))(hidden, kernel)
   for a, b in zip(g3, g2):
