@@ -1,7 +1,8 @@
 """Fused chunked JSD(β=0.5) loss, forward + backward: time and peak memory, JSON lines.
 
 Compares, at the same (BT, H, V) shapes and on the same machine:
-  * `opdjax`: `objectives.token_values` (hidden states → loss in token chunks, scan + remat);
+  * `opdjax`: `objectives.token_values` (hidden states → loss in token chunks, each
+    chunk's logits computed again in the backward pass);
   * `opdjax_vjp`: `objectives.fused.weighted_token_sum` (one pass: each chunk's gradient is
     formed in the forward pass, `custom_vjp`);
   * `naive`:  the same JSD on full `[BT, V]` logits in JAX;

@@ -7,9 +7,9 @@ reductions) acts on the resulting `[B, T]` values, which are small. So one routi
 every objective: `token_values(fn, student, tokens, teacher=...)` flattens the `B·T`
 positions, pads them to a multiple of `chunk_size`, and `lax.scan`s over chunks; each chunk
 computes `hidden @ kernel` for the student (and the teacher), applies `fn`, and keeps only
-`fn`'s per-token outputs. The chunk body is wrapped in `jax.checkpoint`, so the backward
-pass recomputes one chunk's logits at a time: peak memory is O(chunk · V) whatever B·T is,
-and the gradient reaches the hidden states and the head kernel through the same scan.
+`fn`'s per-token outputs. Its `custom_vjp` keeps only the inputs, and its backward pass
+recomputes one chunk's logits at a time: peak memory is O(chunk · V) whatever B·T is, and
+the head kernel's gradient is summed across chunks as they go (`head_backward`).
 
 `fn` is exactly the function one would apply to full logits (it only reduces the last
 axis), so `fn(full_student_logits, full_teacher_logits, tokens)` is the unfused reference
