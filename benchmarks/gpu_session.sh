@@ -11,7 +11,7 @@
 set -u
 OUT=${OUT:-benchmarks/results/gpu}
 BUDGET=${BUDGET:-100000}
-PARTS=${PARTS:-"fused opd_step opd_vs_trl opd_vs_trl_scanned first_step rollout_ahead sampler sampler_grid decode_flags decode_scanned fused_sweep compile_depth sampler_large cli"}
+PARTS=${PARTS:-"fused opd_step opd_vs_trl opd_vs_trl_scanned first_step rollout_ahead sampler sampler_grid decode_flags decode_scanned decode_windows fused_sweep compile_depth sampler_large cli"}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-}:$PWD
 log() { echo "=== $(date +%T) $*"; }
@@ -96,6 +96,14 @@ part_decode_scanned() {
     XLA_PYTHON_CLIENT_MEM_FRACTION=.45 budget 60 python3 benchmarks/sampler.py --models qwen3-0.6b \
       --dtype bfloat16 --batches $batch --new_tokens 128 --repeats 3 --no_transformers --scan_layers \
       --out "$OUT/decode_flags.jsonl"
+  done
+}
+part_decode_windows() {
+  log "decode, Qwen3-0.6B shape, bfloat16: one window (the whole cache, no per-layer lax.switch)"
+  for batch in 1 64; do
+    XLA_PYTHON_CLIENT_MEM_FRACTION=.45 budget 60 python3 benchmarks/sampler.py --models qwen3-0.6b \
+      --dtype bfloat16 --batches $batch --new_tokens 128 --repeats 3 --no_transformers \
+      --max_decode_windows 1 --out "$OUT/decode_flags.jsonl"
   done
 }
 part_sampler_large() {

@@ -15,6 +15,10 @@ that capture the decode loop as one CUDA graph) can be told apart:
     XLA_FLAGS=--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL python benchmarks/sampler.py \
         --models qwen3-0.6b --dtype bfloat16 --batches 1 64 --new_tokens 128 --no_transformers
 
+`--max_decode_windows 1` makes every decode step attend over the whole cache, with no
+`lax.switch` between window sizes in each layer (on a GPU a conditional reads its branch
+index back to the host), to weigh the windows' saved cache reads against that cost.
+
 On an accelerator each line also gives the decode roofline: the bytes one decode step must
 read (every weight once, plus the filled KV cache) over the measured device-to-device copy
 bandwidth, as tokens/s, and the fraction of it reached (prefill included in the time).
@@ -37,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from opdjax.models import Decoder, ModelConfig, save_pretrained, tiny_config
+from opdjax.models import Decoder, ModelConfig, decoder, save_pretrained, tiny_config
 from opdjax.sampling import SamplingParams, generate
 
 CONFIGS = {
@@ -152,8 +156,15 @@ def main(argv=None):
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--attention", default="auto", help="the decoder's attention implementation")
   parser.add_argument("--scan_layers", action="store_true", help="stacked layers in a lax.scan")
+  parser.add_argument(
+      "--max_decode_windows",
+      type=int,
+      default=decoder.MAX_DECODE_WINDOWS,
+      help="window sizes a decode step may attend over (1: the whole cache, no lax.switch)",
+  )
   parser.add_argument("--out", default=None, help="also append the JSON lines to this file")
   args = parser.parse_args(argv)
+  decoder.MAX_DECODE_WINDOWS = args.max_decode_windows
   sink = open(args.out, "a") if args.out else None
   device = str(jax.devices()[0].platform)
   kind = jax.devices()[0].device_kind
@@ -222,6 +233,7 @@ def main(argv=None):
                 dtype=args.dtype,
                 attention=args.attention,
                 scan_layers=args.scan_layers,
+                max_decode_windows=args.max_decode_windows,
                 batch=batch,
                 prompt_len=args.prompt_len,
                 new_tokens=args.new_tokens,
