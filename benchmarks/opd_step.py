@@ -85,9 +85,13 @@ def model_config(layers: int, width: int, vocab: int) -> ModelConfig:
   )
 
 
-def opdjax_steps(student: Decoder, teacher: Decoder, prompts: np.ndarray, args) -> list[float]:
+def opdjax_steps(
+    student: Decoder, teacher: Decoder, prompts: np.ndarray, args
+) -> tuple[list[float], dict]:
   """Seconds of each on-policy step (the first includes compiling the sampler, the
-  teacher's forward pass and the update)."""
+  teacher's forward pass and the update), and the seconds of JAX's compile-path events
+  during the first step, summed by event over every thread (tracing, lowering, XLA's
+  compilation or a cache's retrieval), so a slow first step says where it went."""
   run_config = configs.base_config()
   run_config.recipe.divergence = "generalized_jsd"
   run_config.recipe.divergence_kwargs = {"beta": BETA}
@@ -105,8 +109,16 @@ def opdjax_steps(student: Decoder, teacher: Decoder, prompts: np.ndarray, args) 
   prompt_tokens = jnp.asarray(prompts)
   prompt_mask = jnp.ones(prompts.shape, bool)
   key = jax.random.key(0)
-  times = []
+  times, events = [], {}
+
+  def listen(event, duration, **_):
+    if event.startswith(("/jax/core/compile/", "/jax/compilation_cache/")):
+      events[event] = events.get(event, 0.0) + duration  # a float add: safe across threads
+
+  jax.monitoring.register_event_duration_secs_listener(listen)
   for i in range(args.steps):
+    if i == 1:
+      jax.monitoring.unregister_event_duration_listener(listen)
     start = time.perf_counter()
     if i == 0 and not args.serial_compile:  # as `trainer.run`: compiled beside the rollout
       update = background_compile(update, params, opt_state, prompts.shape, args, teacher)
@@ -127,7 +139,9 @@ def opdjax_steps(student: Decoder, teacher: Decoder, prompts: np.ndarray, args) 
     params, opt_state, metrics = update(params, opt_state, seq, frozen)
     float(metrics["loss"][0])  # the step is done when its loss is on the host
     times.append(time.perf_counter() - start)
-  return times
+  if args.steps == 1:
+    jax.monitoring.unregister_event_duration_listener(listen)
+  return times, {name: round(seconds, 4) for name, seconds in sorted(events.items())}
 
 
 def background_compile(update, params, opt_state, prompt_shape, args, teacher: Decoder):
@@ -359,12 +373,13 @@ def main(argv=None):
           from opdjax.train import enable_compilation_cache
 
           enable_compilation_cache()
-        times = opdjax_steps(*opdjax_models, prompts, args)
+        times, events = opdjax_steps(*opdjax_models, prompts, args)
         version = {
             "jax": jax.__version__,
             "compilation_cache": args.use_cache,
             "scan_layers": args.scan_layers,
             "background_compile": not args.serial_compile,
+            "first_step_events_s": events,
         }
       else:
         import torch
