@@ -41,7 +41,6 @@ Needs the `bench` extra (PyTorch, TRL) for the TRL side. About 4 minutes on 2 CP
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
 import os
 import platform
@@ -60,7 +59,7 @@ from flax import nnx
 from opdjax import configs, recipes, sharding
 from opdjax import objectives as obj
 from opdjax.evaluation import forward_hidden
-from opdjax.learner import head_kernel, make_optimizer, make_train_step
+from opdjax.learner import CompilingStep, head_kernel, make_optimizer, make_train_step
 from opdjax.models import Decoder, ModelConfig, save_pretrained
 from opdjax.models.decoder import stack_layers
 from opdjax.models.hf import abstract_model
@@ -115,10 +114,8 @@ def opdjax_steps(
     if event.startswith(("/jax/core/compile/", "/jax/compilation_cache/")):
       events[event] = events.get(event, 0.0) + duration  # a float add: safe across threads
 
-  jax.monitoring.register_event_duration_secs_listener(listen)
+  jax.monitoring.register_event_duration_secs_listener(listen)  # for the first step only
   for i in range(args.steps):
-    if i == 1:
-      jax.monitoring.unregister_event_duration_listener(listen)
     start = time.perf_counter()
     if i == 0 and not args.serial_compile:  # as `trainer.run`: compiled beside the rollout
       update = background_compile(update, params, opt_state, prompts.shape, args, teacher)
@@ -139,14 +136,14 @@ def opdjax_steps(
     params, opt_state, metrics = update(params, opt_state, seq, frozen)
     float(metrics["loss"][0])  # the step is done when its loss is on the host
     times.append(time.perf_counter() - start)
-  if args.steps == 1:
-    jax.monitoring.unregister_event_duration_listener(listen)
+    if i == 0:
+      jax.monitoring.unregister_event_duration_listener(listen)
   return times, {name: round(seconds, 4) for name, seconds in sorted(events.items())}
 
 
 def background_compile(update, params, opt_state, prompt_shape, args, teacher: Decoder):
-  """`update`, lowered here for the rollout's shapes and compiled in a thread (as the
-  trainer's `learner.check_memory(background=True)`); the returned function waits for it."""
+  """`update`, lowered here for the rollout's shapes and compiled in a thread by the
+  trainer's own `learner.CompilingStep`; its first call waits for the compilation."""
   rows, prompt_len = prompt_shape
   seq = recipes.Sequences.spec(rows, prompt_len + args.new_tokens)
   t_graphdef, t_state = nnx.split(teacher)
@@ -154,10 +151,7 @@ def background_compile(update, params, opt_state, prompt_shape, args, teacher: D
   hidden = jax.eval_shape(score, seq)
   kernel = jax.eval_shape(lambda state: head_kernel(t_graphdef, state), t_state)
   lowered = update.lower(params, opt_state, seq, {"teacher": obj.Head(hidden, kernel)})
-  executor = concurrent.futures.ThreadPoolExecutor(1)
-  future = executor.submit(lowered.compile)
-  executor.shutdown(wait=False)
-  return lambda *step_args: future.result()(*step_args)
+  return CompilingStep(lowered, {}, None, quiet=True)  # the trainer's: no plan, no limit
 
 
 def trl_steps(tool: str, student_dir: str, teacher_dir: str, prompts, args) -> list[float]:

@@ -185,8 +185,9 @@ def test_a_step_compiled_in_the_background_checks_the_whole_plan_before_the_firs
 ):
   """`check_memory(background=True)` (the trainer's) checks the terms shapes give at once,
   traces the step in the caller's thread (its JAX settings apply), and checks the whole
-  plan, temporaries included, when the first update waits for the compiled step: a limit that only the temporaries exceed stops the run there, with no update and no
-  checkpoint, and a limit the shape terms exceed stops it before anything is built."""
+  plan, temporaries included, when the first update waits for the compiled step: a limit
+  that only the temporaries exceed stops the run there, with no update and no checkpoint,
+  and a limit the shape terms exceed stops it before anything is built."""
   config = tiny("opd", estimator="full", divergence="reverse_kl")
   config.teacher.checkpoint = str(teacher_dir)
   run_setup = build.setup(config)
