@@ -50,7 +50,7 @@ def time_both(filled, repeats, *, batch, kv_heads, groups, head_dim, slots) -> d
   def steps(q, cache_k, cache_v, mask, length):  # STEPS decode steps in one program
     def step(i, out):
       cache = LayerCache(cache_k, cache_v, index=length - 1)
-      return out + attend_one(q * (1 + i * 2.0**-20), cache, mask, length)
+      return out + attend_one(q * (1 + i * 2.0**-20), cache, mask)
 
     return jax.lax.fori_loop(0, STEPS, step, jnp.zeros_like(q))
 

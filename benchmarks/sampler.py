@@ -16,8 +16,9 @@ that capture the decode loop as one CUDA graph) can be told apart:
         --models qwen3-0.6b --dtype bfloat16 --batches 1 64 --new_tokens 128 --no_transformers
 
 `--max_decode_windows 1` makes every decode step attend over the whole cache, with no
-`lax.switch` between window sizes in each layer (on a GPU a conditional reads its branch
-index back to the host), to weigh the windows' saved cache reads against that cost.
+`lax.switch` between window sizes in each layer (on a GPU a conditional outside a command
+buffer waits for its branch index on the host), to weigh the windows' saved cache reads
+against that cost.
 
 On an accelerator each line also gives the decode roofline: the bytes one decode step must
 read (every weight once, plus the filled KV cache) over the measured device-to-device copy

@@ -195,14 +195,14 @@ def decode_windows(max_length: int) -> tuple[int, ...]:
   return tuple(range(step, max_length, step)) + (max_length,)
 
 
-def attend_one(q, cache: LayerCache, mask, filled) -> jax.Array:
+def attend_one(q, cache: LayerCache, mask) -> jax.Array:
   """`attend` for one query per row (a decode step), reading only the filled cache slots.
 
   Args:
     q: `[B, 1, H, Dh]`.
-    cache: the layer's `LayerCache` (keys and values `[B, K, S, Dh]` per layer).
+    cache: the layer's `LayerCache`, this step's token already written at `cache.index`,
+      so `filled = cache.index + 1` slots hold tokens.
     mask: `[B, 1, S]`, True where the query may attend a slot; False from slot `filled` on.
-    filled: int32 scalar, the slots written so far (the cache index after this token).
 
   The step attends over the smallest of `decode_windows(S)` that holds `filled` slots, so
   its work grows with the length generated so far rather than with the cache size. The
@@ -228,7 +228,7 @@ def attend_one(q, cache: LayerCache, mask, filled) -> jax.Array:
   if len(windows) == 1:
     out = over(windows[0])
   else:
-    which = jnp.searchsorted(jnp.asarray(windows), filled)
+    which = jnp.searchsorted(jnp.asarray(windows), cache.index + 1)  # the filled slots
     out = jax.lax.switch(
         jnp.minimum(which, len(windows) - 1), [functools.partial(over, w) for w in windows]
     )
@@ -331,7 +331,7 @@ class Attention(nnx.Module):
       return self.o_proj(out.reshape(batch, length, -1).astype(x.dtype)), cache
     cache = cache.write(k, v)
     if length == 1:  # a decode step
-      out = attend_one(q, cache, mask, cache.index + 1)
+      out = attend_one(q, cache, mask)
     else:  # a prefill: once per generation, so the cache's transpose costs little
       k, v = (c.swapaxes(1, 2).astype(q.dtype) for c in cache.read())
       out = attend(q, k, v, mask, implementation=self.implementation)

@@ -94,7 +94,7 @@ def test_a_decode_step_reads_only_its_window(monkeypatch, filled, window):
   expected = decoder.attend(q, keys.swapaxes(1, 2), values.swapaxes(1, 2), mask)
   poison = lambda x: x.at[:, :, window:].set(jnp.nan)
   cache = decoder.LayerCache(poison(keys), poison(values), index=jnp.int32(filled - 1))
-  out = decoder.attend_one(q, cache, mask, jnp.int32(filled))
+  out = decoder.attend_one(q, cache, mask)
   np.testing.assert_allclose(out[:2], expected[:2], atol=1e-6)
   assert np.isfinite(out[2]).all()  # its output is never read, but must not be NaN
 
