@@ -104,7 +104,7 @@ def head_backward(
     grad_logits: jax.Array,
     grad_kernel: jax.Array,
     *,
-    block: int = 0,
+    block: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """The LM head's backward for one chunk of `logits = hidden_c @ kernel`.
 
@@ -112,7 +112,8 @@ def head_backward(
   hidden-state gradient (`[C, D]`, in `hidden_c`'s dtype) and the head gradient summed so
   far (`[D, V]`, float32).
 
-  With `block = 0` both are one product each. On a GPU or TPU XLA folds the sum into the
+  `block` defaults to `HEAD_BLOCK` for the backend. With `block = 0` both are one product
+  each. On a GPU or TPU XLA folds the sum into the
   matrix product (a GEMM that accumulates into its output); XLA's CPU backend writes the
   `[D, V]` product and then adds it, two more passes over `D·V` floats per chunk. With
   `block > 0` both products run over blocks of `block` vocabulary entries (the last one
@@ -127,6 +128,8 @@ def head_backward(
   >>> gh.tolist(), gw[0].tolist()
   ([[10.0, 10.0, 10.0], [35.0, 35.0, 35.0]], [5.0, 7.0, 9.0, 11.0, 13.0])
   """
+  if block is None:
+    block = HEAD_BLOCK.get(jax.default_backend(), 0)
   if not block or block >= kernel.shape[1]:
     _, vjp = jax.vjp(logits_of, hidden_c, kernel)
     grad_hidden_c, grad_kernel_c = vjp(grad_logits)
@@ -274,8 +277,6 @@ def token_values(
     _, out = jax.lax.scan(body, None, (chunks.split(hidden),) + xs)
     return jax.tree.map(chunks.join, out)
 
-  block = HEAD_BLOCK.get(jax.default_backend(), 0)
-
   def backward(residuals, grad_values):  # each chunk's logits again, then its backward
     hidden, kernel = residuals
 
@@ -284,9 +285,7 @@ def token_values(
       values_c = lambda logits: chunk_values(logits, *rest)
       _, vjp = jax.vjp(values_c, logits_of(hidden_c, kernel))
       (grad_logits,) = vjp(grad_c)
-      grad_hidden_c, grad_kernel = head_backward(
-          hidden_c, kernel, grad_logits, grad_kernel, block=block
-      )
+      grad_hidden_c, grad_kernel = head_backward(hidden_c, kernel, grad_logits, grad_kernel)
       return grad_kernel, grad_hidden_c
 
     grad_kernel, grad_hidden = jax.lax.scan(
@@ -356,17 +355,13 @@ def weighted_token_sum(
     _, (totals, out) = jax.lax.scan(body, None, (chunks.split(hidden),) + xs)
     return jnp.sum(totals), jax.tree.map(chunks.join, out)
 
-  block = HEAD_BLOCK.get(jax.default_backend(), 0)
-
   def forward(hidden, kernel):  # the sum, the values, and the gradient for `backward`
     def body(grad_kernel, x):
       hidden_c, *rest = x
       loss_c = lambda logits: chunk_loss(logits, *rest)
       total, vjp, out = jax.vjp(loss_c, logits_of(hidden_c, kernel), has_aux=True)
       (grad_logits,) = vjp(jnp.ones_like(total))
-      grad_hidden_c, grad_kernel = head_backward(
-          hidden_c, kernel, grad_logits, grad_kernel, block=block
-      )
+      grad_hidden_c, grad_kernel = head_backward(hidden_c, kernel, grad_logits, grad_kernel)
       return grad_kernel, (total, out, grad_hidden_c)
 
     grad_kernel, (totals, out, grad_hidden) = jax.lax.scan(
