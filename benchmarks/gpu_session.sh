@@ -11,7 +11,7 @@
 set -u
 OUT=${OUT:-benchmarks/results/gpu}
 BUDGET=${BUDGET:-100000}
-PARTS=${PARTS:-"fused opd_step opd_vs_trl opd_vs_trl_scanned first_step rollout_ahead sampler sampler_grid decode_flags decode_scanned decode_windows fused_sweep compile_depth sampler_large cli"}
+PARTS=${PARTS:-"fused opd_step opd_vs_trl opd_vs_trl_scanned first_step rollout_ahead sampler sampler_grid decode_flags decode_scanned decode_compare decode_long fused_sweep compile_depth sampler_large cli"}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-}:$PWD
 log() { echo "=== $(date +%T) $*"; }
@@ -26,9 +26,15 @@ budget() {
 }
 
 part_fused() {
+  part_fused_f32
+  part_fused_bf16
+}
+part_fused_f32() {
   log "fused loss, float32, the issue's two shapes"
   budget 120 python3 benchmarks/fused_loss.py --repeats 10 --impls opdjax,opdjax_vjp,naive,liger \
     --out "$OUT/fused_loss.jsonl"
+}
+part_fused_bf16() {
   log "fused loss, bfloat16, a Qwen3-1.7B head (H=2048, V=151,936)"
   budget 80 python3 benchmarks/fused_loss.py --repeats 10 --dtype bfloat16 --shapes 8192,2048,151936 \
     --impls opdjax,opdjax_vjp,naive,liger --out "$OUT/fused_loss.jsonl"
@@ -98,12 +104,22 @@ part_decode_scanned() {
       --out "$OUT/decode_flags.jsonl"
   done
 }
-part_decode_windows() {
-  log "decode, Qwen3-0.6B shape, bfloat16: one window (the whole cache, no per-layer lax.switch)"
-  for batch in 1 64; do
+part_decode_compare() {
+  log "decode, Qwen3-0.6B shape, bfloat16: default, windows forced (a lax.switch per layer), one window, scanned"
+  for run in "1 " "1 --windowed_decode_min_mb=0" "1 --max_decode_windows=1" "1 --scan_layers" \
+    "64 " "64 --windowed_decode_min_mb=0"; do
+    read -r batch extra <<<"$run"
     XLA_PYTHON_CLIENT_MEM_FRACTION=.45 budget 60 python3 benchmarks/sampler.py --models qwen3-0.6b \
-      --dtype bfloat16 --batches $batch --new_tokens 128 --repeats 3 --no_transformers \
-      --max_decode_windows 1 --out "$OUT/decode_flags.jsonl"
+      --dtype bfloat16 --batches $batch --new_tokens 128 --repeats 3 --no_transformers $extra \
+      --out "$OUT/decode_compare.jsonl"
+  done
+}
+part_decode_long() {
+  log "decode, Qwen3-0.6B shape, bfloat16, batch 64, 1,024 new tokens (a 272 MB layer cache): windows or not"
+  for extra in "" "--max_decode_windows=1"; do
+    XLA_PYTHON_CLIENT_MEM_FRACTION=.45 budget 90 python3 benchmarks/sampler.py --models qwen3-0.6b \
+      --dtype bfloat16 --batches 64 --new_tokens 1024 --repeats 2 --no_transformers $extra \
+      --out "$OUT/decode_compare.jsonl"
   done
 }
 part_sampler_large() {

@@ -18,7 +18,8 @@ that capture the decode loop as one CUDA graph) can be told apart:
 `--max_decode_windows 1` makes every decode step attend over the whole cache, with no
 `lax.switch` between window sizes in each layer (on a GPU a conditional outside a command
 buffer waits for its branch index on the host), to weigh the windows' saved cache reads
-against that cost.
+against that cost; `--windowed_decode_min_mb 0` makes a GPU use windows even for a small
+cache, which by default it reads whole (`decoder.WINDOWED_DECODE_MIN_BYTES`).
 
 On an accelerator each line also gives the decode roofline: the bytes one decode step must
 read (every weight once, plus the filled KV cache) over the measured device-to-device copy
@@ -163,9 +164,19 @@ def main(argv=None):
       default=decoder.MAX_DECODE_WINDOWS,
       help="window sizes a decode step may attend over (1: the whole cache, no lax.switch)",
   )
+  parser.add_argument(
+      "--windowed_decode_min_mb",
+      type=float,
+      default=None,
+      help="the smallest layer cache (MiB) decoded in windows (default: the backend's)",
+  )
   parser.add_argument("--out", default=None, help="also append the JSON lines to this file")
   args = parser.parse_args(argv)
   decoder.MAX_DECODE_WINDOWS = args.max_decode_windows
+  if args.windowed_decode_min_mb is not None:
+    backend = jax.default_backend()
+    decoder.WINDOWED_DECODE_MIN_BYTES = {backend: int(args.windowed_decode_min_mb * 2**20)}
+  min_bytes = decoder.WINDOWED_DECODE_MIN_BYTES.get(jax.default_backend(), 0)
   sink = open(args.out, "a") if args.out else None
   device = str(jax.devices()[0].platform)
   kind = jax.devices()[0].device_kind
@@ -235,6 +246,7 @@ def main(argv=None):
                 attention=args.attention,
                 scan_layers=args.scan_layers,
                 max_decode_windows=args.max_decode_windows,
+                windowed_decode_min_bytes=min_bytes,
                 batch=batch,
                 prompt_len=args.prompt_len,
                 new_tokens=args.new_tokens,

@@ -185,12 +185,25 @@ def attend(q, k, v, mask, *, implementation: str = "auto") -> jax.Array:
 
 DECODE_WINDOW = 128  # slots per step of the decode attention's window (see `attend_one`)
 MAX_DECODE_WINDOWS = 8  # at most this many window sizes (one compiled branch each)
+# The smallest layer cache (keys and values of every row, in bytes) whose decode steps use
+# windows, by backend (absent: 0, always). Each layer picks its window with a `lax.switch`,
+# and XLA's GPU backend runs a conditional from the host: a Qwen3-0.6B-shaped bfloat16
+# decode on an H200 (28 layers, a 144-slot cache, 2 windows) ran 1.28x faster at batch 1
+# and 1.22x at batch 64 with one window, about 0.5 ms a step or 18 us a conditional, the
+# time to read some 50 MB (benchmarks/results/decode_windows_h200.jsonl). Windows skip
+# half the cache on average, so they pay from a layer cache of about 128 MB.
+WINDOWED_DECODE_MIN_BYTES = {"gpu": 128 << 20}
 
 
-def decode_windows(max_length: int) -> tuple[int, ...]:
+def decode_windows(max_length: int, layer_bytes: int | None = None) -> tuple[int, ...]:
   """The window sizes a decode step may attend over in a cache of `max_length` slots:
   multiples of `DECODE_WINDOW` (coarser for long caches, at most `MAX_DECODE_WINDOWS`), the
-  last one `max_length`."""
+  last one `max_length`; only `max_length` where a layer's cache of `layer_bytes` is under
+  `WINDOWED_DECODE_MIN_BYTES` for the backend."""
+  if layer_bytes is not None and layer_bytes < WINDOWED_DECODE_MIN_BYTES.get(
+      jax.default_backend(), 0
+  ):
+    return (max_length,)
   step = max(DECODE_WINDOW, -(-max_length // MAX_DECODE_WINDOWS))
   return tuple(range(step, max_length, step)) + (max_length,)
 
@@ -204,8 +217,10 @@ def attend_one(q, cache: LayerCache, mask) -> jax.Array:
       so `filled = cache.index + 1` slots hold tokens.
     mask: `[B, 1, S]`, True where the query may attend a slot; False from slot `filled` on.
 
-  The step attends over the smallest of `decode_windows(S)` that holds `filled` slots, so
-  its work grows with the length generated so far rather than with the cache size. The
+  The step attends over the smallest of `decode_windows(S, ...)` that holds `filled` slots,
+  so its work grows with the length generated so far rather than with the cache size (on a
+  GPU, for a layer cache of `WINDOWED_DECODE_MIN_BYTES` or more: a smaller one is read
+  whole, cheaper there than the conditional that picks the window). The
   slots left out are masked, so the result is the same as over the whole cache. Scores and
   the weighted sum are multiply-and-reduce over the contiguous head dimension and slots:
   a batched `dot_general` of one query row costs more on a CPU and no less elsewhere, where
@@ -224,7 +239,10 @@ def attend_one(q, cache: LayerCache, mask) -> jax.Array:
     weights = jax.nn.softmax(scores, axis=-1)
     return jnp.sum(weights[..., None] * v, axis=3)  # [B, K, G, Dh]
 
-  windows = decode_windows(mask.shape[-1])
+  slots = mask.shape[-1]
+  windows = decode_windows(
+      slots, 2 * batch * kv_heads * slots * head_dim * cache.keys.dtype.itemsize
+  )
   if len(windows) == 1:
     out = over(windows[0])
   else:

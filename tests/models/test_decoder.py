@@ -2,6 +2,7 @@
 
 import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -77,6 +78,27 @@ def test_decode_with_many_windows_equals_full_forward(monkeypatch):
   for step in range(completion.shape[1]):
     logits, cache = decode(model, completion[:, step], lengths + step, cache)
     np.testing.assert_allclose(logits, full[:, 6 + step], atol=1e-5, err_msg=f"step {step}")
+
+
+def test_decode_windows_where_a_conditional_costs_more_than_a_small_cache(monkeypatch):
+  """A backend listed in `WINDOWED_DECODE_MIN_BYTES` (the GPU's conditionals run from the
+  host) reads a small layer cache whole: its decode step traces to no conditional."""
+  monkeypatch.setattr(decoder, "DECODE_WINDOW", 2)
+  q = jnp.ones((3, 1, 4, 8), jnp.float32)
+  keys = jnp.ones((3, 2, 12, 8), jnp.float32)  # 2 * 3 * 2 * 12 * 8 * 4 = 4,608 bytes a layer
+  cache = decoder.LayerCache(keys, keys, index=jnp.int32(4))
+  mask = jnp.ones((3, 1, 12), bool)
+
+  def conditionals(threshold):
+    monkeypatch.setattr(decoder, "WINDOWED_DECODE_MIN_BYTES", {jax.default_backend(): threshold})
+    jaxpr = jax.make_jaxpr(lambda *args: decoder.attend_one(*args))(q, cache, mask)  # no cache
+    return sum(e.primitive.name == "cond" for e in jaxpr.jaxpr.eqns)
+
+  assert len(decoder.decode_windows(528, 1 << 20)) == 8  # no threshold for the backend
+  assert conditionals(4_609) == 0
+  assert decoder.decode_windows(12, 4_608) == (12,)
+  assert conditionals(4_608) == 1
+  assert decoder.decode_windows(12, 4_608 + 1) == (2, 4, 6, 8, 10, 12)
 
 
 @pytest.mark.parametrize("filled,window", [(5, 6), (6, 6), (7, 8)])
