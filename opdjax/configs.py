@@ -104,7 +104,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.rollout_ahead = False  # sample the next rollout before this update (one update stale)
   c.train.microbatches = 1  # row blocks per step, gradients summed (same update)
   c.train.loss_chunk_size = (
-      0  # tokens per fused-loss chunk; 0 = auto (logits per chunk: 4M CPU, 134M GPU, 16M TPU)
+      0  # tokens per fused-loss chunk; 0 = auto (4M logits CPU, 1,024 tokens GPU, 16M logits TPU)
   )
   c.train.memory_limit_gb = 0.0  # per-device plan limit; 0 = the device's own (none on CPU)
   c.train.log_every = 10

@@ -39,15 +39,20 @@ import jax.numpy as jnp
 # tokens [C])` returning a dict of `[C]` arrays. It must not mix positions.
 TokenFn = Callable[[jax.Array, "jax.Array | None", jax.Array], dict]
 
-# Elements of one chunk's `[C, V]` logits when `chunk_size` is 0 ("auto"), by backend.
-# GPU: 2**27 (about 880 tokens at V = 151,936). On an H100, a bfloat16 JSD step at
-# (B·T, H, V) = (8192, 2048, 151936) takes 251 / 118 / 92 / 82 / 78 ms with chunks of 110
-# (2**24 elements) / 512 / 1024 / 2048 / 4096 tokens and 1.4 / 1.9 / 4.3 / 8.3 / 11.9 GB of
-# temporaries (benchmarks/results/fused_loss_sweep_h100.jsonl; Liger: 67 ms): small chunks
-# starve the matmuls. CPU: 2**22, whose RAM is shared with everything else and whose
-# matmuls need no tall tiles (an OPD step at V = 151,936 and B·T = 4,208 compiles to
-# 0.19 GB of temporaries instead of 0.53 GB). TPU (unmeasured): 2**24.
-AUTO_CHUNK_ELEMENTS = {"cpu": 1 << 22, "gpu": 1 << 27}
+# Tokens per chunk when `chunk_size` is 0 ("auto"), by backend: `AUTO_CHUNK_TOKENS` where
+# it names the backend, else as many as keep one chunk's `[C, V]` logits near
+# `AUTO_CHUNK_ELEMENTS`. GPU: 1,024 tokens, Liger-Kernel's chunk. On an H200, against
+# Liger in the same session (benchmarks/results/fused_loss_h200.jsonl), the one-pass JSD
+# loss takes 0.52x / 0.75x Liger's time at 0.73x / 0.78x its peak memory at the float32
+# (B·T, H, V) = (4096, 256, 32768) / (8192, 512, 65536), where 2,048 tokens took 0.47x /
+# 0.70x at 1.4x / 1.5x the memory and 512 tokens 0.56x / 0.82x; at a bfloat16 Qwen3-1.7B
+# head (8192, 2048, 151936), 81 ms against Liger's 63 ms (small chunks starve the matmuls:
+# 110 tokens took 3.7x Liger's time on an H100). CPU: 2**22 logits, whose RAM is shared
+# with everything else and whose matmuls need no tall tiles (an OPD step at V = 151,936 and
+# B·T = 4,208 compiles to 0.19 GB of temporaries instead of 0.53 GB). TPU (unmeasured):
+# 2**24 logits.
+AUTO_CHUNK_TOKENS = {"gpu": 1024}
+AUTO_CHUNK_ELEMENTS = {"cpu": 1 << 22}
 AUTO_CHUNK_ELEMENTS_DEFAULT = 1 << 24
 # Vocabulary entries per block of the LM head's backward (`head_backward`), by backend;
 # 0 (the default) is one product over the whole vocabulary.
@@ -154,9 +159,11 @@ def head_backward(
 
 
 def auto_chunk_size(vocab_size: int, num_tokens: int) -> int:
-  """Tokens per chunk so that one chunk's logits hold about `AUTO_CHUNK_ELEMENTS` values."""
-  elements = AUTO_CHUNK_ELEMENTS.get(jax.default_backend(), AUTO_CHUNK_ELEMENTS_DEFAULT)
-  size = max(8, (elements // max(vocab_size, 1)) // 8 * 8)
+  """Tokens per chunk: `AUTO_CHUNK_TOKENS` for the backend, else so many that one chunk's
+  logits hold about `AUTO_CHUNK_ELEMENTS` values."""
+  backend = jax.default_backend()
+  elements = AUTO_CHUNK_ELEMENTS.get(backend, AUTO_CHUNK_ELEMENTS_DEFAULT)
+  size = AUTO_CHUNK_TOKENS.get(backend, max(8, (elements // max(vocab_size, 1)) // 8 * 8))
   return min(size, max(num_tokens, 1))
 
 

@@ -274,6 +274,21 @@ def test_chunk_size_does_not_change_values():
       np.testing.assert_allclose(out[name], outs[0][name], rtol=1e-6, atol=1e-6)
 
 
+def test_auto_chunk_size_by_backend(monkeypatch):
+  """A backend in `AUTO_CHUNK_TOKENS` (the GPU's) gets that many tokens whatever the
+  vocabulary; the others get about `AUTO_CHUNK_ELEMENTS` logits, in multiples of 8."""
+  backend = jax.default_backend()
+  monkeypatch.setattr(obj.fused, "AUTO_CHUNK_TOKENS", {})
+  monkeypatch.setattr(obj.fused, "AUTO_CHUNK_ELEMENTS", {backend: 1 << 22})
+  assert obj.fused.auto_chunk_size(151_936, 4096) == 24  # 27 tokens' logits, down to 8s
+  assert obj.fused.auto_chunk_size(32_768, 4096) == 128
+  assert obj.fused.auto_chunk_size(32_768, 100) == 100  # never more than the tokens
+  assert obj.fused.auto_chunk_size(1 << 23, 4096) == 8  # at least 8
+  monkeypatch.setattr(obj.fused, "AUTO_CHUNK_TOKENS", {backend: 1024})
+  assert obj.fused.auto_chunk_size(151_936, 4096) == obj.fused.auto_chunk_size(32_768, 4096) == 1024
+  assert obj.fused.auto_chunk_size(151_936, 600) == 600
+
+
 def test_bad_input_names_the_value():
   hidden, kernel, t_hidden, t_kernel, _, targets = _problem()
   fn = lambda s, t, a: {"lp": obj.token_log_probs(s, a)}
