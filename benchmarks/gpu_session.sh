@@ -2,16 +2,16 @@
 # The GPU benchmarks of the repository, each part under its own time limit so that one
 # failure does not cost the others. JSON lines go to $OUT (default benchmarks/results/gpu).
 # Run from the repository root on a machine with jax[cuda], torch, trl and liger-kernel. PARTS
-# picks parts and their order (default: all, about 20 minutes on one H100), so that a short
+# picks parts and their order (default: all, about 30 minutes on one H100), so that a short
 # lease runs the most wanted first. BUDGET (seconds) caps the whole script: each run gets
 # the smaller of its own limit and what is left, and is skipped under 20 s, so a lease's
 # limit never cuts a run off unannounced:
 #
-#     OUT=/tmp/gpu BUDGET=560 PARTS="opd_vs_trl decode_flags sampler_grid" bash benchmarks/gpu_session.sh
+#     OUT=/tmp/gpu BUDGET=560 PARTS="decode_flags decode_long first_step_flags" bash benchmarks/gpu_session.sh
 set -u
 OUT=${OUT:-benchmarks/results/gpu}
 BUDGET=${BUDGET:-100000}
-PARTS=${PARTS:-"fused opd_step opd_vs_trl opd_vs_trl_scanned first_step rollout_ahead sampler sampler_grid decode_flags decode_scanned decode_compare decode_long fused_sweep compile_depth sampler_large cli"}
+PARTS=${PARTS:-"fused opd_step opd_vs_trl opd_vs_trl_scanned first_step first_step_flags rollout_ahead sampler sampler_grid decode_flags decode_scanned decode_compare decode_long fused_sweep compile_depth sampler_large cli"}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-}:$PWD
 log() { echo "=== $(date +%T) $*"; }
@@ -68,6 +68,13 @@ part_first_step() {
   budget 80 python3 benchmarks/opd_step.py --steps 4 --tools opdjax --out "$OUT/opd_step.jsonl"
   budget 120 python3 benchmarks/first_step.py --repeats 1 --recipes opd_sampled \
     --out "$OUT/first_step.jsonl"
+}
+part_first_step_flags() {
+  log "the first step cold without XLA's GEMM autotuning, unrolled and scanned (is autotuning the compile?)"
+  for extra in "" "--scan_layers"; do
+    XLA_FLAGS=--xla_gpu_autotune_level=0 budget 80 python3 benchmarks/opd_step.py --steps 6 \
+      --tools opdjax $extra --out "$OUT/opd_step.jsonl"
+  done
 }
 part_compile_depth() {
   log "compile time and program size against depth, per-layer vs scanned"

@@ -353,6 +353,7 @@ def main(argv=None):
       device=jax.devices()[0].device_kind,
       cpus=os.cpu_count(),
       machine=platform.machine(),
+      xla_flags=os.environ.get("XLA_FLAGS", ""),
   )
   with tempfile.TemporaryDirectory() as tmp:
     student_dir, teacher_dir = f"{tmp}/student", f"{tmp}/teacher"
