@@ -7,11 +7,11 @@
 # the smaller of its own limit and what is left, and is skipped under 20 s, so a lease's
 # limit never cuts a run off unannounced:
 #
-#     OUT=/tmp/gpu BUDGET=560 PARTS="decode_flags decode_long first_step_flags" bash benchmarks/gpu_session.sh
+#     OUT=/tmp/gpu BUDGET=560 PARTS="decode_profile decode_flags decode_long first_step_flags" bash benchmarks/gpu_session.sh
 set -u
 OUT=${OUT:-benchmarks/results/gpu}
 BUDGET=${BUDGET:-100000}
-PARTS=${PARTS:-"fused opd_step opd_vs_trl opd_vs_trl_scanned first_step first_step_flags rollout_ahead sampler sampler_grid decode_flags decode_scanned decode_compare decode_long fused_sweep compile_depth sampler_large cli"}
+PARTS=${PARTS:-"fused opd_step opd_vs_trl opd_vs_trl_scanned first_step first_step_flags rollout_ahead sampler sampler_grid decode_flags decode_scanned decode_compare decode_profile decode_long fused_sweep compile_depth sampler_large cli"}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-}:$PWD
 log() { echo "=== $(date +%T) $*"; }
@@ -119,6 +119,15 @@ part_decode_compare() {
     XLA_PYTHON_CLIENT_MEM_FRACTION=.45 budget 60 python3 benchmarks/sampler.py --models qwen3-0.6b \
       --dtype bfloat16 --batches $batch --new_tokens 128 --repeats 3 --no_transformers $extra \
       --out "$OUT/decode_compare.jsonl"
+  done
+}
+part_decode_profile() {
+  log "decode, Qwen3-0.6B shape, bfloat16: kernels per step and the GPU's busy fraction (profiler)"
+  for run in "1 " "64 " "1 --xla_gpu_enable_command_buffer=+WHILE"; do
+    read -r batch flags <<<"$run"
+    XLA_FLAGS="$flags" XLA_PYTHON_CLIENT_MEM_FRACTION=.45 budget 60 python3 \
+      benchmarks/decode_profile.py --models qwen3-0.6b --dtype bfloat16 --batch $batch \
+      --out "$OUT/decode_profile.jsonl"
   done
 }
 part_decode_long() {
