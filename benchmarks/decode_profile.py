@@ -24,8 +24,9 @@ import time
 
 import jax
 import jax.numpy as jnp
+from _jsonl import emit  # benchmarks/ is the script's directory
 from flax import nnx
-from sampler import CONFIGS  # noqa: E402  (benchmarks/ is the script's directory)
+from sampler import CONFIGS
 
 from opdjax.models import Decoder, decoder
 from opdjax.sampling import SamplingParams, generate
@@ -144,10 +145,7 @@ def main(argv=None):
           for name, t in total.most_common(args.top)
       ],
   )
-  print(json.dumps(line), flush=True)
-  if args.out:
-    with open(args.out, "a") as f:
-      f.write(json.dumps(line) + "\n")
+  emit(line, args.out)
 
 
 if __name__ == "__main__":

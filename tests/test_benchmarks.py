@@ -20,3 +20,21 @@ def test_benchmark_script_imports(script, monkeypatch):
   monkeypatch.setitem(sys.modules, spec.name, module)
   spec.loader.exec_module(module)  # top-level imports only: each runs under __main__
   assert callable(getattr(module, "main", None)), f"{script.name} has no main()"
+
+
+def test_decode_profile_keeps_leaf_events_and_measures_their_union(monkeypatch):
+  """A CPU trace nests thunks inside loops: only the innermost count as kernels, and the
+  busy time is the union of their intervals, not their sum."""
+  monkeypatch.syspath_prepend(str(BENCHMARKS))
+  import decode_profile
+
+  event = lambda tid, ts, dur, name: dict(pid=1, tid=tid, ts=ts, dur=dur, name=name, ph="X")
+  events = [
+      event(7, 0.0, 10.0, "while"),
+      event(7, 1.0, 2.0, "fusion.1"),
+      event(7, 4.0, 2.0, "fusion.2"),
+      event(8, 2.0, 3.0, "fusion.3"),  # another thread, overlapping both
+  ]
+  kept = decode_profile.leaves(events)
+  assert sorted(e["name"] for e in kept) == ["fusion.1", "fusion.2", "fusion.3"]
+  assert decode_profile.busy_us(kept) == 5.0  # [1, 6]; the sum of durations is 7
