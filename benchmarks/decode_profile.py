@@ -34,7 +34,8 @@ from opdjax.sampling import SamplingParams, generate
 
 def kernel_events(trace: dict) -> list[dict]:
   """The trace's complete events on a device (`/device:...` processes), or, where there is
-  none (a CPU), on XLA's executor threads."""
+  none (a CPU), on XLA's threads (`tf_XLA...`: its thread pool, or the client's own thread
+  where a small program runs in line)."""
   names = {}
   threads = {}
   for e in trace["traceEvents"]:
@@ -50,7 +51,7 @@ def kernel_events(trace: dict) -> list[dict]:
   device = [e for e in events if names.get(e["pid"], "").startswith("/device:")]
   if device:
     return device
-  return [e for e in events if threads.get((e["pid"], e["tid"]), "").startswith("tf_XLAEigen")]
+  return [e for e in events if threads.get((e["pid"], e["tid"]), "").startswith("tf_XLA")]
 
 
 def leaves(events: list[dict]) -> list[dict]:
