@@ -32,6 +32,10 @@ from opdjax.models import Decoder, decoder
 from opdjax.sampling import SamplingParams, generate
 
 
+# Markers and a CPU executor's waits, which overlap the work they wait for.
+NOT_WORK = ("end: ", "ThunkExecutor::", "SlinkyThreadPool::", "ThreadpoolListener::")
+
+
 def kernel_events(trace: dict) -> list[dict]:
   """The trace's complete events on a device (`/device:...` processes), or, where there is
   none (a CPU), on XLA's threads (`tf_XLA...`: its thread pool, or the client's own thread
@@ -43,10 +47,10 @@ def kernel_events(trace: dict) -> list[dict]:
       names[e["pid"]] = e["args"]["name"]
     if e.get("ph") == "M" and e["name"] == "thread_name":
       threads[e["pid"], e["tid"]] = e["args"]["name"]
-  events = [  # markers (zero length, "end: ...") are not work
+  events = [
       e
       for e in trace["traceEvents"]
-      if e.get("ph") == "X" and e["dur"] > 0 and not e["name"].startswith("end: ")
+      if e.get("ph") == "X" and e["dur"] > 0 and not e["name"].startswith(NOT_WORK)
   ]
   device = [e for e in events if names.get(e["pid"], "").startswith("/device:")]
   if device:
@@ -89,6 +93,7 @@ def main(argv=None):
   parser.add_argument("--scan_layers", action="store_true")
   parser.add_argument("--max_decode_windows", type=int, default=decoder.MAX_DECODE_WINDOWS)
   parser.add_argument("--top", type=int, default=12, help="kernels listed, by total time")
+  parser.add_argument("--names", action="store_true", help="also print every kernel name")
   parser.add_argument("--out", default=None, help="also append the JSON line to this file")
   args = parser.parse_args(argv)
   decoder.MAX_DECODE_WINDOWS = args.max_decode_windows
@@ -147,6 +152,9 @@ def main(argv=None):
       ],
   )
   emit(line, args.out)
+  if args.names:
+    for name, t in total.most_common():
+      print(f"{t / steps / 1e3:9.4f} ms/step {count[name] / steps:6.2f}/step  {name}")
 
 
 if __name__ == "__main__":
