@@ -1,4 +1,4 @@
-"""One decode step's attention: `models.decoder.attend_one` against torch's SDPA, JSON lines.
+"""One decode step's attention: `models.attention.attend_one` against torch's SDPA, JSON lines.
 
 A decode step attends one query per row over the filled part of the KV cache. At large
 batches on a CPU this dominates the step of a small model, so this times it alone: for
@@ -26,7 +26,7 @@ import numpy as np
 from _jsonl import emit  # benchmarks/, next to this script
 from _timing import best_seconds
 
-from opdjax.models.decoder import LayerCache, attend_one
+from opdjax.models.attention import LayerCache, attend_one
 
 # Decode steps per timed program: the sampler runs its steps inside one compiled loop, so
 # buffers are allocated once per call rather than once per step (a program per step would

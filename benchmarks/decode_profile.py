@@ -28,9 +28,8 @@ from _jsonl import emit  # benchmarks/ is the script's directory
 from flax import nnx
 from sampler import CONFIGS
 
-from opdjax.models import Decoder, decoder
+from opdjax.models import Decoder, attention
 from opdjax.sampling import SamplingParams, generate
-
 
 # Markers and a CPU executor's waits, which overlap the work they wait for.
 NOT_WORK = ("end: ", "ThunkExecutor::", "SlinkyThreadPool::", "ThreadpoolListener::")
@@ -91,12 +90,12 @@ def main(argv=None):
   parser.add_argument("--prompt_len", type=int, default=16)
   parser.add_argument("--new_tokens", type=int, default=128)
   parser.add_argument("--scan_layers", action="store_true")
-  parser.add_argument("--max_decode_windows", type=int, default=decoder.MAX_DECODE_WINDOWS)
+  parser.add_argument("--max_decode_windows", type=int, default=attention.MAX_DECODE_WINDOWS)
   parser.add_argument("--top", type=int, default=12, help="kernels listed, by total time")
   parser.add_argument("--names", action="store_true", help="also print every kernel name")
   parser.add_argument("--out", default=None, help="also append the JSON line to this file")
   args = parser.parse_args(argv)
-  decoder.MAX_DECODE_WINDOWS = args.max_decode_windows
+  attention.MAX_DECODE_WINDOWS = args.max_decode_windows
   config = CONFIGS[args.models]
   dtype = jnp.dtype(args.dtype)
   model = Decoder(
@@ -140,7 +139,7 @@ def main(argv=None):
       new_tokens=steps,
       scan_layers=args.scan_layers,
       max_decode_windows=args.max_decode_windows,
-      windowed_decode_min_bytes=decoder.WINDOWED_DECODE_MIN_BYTES.get(jax.default_backend(), 0),
+      windowed_decode_min_bytes=attention.WINDOWED_DECODE_MIN_BYTES.get(jax.default_backend(), 0),
       xla_flags=os.environ.get("XLA_FLAGS", ""),
       wall_ms_per_step=round(wall_us / steps / 1e3, 4),
       kernels_per_step=round(len(events) / steps, 1),

@@ -19,7 +19,7 @@ that capture the decode loop as one CUDA graph) can be told apart:
 `lax.switch` between window sizes in each layer (on a GPU a conditional outside a command
 buffer waits for its branch index on the host), to weigh the windows' saved cache reads
 against that cost; `--windowed_decode_min_mb 0` makes a GPU use windows even for a small
-cache, which by default it reads whole (`decoder.WINDOWED_DECODE_MIN_BYTES`).
+cache, which by default it reads whole (`attention.WINDOWED_DECODE_MIN_BYTES`).
 
 On an accelerator each line also gives the decode roofline: the bytes one decode step must
 read (every weight once, plus the filled KV cache) over the measured device-to-device copy
@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from opdjax.models import Decoder, ModelConfig, decoder, save_pretrained, tiny_config
+from opdjax.models import Decoder, ModelConfig, attention, save_pretrained, tiny_config
 from opdjax.sampling import SamplingParams, generate
 
 CONFIGS = {
@@ -161,7 +161,7 @@ def main(argv=None):
   parser.add_argument(
       "--max_decode_windows",
       type=int,
-      default=decoder.MAX_DECODE_WINDOWS,
+      default=attention.MAX_DECODE_WINDOWS,
       help="window sizes a decode step may attend over (1: the whole cache, no lax.switch)",
   )
   parser.add_argument(
@@ -172,11 +172,11 @@ def main(argv=None):
   )
   parser.add_argument("--out", default=None, help="also append the JSON lines to this file")
   args = parser.parse_args(argv)
-  decoder.MAX_DECODE_WINDOWS = args.max_decode_windows
+  attention.MAX_DECODE_WINDOWS = args.max_decode_windows
   if args.windowed_decode_min_mb is not None:
     backend = jax.default_backend()
-    decoder.WINDOWED_DECODE_MIN_BYTES = {backend: int(args.windowed_decode_min_mb * 2**20)}
-  min_bytes = decoder.WINDOWED_DECODE_MIN_BYTES.get(jax.default_backend(), 0)
+    attention.WINDOWED_DECODE_MIN_BYTES = {backend: int(args.windowed_decode_min_mb * 2**20)}
+  min_bytes = attention.WINDOWED_DECODE_MIN_BYTES.get(jax.default_backend(), 0)
   sink = open(args.out, "a") if args.out else None
   device = str(jax.devices()[0].platform)
   kind = jax.devices()[0].device_kind

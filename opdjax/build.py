@@ -23,12 +23,8 @@ from opdjax.data import (
 )
 from opdjax.errors import ConfigError
 from opdjax.models import Decoder, ModelConfig, load_pretrained, load_tokenizer, read_config
-from opdjax.models.decoder import (
-    ATTENTION_IMPLEMENTATIONS,
-    REMAT_POLICIES,
-    stack_layers,
-    unstack_layers,
-)
+from opdjax.models.attention import ATTENTION_IMPLEMENTATIONS
+from opdjax.models.decoder import REMAT_POLICIES, stack_layers, unstack_layers
 from opdjax.models.hf import abstract_model
 
 # Model shapes for the synthetic experiments (vocabulary and special ids come from the

@@ -25,7 +25,7 @@ from opdjax.build import (
     routed_kernel_sharding,
 )
 from opdjax.errors import ConfigError
-from opdjax.models.decoder import KVCache
+from opdjax.models.attention import KVCache
 from opdjax.recipes.base import batch_loss, frozen_argument
 from opdjax.sampling import cache_slots
 

@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 from opdjax.distributed import local_rows
 from opdjax.errors import ConfigError
-from opdjax.models.decoder import KVCache
+from opdjax.models.attention import KVCache
 
 _CHUNK = 16  # decode steps per scan chunk between early-exit checks
 _MIN_BUCKET = 16

@@ -16,7 +16,7 @@ from flax import nnx
 from opdjax import build, checkpoint, configs, learner, metrics, recipes, rollouts, trainer
 from opdjax.errors import ConfigError
 from opdjax.models import Decoder, save_pretrained, splash, tiny_config
-from opdjax.models.decoder import KVCache
+from opdjax.models.attention import KVCache
 from opdjax.sampling import cache_slots, generate
 from opdjax.train import main as cli_main
 

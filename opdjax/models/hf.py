@@ -198,7 +198,7 @@ def load_pretrained(
       device reads only its slice.
     rules: partition rules for `mesh`.
     with_tokenizer: also load the tokenizer (`transformers.AutoTokenizer`) if present.
-    attention: the attention kernel (`opdjax.models.decoder.attend`; "splash" runs on `mesh`).
+    attention: the attention kernel (`opdjax.models.attention.attend`; "splash" runs on `mesh`).
     scan_layers, remat: the layer layout and rematerialisation (`Decoder`); the files'
       per-layer tensors are stacked when `scan_layers`.
 

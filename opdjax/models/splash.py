@@ -3,10 +3,10 @@
 The kernel computes blockwise causal attention without forming the `[T, T]` scores
 (flash attention), skipping the blocks above the diagonal, with its own backward pass. It
 serves the full-sequence forward passes, the ones training and scoring run; a prefill and
-the decode steps keep `decoder.attend` and `decoder.attend_one`.
+the decode steps keep `attention.attend` and `attention.attend_one`.
 
 Padding is expressed as segment ids: real tokens are segment 1 and padding segment 0, so a
-real query attends exactly the real keys at or before it, as `decoder.attend` does with
+real query attends exactly the real keys at or before it, as `attention.attend` does with
 the mask `causal & valid`. (A padding query attends padding keys; its output is never
 read.) Lengths are padded to a multiple of the kernel's 128-token blocks.
 
@@ -65,11 +65,11 @@ def splash_attention(q, k, v, valid, *, mesh: Mesh | None = None) -> jax.Array:
   """Causal softmax attention `[B, T, H, Dh]` of queries over keys and values `[B, T, K,
   Dh]` (GQA: H a multiple of K); `valid [B, T]` is True on real tokens.
 
-  Equals `decoder.attend(q, k, v, causal & valid[:, None, :])` on every real query row.
+  Equals `attention.attend(q, k, v, causal & valid[:, None, :])` on every real query row.
   With a `mesh` of several devices it runs per shard under `shard_map`.
 
   >>> import numpy as np
-  >>> from opdjax.models.decoder import attend
+  >>> from opdjax.models.attention import attend
   >>> q, k, v = (jax.random.normal(jax.random.key(i), (1, 5, 2, 8)) for i in range(3))
   >>> valid = jnp.array([[False, True, True, True, True]])  # one left-padding slot
   >>> causal = jnp.tril(jnp.ones((5, 5), bool))[None] & valid[:, None, :]

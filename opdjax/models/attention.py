@@ -1,0 +1,230 @@
+"""Attention over a KV cache: the cache's layout, the full-sequence kernels, and the decode
+step's attention over the filled slots.
+
+Shapes: `B` batch, `T` new tokens, `S` cache slots, `H`/`K` query/key-value heads, `Dh`
+head dim, `L` layers.
+
+Padding scheme (exact for left- and right-padded batches): every row writes its tokens
+into the same cache *slots* (slot = step index, shared by the batch), while RoPE uses each
+row's own *positions*. A boolean `valid[B, S]` records which slots hold real tokens, so
+a query attends exactly the real tokens at or before its slot. Padded slots cost memory
+but never change a real token's output.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from opdjax.models.config import ModelConfig
+
+
+class KVCache(NamedTuple):
+  """Per-layer key/value buffers plus the bookkeeping that makes padding exact.
+
+  Attributes:
+    keys: tuple over layers of `[B, K, S, Dh]`, or one `[L, B, K, S, Dh]` array for a
+      model with scanned layers. Heads before slots: a decode step reads each head's
+      filled slots as one contiguous block (see `attend_one`).
+    values: the same layout as `keys`.
+    valid: `[B, S]` bool, True where a slot holds a real token.
+    index: int32 scalar, the next slot to write.
+  """
+
+  keys: tuple[jax.Array, ...] | jax.Array
+  values: tuple[jax.Array, ...] | jax.Array
+  valid: jax.Array
+  index: jax.Array
+
+  @classmethod
+  def create(
+      cls,
+      config: ModelConfig,
+      batch_size: int,
+      max_length: int,
+      dtype=jnp.float32,
+      *,
+      stacked: bool = False,
+  ) -> "KVCache":
+    shape = (batch_size, config.num_kv_heads, max_length, config.head_dim)
+    if stacked:
+      make = lambda: jnp.zeros((config.num_layers,) + shape, dtype)
+    else:
+      make = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+    return cls(
+        keys=make(),
+        values=make(),
+        valid=jnp.zeros((batch_size, max_length), bool),
+        index=jnp.zeros((), jnp.int32),
+    )
+
+  @property
+  def max_length(self) -> int:
+    return self.valid.shape[1]
+
+
+class LayerCache(NamedTuple):
+  """One layer's part of a `KVCache` in a cached forward pass.
+
+  Attributes:
+    keys: that layer's `[B, K, S, Dh]` buffer, or, with `layer` set, every layer's
+      stacked `[L, B, K, S, Dh]` buffer (scanned layers: the stack is the scan's carry and
+      each layer writes its row in place; passing rows in and out of the scan would copy
+      the whole cache in every step).
+    values: the same layout as `keys`.
+    index: int32 scalar, the first slot to write.
+    layer: int32 scalar row of the stacked buffers, or None.
+  """
+
+  keys: jax.Array
+  values: jax.Array
+  index: jax.Array
+  layer: jax.Array | None = None
+
+  def write(self, k, v) -> "LayerCache":
+    """Writes `k, v [B, T, K, Dh]` at slots `[index, index + T)`."""
+    lead = () if self.layer is None else (self.layer,)
+
+    def put(cache, new):
+      new = new.swapaxes(1, 2).astype(cache.dtype)  # [B, K, T, Dh]
+      zero = jnp.zeros((), jnp.int32)
+      start = lead + (zero, zero, self.index, zero)
+      return jax.lax.dynamic_update_slice(cache, new.reshape((1,) * len(lead) + new.shape), start)
+
+    return self._replace(keys=put(self.keys, k), values=put(self.values, v))
+
+  def read(self, slots: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """This layer's keys and values `[B, K, slots, Dh]`: its first `slots` (default all)."""
+    if self.layer is None:
+      return self.keys[:, :, :slots], self.values[:, :, :slots]
+    size = (1,) + self.keys.shape[1:3] + (slots or self.keys.shape[3],) + self.keys.shape[4:]
+    start = (self.layer,) + (jnp.zeros((), jnp.int32),) * 4
+    row = lambda x: jax.lax.dynamic_slice(x, start, size)[0]
+    return row(self.keys), row(self.values)
+
+
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
+
+
+def attend(q, k, v, mask, *, implementation: str = "auto") -> jax.Array:
+  """Softmax attention `[B, T, H, Dh]` over keys `[B, S, K, Dh]` (GQA: H a multiple of K).
+
+  `mask [B, T, S]` is True where a query may attend a key. Runs `jax.nn.dot_product_attention`
+  (float32 softmax): "xla" everywhere, "cudnn" (flash attention) on GPUs, "auto" = cuDNN on
+  a GPU for 16-bit inputs, XLA otherwise. A fully masked query row attends uniformly (it is
+  padding whose output is never read) rather than producing NaN. ("splash", the TPU kernel,
+  serves full-sequence forwards through `splash.splash_attention`; for any other mask, here,
+  it means "auto".)
+  """
+  if implementation not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(
+        f"attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, "
+        f"got {implementation!r}"
+    )
+  head_dim = q.shape[-1]
+  if implementation in ("auto", "splash"):
+    implementation = (
+        "cudnn"
+        if jax.default_backend() == "gpu"
+        and head_dim <= 128
+        and head_dim % 8 == 0
+        and q.dtype in (jnp.bfloat16, jnp.float16)
+        else "xla"
+    )
+  if implementation != "cudnn":
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=implementation)
+  length = q.shape[1]
+  q, k, v, mask = even_lengths(q, k, v, mask)
+  out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")
+  return out[:, :length]
+
+
+DECODE_WINDOW = 128  # slots per step of the decode attention's window (see `attend_one`)
+MAX_DECODE_WINDOWS = 8  # at most this many window sizes (one compiled branch each)
+# The smallest layer cache (keys and values of every row, in bytes) whose decode steps use
+# windows, by backend (absent: 0, always). Each layer picks its window with a `lax.switch`,
+# and XLA's GPU backend runs a conditional from the host: a Qwen3-0.6B-shaped bfloat16
+# decode on an H200 (28 layers, a 144-slot cache, 2 windows) ran 1.28x faster at batch 1
+# and 1.22x at batch 64 with one window, about 0.5 ms a step or 18 us a conditional, the
+# time to read some 50 MB (benchmarks/results/decode_windows_h200.jsonl). Windows skip
+# half the cache on average, so they pay from a layer cache of about 128 MB.
+WINDOWED_DECODE_MIN_BYTES = {"gpu": 128 << 20}
+
+
+def decode_windows(max_length: int, layer_bytes: int | None = None) -> tuple[int, ...]:
+  """The window sizes a decode step may attend over in a cache of `max_length` slots:
+  multiples of `DECODE_WINDOW` (coarser for long caches, at most `MAX_DECODE_WINDOWS`), the
+  last one `max_length`; only `max_length` where a layer's cache of `layer_bytes` is under
+  `WINDOWED_DECODE_MIN_BYTES` for the backend."""
+  if layer_bytes is not None and layer_bytes < WINDOWED_DECODE_MIN_BYTES.get(
+      jax.default_backend(), 0
+  ):
+    return (max_length,)
+  step = max(DECODE_WINDOW, -(-max_length // MAX_DECODE_WINDOWS))
+  return tuple(range(step, max_length, step)) + (max_length,)
+
+
+def attend_one(q, cache: LayerCache, mask) -> jax.Array:
+  """`attend` for one query per row (a decode step), reading only the filled cache slots.
+
+  Args:
+    q: `[B, 1, H, Dh]`.
+    cache: the layer's `LayerCache`, this step's token already written at `cache.index`,
+      so `filled = cache.index + 1` slots hold tokens.
+    mask: `[B, 1, S]`, True where the query may attend a slot; False from slot `filled` on.
+
+  The step attends over the smallest of `decode_windows(S, ...)` that holds `filled` slots,
+  so its work grows with the length generated so far rather than with the cache size (on a
+  GPU, for a layer cache of `WINDOWED_DECODE_MIN_BYTES` or more: a smaller one is read
+  whole, cheaper there than the conditional that picks the window). The
+  slots left out are masked, so the result is the same as over the whole cache. Scores and
+  the weighted sum are multiply-and-reduce over the contiguous head dimension and slots:
+  a batched `dot_general` of one query row costs more on a CPU and no less elsewhere, where
+  a decode step is bound by reading the cache. Softmax in float32.
+  """
+  batch, _, heads, head_dim = q.shape
+  kv_heads = cache.keys.shape[-3]
+  q = q.reshape(batch, kv_heads, heads // kv_heads, 1, head_dim).astype(jnp.float32)
+  scale = head_dim**-0.5
+
+  def over(window):
+    k, v = (x[:, :, None].astype(jnp.float32) for x in cache.read(window))  # [B, K, 1, W, Dh]
+    seen = mask[:, None, None, 0, :window]  # [B, 1, 1, W]
+    scores = jnp.where(seen, jnp.sum(q * k, axis=-1) * scale, -jnp.inf)  # [B, K, G, W]
+    scores = jnp.where(jnp.any(seen, axis=-1, keepdims=True), scores, 0.0)  # padding rows
+    weights = jax.nn.softmax(scores, axis=-1)
+    return jnp.sum(weights[..., None] * v, axis=3)  # [B, K, G, Dh]
+
+  slots = mask.shape[-1]
+  windows = decode_windows(
+      slots, 2 * batch * kv_heads * slots * head_dim * cache.keys.dtype.itemsize
+  )
+  if len(windows) == 1:
+    out = over(windows[0])
+  else:
+    which = jnp.searchsorted(jnp.asarray(windows), cache.index + 1)  # the filled slots
+    out = jax.lax.switch(
+        jnp.minimum(which, len(windows) - 1), [functools.partial(over, w) for w in windows]
+    )
+  return out.reshape(batch, 1, heads, head_dim)
+
+
+def even_lengths(q, k, v, mask):
+  """Pads odd query and key lengths by one slot (cuDNN's masked training kernels need even
+  lengths). The extra key is masked for every real query, and the extra query sees only the
+  extra key, so no row is fully masked and the real rows' outputs and gradients are unchanged.
+  """
+  pad_q, pad_k = q.shape[1] % 2, k.shape[1] % 2
+  if not (pad_q or pad_k):
+    return q, k, v, mask
+  along = lambda x, axis, n: jnp.pad(x, [(0, n if a == axis else 0) for a in range(x.ndim)])
+  q, k, v = along(q, 1, pad_q), along(k, 1, pad_k), along(v, 1, pad_k)
+  mask = along(along(mask, 1, pad_q), 2, pad_k)
+  if pad_q and pad_k:
+    mask = mask.at[:, -1, -1].set(True)
+  elif pad_q:  # the extra query row attends the first key (its output is dropped)
+    mask = mask.at[:, -1, 0].set(True)
+  return q, k, v, mask

@@ -1,0 +1,143 @@
+"""Attention: the decode step's windows over the filled cache, and the full-sequence kernels
+(XLA, cuDNN's even lengths, Pallas splash) against a plain float32 reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from opdjax.models import attention
+
+
+def test_decode_windows():
+  assert attention.decode_windows(80) == (80,)
+  assert attention.decode_windows(528) == (128, 256, 384, 512, 528)
+  assert attention.decode_windows(4096) == (512, 1024, 1536, 2048, 2560, 3072, 3584, 4096)
+
+
+def test_decode_windows_where_a_conditional_costs_more_than_a_small_cache(monkeypatch):
+  """A backend listed in `WINDOWED_DECODE_MIN_BYTES` (the GPU's conditionals run from the
+  host) reads a small layer cache whole: its decode step traces to no conditional."""
+  monkeypatch.setattr(attention, "DECODE_WINDOW", 2)
+  q = jnp.ones((3, 1, 4, 8), jnp.float32)
+  keys = jnp.ones((3, 2, 12, 8), jnp.float32)  # 2 * 3 * 2 * 12 * 8 * 4 = 4,608 bytes a layer
+  cache = attention.LayerCache(keys, keys, index=jnp.int32(4))
+  mask = jnp.ones((3, 1, 12), bool)
+
+  def conditionals(threshold):
+    monkeypatch.setattr(attention, "WINDOWED_DECODE_MIN_BYTES", {jax.default_backend(): threshold})
+    jaxpr = jax.make_jaxpr(lambda *args: attention.attend_one(*args))(q, cache, mask)  # no cache
+    return sum(e.primitive.name == "cond" for e in jaxpr.jaxpr.eqns)
+
+  assert len(attention.decode_windows(528, 1 << 20)) == 8  # no threshold for the backend
+  assert conditionals(4_609) == 0
+  assert attention.decode_windows(12, 4_608) == (12,)
+  assert conditionals(4_608) == 1
+  assert attention.decode_windows(12, 4_608 + 1) == (2, 4, 6, 8, 10, 12)
+
+
+@pytest.mark.parametrize("filled,window", [(5, 6), (6, 6), (7, 8)])
+def test_a_decode_step_reads_only_its_window(monkeypatch, filled, window):
+  """Slots past the chosen window hold NaN: a step that read them would return NaN (a
+  masked slot still multiplies its value by a zero weight)."""
+  monkeypatch.setattr(attention, "DECODE_WINDOW", 2)
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.normal(size=(3, 1, 4, 8)), jnp.float32)
+  keys, values = (jnp.asarray(rng.normal(size=(3, 2, 12, 8)), jnp.float32) for _ in range(2))
+  mask = np.arange(12)[None, None, :] < filled
+  mask = jnp.asarray(np.repeat(mask, 3, axis=0))
+  mask = mask.at[1, 0, 0].set(False)  # a hole, as padding leaves
+  mask = mask.at[2].set(False)  # a fully masked row (a finished row's padding)
+  expected = attention.attend(q, keys.swapaxes(1, 2), values.swapaxes(1, 2), mask)
+  poison = lambda x: x.at[:, :, window:].set(jnp.nan)
+  cache = attention.LayerCache(poison(keys), poison(values), index=jnp.int32(filled - 1))
+  out = attention.attend_one(q, cache, mask)
+  np.testing.assert_allclose(out[:2], expected[:2], atol=1e-6)
+  assert np.isfinite(out[2]).all()  # its output is never read, but must not be NaN
+
+
+def test_dot_product_attention_equals_the_einsum_reference():
+  """`attend` (jax.nn.dot_product_attention) against a plain float32 einsum softmax, with GQA,
+  padded keys and a query row that sees no key at all."""
+  ks = jax.random.split(jax.random.key(0), 3)
+  batch, length, slots, heads, kv_heads, dim = 2, 5, 7, 4, 2, 8
+  q = jax.random.normal(ks[0], (batch, length, heads, dim))
+  k = jax.random.normal(ks[1], (batch, slots, kv_heads, dim))
+  v = jax.random.normal(ks[2], (batch, slots, kv_heads, dim))
+  mask = np.tril(np.ones((length, slots), bool), k=2)[None].repeat(batch, 0)
+  mask[1, :, 0] = False
+  mask[0, 3, :] = False  # a padding query: no key
+  groups = heads // kv_heads
+  qg = q.reshape(batch, length, kv_heads, groups, dim)
+  scores = jnp.einsum("btkgd,bskd->bkgts", qg, k) * dim**-0.5
+  scores = jnp.where(jnp.asarray(mask)[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  expected = jnp.einsum("bkgts,bskd->btkgd", jax.nn.softmax(scores, -1), v).reshape(q.shape)
+  np.testing.assert_allclose(attention.attend(q, k, v, jnp.asarray(mask)), expected, atol=2e-6)
+  np.testing.assert_allclose(
+      attention.attend(q, k, v, jnp.asarray(mask), implementation="xla"), expected, atol=2e-6
+  )
+  with pytest.raises(ValueError, match="one of .*'auto', 'xla', 'cudnn'.*got 'flash'"):
+    attention.attend(q, k, v, jnp.asarray(mask), implementation="flash")
+
+
+@pytest.mark.parametrize("length,slots", [(5, 7), (5, 6), (4, 7)])
+def test_even_length_padding_for_cudnn_changes_no_output_or_gradient(length, slots):
+  """cuDNN's masked training kernels refuse odd lengths (seen on an H100: "Unsupported
+  sequence length Q 511, KV 511"), so `attend` pads them by one slot. The padded problem,
+  run through XLA here, must give the same outputs (of every query that sees a key) and
+  gradients."""
+  ks = jax.random.split(jax.random.key(1), 4)
+  q = jax.random.normal(ks[0], (2, length, 4, 8))
+  k = jax.random.normal(ks[1], (2, slots, 2, 8))
+  v = jax.random.normal(ks[2], (2, slots, 2, 8))
+  mask = np.tril(np.ones((length, slots), bool), k=slots - length)[None].repeat(2, 0)
+  mask[0, 1, :] = False
+  mask = jnp.asarray(mask)
+  # A fully masked (padding) query attends uniformly, so its output depends on the number of
+  # slots; it is never read, so it gets no cotangent here either.
+  cot = jax.random.normal(ks[3], q.shape) * jnp.any(mask, -1)[..., None, None]
+  plain = lambda q, k, v: jnp.sum(jax.nn.dot_product_attention(q, k, v, mask=mask[:, None]) * cot)
+
+  def padded(q, k, v):
+    qp, kp, vp, mp = attention.even_lengths(q, k, v, mask)
+    assert qp.shape[1] % 2 == 0 and kp.shape[1] % 2 == 0
+    assert bool(jnp.all(jnp.any(mp[:, length:], -1)))  # the added query sees a key
+    assert not bool(jnp.any(mp[:, :length, slots:]))  # no real query sees the added key
+    out = jax.nn.dot_product_attention(qp, kp, vp, mask=mp[:, None])[:, :length]
+    return jnp.sum(out * cot)
+
+  want, want_grads = jax.value_and_grad(plain, argnums=(0, 1, 2))(q, k, v)
+  got, got_grads = jax.value_and_grad(padded, argnums=(0, 1, 2))(q, k, v)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  for g, w in zip(got_grads, want_grads):
+    np.testing.assert_allclose(g, w, atol=1e-5)
+
+
+def test_splash_attention_equals_attend_on_real_rows_with_its_gradients():
+  """The Pallas splash kernel (interpret mode here) against XLA's attention: 200 tokens (two
+  128-token blocks after padding), GQA 4:2, rows padded on the left, the right and both
+  sides; outputs and the gradients of a loss over real rows (padding rows are never read)."""
+  from opdjax.models.splash import splash_attention
+
+  batch, length, heads, kv_heads, head_dim = 3, 200, 4, 2, 32
+  keys = jax.random.split(jax.random.key(0), 3)
+  q = jax.random.normal(keys[0], (batch, length, heads, head_dim))
+  k, v = (jax.random.normal(key, (batch, length, kv_heads, head_dim)) for key in keys[1:])
+  at = np.arange(length)
+  valid = jnp.asarray(np.stack([at >= 37, at < 150, (at >= 5) & (at < 190)]))
+  causal = jnp.tril(jnp.ones((length, length), bool))[None] & valid[:, None, :]
+
+  def loss(attention):
+    return lambda q, k, v: jnp.sum(jnp.where(valid[..., None, None], attention(q, k, v), 0.0) ** 2)
+
+  xla = lambda q, k, v: attention.attend(q, k, v, causal, implementation="xla")
+  splash = lambda q, k, v: splash_attention(q, k, v, valid)
+  real = np.asarray(valid)
+  np.testing.assert_allclose(
+      np.asarray(splash(q, k, v))[real], np.asarray(xla(q, k, v))[real], atol=2e-6
+  )
+  want = jax.grad(loss(xla), argnums=(0, 1, 2))(q, k, v)
+  got = jax.jit(jax.grad(loss(splash), argnums=(0, 1, 2)))(q, k, v)
+  for name, a, b in zip("qkv", want, got):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=2e-5, err_msg=name)
+  assert float(jnp.abs(want[0]).max()) > 1.0  # the gradients compared are not all near zero
