@@ -26,9 +26,9 @@ import jax
 import jax.numpy as jnp
 from _jsonl import emit  # benchmarks/ is the script's directory
 from flax import nnx
-from sampler import CONFIGS
+from sampler import CONFIGS, add_window_flags, apply_window_flags
 
-from opdjax.models import Decoder, attention
+from opdjax.models import Decoder
 from opdjax.sampling import SamplingParams, generate
 
 # Markers and a CPU executor's waits, which overlap the work they wait for.
@@ -90,12 +90,12 @@ def main(argv=None):
   parser.add_argument("--prompt_len", type=int, default=16)
   parser.add_argument("--new_tokens", type=int, default=128)
   parser.add_argument("--scan_layers", action="store_true")
-  parser.add_argument("--max_decode_windows", type=int, default=attention.MAX_DECODE_WINDOWS)
+  add_window_flags(parser)
   parser.add_argument("--top", type=int, default=12, help="kernels listed, by total time")
   parser.add_argument("--names", action="store_true", help="also print every kernel name")
   parser.add_argument("--out", default=None, help="also append the JSON line to this file")
   args = parser.parse_args(argv)
-  attention.MAX_DECODE_WINDOWS = args.max_decode_windows
+  windows = apply_window_flags(args)
   config = CONFIGS[args.models]
   dtype = jnp.dtype(args.dtype)
   model = Decoder(
@@ -138,8 +138,7 @@ def main(argv=None):
       batch=args.batch,
       new_tokens=steps,
       scan_layers=args.scan_layers,
-      max_decode_windows=args.max_decode_windows,
-      windowed_decode_min_bytes=attention.WINDOWED_DECODE_MIN_BYTES.get(jax.default_backend(), 0),
+      **windows,
       xla_flags=os.environ.get("XLA_FLAGS", ""),
       wall_ms_per_step=round(wall_us / steps / 1e3, 4),
       kernels_per_step=round(len(events) / steps, 1),

@@ -11,7 +11,7 @@
 set -u
 OUT=${OUT:-benchmarks/results/gpu}
 BUDGET=${BUDGET:-100000}
-PARTS=${PARTS:-"fused opd_step opd_vs_trl opd_vs_trl_scanned first_step first_step_flags rollout_ahead sampler sampler_grid decode_flags decode_scanned decode_compare decode_profile decode_long fused_sweep compile_depth sampler_large cli"}
+PARTS=${PARTS:-"fused opd_step opd_vs_trl opd_vs_trl_scanned first_step first_step_flags rollout_ahead sampler sampler_grid decode_flags decode_compare decode_profile decode_long fused_sweep compile_depth sampler_large cli"}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-}:$PWD
 log() { echo "=== $(date +%T) $*"; }
@@ -101,14 +101,6 @@ part_decode_flags() {
         --models qwen3-0.6b --dtype bfloat16 --batches $batch --new_tokens 128 --repeats 3 \
         --no_transformers --out "$OUT/decode_flags.jsonl"
     done
-  done
-}
-part_decode_scanned() {
-  log "decode, Qwen3-0.6B shape, bfloat16, scanned layers (the stacked cache carried in place)"
-  for batch in 1 64; do
-    XLA_PYTHON_CLIENT_MEM_FRACTION=.45 budget 60 python3 benchmarks/sampler.py --models qwen3-0.6b \
-      --dtype bfloat16 --batches $batch --new_tokens 128 --repeats 3 --no_transformers --scan_layers \
-      --out "$OUT/decode_flags.jsonl"
   done
 }
 part_decode_compare() {

@@ -31,7 +31,6 @@ Needs the `parity` extra (PyTorch) for the transformers side.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -41,6 +40,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _jsonl import emit  # benchmarks/ is the script's directory
 from flax import nnx
 
 from opdjax.models import Decoder, ModelConfig, attention, save_pretrained, tiny_config
@@ -147,17 +147,9 @@ def time_transformers(directory, prompts, new_tokens, repeats, dtype):
   return out[:, ids.shape[1] :].cpu().numpy(), statistics.median(times)
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-  parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64])
-  parser.add_argument("--prompt_len", type=int, default=16)
-  parser.add_argument("--new_tokens", type=int, default=64)
-  parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--no_transformers", action="store_true")
-  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-  parser.add_argument("--attention", default="auto", help="the decoder's attention implementation")
-  parser.add_argument("--scan_layers", action="store_true", help="stacked layers in a lax.scan")
+def add_window_flags(parser: argparse.ArgumentParser) -> None:
+  """The decode windows' two settings (`attention.MAX_DECODE_WINDOWS` and
+  `attention.WINDOWED_DECODE_MIN_BYTES`) as flags."""
   parser.add_argument(
       "--max_decode_windows",
       type=int,
@@ -170,14 +162,35 @@ def main(argv=None):
       default=None,
       help="the smallest layer cache (MiB) decoded in windows (default: the backend's)",
   )
-  parser.add_argument("--out", default=None, help="also append the JSON lines to this file")
-  args = parser.parse_args(argv)
+
+
+def apply_window_flags(args) -> dict:
+  """Sets the flags of `add_window_flags`; returns them as fields of a JSON line."""
+  backend = jax.default_backend()
   attention.MAX_DECODE_WINDOWS = args.max_decode_windows
   if args.windowed_decode_min_mb is not None:
-    backend = jax.default_backend()
     attention.WINDOWED_DECODE_MIN_BYTES = {backend: int(args.windowed_decode_min_mb * 2**20)}
-  min_bytes = attention.WINDOWED_DECODE_MIN_BYTES.get(jax.default_backend(), 0)
-  sink = open(args.out, "a") if args.out else None
+  return dict(
+      max_decode_windows=args.max_decode_windows,
+      windowed_decode_min_bytes=attention.WINDOWED_DECODE_MIN_BYTES.get(backend, 0),
+  )
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+  parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64])
+  parser.add_argument("--prompt_len", type=int, default=16)
+  parser.add_argument("--new_tokens", type=int, default=64)
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--no_transformers", action="store_true")
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  parser.add_argument("--attention", default="auto", help="the decoder's attention implementation")
+  parser.add_argument("--scan_layers", action="store_true", help="stacked layers in a lax.scan")
+  add_window_flags(parser)
+  parser.add_argument("--out", default=None, help="also append the JSON lines to this file")
+  args = parser.parse_args(argv)
+  windows = apply_window_flags(args)
   device = str(jax.devices()[0].platform)
   kind = jax.devices()[0].device_kind
   bandwidth = copy_bandwidth() if device != "cpu" else None
@@ -236,7 +249,7 @@ def main(argv=None):
             )
         )
       for row in rows:
-        line = json.dumps(
+        emit(
             dict(
                 benchmark="sampler",
                 model=name,
@@ -245,8 +258,7 @@ def main(argv=None):
                 dtype=args.dtype,
                 attention=args.attention,
                 scan_layers=args.scan_layers,
-                max_decode_windows=args.max_decode_windows,
-                windowed_decode_min_bytes=min_bytes,
+                **windows,
                 batch=batch,
                 prompt_len=args.prompt_len,
                 new_tokens=args.new_tokens,
@@ -256,14 +268,9 @@ def main(argv=None):
                     for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
                 ),
                 **{k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()},
-            )
+            ),
+            args.out,
         )
-        print(line, flush=True)
-        if sink:
-          sink.write(line + "\n")
-          sink.flush()  # a part killed by its time limit keeps what it measured
-  if sink:
-    sink.close()
 
 
 if __name__ == "__main__":
