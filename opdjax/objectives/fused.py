@@ -118,9 +118,9 @@ def head_backward(
   far (`[D, V]`, float32).
 
   `block` defaults to `HEAD_BLOCK` for the backend. With `block = 0` both are one product
-  each. On a GPU or TPU XLA folds the sum into the
-  matrix product (a GEMM that accumulates into its output); XLA's CPU backend writes the
-  `[D, V]` product and then adds it, two more passes over `D·V` floats per chunk. With
+  each. On a GPU or TPU XLA folds the sum into the matrix product (a GEMM that accumulates
+  into its output); XLA's CPU backend writes the `[D, V]` product and then adds it, two
+  more passes over `D·V` floats per chunk. With
   `block > 0` both products run over blocks of `block` vocabulary entries (the last one
   shorter), each block's share of the sum added while it is in cache: at (8192, 512,
   65,536) in 64-token chunks on 2 CPU cores, 7.40 → 6.83 s for this part, 5–12% of the whole
