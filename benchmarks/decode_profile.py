@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from _jsonl import emit  # benchmarks/ is the script's directory
 from flax import nnx
-from sampler import CONFIGS, add_window_flags, apply_window_flags
+from sampler import CONFIGS, add_decode_flags, apply_decode_flags
 
 from opdjax.models import Decoder
 from opdjax.sampling import SamplingParams, generate
@@ -35,10 +35,15 @@ from opdjax.sampling import SamplingParams, generate
 NOT_WORK = ("end: ", "ThunkExecutor::", "SlinkyThreadPool::", "ThreadpoolListener::")
 
 
-def kernel_events(trace: dict) -> list[dict]:
-  """The trace's complete events on a device (`/device:...` processes), or, where there is
-  none (a CPU), on XLA's threads (`tf_XLA...`: its thread pool, or the client's own thread
-  where a small program runs in line)."""
+def kernel_events(trace: dict) -> tuple[list[dict], dict]:
+  """The kernels of a trace, and the events per line of its device for the record.
+
+  On a GPU they are the events of the device's stream lines (`/device:...` processes,
+  `Stream #...` threads; its other lines repeat them by XLA op and module), taken whole: a
+  stream's kernels do not nest, and back-to-back kernels can overlap by a tick. Where there
+  is no device (a CPU), they are the innermost events of XLA's threads (`tf_XLA...`: its
+  thread pool, or the client's own thread where a small program runs in line).
+  """
   names = {}
   threads = {}
   for e in trace["traceEvents"]:
@@ -52,9 +57,16 @@ def kernel_events(trace: dict) -> list[dict]:
       if e.get("ph") == "X" and e["dur"] > 0 and not e["name"].startswith(NOT_WORK)
   ]
   device = [e for e in events if names.get(e["pid"], "").startswith("/device:")]
+  lines = collections.defaultdict(lambda: [0, 0.0])
+  for e in device:
+    line = lines[threads.get((e["pid"], e["tid"]), str(e["tid"]))]
+    line[0] += 1
+    line[1] += e["dur"]
   if device:
-    return device
-  return [e for e in events if threads.get((e["pid"], e["tid"]), "").startswith("tf_XLA")]
+    streams = [e for e in device if threads.get((e["pid"], e["tid"]), "").startswith("Stream")]
+    return streams or device, dict(lines)
+  cpu = [e for e in events if threads.get((e["pid"], e["tid"]), "").startswith("tf_XLA")]
+  return leaves(cpu), {}
 
 
 def leaves(events: list[dict]) -> list[dict]:
@@ -90,12 +102,12 @@ def main(argv=None):
   parser.add_argument("--prompt_len", type=int, default=16)
   parser.add_argument("--new_tokens", type=int, default=128)
   parser.add_argument("--scan_layers", action="store_true")
-  add_window_flags(parser)
+  add_decode_flags(parser)
   parser.add_argument("--top", type=int, default=12, help="kernels listed, by total time")
   parser.add_argument("--names", action="store_true", help="also print every kernel name")
   parser.add_argument("--out", default=None, help="also append the JSON line to this file")
   args = parser.parse_args(argv)
-  windows = apply_window_flags(args)
+  windows = apply_decode_flags(args)
   config = CONFIGS[args.models]
   dtype = jnp.dtype(args.dtype)
   model = Decoder(
@@ -123,7 +135,7 @@ def main(argv=None):
     jax.profiler.stop_trace()
     (path,) = glob.glob(os.path.join(directory, "plugins/profile/*/*.trace.json.gz"))
     with gzip.open(path) as f:
-      events = leaves(kernel_events(json.load(f)))
+      events, lines = kernel_events(json.load(f))
   steps = args.new_tokens
   total = collections.Counter()
   count = collections.Counter()
@@ -144,6 +156,10 @@ def main(argv=None):
       kernels_per_step=round(len(events) / steps, 1),
       kernel_ms_per_step=round(sum(total.values()) / steps / 1e3, 4),
       busy_fraction=round(busy_us(events) / wall_us, 4),
+      device_lines={
+          name: dict(per_step=round(n / steps, 2), ms_per_step=round(t / steps / 1e3, 4))
+          for name, (n, t) in lines.items()
+      },
       top=[
           dict(name=name[:80], ms_per_step=round(t / steps / 1e3, 4), per_step=count[name] / steps)
           for name, t in total.most_common(args.top)

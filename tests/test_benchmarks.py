@@ -38,3 +38,30 @@ def test_decode_profile_keeps_leaf_events_and_measures_their_union(monkeypatch):
   kept = decode_profile.leaves(events)
   assert sorted(e["name"] for e in kept) == ["fusion.1", "fusion.2", "fusion.3"]
   assert decode_profile.busy_us(kept) == 5.0  # [1, 6]; the sum of durations is 7
+
+
+def test_decode_profile_takes_a_gpu_streams_kernels_whole(monkeypatch):
+  """On a GPU the kernels are the stream lines' events, even where two overlap by a tick;
+  the device's other lines (XLA ops, modules) repeat them and are only summarised."""
+  monkeypatch.syspath_prepend(str(BENCHMARKS))
+  import decode_profile
+
+  meta = lambda ph_name, pid, tid, name: dict(
+      ph="M", name=ph_name, pid=pid, tid=tid, args=dict(name=name)
+  )
+  event = lambda tid, ts, dur, name: dict(pid=2, tid=tid, ts=ts, dur=dur, name=name, ph="X")
+  trace = dict(
+      traceEvents=[
+          meta("process_name", 2, 0, "/device:GPU:0"),
+          meta("thread_name", 2, 5, "Stream #13(Compute)"),
+          meta("thread_name", 2, 6, "XLA Modules"),
+          meta("process_name", 1, 0, "/host:CPU"),
+          event(5, 0.0, 3.0, "gemm_fusion_dot"),
+          event(5, 2.5, 2.0, "loop_multiply_fusion"),  # starts before the first ends
+          event(6, 0.0, 5.0, "jit_generate"),
+          dict(pid=1, tid=1, ts=0.0, dur=9.0, name="host work", ph="X"),
+      ]
+  )
+  kernels, lines = decode_profile.kernel_events(trace)
+  assert [e["name"] for e in kernels] == ["gemm_fusion_dot", "loop_multiply_fusion"]
+  assert lines == {"Stream #13(Compute)": [2, 5.0], "XLA Modules": [1, 5.0]}
