@@ -49,7 +49,10 @@ def init(key, a, merged: bool, dtype):
   embed_key, *layer_keys = jax.random.split(key, a.layers + 1)
   for layer_key in layer_keys:
     keys = dict(zip(shapes, jax.random.split(layer_key, len(shapes))))
-    w = {n: (jax.random.normal(keys[n], s) / math.sqrt(s[0])).astype(dtype) for n, s in shapes.items()}
+    w = {
+        n: (jax.random.normal(keys[n], s) / math.sqrt(s[0])).astype(dtype)
+        for n, s in shapes.items()
+    }
     if merged:
       w["qkv"] = jnp.concatenate([w.pop("q"), w.pop("k"), w.pop("v")], 1)
       w["gate_up"] = jnp.concatenate([w.pop("gate"), w.pop("up")], 1)
