@@ -145,23 +145,23 @@ def attend(q, k, v, mask, *, implementation: str = "auto") -> jax.Array:
 DECODE_WINDOW = 128  # slots per step of the decode attention's window (see `attend_one`)
 MAX_DECODE_WINDOWS = 8  # at most this many window sizes (one compiled branch each)
 # The smallest layer cache (keys and values of every row, in bytes) whose decode steps use
-# windows, by backend (absent: 0, always). Each layer picks its window with a `lax.switch`,
-# and XLA's GPU backend runs a conditional from the host: a Qwen3-0.6B-shaped bfloat16
-# decode on an H200 (28 layers, a 144-slot cache, 2 windows) ran 1.28x faster at batch 1
-# and 1.22x at batch 64 with one window, about 0.5 ms a step or 18 us a conditional, the
-# time to read some 50 MB (benchmarks/results/decode_windows_h200.jsonl). Windows skip
-# half the cache on average, so they pay from a layer cache of about 128 MB.
-WINDOWED_DECODE_MIN_BYTES = {"gpu": 128 << 20}
+# windows, by backend (absent: 0, always; None: never). Each layer picks its window with a
+# `lax.switch`, and XLA's GPU backend runs a conditional from the host. On an H200 a
+# Qwen3-0.6B-shaped bfloat16 decode read its cache whole 1.28x faster at batch 1 and 1.22x
+# at batch 64 (144 slots, 2 windows: 0.5 ms a step), and 1.20x faster at batch 64 with
+# 1,040 slots (a 272 MB layer cache, 8 windows, where the windows skip some 3.8 GB of
+# cache reads a step), compiling in 11 s against 91 s
+# (benchmarks/results/decode_windows_h200.jsonl): a GPU reads the cache whole.
+WINDOWED_DECODE_MIN_BYTES = {"gpu": None}
 
 
 def decode_windows(max_length: int, layer_bytes: int | None = None) -> tuple[int, ...]:
   """The window sizes a decode step may attend over in a cache of `max_length` slots:
   multiples of `DECODE_WINDOW` (coarser for long caches, at most `MAX_DECODE_WINDOWS`), the
-  last one `max_length`; only `max_length` where a layer's cache of `layer_bytes` is under
-  `WINDOWED_DECODE_MIN_BYTES` for the backend."""
-  if layer_bytes is not None and layer_bytes < WINDOWED_DECODE_MIN_BYTES.get(
-      jax.default_backend(), 0
-  ):
+  last one `max_length`; only `max_length` where the backend's `WINDOWED_DECODE_MIN_BYTES`
+  is None or above a layer cache of `layer_bytes`."""
+  threshold = WINDOWED_DECODE_MIN_BYTES.get(jax.default_backend(), 0)
+  if threshold is None or (layer_bytes is not None and layer_bytes < threshold):
     return (max_length,)
   step = max(DECODE_WINDOW, -(-max_length // MAX_DECODE_WINDOWS))
   return tuple(range(step, max_length, step)) + (max_length,)
@@ -177,9 +177,9 @@ def attend_one(q, cache: LayerCache, mask) -> jax.Array:
     mask: `[B, 1, S]`, True where the query may attend a slot; False from slot `filled` on.
 
   The step attends over the smallest of `decode_windows(S, ...)` that holds `filled` slots,
-  so its work grows with the length generated so far rather than with the cache size (on a
-  GPU, for a layer cache of `WINDOWED_DECODE_MIN_BYTES` or more: a smaller one is read
-  whole, cheaper there than the conditional that picks the window). The
+  so its work grows with the length generated so far rather than with the cache size (where
+  the backend's `WINDOWED_DECODE_MIN_BYTES` allows: a GPU reads the cache whole, cheaper
+  there than the conditional that picks the window). The
   slots left out are masked, so the result is the same as over the whole cache. Scores and
   the weighted sum are multiply-and-reduce over the contiguous head dimension and slots:
   a batched `dot_general` of one query row costs more on a CPU and no less elsewhere, where

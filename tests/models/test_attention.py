@@ -34,6 +34,8 @@ def test_decode_windows_where_a_conditional_costs_more_than_a_small_cache(monkey
   assert attention.decode_windows(12, 4_608) == (12,)
   assert conditionals(4_608) == 1
   assert attention.decode_windows(12, 4_608 + 1) == (2, 4, 6, 8, 10, 12)
+  assert conditionals(None) == 0  # never (a GPU's setting)
+  assert attention.decode_windows(528) == (528,)
 
 
 @pytest.mark.parametrize("filled,window", [(5, 6), (6, 6), (7, 8)])
