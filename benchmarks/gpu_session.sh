@@ -7,11 +7,11 @@
 # the smaller of its own limit and what is left, and is skipped under 20 s, so a lease's
 # limit never cuts a run off unannounced:
 #
-#     OUT=/tmp/gpu BUDGET=560 PARTS="decode_profile decode_flags decode_long first_step_flags" bash benchmarks/gpu_session.sh
+#     OUT=/tmp/gpu BUDGET=560 PARTS="decode_fused decode_profile sampler_grid first_step_flags" bash benchmarks/gpu_session.sh
 set -u
 OUT=${OUT:-benchmarks/results/gpu}
 BUDGET=${BUDGET:-100000}
-PARTS=${PARTS:-"fused opd_step opd_vs_trl opd_vs_trl_scanned first_step first_step_flags rollout_ahead sampler sampler_grid decode_flags decode_compare decode_profile decode_long fused_sweep compile_depth sampler_large cli"}
+PARTS=${PARTS:-"decode_fused fused opd_step opd_vs_trl opd_vs_trl_scanned first_step first_step_flags rollout_ahead sampler sampler_grid decode_flags decode_compare decode_profile decode_long fused_sweep compile_depth sampler_large cli"}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-}:$PWD
 log() { echo "=== $(date +%T) $*"; }
@@ -115,16 +115,26 @@ part_decode_compare() {
 }
 part_decode_profile() {
   log "decode, Qwen3-0.6B shape, bfloat16: kernels per step and the GPU's busy fraction (profiler)"
-  for run in "1 " "64 " "1 --xla_gpu_enable_command_buffer=+WHILE"; do
-    read -r batch flags <<<"$run"
-    XLA_FLAGS="$flags" XLA_PYTHON_CLIENT_MEM_FRACTION=.45 budget 60 python3 \
+  for run in "1 on" "1 off" "64 on"; do  # XLA's command buffers hide their kernels from the trace
+    read -r batch fuse <<<"$run"
+    XLA_FLAGS=--xla_gpu_enable_command_buffer= XLA_PYTHON_CLIENT_MEM_FRACTION=.45 budget 60 python3 \
       benchmarks/decode_profile.py --models qwen3-0.6b --dtype bfloat16 --batch $batch \
-      --out "$OUT/decode_profile.jsonl"
+      --fuse_projections $fuse --top 30 --out "$OUT/decode_profile.jsonl"
   done
+}
+part_decode_fused() {
+  log "decode, Qwen3-0.6B shape, bfloat16: merged q/k/v and gate/up matmuls or not; the plain-JAX model of both"
+  for run in "1 on" "1 off" "64 on" "64 off"; do
+    read -r batch fuse <<<"$run"
+    XLA_PYTHON_CLIENT_MEM_FRACTION=.45 budget 45 python3 benchmarks/sampler.py --models qwen3-0.6b \
+      --dtype bfloat16 --batches $batch --new_tokens 128 --repeats 3 --no_transformers \
+      --fuse_projections $fuse --out "$OUT/decode_fused.jsonl"
+  done
+  budget 60 python3 benchmarks/decode_fusion.py --batch 1 --dtype bfloat16 --out "$OUT/decode_fusion.jsonl"
 }
 part_decode_long() {
   log "decode, Qwen3-0.6B shape, bfloat16, batch 64, 1,024 new tokens (a 272 MB layer cache): windows or not"
-  for run in "150 " "90 --max_decode_windows=1"; do  # 8 windows: 8 attention branches per layer to compile
+  for run in "150 --windowed_decode_min_mb=0" "90 "; do  # 8 windows: 8 attention branches per layer to compile
     read -r limit extra <<<"$run"
     XLA_PYTHON_CLIENT_MEM_FRACTION=.45 budget $limit python3 benchmarks/sampler.py --models qwen3-0.6b \
       --dtype bfloat16 --batches 64 --new_tokens 1024 --repeats 2 --no_transformers $extra \

@@ -18,8 +18,10 @@ that capture the decode loop as one CUDA graph) can be told apart:
 `--max_decode_windows 1` makes every decode step attend over the whole cache, with no
 `lax.switch` between window sizes in each layer (on a GPU a conditional outside a command
 buffer waits for its branch index on the host), to weigh the windows' saved cache reads
-against that cost; `--windowed_decode_min_mb 0` makes a GPU use windows even for a small
-cache, which by default it reads whole (`attention.WINDOWED_DECODE_MIN_BYTES`).
+against that cost; `--windowed_decode_min_mb 0` makes a GPU use windows, where by default
+it reads the cache whole (`attention.WINDOWED_DECODE_MIN_BYTES`).
+`--fuse_projections on|off` overrides the backend's choice of merged q/k/v and gate/up
+matmuls in the decode (`sampling.FUSE_PROJECTIONS`).
 
 On an accelerator each line also gives the decode roofline: the bytes one decode step must
 read (every weight once, plus the filled KV cache) over the measured device-to-device copy
@@ -43,6 +45,7 @@ import numpy as np
 from _jsonl import emit  # benchmarks/ is the script's directory
 from flax import nnx
 
+from opdjax import sampling
 from opdjax.models import Decoder, ModelConfig, attention, save_pretrained, tiny_config
 from opdjax.sampling import SamplingParams, generate
 
@@ -147,9 +150,9 @@ def time_transformers(directory, prompts, new_tokens, repeats, dtype):
   return out[:, ids.shape[1] :].cpu().numpy(), statistics.median(times)
 
 
-def add_window_flags(parser: argparse.ArgumentParser) -> None:
-  """The decode windows' two settings (`attention.MAX_DECODE_WINDOWS` and
-  `attention.WINDOWED_DECODE_MIN_BYTES`) as flags."""
+def add_decode_flags(parser: argparse.ArgumentParser) -> None:
+  """The decode's backend settings as flags: the windows' two (`attention.MAX_DECODE_WINDOWS`
+  and `attention.WINDOWED_DECODE_MIN_BYTES`) and `sampling.FUSE_PROJECTIONS`."""
   parser.add_argument(
       "--max_decode_windows",
       type=int,
@@ -160,19 +163,32 @@ def add_window_flags(parser: argparse.ArgumentParser) -> None:
       "--windowed_decode_min_mb",
       type=float,
       default=None,
-      help="the smallest layer cache (MiB) decoded in windows (default: the backend's)",
+      help="the smallest layer cache (MiB) decoded in windows (default: the backend's; -1: none)",
+  )
+  parser.add_argument(
+      "--fuse_projections",
+      choices=["auto", "on", "off"],
+      default="auto",
+      help="decode with merged q/k/v and gate/up matmuls (auto: the backend's default)",
   )
 
 
-def apply_window_flags(args) -> dict:
-  """Sets the flags of `add_window_flags`; returns them as fields of a JSON line."""
+def apply_decode_flags(args) -> dict:
+  """Sets the flags of `add_decode_flags`; returns them as fields of a JSON line."""
   backend = jax.default_backend()
   attention.MAX_DECODE_WINDOWS = args.max_decode_windows
   if args.windowed_decode_min_mb is not None:
-    attention.WINDOWED_DECODE_MIN_BYTES = {backend: int(args.windowed_decode_min_mb * 2**20)}
+    attention.WINDOWED_DECODE_MIN_BYTES = {
+        backend: None
+        if args.windowed_decode_min_mb < 0
+        else int(args.windowed_decode_min_mb * 2**20)
+    }
+  if args.fuse_projections != "auto":
+    sampling.FUSE_PROJECTIONS = {backend: args.fuse_projections == "on"}
   return dict(
       max_decode_windows=args.max_decode_windows,
       windowed_decode_min_bytes=attention.WINDOWED_DECODE_MIN_BYTES.get(backend, 0),
+      fuse_projections=sampling.FUSE_PROJECTIONS.get(backend, False),
   )
 
 
@@ -187,10 +203,10 @@ def main(argv=None):
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--attention", default="auto", help="the decoder's attention implementation")
   parser.add_argument("--scan_layers", action="store_true", help="stacked layers in a lax.scan")
-  add_window_flags(parser)
+  add_decode_flags(parser)
   parser.add_argument("--out", default=None, help="also append the JSON lines to this file")
   args = parser.parse_args(argv)
-  windows = apply_window_flags(args)
+  windows = apply_decode_flags(args)
   device = str(jax.devices()[0].platform)
   kind = jax.devices()[0].device_kind
   bandwidth = copy_bandwidth() if device != "cpu" else None

@@ -388,11 +388,34 @@ def test_num_samples_shares_the_prefill_and_equals_repeated_prompts(model, scan_
     generate(model, tokens, mask, key=jax.random.key(0), max_new_tokens=2, num_samples=0)
 
 
-@pytest.mark.parametrize("scan_layers", [False, True])
-def test_sharded_prompts_give_batch_sharded_outputs_equal_to_one_device(model, scan_layers):
+def test_fused_projections_sample_what_the_separate_ones_do(model, monkeypatch):
+  """`fuse_projections=True` decodes with merged matmuls and samples the same tokens with
+  the same log-probs; the default follows `FUSE_PROJECTIONS` for the backend."""
+  from opdjax import sampling
+
+  tokens, mask = mixed_prompts()
+  run = lambda steps=6, **kw: generate(
+      model, tokens, mask, key=jax.random.key(2), max_new_tokens=steps, sampling=NO_EOS, **kw
+  )
+  fused, separate = run(fuse_projections=True), run(fuse_projections=False)
+  np.testing.assert_array_equal(fused.tokens, separate.tokens)
+  np.testing.assert_allclose(fused.model_logprobs, separate.model_logprobs, atol=1e-6)
+  calls = []
+  original = Decoder.fuse_projections
+  monkeypatch.setattr(Decoder, "fuse_projections", lambda m: calls.append(1) or original(m))
+  monkeypatch.setattr(sampling, "FUSE_PROJECTIONS", {jax.default_backend(): True})
+  run(steps=17)  # a new bucket: no compiled sampler to reuse
+  assert calls, "the backend's default did not fuse"
+  with pytest.raises(ValueError, match="fuse_projections must be True, False or None.*'yes'"):
+    run(fuse_projections="yes")
+
+
+@pytest.mark.parametrize("scan_layers,fuse", [(False, False), (True, False), (False, True)])
+def test_sharded_prompts_give_batch_sharded_outputs_equal_to_one_device(model, scan_layers, fuse):
   """On a data x fsdp x tensor = (2, 2, 2) mesh with weights laid out by the partition rules,
   the sampler keeps the prompts' row sharding (KV cache included) and samples exactly
-  what one device samples."""
+  what one device samples, with the projections merged too (their key-value-head grouping
+  keeps a tensor shard's q, k and v together)."""
   from opdjax import sharding
   from opdjax.models import stack_layers
 
@@ -415,6 +438,7 @@ def test_sharded_prompts_give_batch_sharded_outputs_equal_to_one_device(model, s
       key=key,
       max_new_tokens=5,
       num_samples=2,
+      fuse_projections=fuse,
   )
   for name in ("tokens", "sample_logprobs", "model_logprobs"):
     out = getattr(got, name)

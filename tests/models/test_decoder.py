@@ -55,6 +55,45 @@ def test_prefill_and_decode_equal_full_forward(kind, overrides):
   assert int(cache.index) == prompt_len + steps
 
 
+@pytest.mark.parametrize(
+    "kind,overrides,scan_layers,dtype",
+    [
+        ("qwen3", {}, False, jnp.float32),  # GQA (2 query heads per key-value head), q/k norms
+        ("qwen2", dict(num_kv_heads=1), True, jnp.float32),  # q/k/v biases, scanned layers
+        ("llama", {}, False, jnp.bfloat16),  # float32 weights, bfloat16 compute
+    ],
+)
+def test_fused_projections_compute_what_the_separate_ones_do(kind, overrides, scan_layers, dtype):
+  """`fuse_projections` (the sampler's layout: q, k and v in one matmul grouped by key-value
+  head, gate and up in another, weights cast once) through a full forward and a cached
+  prefill and decode step. A misordered group or a swapped k and v changes every logit."""
+  config = tiny_config(kind, **overrides)
+  model = Decoder(
+      config, dtype=dtype, param_dtype=jnp.float32, scan_layers=scan_layers, rngs=nnx.Rngs(0)
+  )
+  fused = nnx.merge(*nnx.split(model))
+  fused.fuse_projections()
+  group = config.num_heads // config.num_kv_heads
+  assert (fused.layers if scan_layers else fused.layers[0]).attn.qkv.kernel.shape[-3:] == (
+      config.num_kv_heads,
+      group + 2,
+      config.head_dim,
+  )
+  tolerance = 1e-6 if dtype == jnp.float32 else 2e-2  # a bfloat16 ulp, should XLA reorder
+  prompts, prompt_mask, completion = padded_prompts(config.vocab_size)
+  np.testing.assert_allclose(
+      fused(prompts, attention_mask=prompt_mask),
+      model(prompts, attention_mask=prompt_mask),
+      atol=tolerance,
+  )
+  outputs = []
+  for m in (model, fused):
+    cache = m.init_cache(prompts.shape[0], prompts.shape[1] + 1)
+    _, cache = m.prefill(prompts, positions_from_mask(prompt_mask), cache, token_mask=prompt_mask)
+    outputs.append(m.decode(completion[:, 0], jnp.sum(prompt_mask, axis=1), cache)[0])
+  np.testing.assert_allclose(outputs[1], outputs[0], atol=tolerance)
+
+
 def test_decode_with_many_windows_equals_full_forward(monkeypatch):
   """Windows of 2 slots in a 16-slot cache: every decode step picks a different branch,
   and an off-by-one in the choice would drop the newest token."""
