@@ -188,7 +188,7 @@ def apply_decode_flags(args) -> dict:
   return dict(
       max_decode_windows=args.max_decode_windows,
       windowed_decode_min_bytes=attention.WINDOWED_DECODE_MIN_BYTES.get(backend, 0),
-      fuse_projections=sampling.FUSE_PROJECTIONS.get(backend, False),
+      fuse_projections=sampling.fuses_projections(),
   )
 
 

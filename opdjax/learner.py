@@ -14,7 +14,7 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from opdjax import memory, recipes, sharding
+from opdjax import memory, recipes, sampling, sharding
 from opdjax import objectives as obj
 from opdjax.build import (
     Setup,
@@ -27,7 +27,6 @@ from opdjax.build import (
 from opdjax.errors import ConfigError
 from opdjax.models.attention import KVCache
 from opdjax.recipes.base import batch_loss, frozen_argument
-from opdjax.sampling import cache_slots
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
@@ -227,6 +226,9 @@ def shape_terms(config, run_setup: Setup) -> tuple[dict[str, int], Callable]:
   kv_cache = kv_cache_bytes(config, run_setup)
   if kv_cache:
     terms["KV cache (sampling)"] = kv_cache
+  merged = merged_projection_bytes(config, run_setup)
+  if merged:
+    terms["merged projections (sampling)"] = merged
   step = make_train_step(
       graphdef,
       recipe,
@@ -239,16 +241,14 @@ def shape_terms(config, run_setup: Setup) -> tuple[dict[str, int], Callable]:
   return terms, lambda: step.lower(params, opt_state, seq, frozen or None)
 
 
-def kv_cache_bytes(config, run_setup: Setup) -> int:
-  """Per-device bytes of the largest KV cache a run's `generate` calls allocate (one at a
-  time): the rollouts' sampler (the student, or the teacher for SeqKD; every prompt's
-  group of rows), and in evaluation the student and each teacher, a self-distillation
-  teacher after its privileged prompt. Each cache holds `sampling.cache_slots` positions of
-  its own model's layers and KV heads (`KVCache`: keys, values and the slot mask)."""
-  recipe, completion = run_setup.recipe, config.task.completion_length
-  prompt = config.task.prompt_length
+def sampled_models(config, run_setup: Setup) -> list[tuple[str, int, int]]:
+  """`(model section, rows, prompt length)` of each kind of `generate` call a run makes: the
+  rollouts' sampler (the student, or the teacher for SeqKD; every prompt's group of rows),
+  and in evaluation the student and each teacher, a self-distillation teacher after its
+  privileged prompt."""
+  recipe, prompt = run_setup.recipe, config.task.prompt_length
   rows = config.train.batch_size * recipe.group_size
-  uses = []  # (model section, rows, prompt length) of each kind of generate call
+  uses = []
   if recipe.source == "teacher":
     uses.append(("teacher", rows, prompt))
   elif recipe.source != "dataset":  # the student (GKD's coin samples it too)
@@ -260,6 +260,14 @@ def kv_cache_bytes(config, run_setup: Setup) -> int:
     for name in run_setup.model_configs:
       if name.partition("/")[0] == "teacher":
         uses.append((name, eval_rows, teacher_prompt))
+  return uses
+
+
+def kv_cache_bytes(config, run_setup: Setup) -> int:
+  """Per-device bytes of the largest KV cache a run's `generate` calls allocate (one at a
+  time, `sampled_models`). Each cache holds `sampling.cache_slots` positions of its own
+  model's layers and KV heads (`KVCache`: keys, values and the slot mask)."""
+  completion = config.task.completion_length
   data_devices = sharding.row_splits(run_setup.mesh)
 
   def size(name, rows, prompt_length):  # one device's rows of the cache, from shapes
@@ -269,13 +277,42 @@ def kv_cache_bytes(config, run_setup: Setup) -> int:
                 KVCache.create,
                 run_setup.model_configs[name],
                 math.ceil(rows / data_devices),
-                cache_slots(prompt_length, completion),
+                sampling.cache_slots(prompt_length, completion),
                 dtype_of(run_setup.sections[name].dtype),
             )
         )
     )
 
-  return max((size(*use) for use in uses), default=0)
+  return max((size(*use) for use in sampled_models(config, run_setup)), default=0)
+
+
+def merged_projection_bytes(config, run_setup: Setup) -> int:
+  """Per-device bytes of the weights `generate` adds where the backend merges projections
+  (`sampling.FUSE_PROJECTIONS`, `Decoder.fuse_projections`), for the largest model that
+  samples: the merged q/k/v and gate/up kernels, and the matmul weights it casts to the
+  compute dtype. They are taken to be split over the devices as the model's parameters are,
+  on average."""
+  if not sampling.fuses_projections():
+    return 0
+
+  def size(name):
+    graphdef, state = abstract_split(run_setup, name)
+
+    def fuse(state):
+      model = nnx.merge(graphdef, state)
+      model.fuse_projections()
+      return nnx.state(model, nnx.Param)
+
+    before = {p: (v.shape, v.dtype) for p, v in nnx.to_flat_state(state)}
+    added = sum(
+        v.size * v.dtype.itemsize
+        for p, v in nnx.to_flat_state(jax.eval_shape(fuse, state))
+        if before.get(p) != (v.shape, v.dtype)
+    )
+    whole = sum(v.size * v.dtype.itemsize for v in jax.tree.leaves(state))
+    return math.ceil(added * memory.per_device_bytes(state) / whole)
+
+  return max((size(name) for name in {u[0] for u in sampled_models(config, run_setup)}), default=0)
 
 
 def check_memory(config, run_setup: Setup, *, quiet: bool, background: bool = False) -> Plan:

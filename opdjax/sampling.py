@@ -345,7 +345,9 @@ def _row_sharding(x):
   return None
 
 
-def _fuse_projections(fuse: bool | None) -> bool:
+def fuses_projections(fuse: bool | None = None) -> bool:
+  """Whether `generate(..., fuse_projections=fuse)` merges projections: `fuse`, or by
+  default `FUSE_PROJECTIONS` for the backend."""
   if fuse is None:
     return FUSE_PROJECTIONS.get(jax.default_backend(), False)
   if not isinstance(fuse, bool):
@@ -442,7 +444,7 @@ def generate(
       return_logits=return_logits,
       num_samples=num_samples,
       rows=rows,
-      fuse=_fuse_projections(fuse_projections),
+      fuse=fuses_projections(fuse_projections),
   )
   lengths, truncated = out.pop("lengths"), out.pop("truncated")
   if max_new_tokens < steps:  # no eager ops after the sampler: each would compile on first use

@@ -13,7 +13,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from opdjax import build, checkpoint, configs, learner, metrics, recipes, rollouts, trainer
+from opdjax import (
+    build,
+    checkpoint,
+    configs,
+    learner,
+    metrics,
+    recipes,
+    rollouts,
+    sampling,
+    trainer,
+)
 from opdjax.errors import ConfigError
 from opdjax.models import Decoder, save_pretrained, splash, tiny_config
 from opdjax.models.attention import KVCache
@@ -259,6 +269,20 @@ def test_memory_plan_kv_cache_is_what_generate_allocates_for_the_model_that_samp
   assert learner.memory_plan(config, run_setup).terms["KV cache (sampling)"] == max(allocated)
   student_rollout_kv = 8 * cache_slots(6, 4) * 2 * 2 * 2 * 16 * 4  # 2 layers, 2 KV heads
   assert max(allocated) > 8 * cache_slots(6, 4) * 3 * 2 * 4 * 16 * 4 > student_rollout_kv
+  assert "merged projections (sampling)" not in learner.memory_plan(config, run_setup).terms
+  # Where the backend merges projections (a GPU), the plan counts the sampling teacher's
+  # merged weights: the arrays `fuse_projections` adds (float32 throughout: no casts).
+  teacher.fuse_projections()
+  added = sum(
+      x.nbytes
+      for layer in teacher.layers
+      for x in jax.tree.leaves(nnx.state(layer.attn.qkv))
+      + jax.tree.leaves(nnx.state(layer.mlp.gate_up))
+  )
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(sampling, "FUSE_PROJECTIONS", {jax.default_backend(): True})
+    assert learner.merged_projection_bytes(config, run_setup) == added
+    assert learner.memory_plan(config, run_setup).terms["merged projections (sampling)"] == added
 
 
 def test_three_axis_mesh_equals_one_device(teacher_dir, tmp_path, monkeypatch):
