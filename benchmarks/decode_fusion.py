@@ -1,19 +1,26 @@
-"""Would merged projections speed up batch-1 decode? A Qwen3-shaped decode loop in plain JAX.
+"""Would merged projections or another decode attention speed up batch-1 decode? A
+Qwen3-shaped decode loop in plain JAX.
 
 Greedy decoding of `--steps` tokens through a stack of Qwen3 layers (RMSNorm, q/k
-RMSNorm, RoPE, grouped-query attention over a KV cache, SwiGLU), written three ways:
-`separate` (seven matmuls a layer, as `opdjax.models.decoder` computes them), `merged` (one
-matmul for q, k and v and one for gate and up: five a layer, the weights stored merged) and
-`separate_no_attention` (the attention replaced by v, to size what the cache costs). One JSON
-line per variant: milliseconds per step and the fraction of the weight-bandwidth roofline.
+RMSNorm, RoPE, grouped-query attention over a `[B, K, S, Dh]` KV cache as the model's,
+SwiGLU). Two axes: `--projections` `separate` (seven matmuls a layer, as
+`opdjax.models.decoder` computes them) or `merged` (one matmul for q, k and v and one for
+gate and up: five a layer); `--attention` `einsum` (scores, a softmax and a weighted sum
+over the whole cache), `onepass` (the softmax's normaliser and the weighted sum in one
+reduction, divided after), `pallas` (JAX's Pallas GPU decode kernel, split over the cache
+and reading only the filled slots; interpreted off a GPU) or `none` (the value passed
+through, to size what attention costs). One JSON line per pair: milliseconds per step,
+weight bandwidth, and the fraction of greedy tokens equal to the first pair's.
 
     python benchmarks/decode_fusion.py --batch 1 --dtype bfloat16            # GPU, Qwen3-0.6B
-    python benchmarks/decode_fusion.py --layers 4 --hidden 256 --vocab 512   # CPU, small
+    python benchmarks/decode_fusion.py --layers 2 --hidden 256 --mlp 512 --heads 4 \
+        --kv_heads 2 --head_dim 64 --vocab 512 --steps 64 --repeats 1        # CPU, small
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import time
@@ -23,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from _jsonl import emit  # benchmarks/ is the script's directory
 
-VARIANTS = ("separate", "merged", "separate_no_attention")
+PROJECTIONS = ("separate", "merged")
+ATTENTIONS = ("einsum", "onepass", "pallas", "none")
 
 
 def rms_norm(x, eps=1e-6):
@@ -61,9 +69,52 @@ def init(key, a, merged: bool, dtype):
   return embed, layers
 
 
-def make_decode(a, variant: str):
+def pallas_attention(q, k_cache, v_cache, filled, *, interpret: bool):
+  """q `[B, K, G, Dh]` over caches `[B, K, S, Dh]` whose first `filled [B]` slots hold
+  tokens, with `jax.experimental.pallas.ops.gpu.decode_attention`'s per-head kernel."""
+  from jax.experimental.pallas.ops.gpu import decode_attention
+
+  slots = k_cache.shape[2]
+  splits = max(1, min(16, slots // 16))
+  kernel = functools.partial(
+      decode_attention.decode_attn_unbatched,
+      sm_scale=q.shape[-1] ** -0.5,
+      block_h=16,
+      block_k=128,
+      k_splits=splits,
+      num_warps=None,
+      num_stages=2,
+      grid=None,
+      interpret=interpret,
+      debug=False,
+      return_residuals=False,
+      normalize_output=True,
+  )
+  per_head = jax.vmap(kernel, in_axes=(0, 0, 0, None, None))
+  start = jnp.zeros_like(filled)
+  return jax.vmap(per_head)(q, k_cache, v_cache, start, filled)
+
+
+def attend(kind, q, k_cache, v_cache, position, *, interpret):
+  """One query a row: q `[B, K, G, Dh]`, caches `[B, K, S, Dh]` written up to `position`."""
+  if kind == "pallas":
+    return pallas_attention(q, k_cache, v_cache, position + 1, interpret=interpret)
+  s = jnp.einsum("bkgd,bksd->bkgs", q, k_cache, preferred_element_type=jnp.float32)
+  s = s * q.shape[-1] ** -0.5
+  valid = (jnp.arange(k_cache.shape[2])[None, :] <= position[:, None])[:, None, None, :]
+  if kind == "einsum":
+    p = jax.nn.softmax(jnp.where(valid, s, -jnp.inf), -1).astype(q.dtype)
+    return jnp.einsum("bkgs,bksd->bkgd", p, v_cache)
+  m = jnp.max(jnp.where(valid, s, -jnp.inf), -1, keepdims=True)
+  e = jnp.where(valid, jnp.exp(s - m), 0.0)
+  out = jnp.einsum("bkgs,bksd->bkgd", e.astype(q.dtype), v_cache, preferred_element_type=jnp.float32)
+  return (out / jnp.sum(e, -1)[..., None]).astype(q.dtype)
+
+
+def make_decode(a, projections: str, attention: str):
   q_size, kv_size = a.heads * a.head_dim, a.kv_heads * a.head_dim
   group = a.heads // a.kv_heads
+  interpret = jax.default_backend() != "gpu"
 
   def layer(w, x, position, k_cache, v_cache):
     b = x.shape[0]
@@ -76,17 +127,13 @@ def make_decode(a, variant: str):
     k = rope(rms_norm(k.reshape(b, a.kv_heads, a.head_dim)), position, a.head_dim)
     v = v.reshape(b, a.kv_heads, a.head_dim)
     rows = jnp.arange(b)
-    k_cache = k_cache.at[rows, position].set(k)
-    v_cache = v_cache.at[rows, position].set(v)
-    if variant == "separate_no_attention":
+    k_cache = k_cache.at[rows, :, position].set(k)
+    v_cache = v_cache.at[rows, :, position].set(v)
+    if attention == "none":
       out = jnp.repeat(v, group, 1)
     else:
       qg = q.reshape(b, a.kv_heads, group, a.head_dim)
-      s = jnp.einsum("bkgd,bskd->bkgs", qg, k_cache, preferred_element_type=jnp.float32)
-      valid = jnp.arange(k_cache.shape[1])[None, :] <= position[:, None]
-      s = jnp.where(valid[:, None, None, :], s / math.sqrt(a.head_dim), -jnp.inf)
-      p = jax.nn.softmax(s, -1).astype(x.dtype)
-      out = jnp.einsum("bkgs,bskd->bkgd", p, v_cache)
+      out = attend(attention, qg, k_cache, v_cache, position, interpret=interpret)
     x = x + out.reshape(b, q_size) @ w["o"]
     h = rms_norm(x)
     if "gate_up" in w:
@@ -97,8 +144,10 @@ def make_decode(a, variant: str):
 
   @jax.jit
   def decode(embed, layers, token, k_caches, v_caches):
+    """The greedy tokens `[B, steps]`."""
+
     def step(s, carry):
-      token, k_caches, v_caches = carry
+      token, tokens, k_caches, v_caches = carry
       position = jnp.full(token.shape, s)
       x = embed[token]
       new_k, new_v = [], []
@@ -106,10 +155,11 @@ def make_decode(a, variant: str):
         x, kc, vc = layer(w, x, position, kc, vc)
         new_k.append(kc)
         new_v.append(vc)
-      logits = rms_norm(x) @ embed.T
-      return jnp.argmax(logits, -1).astype(token.dtype), new_k, new_v
+      token = jnp.argmax(rms_norm(x) @ embed.T, -1).astype(token.dtype)
+      return token, tokens.at[:, s].set(token), new_k, new_v
 
-    return jax.lax.fori_loop(0, a.steps, step, (token, k_caches, v_caches))[0]
+    tokens = jnp.zeros((token.shape[0], a.steps), token.dtype)
+    return jax.lax.fori_loop(0, a.steps, step, (token, tokens, k_caches, v_caches))[1]
 
   return decode
 
@@ -126,45 +176,51 @@ def main(argv=None):
   parser.add_argument("--head_dim", type=int, default=128)
   parser.add_argument("--vocab", type=int, default=151_936)
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-  parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+  parser.add_argument("--projections", nargs="+", default=list(PROJECTIONS), choices=PROJECTIONS)
+  parser.add_argument("--attention", nargs="+", default=list(ATTENTIONS), choices=ATTENTIONS)
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--out", default=None, help="also append the JSON lines to this file")
   a = parser.parse_args(argv)
   dtype = jnp.dtype(a.dtype)
   token = jnp.zeros((a.batch,), jnp.int32)
-  cache = lambda: [jnp.zeros((a.batch, a.steps, a.kv_heads, a.head_dim), dtype)] * a.layers
-  for variant in a.variants:
-    embed, layers = init(jax.random.key(0), a, variant == "merged", dtype)
-    decode = make_decode(a, variant)
-    start = time.perf_counter()
-    first = decode(embed, layers, token, cache(), cache()).block_until_ready()
-    compile_s = time.perf_counter() - start
-    times = []
-    for _ in range(a.repeats):
+  cache = lambda: [jnp.zeros((a.batch, a.kv_heads, a.steps, a.head_dim), dtype)] * a.layers
+  reference = None
+  for projections in a.projections:
+    embed, layers = init(jax.random.key(0), a, projections == "merged", dtype)
+    for attention in a.attention:
+      decode = make_decode(a, projections, attention)
       start = time.perf_counter()
-      out = decode(embed, layers, token, cache(), cache()).block_until_ready()
-      times.append(time.perf_counter() - start)
-    assert np.array_equal(out, first), "the decode is not deterministic"
-    weight_bytes = sum(x.nbytes for x in jax.tree.leaves((embed, layers)))
-    step_s = float(np.median(times)) / a.steps
-    emit(
-        dict(
-            benchmark="decode_fusion",
-            variant=variant,
-            device=jax.devices()[0].device_kind,
-            dtype=a.dtype,
-            batch=a.batch,
-            layers=a.layers,
-            hidden=a.hidden,
-            vocab=a.vocab,
-            steps=a.steps,
-            xla_flags=os.environ.get("XLA_FLAGS", ""),
-            ms_per_step=round(step_s * 1e3, 4),
-            weight_gb_per_s=round(weight_bytes / step_s / 1e9, 1),
-            compile_plus_first_run_s=round(compile_s, 2),
-        ),
-        a.out,
-    )
+      first = decode(embed, layers, token, cache(), cache()).block_until_ready()
+      compile_s = time.perf_counter() - start
+      times = []
+      for _ in range(a.repeats):
+        start = time.perf_counter()
+        out = decode(embed, layers, token, cache(), cache()).block_until_ready()
+        times.append(time.perf_counter() - start)
+      assert np.array_equal(out, first), "the decode is not deterministic"
+      reference = first if reference is None else reference
+      weight_bytes = sum(x.nbytes for x in jax.tree.leaves((embed, layers)))
+      step_s = float(np.median(times)) / a.steps
+      emit(
+          dict(
+              benchmark="decode_fusion",
+              projections=projections,
+              attention=attention,
+              device=jax.devices()[0].device_kind,
+              dtype=a.dtype,
+              batch=a.batch,
+              layers=a.layers,
+              hidden=a.hidden,
+              vocab=a.vocab,
+              steps=a.steps,
+              xla_flags=os.environ.get("XLA_FLAGS", ""),
+              ms_per_step=round(step_s * 1e3, 4),
+              weight_gb_per_s=round(weight_bytes / step_s / 1e9, 1),
+              compile_plus_first_run_s=round(compile_s, 2),
+              tokens_equal_to_first=float(np.mean(np.asarray(first) == np.asarray(reference))),
+          ),
+          a.out,
+      )
 
 
 if __name__ == "__main__":

@@ -123,14 +123,17 @@ part_decode_profile() {
   done
 }
 part_decode_fused() {
-  log "decode, Qwen3-0.6B shape, bfloat16: merged q/k/v and gate/up matmuls or not; the plain-JAX model of both"
+  log "decode, Qwen3-0.6B shape, bfloat16: merged q/k/v and gate/up matmuls or not; the plain-JAX model of both, with four attentions"
   for run in "1 on" "1 off" "64 on" "64 off"; do
     read -r batch fuse <<<"$run"
     XLA_PYTHON_CLIENT_MEM_FRACTION=.45 budget 45 python3 benchmarks/sampler.py --models qwen3-0.6b \
       --dtype bfloat16 --batches $batch --new_tokens 128 --repeats 3 --no_transformers \
       --fuse_projections $fuse --out "$OUT/decode_fused.jsonl"
   done
-  budget 60 python3 benchmarks/decode_fusion.py --batch 1 --dtype bfloat16 --out "$OUT/decode_fusion.jsonl"
+  budget 100 python3 benchmarks/decode_fusion.py --batch 1 --dtype bfloat16 --repeats 3 \
+    --out "$OUT/decode_fusion.jsonl"
+  budget 60 python3 benchmarks/decode_fusion.py --batch 64 --dtype bfloat16 --repeats 3 \
+    --projections merged --attention einsum pallas --out "$OUT/decode_fusion.jsonl"
 }
 part_decode_long() {
   log "decode, Qwen3-0.6B shape, bfloat16, batch 64, 1,024 new tokens (a 272 MB layer cache): windows or not"
