@@ -107,7 +107,9 @@ def attend(kind, q, k_cache, v_cache, position, *, interpret):
     return jnp.einsum("bkgs,bksd->bkgd", p, v_cache)
   m = jnp.max(jnp.where(valid, s, -jnp.inf), -1, keepdims=True)
   e = jnp.where(valid, jnp.exp(s - m), 0.0)
-  out = jnp.einsum("bkgs,bksd->bkgd", e.astype(q.dtype), v_cache, preferred_element_type=jnp.float32)
+  out = jnp.einsum(
+      "bkgs,bksd->bkgd", e.astype(q.dtype), v_cache, preferred_element_type=jnp.float32
+  )
   return (out / jnp.sum(e, -1)[..., None]).astype(q.dtype)
 
 

@@ -7,7 +7,7 @@
 # the smaller of its own limit and what is left, and is skipped under 20 s, so a lease's
 # limit never cuts a run off unannounced:
 #
-#     OUT=/tmp/gpu BUDGET=560 PARTS="decode_fused decode_profile sampler_grid first_step_flags" bash benchmarks/gpu_session.sh
+#     OUT=/tmp/gpu BUDGET=560 PARTS="decode_fused decode_flags decode_profile sampler_grid" bash benchmarks/gpu_session.sh
 set -u
 OUT=${OUT:-benchmarks/results/gpu}
 BUDGET=${BUDGET:-100000}
@@ -94,13 +94,14 @@ part_sampler_grid() {
   done
 }
 part_decode_flags() {
-  log "decode, Qwen3-0.6B shape, bfloat16: default XLA flags, then the decode loop as command buffers"
-  for flags in "" "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"; do
-    for batch in 1 64; do  # one process each: a compile is ~21 s on an H100
-      XLA_FLAGS="$flags" XLA_PYTHON_CLIENT_MEM_FRACTION=.45 budget 60 python3 benchmarks/sampler.py \
-        --models qwen3-0.6b --dtype bfloat16 --batches $batch --new_tokens 128 --repeats 3 \
-        --no_transformers --out "$OUT/decode_flags.jsonl"
-    done
+  log "decode, Qwen3-0.6B shape, bfloat16, batch 1: XLA flags for its matrix-vector products"
+  # Strength reduction turns a one-row dot into a multiply and a reduction (the profile's
+  # input_reduce fusions); without it, or without Triton's GEMMs, cuBLAS takes them.
+  for flags in "" "--xla_gpu_enable_dot_strength_reduction=false" "--xla_gpu_enable_triton_gemm=false" \
+    "--xla_gpu_enable_dot_strength_reduction=false --xla_gpu_enable_triton_gemm=false"; do
+    XLA_FLAGS="$flags" XLA_PYTHON_CLIENT_MEM_FRACTION=.45 budget 45 python3 benchmarks/sampler.py \
+      --models qwen3-0.6b --dtype bfloat16 --batches 1 --new_tokens 128 --repeats 3 \
+      --no_transformers --out "$OUT/decode_flags.jsonl"
   done
 }
 part_decode_compare() {
@@ -123,12 +124,12 @@ part_decode_profile() {
   done
 }
 part_decode_fused() {
-  log "decode, Qwen3-0.6B shape, bfloat16: merged q/k/v and gate/up matmuls or not; the plain-JAX model of both, with four attentions"
-  for run in "1 on" "1 off" "64 on" "64 off"; do
-    read -r batch fuse <<<"$run"
+  log "decode, Qwen3-0.6B shape, bfloat16: merged projections or not, XLA or Pallas attention; the plain-JAX model of each"
+  for run in "1 on xla" "1 off xla" "1 on pallas" "64 on xla" "64 off xla" "64 on pallas"; do
+    read -r batch fuse kernel <<<"$run"
     XLA_PYTHON_CLIENT_MEM_FRACTION=.45 budget 45 python3 benchmarks/sampler.py --models qwen3-0.6b \
       --dtype bfloat16 --batches $batch --new_tokens 128 --repeats 3 --no_transformers \
-      --fuse_projections $fuse --out "$OUT/decode_fused.jsonl"
+      --fuse_projections $fuse --decode_kernel $kernel --out "$OUT/decode_fused.jsonl"
   done
   budget 100 python3 benchmarks/decode_fusion.py --batch 1 --dtype bfloat16 --repeats 3 \
     --out "$OUT/decode_fusion.jsonl"

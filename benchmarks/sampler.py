@@ -21,7 +21,8 @@ buffer waits for its branch index on the host), to weigh the windows' saved cach
 against that cost; `--windowed_decode_min_mb 0` makes a GPU use windows, where by default
 it reads the cache whole (`attention.WINDOWED_DECODE_MIN_BYTES`).
 `--fuse_projections on|off` overrides the backend's choice of merged q/k/v and gate/up
-matmuls in the decode (`sampling.FUSE_PROJECTIONS`).
+matmuls in the decode (`sampling.FUSE_PROJECTIONS`), and `--decode_kernel xla|pallas` its
+decode attention (`attention.DECODE_KERNEL`).
 
 On an accelerator each line also gives the decode roofline: the bytes one decode step must
 read (every weight once, plus the filled KV cache) over the measured device-to-device copy
@@ -152,7 +153,8 @@ def time_transformers(directory, prompts, new_tokens, repeats, dtype):
 
 def add_decode_flags(parser: argparse.ArgumentParser) -> None:
   """The decode's backend settings as flags: the windows' two (`attention.MAX_DECODE_WINDOWS`
-  and `attention.WINDOWED_DECODE_MIN_BYTES`) and `sampling.FUSE_PROJECTIONS`."""
+  and `attention.WINDOWED_DECODE_MIN_BYTES`), `sampling.FUSE_PROJECTIONS` and
+  `attention.DECODE_KERNEL`."""
   parser.add_argument(
       "--max_decode_windows",
       type=int,
@@ -171,6 +173,12 @@ def add_decode_flags(parser: argparse.ArgumentParser) -> None:
       default="auto",
       help="decode with merged q/k/v and gate/up matmuls (auto: the backend's default)",
   )
+  parser.add_argument(
+      "--decode_kernel",
+      choices=["auto", *attention.DECODE_KERNELS],
+      default="auto",
+      help="the decode step's attention (auto: the backend's attention.DECODE_KERNEL)",
+  )
 
 
 def apply_decode_flags(args) -> dict:
@@ -185,10 +193,13 @@ def apply_decode_flags(args) -> dict:
     }
   if args.fuse_projections != "auto":
     sampling.FUSE_PROJECTIONS = {backend: args.fuse_projections == "on"}
+  if args.decode_kernel != "auto":
+    attention.DECODE_KERNEL = {backend: args.decode_kernel}
   return dict(
       max_decode_windows=args.max_decode_windows,
       windowed_decode_min_bytes=attention.WINDOWED_DECODE_MIN_BYTES.get(backend, 0),
       fuse_projections=sampling.fuses_projections(),
+      decode_kernel=attention.decode_kernel(),
   )
 
 

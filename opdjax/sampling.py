@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 from opdjax.distributed import local_rows
 from opdjax.errors import ConfigError
+from opdjax.models import attention
 from opdjax.models.attention import KVCache
 
 _CHUNK = 16  # decode steps per scan chunk between early-exit checks
@@ -185,11 +186,11 @@ def _repeat_rows(cache: KVCache, count: int, stacked: bool) -> KVCache:
   """Each prompt's cache rows `count` times in a row (the samples of a prompt are adjacent)."""
   repeat = lambda x, axis: jnp.repeat(x, count, axis=axis)
   kv_axis = 1 if stacked else 0  # [L, B, K, S, Dh] or per layer [B, K, S, Dh]
-  return KVCache(
+  return cache._replace(
       keys=jax.tree.map(lambda k: repeat(k, kv_axis), cache.keys),
       values=jax.tree.map(lambda v: repeat(v, kv_axis), cache.values),
       valid=repeat(cache.valid, 0),
-      index=cache.index,
+      start=None if cache.start is None else repeat(cache.start, 0),
   )
 
 
@@ -203,11 +204,13 @@ def _shard_rows(cache: KVCache, rows, stacked: bool, tensor: bool) -> KVCache:
   heads = "tensor" if tensor else None
   kv = NamedSharding(mesh, P(*lead, row_axes, heads, None, None))
   constrain = lambda x, s: jax.lax.with_sharding_constraint(x, s)
-  return KVCache(
+  return cache._replace(
       keys=jax.tree.map(lambda k: constrain(k, kv), cache.keys),
       values=jax.tree.map(lambda v: constrain(v, kv), cache.values),
       valid=constrain(cache.valid, NamedSharding(mesh, P(row_axes, None))),
-      index=cache.index,
+      start=None
+      if cache.start is None
+      else constrain(cache.start, NamedSharding(mesh, P(row_axes))),
   )
 
 
@@ -222,6 +225,7 @@ def _shard_rows(cache: KVCache, rows, stacked: bool, tensor: bool) -> KVCache:
         "num_samples",
         "rows",
         "fuse",
+        "kernel",
     ),
 )
 def _generate_jit(
@@ -239,11 +243,16 @@ def _generate_jit(
     num_samples: int,
     rows,
     fuse: bool,
+    kernel: str,
 ):
   model = nnx.merge(graphdef, state)
   if fuse:
     model.fuse_projections()
   batch, prompt_len = prompt_tokens.shape
+  if kernel == "pallas":  # each row's real tokens last, so its slots have no hole
+    order = jnp.argsort(prompt_mask, axis=1, stable=True)
+    prompt_tokens = jnp.take_along_axis(prompt_tokens, order, axis=1)
+    prompt_mask = jnp.take_along_axis(prompt_mask, order, axis=1)
   positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0).astype(jnp.int32)
   tensor = (
       rows is not None
@@ -257,6 +266,8 @@ def _generate_jit(
       prompt_tokens, positions, cache, token_mask=prompt_mask, logits_at=last_real
   )
   next_position = jnp.sum(prompt_mask, axis=1).astype(jnp.int32)
+  if kernel == "pallas":  # slots [P - real tokens, index) hold each row's tokens
+    cache = pin(cache._replace(start=prompt_len - next_position))
   if num_samples > 1:  # one prefill per prompt, then num_samples decode rows each
     cache = pin(_repeat_rows(cache, num_samples, model.scan_layers))
     next_logits = jnp.repeat(next_logits, num_samples, axis=0)
@@ -367,6 +378,7 @@ def generate(
     max_cache_length: int | None = None,
     num_samples: int = 1,
     fuse_projections: bool | None = None,
+    decode_kernel: str | None = None,
 ) -> Generation:
   """Samples up to `max_new_tokens` completion tokens for every prompt row.
 
@@ -386,6 +398,10 @@ def generate(
     fuse_projections: decode with each layer's q/k/v and gate/up projections merged
       (`Decoder.fuse_projections`: an extra copy of those weights while sampling, and one
       matmul for three and for two); default `FUSE_PROJECTIONS[backend]`.
+    decode_kernel: the decode step's attention, "xla" or "pallas"
+      (`attention.DECODE_KERNEL`, the backend's by default). With "pallas" each prompt's
+      real tokens are moved to the end of its slots first, an exact change (positions
+      count real tokens), so that a row's tokens fill one range of the cache.
 
   Returns:
     A `Generation`.
@@ -445,6 +461,7 @@ def generate(
       num_samples=num_samples,
       rows=rows,
       fuse=fuses_projections(fuse_projections),
+      kernel=attention.decode_kernel(decode_kernel),
   )
   lengths, truncated = out.pop("lengths"), out.pop("truncated")
   if max_new_tokens < steps:  # no eager ops after the sampler: each would compile on first use

@@ -410,6 +410,35 @@ def test_fused_projections_sample_what_the_separate_ones_do(model, monkeypatch):
     run(fuse_projections="yes")
 
 
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_the_pallas_decode_kernel_samples_what_xla_samples(model, scan_layers):
+  """`decode_kernel="pallas"` moves each prompt's real tokens to the end of its slots (the
+  mixed prompts have left and right padding and a hole) and attends over each row's range
+  with the Pallas kernel (interpreted here): the same tokens and log-probs as the XLA
+  decode, with G samples a prompt, and a scanned model too."""
+  from opdjax.models import stack_layers
+
+  if scan_layers:
+    graphdef, _ = nnx.split(Decoder(model.config, rngs=nnx.Rngs(0), scan_layers=True))
+    model = nnx.merge(graphdef, stack_layers(nnx.state(model)))
+  tokens, mask = mixed_prompts()
+  run = lambda kernel: generate(
+      model,
+      tokens,
+      mask,
+      key=jax.random.key(4),
+      max_new_tokens=20,
+      sampling=NO_EOS,
+      num_samples=2,
+      decode_kernel=kernel,
+  )
+  pallas, xla = run("pallas"), run("xla")
+  np.testing.assert_array_equal(pallas.tokens, xla.tokens)
+  np.testing.assert_allclose(pallas.model_logprobs, xla.model_logprobs, atol=1e-5)
+  with pytest.raises(ValueError, match=r"decode kernel must be one of .*got 'cuda'"):
+    run("cuda")
+
+
 @pytest.mark.parametrize("scan_layers,fuse", [(False, False), (True, False), (False, True)])
 def test_sharded_prompts_give_batch_sharded_outputs_equal_to_one_device(model, scan_layers, fuse):
   """On a data x fsdp x tensor = (2, 2, 2) mesh with weights laid out by the partition rules,

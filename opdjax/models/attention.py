@@ -14,6 +14,7 @@ but never change a real token's output.
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -32,12 +33,17 @@ class KVCache(NamedTuple):
     values: the same layout as `keys`.
     valid: `[B, S]` bool, True where a slot holds a real token.
     index: int32 scalar, the next slot to write.
+    start: `[B]` int32 where each row's tokens fill slots `[start, index)` without a hole,
+      or None where they may not. The sampler sets it where the backend's decode kernel is
+      "pallas" (`DECODE_KERNEL`), after laying each prompt's real tokens at the end of its
+      slots; a decode step then attends over that range with the Pallas kernel.
   """
 
   keys: tuple[jax.Array, ...] | jax.Array
   values: tuple[jax.Array, ...] | jax.Array
   valid: jax.Array
   index: jax.Array
+  start: jax.Array | None = None
 
   @classmethod
   def create(
@@ -77,12 +83,14 @@ class LayerCache(NamedTuple):
     values: the same layout as `keys`.
     index: int32 scalar, the first slot to write.
     layer: int32 scalar row of the stacked buffers, or None.
+    start: the `KVCache`'s `start` (`[B]` or None).
   """
 
   keys: jax.Array
   values: jax.Array
   index: jax.Array
   layer: jax.Array | None = None
+  start: jax.Array | None = None
 
   def write(self, k, v) -> "LayerCache":
     """Writes `k, v [B, T, K, Dh]` at slots `[index, index + T)`."""
@@ -167,6 +175,60 @@ def decode_windows(max_length: int, layer_bytes: int | None = None) -> tuple[int
   return tuple(range(step, max_length, step)) + (max_length,)
 
 
+# The decode step's attention kernel by backend (absent: "xla"): "xla" (`attend_one`'s
+# multiply-and-reduce over a window of the cache) or "pallas" (`attend_range`: JAX's Pallas
+# GPU decode kernel, which reads only each row's filled slots; interpreted off a GPU).
+DECODE_KERNELS = ("xla", "pallas")
+DECODE_KERNEL: dict[str, str] = {}
+
+
+def decode_kernel(kernel: str | None = None) -> str:
+  """`kernel`, or by default the backend's `DECODE_KERNEL`; an unknown name is an error."""
+  kernel = DECODE_KERNEL.get(jax.default_backend(), "xla") if kernel is None else kernel
+  if kernel not in DECODE_KERNELS:
+    raise ValueError(f"decode kernel must be one of {DECODE_KERNELS}, got {kernel!r}")
+  return kernel
+
+
+def attend_range(q, cache: LayerCache) -> jax.Array:
+  """`attend_one` where each row's tokens fill slots `[cache.start, cache.index]`, with
+  `jax.experimental.pallas.ops.gpu.decode_attention`'s kernel (Triton), one program per
+  key-value head and block of slots, each reading only the filled part of its block, then
+  XLA combining the blocks' partial softmaxes. Off a GPU the kernel is interpreted (tests).
+
+  Args:
+    q: `[B, 1, H, Dh]`.
+    cache: the layer's `LayerCache` with `start` set, this step's token already written.
+  """
+  from jax.experimental.pallas.ops.gpu import decode_attention  # Triton: only where used
+
+  batch, _, heads, head_dim = q.shape
+  keys, values = cache.read()  # [B, K, S, Dh]
+  kv_heads, slots = keys.shape[1], keys.shape[2]
+  block = math.gcd(slots, 128)  # the kernel's blocks are powers of two that divide S
+  if block < 16:
+    raise ValueError(f"the Pallas decode kernel needs a multiple of 16 cache slots, got {slots}")
+  kernel = functools.partial(
+      decode_attention.decode_attn_unbatched,
+      sm_scale=head_dim**-0.5,
+      block_h=16,
+      block_k=block,
+      k_splits=slots // block,
+      num_warps=None,
+      num_stages=2,
+      grid=None,
+      interpret=jax.default_backend() != "gpu",
+      debug=False,
+      return_residuals=False,
+      normalize_output=True,
+  )
+  per_head = jax.vmap(kernel, in_axes=(0, 0, 0, None, None))
+  q = q.reshape(batch, kv_heads, heads // kv_heads, head_dim)
+  per_row = jax.vmap(per_head, in_axes=(0, 0, 0, 0, None))
+  out = per_row(q, keys.astype(q.dtype), values.astype(q.dtype), cache.start, cache.index + 1)
+  return out.reshape(batch, 1, heads, head_dim)
+
+
 def attend_one(q, cache: LayerCache, mask) -> jax.Array:
   """`attend` for one query per row (a decode step), reading only the filled cache slots.
 
@@ -183,8 +245,11 @@ def attend_one(q, cache: LayerCache, mask) -> jax.Array:
   slots left out are masked, so the result is the same as over the whole cache. Scores and
   the weighted sum are multiply-and-reduce over the contiguous head dimension and slots:
   a batched `dot_general` of one query row costs more on a CPU and no less elsewhere, where
-  a decode step is bound by reading the cache. Softmax in float32.
+  a decode step is bound by reading the cache. Softmax in float32. A cache with `start`
+  set (the sampler's layout for the "pallas" `DECODE_KERNEL`) goes to `attend_range`.
   """
+  if cache.start is not None:
+    return attend_range(q, cache)
   batch, _, heads, head_dim = q.shape
   kv_heads = cache.keys.shape[-3]
   q = q.reshape(batch, kv_heads, heads // kv_heads, 1, head_dim).astype(jnp.float32)

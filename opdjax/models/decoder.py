@@ -448,7 +448,7 @@ class Decoder(nnx.Module):
     causal = jnp.arange(cache.max_length)[None, :] <= query_slots[:, None]  # [T, S]
     mask = causal[None] & valid[:, None, :]
     hidden, keys, values = self._run(tokens, jnp.asarray(positions), mask, cache)
-    cache = KVCache(keys=keys, values=values, valid=valid, index=cache.index + length)
+    cache = cache._replace(keys=keys, values=values, valid=valid, index=cache.index + length)
     if logits_at is not None:
       hidden = jnp.take_along_axis(hidden, jnp.asarray(logits_at)[:, None, None], axis=1)[:, 0]
     return self.logits_from_hidden(hidden), cache
@@ -487,13 +487,17 @@ class Decoder(nnx.Module):
         x, layer_cache = layer(layer_state, x, cos, sin, mask, layer_cache)
         return (x, layer_cache._replace(layer=layer_cache.layer + 1)), None
 
-      start = LayerCache(cache.keys, cache.values, cache.index, layer=jnp.zeros((), jnp.int32))
+      start = LayerCache(
+          cache.keys, cache.values, cache.index, layer=jnp.zeros((), jnp.int32), start=cache.start
+      )
       (x, written), _ = jax.lax.scan(body, (x, start), state)
       return self.final_norm(x), written.keys, written.values
     keys, values = [], []
     for i, module in enumerate(self.layers):
       layer_cache = (
-          None if cache is None else LayerCache(cache.keys[i], cache.values[i], cache.index)
+          None
+          if cache is None
+          else LayerCache(cache.keys[i], cache.values[i], cache.index, start=cache.start)
       )
       if self.remat == "none":
         x, layer_cache = module(x, cos, sin, mask, layer_cache)

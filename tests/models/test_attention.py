@@ -58,6 +58,38 @@ def test_a_decode_step_reads_only_its_window(monkeypatch, filled, window):
   assert np.isfinite(out[2]).all()  # its output is never read, but must not be NaN
 
 
+@pytest.mark.parametrize("stacked", [False, True])
+def test_the_pallas_decode_kernel_attends_each_rows_range(stacked):
+  """`attend_range` (the "pallas" decode kernel, interpreted on a CPU) over rows whose
+  tokens fill slots `[start, index]` equals `attend` over the same slots. The slots outside
+  each range hold large keys that would take every weight if read, and 48 slots split into
+  three blocks of 16, so a block boundary inside a range is crossed too."""
+  rng = np.random.default_rng(1)
+  batch, kv_heads, slots, dim = 3, 2, 48, 8
+  q = jnp.asarray(rng.normal(size=(batch, 1, 4, dim)), jnp.float32)
+  keys, values = (rng.normal(size=(batch, kv_heads, slots, dim)).astype(np.float32) for _ in "kv")
+  start, index = np.array([0, 13, 30]), 36  # ranges [0, 36], [13, 36], [30, 36]
+  inside = (np.arange(slots)[None] >= start[:, None]) & (np.arange(slots)[None] <= index)
+  keys = np.where(inside[:, None, :, None], keys, 50.0 * np.abs(q).max())
+  expected = attention.attend(
+      q, jnp.asarray(keys).swapaxes(1, 2), jnp.asarray(values).swapaxes(1, 2), inside[:, None]
+  )
+  keys, values = jnp.asarray(keys), jnp.asarray(values)
+  if stacked:  # a scanned model's cache: every layer's rows, this layer's selected
+    keys, values = jnp.stack([keys * 0, keys]), jnp.stack([values * 0, values])
+  cache = attention.LayerCache(
+      keys,
+      values,
+      jnp.int32(index),
+      layer=jnp.int32(1) if stacked else None,
+      start=jnp.asarray(start),
+  )
+  out = attention.attend_one(q, cache, jnp.asarray(inside[:, None]))  # start set: attend_range
+  np.testing.assert_allclose(out, expected, atol=2e-6)
+  with pytest.raises(ValueError, match=r"one of \('xla', 'pallas'\), got 'triton'"):
+    attention.decode_kernel("triton")
+
+
 def test_dot_product_attention_equals_the_einsum_reference():
   """`attend` (jax.nn.dot_product_attention) against a plain float32 einsum softmax, with GQA,
   padded keys and a query row that sees no key at all."""
