@@ -220,7 +220,6 @@ class MLP(nnx.Module):
         param_dtype=param_dtype,
         rngs=rngs,
     )
-
     self.gate_up = nnx.data(None)  # set by `fuse_projections`
 
   def fuse_projections(self) -> None:
