@@ -8,6 +8,16 @@
 # limit never cuts a run off unannounced:
 #
 #     OUT=/tmp/gpu BUDGET=560 PARTS="decode_fused decode_flags decode_profile sampler_grid" bash benchmarks/gpu_session.sh
+#
+# A machine with jax[cuda] and torch but without the pure-Python dependencies and no index
+# to install them from takes them as wheels fetched beforehand (Python 3.12 here):
+#
+#     pip download -d .whl --only-binary=:all: --no-deps --python-version 3.12 \
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 \
+#       --platform manylinux2014_x86_64 --platform any grain array_record portpicker \
+#       ml_collections tensorboardX trl datasets dill multiprocess liger-kernel
+#     # there: pip install --no-index --no-deps --target /tmp/site .whl/*.whl
+#     #        && export PYTHONPATH=/tmp/site
 set -u
 OUT=${OUT:-benchmarks/results/gpu}
 BUDGET=${BUDGET:-100000}
