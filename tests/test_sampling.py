@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 from scipy import stats
 
-from opdjax.models import Decoder, tiny_config
+from opdjax.models import Decoder, stack_layers, tiny_config
 from opdjax.sampling import SamplingParams, bucket_size, generate, sampling_distribution
 
 GREEDY = SamplingParams(greedy=True)
@@ -25,6 +25,12 @@ def fixture_model():
     if value.ndim == 2:
       var.set_value(value * 6.0)
   return model
+
+
+def scanned(model):
+  """`model` with its layers stacked for `lax.scan` (the same weights)."""
+  graphdef, _ = nnx.split(Decoder(model.config, rngs=nnx.Rngs(0), scan_layers=True))
+  return nnx.merge(graphdef, stack_layers(nnx.state(model)))
 
 
 def mixed_prompts():
@@ -364,11 +370,7 @@ def test_top_p_prefilter_is_exact_on_a_large_vocabulary():
 def test_num_samples_shares_the_prefill_and_equals_repeated_prompts(model, scan_layers):
   """G samples per prompt from one prefill are the rows that repeating each prompt G times
   gives with the same key (same draws, same log-probs), and a prompt's samples differ."""
-  if scan_layers:
-    from opdjax.models import stack_layers
-
-    graphdef, _ = nnx.split(Decoder(model.config, rngs=nnx.Rngs(0), scan_layers=True))
-    model = nnx.merge(graphdef, stack_layers(nnx.state(model)))
+  model = scanned(model) if scan_layers else model
   tokens, mask = mixed_prompts()
   shared = generate(model, tokens, mask, key=jax.random.key(3), max_new_tokens=6, num_samples=3)
   repeated = generate(
@@ -416,11 +418,7 @@ def test_the_pallas_decode_kernel_samples_what_xla_samples(model, scan_layers):
   mixed prompts have left and right padding and a hole) and attends over each row's range
   with the Pallas kernel (interpreted here): the same tokens and log-probs as the XLA
   decode, with G samples a prompt, and a scanned model too."""
-  from opdjax.models import stack_layers
-
-  if scan_layers:
-    graphdef, _ = nnx.split(Decoder(model.config, rngs=nnx.Rngs(0), scan_layers=True))
-    model = nnx.merge(graphdef, stack_layers(nnx.state(model)))
+  model = scanned(model) if scan_layers else model
   tokens, mask = mixed_prompts()
   run = lambda kernel: generate(
       model,
@@ -446,13 +444,9 @@ def test_sharded_prompts_give_batch_sharded_outputs_equal_to_one_device(model, s
   what one device samples, with the projections merged too (their key-value-head grouping
   keeps a tensor shard's q, k and v together)."""
   from opdjax import sharding
-  from opdjax.models import stack_layers
 
   mesh = sharding.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"))
-  graphdef, state = nnx.split(model)
-  if scan_layers:
-    graphdef, state = nnx.split(Decoder(model.config, rngs=nnx.Rngs(0), scan_layers=True))
-    state = stack_layers(nnx.state(model))
+  graphdef, state = nnx.split(scanned(model) if scan_layers else model)
   single = nnx.merge(graphdef, state)
   placed = nnx.merge(graphdef, sharding.place_state(state, mesh))
   tokens, mask = mixed_prompts()
