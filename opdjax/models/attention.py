@@ -183,10 +183,14 @@ DECODE_KERNEL: dict[str, str] = {}
 
 
 def decode_kernel(kernel: str | None = None) -> str:
-  """`kernel`, or by default the backend's `DECODE_KERNEL`; an unknown name is an error."""
-  kernel = DECODE_KERNEL.get(jax.default_backend(), "xla") if kernel is None else kernel
+  """`kernel`, or by default the backend's `DECODE_KERNEL`; an unknown name is an error, and
+  so is "pallas" on a TPU (a GPU kernel, which only a CPU interprets, for tests)."""
+  backend = jax.default_backend()
+  kernel = DECODE_KERNEL.get(backend, "xla") if kernel is None else kernel
   if kernel not in DECODE_KERNELS:
     raise ValueError(f"decode kernel must be one of {DECODE_KERNELS}, got {kernel!r}")
+  if kernel == "pallas" and backend not in ("gpu", "cpu"):  # a CPU interprets it (tests)
+    raise ValueError(f"the 'pallas' decode kernel is a GPU (Triton) kernel; on {backend} use 'xla'")
   return kernel
 
 

@@ -90,6 +90,13 @@ def test_the_pallas_decode_kernel_attends_each_rows_range(stacked):
     attention.decode_kernel("triton")
 
 
+def test_the_pallas_decode_kernel_is_refused_on_a_tpu(monkeypatch):
+  monkeypatch.setattr(attention.jax, "default_backend", lambda: "tpu")
+  assert attention.decode_kernel() == "xla"
+  with pytest.raises(ValueError, match="a GPU \\(Triton\\) kernel; on tpu use 'xla'"):
+    attention.decode_kernel("pallas")
+
+
 def test_dot_product_attention_equals_the_einsum_reference():
   """`attend` (jax.nn.dot_product_attention) against a plain float32 einsum softmax, with GQA,
   padded keys and a query row that sees no key at all."""
