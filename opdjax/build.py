@@ -26,6 +26,7 @@ from opdjax.models import Decoder, ModelConfig, load_pretrained, load_tokenizer,
 from opdjax.models.attention import ATTENTION_IMPLEMENTATIONS
 from opdjax.models.decoder import REMAT_POLICIES, stack_layers, unstack_layers
 from opdjax.models.hf import abstract_model
+from opdjax.sampling import FUSE_SETTINGS
 
 # Model shapes for the synthetic experiments (vocabulary and special ids come from the
 # tokenizer). Width, depth and heads only: a Qwen3-style decoder.
@@ -342,6 +343,11 @@ def validate(config, recipe, mesh, model_configs: dict[str, ModelConfig]):
   if sampler.get("layout", "train") not in sharding.SAMPLING_LAYOUTS:
     raise ConfigError(
         f"sampling.layout must be one of {sharding.SAMPLING_LAYOUTS}, got " f"{sampler.layout!r}"
+    )
+  if sampler.get("fuse_projections", "auto") not in FUSE_SETTINGS:
+    raise ConfigError(
+        f"sampling.fuse_projections must be one of {tuple(FUSE_SETTINGS)}, got "
+        f"{sampler.fuse_projections!r}"
     )
   if train.get("async_checkpointing", "auto") not in ASYNC_CHECKPOINTING:
     raise ConfigError(

@@ -87,6 +87,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.sampling.top_k = 0
   c.sampling.top_p = 1.0
   c.sampling.layout = "train"  # train | tensor | replicated: the student's layout while it samples
+  # auto | on | off: merge each layer's q/k/v and gate/up matmuls while sampling (auto: the
+  # backend's `sampling.FUSE_PROJECTIONS`, on for a GPU); the memory plan counts the copy.
+  c.sampling.fuse_projections = "auto"
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adamw"  # adamw | sgd (plain gradient descent, no momentum)

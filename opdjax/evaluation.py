@@ -169,6 +169,7 @@ def evaluate(
     chunk_size: int = 0,
     batch_sharding=None,
     privileged: bool = False,
+    fuse_projections: bool | str | None = None,
 ) -> dict[str, float]:
   """Greedy and sampled accuracy, greedy step credit (`tasks.step_credit`), lengths,
   truncation; with a teacher, KLs to it.
@@ -187,6 +188,8 @@ def evaluate(
   privileged prompt `x ⊕ c` (`prompts.privileged_tokens`) and the student the plain `x`: the
   reverse KL is `E_{y~π(·|x)}[Σ_t log π(a_t|x, y<t) − log q(a_t|x⊕c, y<t)]`, the forward KL
   samples `y ~ q(·|x⊕c)`, and the token KLs are taken at the same completion positions.
+
+  `fuse_projections` is `generate`'s, for every model this samples.
   """
   if privileged and prompts.privileged_tokens is None:
     raise ValueError("evaluate(privileged=True) needs a PromptSet with privileged prompts")
@@ -223,7 +226,9 @@ def evaluate(
     without_padding = lambda gen, real=placed["real"]: gen._replace(mask=gen.mask & real[:, None])
     answers = [prompts.answers[i] for i in rows]
     block_key = jax.random.fold_in(key, block)
-    run = functools.partial(generate, max_new_tokens=max_new_tokens)
+    run = functools.partial(
+        generate, max_new_tokens=max_new_tokens, fuse_projections=fuse_projections
+    )
     run_student = functools.partial(run, prompt_tokens=prompt_tokens, prompt_mask=prompt_mask)
     greedy = run_student(student, key=block_key, sampling=SamplingParams(greedy=True))
     sampled = run_student(student, key=jax.random.fold_in(block_key, 1), sampling=sample)

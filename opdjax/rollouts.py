@@ -155,6 +155,7 @@ class Rollouts:
         max_new_tokens=self.config.task.completion_length,
         sampling=self.sampling,
         num_samples=recipe.group_size,
+        fuse_projections=self.config.sampling.fuse_projections,
     )  # one prefill per prompt
     return Sampled(local, rows, gen)
 

@@ -208,6 +208,7 @@ def _run(config, workdir, *, quiet: bool, compile_clock: metrics.CompileClock) -
         batch_size=config.eval.batch_size,
         chunk_size=config.train.loss_chunk_size,
         batch_sharding=batch_sharding,
+        fuse_projections=config.sampling.fuse_projections,
     )
     if self_teacher:  # the teacher role's weights, reading the privileged prompts
       weights = self_teacher_weights(recipe, "teacher", params, extra, frozen)

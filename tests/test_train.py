@@ -17,6 +17,7 @@ from opdjax import (
     build,
     checkpoint,
     configs,
+    evaluation,
     learner,
     metrics,
     recipes,
@@ -235,6 +236,43 @@ def test_a_step_compiled_in_the_background_checks_the_whole_plan_before_the_firs
   assert not list((tmp_path / "temporaries" / "checkpoints").glob("[0-9]*"))
 
 
+def test_sampling_fuse_projections_reaches_the_rollouts_and_evaluation(teacher_dir, tmp_path):
+  """`sampling.fuse_projections="on"` merges the projections on a CPU, whose default is
+  off: the rollouts' `generate` and evaluation's (the student's and the teacher's samples)
+  are called with it and the sampler merges; a bad value is one clear error."""
+  config = tiny("opd")
+  config.teacher.checkpoint = str(teacher_dir)
+  config.train.steps, config.eval.every = 2, 2
+  config.sampling.fuse_projections = "on"
+  seen = {"rollouts": [], "evaluation": []}
+  fused = []
+
+  def recording(calls):
+    def spy(*args, **kwargs):
+      calls.append(kwargs["fuse_projections"])
+      return generate(*args, **kwargs)
+
+    return spy
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(rollouts, "generate", recording(seen["rollouts"]))
+    patch.setattr(evaluation, "generate", recording(seen["evaluation"]))
+    original = Decoder.fuse_projections
+    patch.setattr(Decoder, "fuse_projections", lambda m: fused.append(1) or original(m))
+    trainer.run(config, tmp_path / "on", quiet=True)
+  assert seen["rollouts"] and set(seen["rollouts"]) == {"on"}
+  assert len(seen["evaluation"]) >= 3 and set(seen["evaluation"]) == {
+      "on"
+  }  # greedy, sampled, teacher
+  assert fused, "no sampler merged its projections"
+  config.sampling.fuse_projections = "yes"
+  with pytest.raises(
+      ConfigError,
+      match=r"sampling.fuse_projections must be one of \('auto', 'on', 'off'\), got 'yes'",
+  ):
+    trainer.run(config, tmp_path / "bad", quiet=True)
+
+
 def test_memory_plan_kv_cache_is_what_generate_allocates_for_the_model_that_samples(tmp_path):
   """SeqKD samples its rollouts from the teacher: the plan's KV cache term is the cache
   `generate` allocates for the teacher (its layers and KV heads, both lengths rounded up to
@@ -283,6 +321,10 @@ def test_memory_plan_kv_cache_is_what_generate_allocates_for_the_model_that_samp
     patch.setattr(sampling, "FUSE_PROJECTIONS", {jax.default_backend(): True})
     assert learner.merged_projection_bytes(config, run_setup) == added
     assert learner.memory_plan(config, run_setup).terms["merged projections (sampling)"] == added
+    config.sampling.fuse_projections = "off"  # the config overrides the backend's default
+    assert learner.merged_projection_bytes(config, run_setup) == 0
+  config.sampling.fuse_projections = "on"
+  assert learner.merged_projection_bytes(config, run_setup) == added
 
 
 def test_three_axis_mesh_equals_one_device(teacher_dir, tmp_path, monkeypatch):
