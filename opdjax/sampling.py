@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 from opdjax.distributed import local_rows
 from opdjax.errors import ConfigError
-from opdjax.models import attention
+from opdjax.models import attention, positions_from_mask
 from opdjax.models.attention import KVCache
 
 _CHUNK = 16  # decode steps per scan chunk between early-exit checks
@@ -254,7 +254,7 @@ def _generate_jit(
     order = jnp.argsort(prompt_mask, axis=1, stable=True)
     prompt_tokens = jnp.take_along_axis(prompt_tokens, order, axis=1)
     prompt_mask = jnp.take_along_axis(prompt_mask, order, axis=1)
-  positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0).astype(jnp.int32)
+  positions = positions_from_mask(prompt_mask)
   tensor = (
       rows is not None
       and rows.mesh.shape.get("tensor", 1) > 1
