@@ -169,7 +169,7 @@ def evaluate(
     chunk_size: int = 0,
     batch_sharding=None,
     privileged: bool = False,
-    fuse_projections: bool | str | None = None,
+    fuse_projections: bool | None = None,
 ) -> dict[str, float]:
   """Greedy and sampled accuracy, greedy step credit (`tasks.step_credit`), lengths,
   truncation; with a teacher, KLs to it.

@@ -292,7 +292,7 @@ def merged_projection_bytes(config, run_setup: Setup) -> int:
   samples: the merged q/k/v and gate/up kernels, and the matmul weights it casts to the
   compute dtype. They are taken to be split over the devices as the model's parameters are,
   on average. `sampling.fuse_projections` in the config decides, as it does for the run."""
-  if not sampling.fuses_projections(config.sampling.fuse_projections):
+  if not sampling.fuses_projections(sampling.FUSE_SETTINGS[config.sampling.fuse_projections]):
     return 0
 
   def size(name):

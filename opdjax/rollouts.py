@@ -24,7 +24,7 @@ from opdjax.build import members, routed_kernel_sharding
 from opdjax.evaluation import forward_hidden, forward_hidden_rows, own_rows, privileged_hidden
 from opdjax.learner import head_kernel
 from opdjax.recipes.base import join
-from opdjax.sampling import Generation, SamplingParams, generate
+from opdjax.sampling import FUSE_SETTINGS, Generation, SamplingParams, generate
 
 
 def repeat_rows(batch: dict, group: int) -> dict:
@@ -155,7 +155,7 @@ class Rollouts:
         max_new_tokens=self.config.task.completion_length,
         sampling=self.sampling,
         num_samples=recipe.group_size,
-        fuse_projections=self.config.sampling.fuse_projections,
+        fuse_projections=FUSE_SETTINGS[self.config.sampling.fuse_projections],
     )  # one prefill per prompt
     return Sampled(local, rows, gen)
 

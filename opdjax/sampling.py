@@ -35,7 +35,8 @@ _MIN_BUCKET = 16
 # backend. On an H200 a batch-1 Qwen3-0.6B-shaped decode step took 1.54 ms merged against
 # 2.02 ms (`benchmarks/decode_fusion.py`; equal at batch 64).
 FUSE_PROJECTIONS = {"gpu": True}
-FUSE_SETTINGS = {"auto": None, "on": True, "off": False}  # config `sampling.fuse_projections`
+# The config's `sampling.fuse_projections` names for `generate`'s `fuse_projections`.
+FUSE_SETTINGS = {"auto": None, "on": True, "off": False}
 _TOP_P_CANDIDATES = 256  # top-p looks for the nucleus among this many tokens first
 
 
@@ -357,17 +358,13 @@ def _row_sharding(x):
   return None
 
 
-def fuses_projections(fuse: bool | str | None = None) -> bool:
-  """Whether `generate(..., fuse_projections=fuse)` merges projections: `fuse` (a bool, or
-  a `FUSE_SETTINGS` name), or by default `FUSE_PROJECTIONS` for the backend."""
-  fuse = FUSE_SETTINGS[fuse] if isinstance(fuse, str) and fuse in FUSE_SETTINGS else fuse
+def fuses_projections(fuse: bool | None = None) -> bool:
+  """Whether `generate(..., fuse_projections=fuse)` merges projections: `fuse`, or by
+  default (None) `FUSE_PROJECTIONS` for the backend."""
   if fuse is None:
     return FUSE_PROJECTIONS.get(jax.default_backend(), False)
   if not isinstance(fuse, bool):
-    raise ValueError(
-        f"fuse_projections must be True, False, None or one of {tuple(FUSE_SETTINGS)}, "
-        f"got {fuse!r}"
-    )
+    raise ValueError(f"fuse_projections must be True, False or None (auto), got {fuse!r}")
   return fuse
 
 
@@ -382,7 +379,7 @@ def generate(
     return_logits: bool = False,
     max_cache_length: int | None = None,
     num_samples: int = 1,
-    fuse_projections: bool | str | None = None,
+    fuse_projections: bool | None = None,
     decode_kernel: str | None = None,
 ) -> Generation:
   """Samples up to `max_new_tokens` completion tokens for every prompt row.
@@ -402,8 +399,7 @@ def generate(
       `b·G … b·G + G − 1` (as `jnp.repeat(prompts, G, axis=0)` would order them).
     fuse_projections: decode with each layer's q/k/v and gate/up projections merged
       (`Decoder.fuse_projections`: an extra copy of those weights while sampling, and one
-      matmul for three and for two): True, False, or "on", "off", "auto"; default (None,
-      "auto") `FUSE_PROJECTIONS[backend]`.
+      matmul for three and for two); default (None) `FUSE_PROJECTIONS[backend]`.
     decode_kernel: the decode step's attention, "xla" or "pallas"
       (`attention.DECODE_KERNEL`, the backend's by default). With "pallas" each prompt's
       real tokens are moved to the end of its slots first, an exact change (positions

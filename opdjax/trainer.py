@@ -47,6 +47,7 @@ from opdjax.learner import (
 )
 from opdjax.recipes.self_distill import ema_update
 from opdjax.rollouts import FrozenModel, Rollouts, self_teacher_weights
+from opdjax.sampling import FUSE_SETTINGS
 
 
 class NonFiniteLossError(RuntimeError):
@@ -208,7 +209,7 @@ def _run(config, workdir, *, quiet: bool, compile_clock: metrics.CompileClock) -
         batch_size=config.eval.batch_size,
         chunk_size=config.train.loss_chunk_size,
         batch_sharding=batch_sharding,
-        fuse_projections=config.sampling.fuse_projections,
+        fuse_projections=FUSE_SETTINGS[config.sampling.fuse_projections],
     )
     if self_teacher:  # the teacher role's weights, reading the privileged prompts
       weights = self_teacher_weights(recipe, "teacher", params, extra, frozen)

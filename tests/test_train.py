@@ -260,10 +260,9 @@ def test_sampling_fuse_projections_reaches_the_rollouts_and_evaluation(teacher_d
     original = Decoder.fuse_projections
     patch.setattr(Decoder, "fuse_projections", lambda m: fused.append(1) or original(m))
     trainer.run(config, tmp_path / "on", quiet=True)
-  assert seen["rollouts"] and set(seen["rollouts"]) == {"on"}
-  assert len(seen["evaluation"]) >= 3 and set(seen["evaluation"]) == {
-      "on"
-  }  # greedy, sampled, teacher
+  assert seen["rollouts"] and set(seen["rollouts"]) == {True}
+  assert len(seen["evaluation"]) >= 3  # greedy, sampled, the teacher's
+  assert set(seen["evaluation"]) == {True}
   assert fused, "no sampler merged its projections"
   config.sampling.fuse_projections = "yes"
   with pytest.raises(
