@@ -7,8 +7,9 @@ SwiGLU). Two axes: `--projections` `separate` (seven matmuls a layer, as
 `opdjax.models.decoder` computes them) or `merged` (one matmul for q, k and v and one for
 gate and up: five a layer); `--attention` `einsum` (scores, a softmax and a weighted sum
 over the whole cache), `onepass` (the softmax's normaliser and the weighted sum in one
-reduction, divided after), `pallas` (JAX's Pallas GPU decode kernel, split over the cache
-and reading only the filled slots; interpreted off a GPU) or `none` (the value passed
+reduction, divided after), `pallas` (the model's `attention.attend_range`: JAX's Pallas GPU
+decode kernel, split over the cache and reading only the filled slots; interpreted off a
+GPU) or `none` (the value passed
 through, to size what attention costs). One JSON line per pair: milliseconds per step,
 weight bandwidth, and the fraction of greedy tokens equal to the first pair's.
 
@@ -20,7 +21,6 @@ weight bandwidth, and the fraction of greedy tokens equal to the first pair's.
 from __future__ import annotations
 
 import argparse
-import functools
 import math
 import os
 import time
@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from _jsonl import emit  # benchmarks/ is the script's directory
+
+from opdjax.models.attention import LayerCache, attend_range
 
 PROJECTIONS = ("separate", "merged")
 ATTENTIONS = ("einsum", "onepass", "pallas", "none")
@@ -69,36 +71,15 @@ def init(key, a, merged: bool, dtype):
   return embed, layers
 
 
-def pallas_attention(q, k_cache, v_cache, filled, *, interpret: bool):
-  """q `[B, K, G, Dh]` over caches `[B, K, S, Dh]` whose first `filled [B]` slots hold
-  tokens, with `jax.experimental.pallas.ops.gpu.decode_attention`'s per-head kernel."""
-  from jax.experimental.pallas.ops.gpu import decode_attention
-
-  slots = k_cache.shape[2]
-  splits = max(1, min(16, slots // 16))
-  kernel = functools.partial(
-      decode_attention.decode_attn_unbatched,
-      sm_scale=q.shape[-1] ** -0.5,
-      block_h=16,
-      block_k=128,
-      k_splits=splits,
-      num_warps=None,
-      num_stages=2,
-      grid=None,
-      interpret=interpret,
-      debug=False,
-      return_residuals=False,
-      normalize_output=True,
-  )
-  per_head = jax.vmap(kernel, in_axes=(0, 0, 0, None, None))
-  start = jnp.zeros_like(filled)
-  return jax.vmap(per_head)(q, k_cache, v_cache, start, filled)
-
-
-def attend(kind, q, k_cache, v_cache, position, *, interpret):
-  """One query a row: q `[B, K, G, Dh]`, caches `[B, K, S, Dh]` written up to `position`."""
+def attend(kind, q, k_cache, v_cache, position):
+  """One query a row: q `[B, K, G, Dh]`, caches `[B, K, S, Dh]` written up to `position`
+  (the same for every row). "pallas" is the model's own `attention.attend_range` (JAX's
+  Pallas GPU kernel, interpreted off a GPU) over slots `[0, position]`."""
   if kind == "pallas":
-    return pallas_attention(q, k_cache, v_cache, position + 1, interpret=interpret)
+    batch, kv_heads, group, head_dim = q.shape
+    cache = LayerCache(k_cache, v_cache, position[0], start=jnp.zeros((batch,), jnp.int32))
+    out = attend_range(q.reshape(batch, 1, kv_heads * group, head_dim), cache)
+    return out.reshape(q.shape)
   s = jnp.einsum("bkgd,bksd->bkgs", q, k_cache, preferred_element_type=jnp.float32)
   s = s * q.shape[-1] ** -0.5
   valid = (jnp.arange(k_cache.shape[2])[None, :] <= position[:, None])[:, None, None, :]
@@ -116,7 +97,6 @@ def attend(kind, q, k_cache, v_cache, position, *, interpret):
 def make_decode(a, projections: str, attention: str):
   q_size, kv_size = a.heads * a.head_dim, a.kv_heads * a.head_dim
   group = a.heads // a.kv_heads
-  interpret = jax.default_backend() != "gpu"
 
   def layer(w, x, position, k_cache, v_cache):
     b = x.shape[0]
@@ -135,7 +115,7 @@ def make_decode(a, projections: str, attention: str):
       out = jnp.repeat(v, group, 1)
     else:
       qg = q.reshape(b, a.kv_heads, group, a.head_dim)
-      out = attend(attention, qg, k_cache, v_cache, position, interpret=interpret)
+      out = attend(attention, qg, k_cache, v_cache, position)
     x = x + out.reshape(b, q_size) @ w["o"]
     h = rms_norm(x)
     if "gate_up" in w:
