@@ -265,6 +265,21 @@ def test_masked_vocabulary_where_only_one_side_is_finite():
   assert np.isposinf(obj.alpha_divergence(z, y, alpha=2.0))
 
 
+def test_log_mixture_equals_log_space_and_floors_what_underflows():
+  log_a = jnp.array([-0.1, -5.0, -80.0, -200.0, -jnp.inf])
+  log_b = jnp.array([-3.0, -0.2, -85.0, -jnp.inf, -jnp.inf])
+  mixed, grads = jax.value_and_grad(
+      lambda a, b: jnp.sum(obj.divergences.log_mixture(a, b, 0.3)), argnums=(0, 1)
+  )(log_a, log_b)
+  got = obj.divergences.log_mixture(log_a, log_b, 0.3)
+  a64, b64 = np.asarray(log_a, np.float64), np.asarray(log_b, np.float64)
+  expected = np.logaddexp(np.log(0.3) + a64[:3], np.log(0.7) + b64[:3])
+  np.testing.assert_allclose(got[:3], expected, rtol=1e-6)
+  # exp(-200) is 0 in float32: the mixture is floored at the smallest normal float32.
+  np.testing.assert_array_equal(got[3:], np.log(np.finfo(np.float32).tiny).astype(np.float32))
+  assert np.isfinite(mixed) and all(np.all(np.isfinite(g)) for g in grads)
+
+
 @pytest.mark.parametrize("name", sorted(DIVERGENCE_CASES))
 def test_bfloat16_inputs_compute_in_float32(name):
   fn = DIVERGENCE_CASES[name]
