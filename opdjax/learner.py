@@ -226,6 +226,9 @@ def shape_terms(config, run_setup: Setup) -> tuple[dict[str, int], Callable]:
   kv_cache = kv_cache_bytes(config, run_setup)
   if kv_cache:
     terms["KV cache (sampling)"] = kv_cache
+  resharded = resharded_student(config, run_setup)
+  if resharded is not None:
+    terms["student parameters (sampling layout)"] = memory.per_device_bytes(resharded)
   merged = merged_projection_bytes(config, run_setup)
   if merged:
     terms["merged projections (sampling)"] = merged
@@ -251,7 +254,7 @@ def sampled_models(config, run_setup: Setup) -> list[tuple[str, int, int]]:
   uses = []
   if recipe.source == "teacher":
     uses.append(("teacher", rows, prompt))
-  elif recipe.source != "dataset":  # the student (GKD's coin samples it too)
+  elif rollouts_sample_student(recipe):
     uses.append(("student", rows, prompt))
   if config.eval.every:
     eval_rows = min(config.eval.batch_size, config.task.eval_size)
@@ -261,6 +264,21 @@ def sampled_models(config, run_setup: Setup) -> list[tuple[str, int, int]]:
       if name.partition("/")[0] == "teacher":
         uses.append((name, eval_rows, teacher_prompt))
   return uses
+
+
+def rollouts_sample_student(recipe) -> bool:
+  """Whether a recipe's rollouts sample the student (GKD's coin samples it on some steps)."""
+  return recipe.source not in ("dataset", "teacher")
+
+
+def resharded_student(config, run_setup: Setup):
+  """The student's abstract parameters as its rollouts sample them where `sampling.layout`
+  is not "train" (`Rollouts.sample` puts a copy in that layout beside the training
+  parameters), else None."""
+  if config.sampling.layout == "train" or not rollouts_sample_student(run_setup.recipe):
+    return None
+  rules = sharding.sampling_rules(run_setup.rules, config.sampling.layout)
+  return sharding.abstract_state(abstract_split(run_setup, "student")[1], run_setup.mesh, rules)
 
 
 def kv_cache_bytes(config, run_setup: Setup) -> int:
@@ -290,8 +308,9 @@ def merged_projection_bytes(config, run_setup: Setup) -> int:
   """Per-device bytes of the weights `generate` adds where the backend merges projections
   (`sampling.FUSE_PROJECTIONS`, `Decoder.fuse_projections`), for the largest model that
   samples: the merged q/k/v and gate/up kernels, and the matmul weights it casts to the
-  compute dtype. They are taken to be split over the devices as the model's parameters are,
-  on average. `sampling.fuse_projections` in the config decides, as it does for the run."""
+  compute dtype. They are taken to be split over the devices as the model's parameters are
+  where it samples, on average (the student's `sampling.layout` copy where its rollouts use
+  one). `sampling.fuse_projections` in the config decides, as it does for the run."""
   if not sampling.fuses_projections(sampling.FUSE_SETTINGS[config.sampling.fuse_projections]):
     return 0
 
@@ -310,7 +329,9 @@ def merged_projection_bytes(config, run_setup: Setup) -> int:
         if before.get(p) != (v.shape, v.dtype)
     )
     whole = sum(v.size * v.dtype.itemsize for v in jax.tree.leaves(state))
-    return math.ceil(added * memory.per_device_bytes(state) / whole)
+    laid_out = resharded_student(config, run_setup) if name == "student" else None
+    held = memory.per_device_bytes(state if laid_out is None else laid_out)
+    return math.ceil(added * max(held, memory.per_device_bytes(state)) / whole)
 
   return max((size(name) for name in {u[0] for u in sampled_models(config, run_setup)}), default=0)
 

@@ -23,6 +23,7 @@ from opdjax import (
     recipes,
     rollouts,
     sampling,
+    sharding,
     trainer,
 )
 from opdjax.errors import ConfigError
@@ -324,6 +325,47 @@ def test_memory_plan_kv_cache_is_what_generate_allocates_for_the_model_that_samp
     assert learner.merged_projection_bytes(config, run_setup) == 0
   config.sampling.fuse_projections = "on"
   assert learner.merged_projection_bytes(config, run_setup) == added
+
+
+def test_memory_plan_counts_the_copy_a_sampling_layout_holds(tmp_path):
+  """With `sampling.layout` other than "train" the rollouts sample from a copy of the
+  student in that layout, held beside the training parameters: the plan counts it at the
+  bytes one device holds of the copy `Rollouts.sample` makes, and the merged projections
+  at that copy's split. Recipes whose rollouts do not sample the student hold no copy."""
+  config = tiny("opd")
+  config.mesh.shape, config.mesh.axes = (8,), ("fsdp",)
+  student_cfg = build.setup(tiny("sft")).model_configs["student"]
+  checkpoint.write_model_config(tmp_path, student_cfg)  # the plan reads shapes only
+  config.teacher.checkpoint = str(tmp_path)
+  run_setup = build.setup(config)
+  terms = lambda: learner.shape_terms(config, run_setup)[0]
+  assert "student parameters (sampling layout)" not in terms()  # "train": no copy
+  params = nnx.state(Decoder(student_cfg, dtype=jnp.float32, rngs=nnx.Rngs(0)), nnx.Param)
+  params = sharding.place_state(params, run_setup.mesh, run_setup.rules)
+  on_device = lambda tree: sum(
+      s.data.nbytes
+      for x in jax.tree.leaves(tree)
+      for s in x.addressable_shards
+      if s.device == jax.devices()[0]
+  )
+  whole = sum(x.nbytes for x in jax.tree.leaves(params))
+  assert terms()["student parameters"] == on_device(params) < whole / 4  # split by FSDP
+  for layout in ("replicated", "tensor"):  # no tensor axis: "tensor" replicates too
+    config.sampling.layout = layout
+    rules = sharding.sampling_rules(run_setup.rules, layout)
+    copy = jax.device_put(params, sharding.state_shardings(params, run_setup.mesh, rules))
+    assert terms()["student parameters (sampling layout)"] == on_device(copy) == whole
+    with pytest.MonkeyPatch.context() as patch:
+      patch.setattr(sampling, "FUSE_PROJECTIONS", {jax.default_backend(): True})
+      replicated_merge = learner.merged_projection_bytes(config, run_setup)
+      config.sampling.layout = "train"
+      assert replicated_merge > 4 * learner.merged_projection_bytes(config, run_setup)
+  config.sampling.layout = "replicated"
+  config.recipe.name = "supervised_kd"  # trains on the dataset's answers: nothing sampled
+  assert (
+      "student parameters (sampling layout)"
+      not in learner.shape_terms(config, build.setup(config))[0]
+  )
 
 
 def test_three_axis_mesh_equals_one_device(teacher_dir, tmp_path, monkeypatch):
