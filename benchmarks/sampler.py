@@ -153,8 +153,8 @@ def time_transformers(directory, prompts, new_tokens, repeats, dtype):
 
 def add_decode_flags(parser: argparse.ArgumentParser) -> None:
   """The decode's backend settings as flags: the windows' two (`attention.MAX_DECODE_WINDOWS`
-  and `attention.WINDOWED_DECODE_MIN_BYTES`), `sampling.FUSE_PROJECTIONS` and
-  `attention.DECODE_KERNEL`."""
+  and `attention.WINDOWED_DECODE_MIN_BYTES`), `sampling.FUSE_PROJECTIONS`,
+  `sampling.UNROLL_LAYERS` and `attention.DECODE_KERNEL`."""
   parser.add_argument(
       "--max_decode_windows",
       type=int,
@@ -172,6 +172,12 @@ def add_decode_flags(parser: argparse.ArgumentParser) -> None:
       choices=["auto", "on", "off"],
       default="auto",
       help="decode with merged q/k/v and gate/up matmuls (auto: the backend's default)",
+  )
+  parser.add_argument(
+      "--unroll_layers",
+      choices=["auto", "on", "off"],
+      default="auto",
+      help="decode a scanned model with a module per layer (auto: the backend's default)",
   )
   parser.add_argument(
       "--decode_kernel",
@@ -193,12 +199,15 @@ def apply_decode_flags(args) -> dict:
     }
   if args.fuse_projections != "auto":
     sampling.FUSE_PROJECTIONS = {backend: args.fuse_projections == "on"}
+  if args.unroll_layers != "auto":
+    sampling.UNROLL_LAYERS = {backend: args.unroll_layers == "on"}
   if args.decode_kernel != "auto":
     attention.DECODE_KERNEL = {backend: args.decode_kernel}
   return dict(
       max_decode_windows=args.max_decode_windows,
       windowed_decode_min_bytes=attention.WINDOWED_DECODE_MIN_BYTES.get(backend, 0),
       fuse_projections=sampling.fuses_projections(),
+      unroll_layers=sampling.UNROLL_LAYERS.get(backend, False),
       decode_kernel=attention.decode_kernel(),
   )
 

@@ -229,9 +229,9 @@ def shape_terms(config, run_setup: Setup) -> tuple[dict[str, int], Callable]:
   resharded = resharded_student(config, run_setup)
   if resharded is not None:
     terms["student parameters (sampling layout)"] = memory.per_device_bytes(resharded)
-  merged = merged_projection_bytes(config, run_setup)
-  if merged:
-    terms["merged projections (sampling)"] = merged
+  copies = sampler_copy_bytes(config, run_setup)
+  if copies:
+    terms["weight copies (sampling)"] = copies
   step = make_train_step(
       graphdef,
       recipe,
@@ -304,28 +304,37 @@ def kv_cache_bytes(config, run_setup: Setup) -> int:
   return max((size(*use) for use in sampled_models(config, run_setup)), default=0)
 
 
-def merged_projection_bytes(config, run_setup: Setup) -> int:
-  """Per-device bytes of the weights `generate` adds where the backend merges projections
-  (`sampling.FUSE_PROJECTIONS`, `Decoder.fuse_projections`), for the largest model that
-  samples: the merged q/k/v and gate/up kernels, and the matmul weights it casts to the
-  compute dtype. They are taken to be split over the devices as the model's parameters are
-  where it samples, on average (the student's `sampling.layout` copy where its rollouts use
-  one). `sampling.fuse_projections` in the config decides, as it does for the run."""
-  if not sampling.fuses_projections(sampling.FUSE_SETTINGS[config.sampling.fuse_projections]):
-    return 0
+def sampler_copy_bytes(config, run_setup: Setup) -> int:
+  """Per-device bytes of the weights `generate` copies inside its jitted function, for the
+  largest model that samples: a scanned model's layers sliced out of the stack where the
+  backend unrolls them (`sampling.UNROLL_LAYERS`, `Decoder.unroll_layers`), and where it
+  merges projections (`sampling.fuse_projections` in the config, as for the run;
+  `Decoder.fuse_projections`) the merged q/k/v and gate/up kernels and the matmul weights
+  cast to the compute dtype. Every array the two make that the model did not hold counts
+  (an unrolled layer's separate q/k/v slices too, though a merged decode leaves them
+  unread). They are taken to be split over the devices as the model's parameters are where
+  it samples, on average (the student's `sampling.layout` copy where its rollouts use one).
+  """
+  fuse = sampling.fuses_projections(sampling.FUSE_SETTINGS[config.sampling.fuse_projections])
+  unroll = sampling.UNROLL_LAYERS.get(jax.default_backend(), False)
 
   def size(name):
+    if not fuse and not unroll:
+      return 0
     graphdef, state = abstract_split(run_setup, name)
 
-    def fuse(state):
+    def copy(state):
       model = nnx.merge(graphdef, state)
-      model.fuse_projections()
+      if unroll:
+        model.unroll_layers()
+      if fuse:
+        model.fuse_projections()
       return nnx.state(model, nnx.Param)
 
     before = {p: (v.shape, v.dtype) for p, v in nnx.to_flat_state(state)}
     added = sum(
         v.size * v.dtype.itemsize
-        for p, v in nnx.to_flat_state(jax.eval_shape(fuse, state))
+        for p, v in nnx.to_flat_state(jax.eval_shape(copy, state))
         if before.get(p) != (v.shape, v.dtype)
     )
     whole = sum(v.size * v.dtype.itemsize for v in jax.tree.leaves(state))

@@ -35,6 +35,10 @@ _MIN_BUCKET = 16
 # backend. On an H200 a batch-1 Qwen3-0.6B-shaped decode step took 1.54 ms merged against
 # 2.02 ms (`benchmarks/decode_fusion.py`; equal at batch 64).
 FUSE_PROJECTIONS = {"gpu": True}
+# Whether `generate` decodes a scanned model with one module per layer
+# (`Decoder.unroll_layers`), by backend. CPU: XLA copies each layer's weights out of the
+# stack in every decode step otherwise.
+UNROLL_LAYERS = {"cpu": True}
 # The config's `sampling.fuse_projections` names for `generate`'s `fuse_projections`.
 FUSE_SETTINGS = {"auto": None, "on": True, "off": False}
 _TOP_P_CANDIDATES = 256  # top-p looks for the nucleus among this many tokens first
@@ -227,6 +231,7 @@ def _shard_rows(cache: KVCache, rows, stacked: bool, tensor: bool) -> KVCache:
         "num_samples",
         "rows",
         "fuse",
+        "unroll",
         "kernel",
     ),
 )
@@ -245,9 +250,12 @@ def _generate_jit(
     num_samples: int,
     rows,
     fuse: bool,
+    unroll: bool,
     kernel: str,
 ):
   model = nnx.merge(graphdef, state)
+  if unroll:
+    model.unroll_layers()
   if fuse:
     model.fuse_projections()
   batch, prompt_len = prompt_tokens.shape
@@ -463,6 +471,7 @@ def generate(
       num_samples=num_samples,
       rows=rows,
       fuse=fuses_projections(fuse_projections),
+      unroll=model.scan_layers and UNROLL_LAYERS.get(jax.default_backend(), False),
       kernel=attention.decode_kernel(decode_kernel),
   )
   lengths, truncated = out.pop("lengths"), out.pop("truncated")

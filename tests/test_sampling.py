@@ -367,9 +367,15 @@ def test_top_p_prefilter_is_exact_on_a_large_vocabulary():
 
 
 @pytest.mark.parametrize("scan_layers", [False, True])
-def test_num_samples_shares_the_prefill_and_equals_repeated_prompts(model, scan_layers):
+def test_num_samples_shares_the_prefill_and_equals_repeated_prompts(
+    model, monkeypatch, scan_layers
+):
   """G samples per prompt from one prefill are the rows that repeating each prompt G times
-  gives with the same key (same draws, same log-probs), and a prompt's samples differ."""
+  gives with the same key (same draws, same log-probs), and a prompt's samples differ; a
+  scanned model's layer scan repeats its stacked cache's rows."""
+  from opdjax import sampling
+
+  monkeypatch.setattr(sampling, "UNROLL_LAYERS", {})  # an accelerator's default: the scan
   model = scanned(model) if scan_layers else model
   tokens, mask = mixed_prompts()
   shared = generate(model, tokens, mask, key=jax.random.key(3), max_new_tokens=6, num_samples=3)
@@ -412,12 +418,45 @@ def test_fused_projections_sample_what_the_separate_ones_do(model, monkeypatch):
     run(fuse_projections="yes")
 
 
+@pytest.mark.parametrize("unroll", [False, True])
+def test_a_scanned_model_samples_what_its_per_layer_model_samples(model, monkeypatch, unroll):
+  """A scanned model samples the tokens and log-probs of the same weights per layer,
+  whether `generate` decodes it with its layer scan or unrolls its layers into modules
+  first (`UNROLL_LAYERS`, a CPU's default); unrolled, its KV cache is per layer, and the
+  model passed in keeps its stacked layers."""
+  from opdjax import sampling
+  from opdjax.models.attention import KVCache
+
+  monkeypatch.setattr(sampling, "UNROLL_LAYERS", {jax.default_backend(): unroll})
+  stacked, create = [], KVCache.create
+
+  def recording(*args, **kwargs):
+    stacked.append(kwargs["stacked"])
+    return create(*args, **kwargs)
+
+  monkeypatch.setattr(KVCache, "create", staticmethod(recording))
+  tokens, mask = mixed_prompts()
+  run = lambda m: generate(  # 40 tokens: a bucket no other test compiles
+      m, tokens, mask, key=jax.random.key(5), max_new_tokens=40, sampling=NO_EOS, num_samples=2
+  )
+  layered, per_layer = scanned(model), run(model)
+  stacked.clear()
+  got = run(layered)
+  assert stacked == [not unroll]
+  assert layered.scan_layers
+  np.testing.assert_array_equal(got.tokens, per_layer.tokens)
+  np.testing.assert_allclose(got.model_logprobs, per_layer.model_logprobs, atol=1e-6)
+
+
 @pytest.mark.parametrize("scan_layers", [False, True])
-def test_the_pallas_decode_kernel_samples_what_xla_samples(model, scan_layers):
+def test_the_pallas_decode_kernel_samples_what_xla_samples(model, monkeypatch, scan_layers):
   """`decode_kernel="pallas"` moves each prompt's real tokens to the end of its slots (the
   mixed prompts have left and right padding and a hole) and attends over each row's range
   with the Pallas kernel (interpreted here): the same tokens and log-probs as the XLA
-  decode, with G samples a prompt, and a scanned model too."""
+  decode, with G samples a prompt, and a scanned model decoded by its layer scan too."""
+  from opdjax import sampling
+
+  monkeypatch.setattr(sampling, "UNROLL_LAYERS", {})  # a GPU's default: the layer scan
   model = scanned(model) if scan_layers else model
   tokens, mask = mixed_prompts()
   run = lambda kernel: generate(
@@ -437,13 +476,21 @@ def test_the_pallas_decode_kernel_samples_what_xla_samples(model, scan_layers):
     run("cuda")
 
 
-@pytest.mark.parametrize("scan_layers,fuse", [(False, False), (True, False), (False, True)])
-def test_sharded_prompts_give_batch_sharded_outputs_equal_to_one_device(model, scan_layers, fuse):
+@pytest.mark.parametrize(
+    "scan_layers,unroll,fuse",
+    [(False, False, False), (True, False, False), (True, True, False), (False, False, True)],
+)
+def test_sharded_prompts_give_batch_sharded_outputs_equal_to_one_device(
+    model, monkeypatch, scan_layers, unroll, fuse
+):
   """On a data x fsdp x tensor = (2, 2, 2) mesh with weights laid out by the partition rules,
   the sampler keeps the prompts' row sharding (KV cache included) and samples exactly
-  what one device samples, with the projections merged too (their key-value-head grouping
-  keeps a tensor shard's q, k and v together)."""
-  from opdjax import sharding
+  what one device samples: a scanned model decoded by its layer scan or unrolled (its
+  sharded stack sliced per layer), and with the projections merged (their key-value-head
+  grouping keeps a tensor shard's q, k and v together)."""
+  from opdjax import sampling, sharding
+
+  monkeypatch.setattr(sampling, "UNROLL_LAYERS", {jax.default_backend(): unroll})
 
   mesh = sharding.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"))
   graphdef, state = nnx.split(scanned(model) if scan_layers else model)

@@ -307,7 +307,7 @@ def test_memory_plan_kv_cache_is_what_generate_allocates_for_the_model_that_samp
   assert learner.memory_plan(config, run_setup).terms["KV cache (sampling)"] == max(allocated)
   student_rollout_kv = 8 * cache_slots(6, 4) * 2 * 2 * 2 * 16 * 4  # 2 layers, 2 KV heads
   assert max(allocated) > 8 * cache_slots(6, 4) * 3 * 2 * 4 * 16 * 4 > student_rollout_kv
-  assert "merged projections (sampling)" not in learner.memory_plan(config, run_setup).terms
+  assert "weight copies (sampling)" not in learner.memory_plan(config, run_setup).terms
   # Where the backend merges projections (a GPU), the plan counts the sampling teacher's
   # merged weights: the arrays `fuse_projections` adds (float32 throughout: no casts).
   teacher.fuse_projections()
@@ -319,12 +319,23 @@ def test_memory_plan_kv_cache_is_what_generate_allocates_for_the_model_that_samp
   )
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(sampling, "FUSE_PROJECTIONS", {jax.default_backend(): True})
-    assert learner.merged_projection_bytes(config, run_setup) == added
-    assert learner.memory_plan(config, run_setup).terms["merged projections (sampling)"] == added
+    assert learner.sampler_copy_bytes(config, run_setup) == added
+    assert learner.memory_plan(config, run_setup).terms["weight copies (sampling)"] == added
     config.sampling.fuse_projections = "off"  # the config overrides the backend's default
-    assert learner.merged_projection_bytes(config, run_setup) == 0
+    assert learner.sampler_copy_bytes(config, run_setup) == 0
   config.sampling.fuse_projections = "on"
-  assert learner.merged_projection_bytes(config, run_setup) == added
+  assert learner.sampler_copy_bytes(config, run_setup) == added
+  # A CPU unrolls a scanned model's layers to sample (`UNROLL_LAYERS`): a copy of them all.
+  config.sampling.fuse_projections = "off"
+  config.teacher.scan_layers = True
+  run_setup = build.setup(config)
+  layers = nnx.state(Decoder(big, dtype=jnp.float32, rngs=nnx.Rngs(0)).layers, nnx.Param)
+  assert learner.sampler_copy_bytes(config, run_setup) == sum(
+      x.nbytes for x in jax.tree.leaves(layers)
+  )
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(sampling, "UNROLL_LAYERS", {jax.default_backend(): False})
+    assert learner.sampler_copy_bytes(config, run_setup) == 0
 
 
 def test_memory_plan_counts_the_copy_a_sampling_layout_holds(tmp_path):
@@ -357,9 +368,9 @@ def test_memory_plan_counts_the_copy_a_sampling_layout_holds(tmp_path):
     assert terms()["student parameters (sampling layout)"] == on_device(copy) == whole
     with pytest.MonkeyPatch.context() as patch:
       patch.setattr(sampling, "FUSE_PROJECTIONS", {jax.default_backend(): True})
-      replicated_merge = learner.merged_projection_bytes(config, run_setup)
+      replicated_merge = learner.sampler_copy_bytes(config, run_setup)
       config.sampling.layout = "train"
-      assert replicated_merge > 4 * learner.merged_projection_bytes(config, run_setup)
+      assert replicated_merge > 4 * learner.sampler_copy_bytes(config, run_setup)
   config.sampling.layout = "replicated"
   config.recipe.name = "supervised_kd"  # trains on the dataset's answers: nothing sampled
   assert (
