@@ -393,7 +393,9 @@ def generate(
   """Samples up to `max_new_tokens` completion tokens for every prompt row.
 
   Args:
-    model: an `opdjax.models.Decoder` (any dtype; logits and log-probs are float32).
+    model: an `opdjax.models.Decoder` (any dtype; logits and log-probs are float32). A
+      scanned model is decoded by its layer scan, or on a backend in `UNROLL_LAYERS` (a
+      CPU) with its layers sliced out of the stack once (`Decoder.unroll_layers`).
     prompt_tokens: `[B, P]` int ids, left- or right-padded (or with holes).
     prompt_mask: `[B, P]` bool/0-1, True on real prompt tokens; every row needs at least one.
     key: a `jax.random` key; the same key gives the same output.
