@@ -7,7 +7,7 @@
 # the smaller of its own limit and what is left, and is skipped under 20 s, so a lease's
 # limit never cuts a run off unannounced:
 #
-#     OUT=/tmp/gpu BUDGET=560 PARTS="decode_fused decode_flags decode_profile sampler_grid" bash benchmarks/gpu_session.sh
+#     OUT=/tmp/gpu BUDGET=560 PARTS="decode_fused decode_scanned fused_f32 decode_flags" bash benchmarks/gpu_session.sh
 #
 # A machine with jax[cuda] and torch but without the pure-Python dependencies and no index
 # to install them from takes them as wheels fetched beforehand (Python 3.12 here):
@@ -21,7 +21,7 @@
 set -u
 OUT=${OUT:-benchmarks/results/gpu}
 BUDGET=${BUDGET:-100000}
-PARTS=${PARTS:-"decode_fused fused opd_step opd_vs_trl opd_vs_trl_scanned first_step first_step_flags rollout_ahead sampler sampler_grid decode_flags decode_compare decode_profile decode_long fused_sweep compile_depth sampler_large cli"}
+PARTS=${PARTS:-"decode_fused decode_scanned fused opd_step opd_vs_trl opd_vs_trl_scanned first_step first_step_flags rollout_ahead sampler sampler_grid decode_flags decode_compare decode_profile decode_long fused_sweep compile_depth sampler_large cli"}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-}:$PWD
 log() { echo "=== $(date +%T) $*"; }
@@ -142,6 +142,15 @@ part_decode_fused() {
     --out "$OUT/decode_fusion.jsonl"
   budget 60 python3 benchmarks/decode_fusion.py --batch 64 --dtype bfloat16 --repeats 3 \
     --projections merged --attention einsum pallas --out "$OUT/decode_fusion.jsonl"
+}
+part_decode_scanned() {
+  log "decode, Qwen3-0.6B shape, bfloat16, scanned layers: the layer scan or unrolled (sampling.UNROLL_LAYERS, on for a CPU)"
+  for run in "1 off" "1 on" "64 off" "64 on"; do
+    read -r batch unroll <<<"$run"
+    XLA_PYTHON_CLIENT_MEM_FRACTION=.45 budget 60 python3 benchmarks/sampler.py --models qwen3-0.6b \
+      --dtype bfloat16 --batches $batch --new_tokens 128 --repeats 3 --no_transformers \
+      --scan_layers --unroll_layers $unroll --out "$OUT/decode_scanned.jsonl"
+  done
 }
 part_decode_long() {
   log "decode, Qwen3-0.6B shape, bfloat16, batch 64, 1,024 new tokens (a 272 MB layer cache): windows or not"
