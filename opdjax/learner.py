@@ -317,10 +317,10 @@ def sampler_copy_bytes(config, run_setup: Setup) -> int:
   """
   fuse = sampling.fuses_projections(sampling.FUSE_SETTINGS[config.sampling.fuse_projections])
   unroll = sampling.UNROLL_LAYERS.get(jax.default_backend(), False)
+  if not fuse and not unroll:
+    return 0
 
   def size(name):
-    if not fuse and not unroll:
-      return 0
     graphdef, state = abstract_split(run_setup, name)
 
     def copy(state):
