@@ -20,7 +20,7 @@ import dataclasses
 import json
 import os
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import orbax.checkpoint as ocp
@@ -46,6 +46,16 @@ def resolve(workdir: str | os.PathLike) -> epath.Path:
 def abstract_like(tree):
   """`ShapeDtypeStruct`s with the shardings of `tree` (the restore target)."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+class Restored(NamedTuple):
+  """One checkpoint, read back."""
+
+  step: int  # the number of updates it holds
+  params: Any  # the student's parameters
+  opt_state: Any  # the optimizer's state
+  meta: dict  # JSON: the data iterator's state, the seed
+  extra: dict  # {name: tree}: extra state a recipe saves (the EMA teacher's weights)
 
 
 class Checkpointer:
@@ -82,9 +92,9 @@ class Checkpointer:
     if not self.async_save:
       self.manager.wait_until_finished()
 
-  def restore(self, step: int, params, opt_state, extra=None):
-    """Restores into the structure and shardings of the given (freshly built) trees:
-    `(params, opt_state, meta, extra)`."""
+  def restore(self, step: int, params, opt_state, extra=None) -> Restored:
+    """Restores step `step` into the structure and shardings of the given (freshly built or
+    abstract) trees."""
     extra = extra or {}
     restored = self.manager.restore(
         step,
@@ -95,21 +105,22 @@ class Checkpointer:
             **{name: ocp.args.StandardRestore(abstract_like(tree)) for name, tree in extra.items()},
         ),
     )
-    return (
-        restored["params"],
-        restored["opt_state"],
-        restored["meta"],
-        {name: restored[name] for name in extra},
+    return Restored(
+        step=step,
+        params=restored["params"],
+        opt_state=restored["opt_state"],
+        meta=restored["meta"],
+        extra={name: restored[name] for name in extra},
     )
 
-  def restore_latest(self, params, opt_state, extra=None):
-    """`(step, params, opt_state, meta, extra)` of the newest checkpoint that restores, or
-    None if there is none. A newer one that fails to restore is reported and deleted."""
+  def restore_latest(self, params, opt_state, extra=None) -> Restored | None:
+    """The newest checkpoint that restores, or None if there is none. A newer one that fails
+    to restore is reported and deleted."""
     steps = sorted(self.manager.all_steps(), reverse=True)
     distributed.same_on_every_process(len(steps), "the number of checkpoints")
     for step in steps:
       try:
-        return (step, *self.restore(step, params, opt_state, extra))
+        return self.restore(step, params, opt_state, extra)
       except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: fall back
         older = [s for s in steps if s < step]
         if not older:

@@ -119,7 +119,7 @@ def _run(config, workdir, *, quiet: bool, compile_clock: metrics.CompileClock) -
       abstract_optimizer_state(tx, abstract_params, mesh),
       {"ema": abstract_params} if keeps_ema else {},
   )
-  if restored and restored[0] >= config.train.steps:
+  if restored and restored.step >= config.train.steps:
     ckpt.close()
     return report(workdir, recipe.name, quiet=quiet or not main_process)
   # Compiled in a thread while the models are built and the first rollout is sampled.
@@ -170,8 +170,15 @@ def _run(config, workdir, *, quiet: bool, compile_clock: metrics.CompileClock) -
   writer = metrics.Writer(workdir, tensorboard=config.train.tensorboard, enabled=main_process)
   start = 0
   if restored:
-    start, params, opt_state, meta, extra = restored
-    data.set_state(meta["data_state"])  # a position in the global stream: one for all processes
+    start, params, opt_state, extra = (
+        restored.step,
+        restored.params,
+        restored.opt_state,
+        restored.extra,
+    )
+    data.set_state(
+        restored.meta["data_state"]
+    )  # a position in the global stream: one for all processes
   # Lines past the checkpoint are redone; a run that stopped before its first has none to keep.
   writer.truncate_after(start if restored else -1)
   total = config.train.steps

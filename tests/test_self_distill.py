@@ -193,9 +193,10 @@ def _ema_and_params(workdir, config):
   abstract = nnx.state(Decoder(checkpoint.read_model_config(workdir), rngs=nnx.Rngs(0)))
   ckpt = checkpoint.Checkpointer(workdir)
   step = ckpt.latest_step()
-  params, _, _, extra = ckpt.restore(
+  restored = ckpt.restore(
       step, abstract, learner.make_optimizer(config).init(abstract), {"ema": abstract}
   )
+  params, extra = restored.params, restored.extra
   ckpt.close()
   flat = lambda tree: {str(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(tree)}
   return flat(params), flat(extra["ema"])
