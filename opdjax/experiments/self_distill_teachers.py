@@ -28,22 +28,23 @@ updates ≈ 6); `:tiny` ≈ 30 seconds.
     python -m opdjax.train --exp self_distill_teachers
     python -m opdjax.train --exp self_distill_teachers:tiny
 
-Result (2-core CPU; `python -m opdjax.train --exp self_distill_teachers`, the methods 6 min
-4 s on a warm start trained by an earlier invocation with the same config;
-experiments/results/self_distill_teachers.{json,png}). The warm start solves 0.164 of the
+Result (2-core CPU; `python -m opdjax.train --exp self_distill_teachers`, 4 min 29 s from an
+empty workdir; experiments/results/self_distill_teachers.{json,png}). The warm start solves 0.164 of the
 plain held-out prompts and 1.000 when the answer is in its prompt, so the teacher is an
 oracle on correct prefixes. 200 updates at lr 1e-3, JSD(0.5), 3 seeds:
 
     teacher       greedy accuracy  sampled accuracy  drop from best  final drift KL
     trust_region  0.128 ± 0.015    0.096 ± 0.022        0.036          0.104
     frozen        0.117 ± 0.006    0.091 ± 0.024        0.047          0.098
-    ema           0.117 ± 0.011    0.091 ± 0.019        0.047          0.001
+    ema           0.115 ± 0.010    0.091 ± 0.019        0.049          0.001
     current       0.094 ± 0.013    0.091 ± 0.019        0.070          0
 
 Verdict: the claim's order is not reproduced, and no mode helps at this scale. Every mode
 first drops the student's greedy accuracy (0.164 → ~0.07 after 25 updates) and recovers only
-part of it in 200; trust-region ends highest, frozen and EMA tie, current ends lowest
-(beyond one std of the others). The frozen teacher does not collapse late: it recovers like
+part of it in 200; trust-region ends highest, frozen and EMA are within one std, current ends lowest
+(beyond one std of the others). (An earlier run, before the JSD's gradient took its closed
+form, equal up to float32 rounding, gave EMA 0.117 ± 0.011 and the rest to every digit.)
+The frozen teacher does not collapse late: it recovers like
 the rest. With lr 1e-4 (a first run) no mode moved the student at all (all within 0.01 of
 each other, drift KL < 1e-3), and with reverse KL instead of JSD (one seed, frozen and
 current) the student also ended below its start (0.078 and 0.102). An oracle on correct
