@@ -19,20 +19,22 @@ Time on a 2-core CPU: full ≈ 4 minutes (teacher and warm start ≈ 2½, 2 meth
     python -m opdjax.train --exp grpo_plus_opd
     python -m opdjax.train --exp grpo_plus_opd:tiny
 
-Result (2-core CPU, 3 min 44 s, `python -m opdjax.train --exp grpo_plus_opd`;
+Result (2-core CPU, 2 min 49 s, `python -m opdjax.train --exp grpo_plus_opd`;
 experiments/results/grpo_plus_opd.{json,png}). Teacher 0.688, warm start 0.531; 16 prompts
 × 4 samples per update, 150 updates, `opd_weight` 1, 3 seeds; mean held-out greedy accuracy
 at each evaluation:
 
     update       0      25     50     75     100    125    150 (± std)
-    grpo       0.531  0.391  0.365  0.427  0.482  0.565  0.578 ± 0.046
-    grpo_opd   0.531  0.424  0.487  0.479  0.419  0.505  0.529 ± 0.036
+    grpo       0.531  0.391  0.365  0.427  0.484  0.557  0.583 ± 0.048
+    grpo_opd   0.531  0.424  0.510  0.443  0.484  0.526  0.557 ± 0.015
 
 Verdict: not supported at this scale. Both dip after the first updates (the fresh-optimizer
-dip of the other experiments); GRPO+OPD dips less and is ahead until update 75 (0.487 against
-0.365 at 50), and it stays closer to the teacher throughout (sequence reverse KL 1.76 against
-2.12 at the end). But GRPO recovers faster and ends higher (0.578 ± 0.046 against
-0.529 ± 0.036, beyond one std); GRPO+OPD never reaches GRPO's final accuracy, and its gradient
+dip of the other experiments); GRPO+OPD dips less and is ahead until update 75 (0.510 against
+0.365 at 50), and it stays closer to the teacher throughout (sequence reverse KL 1.93 against
+2.16 at the end). But GRPO recovers faster and ends higher (0.583 ± 0.048 against
+0.557 ± 0.015, within one std; an earlier run, before the sampled loss's backward was
+reorganised, the same sums in another order: 0.578 ± 0.046 against 0.529 ± 0.036, beyond
+it); GRPO+OPD never reaches GRPO's final accuracy, and its gradient
 norms are 5× GRPO's (50 against 9, both clipped to 1). With a 0.688 teacher the dense signal
 pulls toward a policy that is itself wrong a third of the time, while the verifier's reward
 does not.
