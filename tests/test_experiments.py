@@ -275,6 +275,23 @@ def test_grpo_rewards_verdict_needs_a_better_student_not_only_a_denser_signal():
   assert "does not give more groups" in neither and "not supported" in neither
 
 
+def test_grpo_plus_opd_verdict_needs_grpo_opd_to_reach_grpo_sooner():
+  from opdjax.experiments.grpo_plus_opd import verdict
+
+  acc = lambda mean, std: {"accuracy_greedy": {"mean": mean, "std": std}}
+  never = verdict({"grpo": acc(0.583, 0.048), "grpo_opd": acc(0.557, 0.015)}, None, 150)
+  assert never == (
+      "Final held-out greedy accuracy: GRPO 0.583 ± 0.048, GRPO+OPD 0.557 ± 0.015 (-0.026, "
+      "within one std). GRPO+OPD never reaches GRPO's final accuracy. The claim is not "
+      "supported at this scale."
+  )
+  sooner = verdict({"grpo": acc(0.5, 0.02), "grpo_opd": acc(0.56, 0.02)}, 75, 150)
+  assert "reaches GRPO's final accuracy at update 75 of 150" in sooner
+  assert "(+0.060, beyond one std)" in sooner and "The claim holds" in sooner
+  at_the_end = verdict({"grpo": acc(0.5, 0.02), "grpo_opd": acc(0.5, 0.02)}, 150, 150)
+  assert "is not supported" in at_the_end
+
+
 def test_updates_to_reach_is_the_first_evaluation_at_the_target():
   from opdjax.experiments.grpo_plus_opd import updates_to_reach
 

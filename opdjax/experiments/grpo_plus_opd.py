@@ -87,8 +87,12 @@ def verdict(methods: dict[str, dict], reached: int | None, total: int) -> str:
   return (
       f"Final held-out greedy accuracy: GRPO {metrics.mean_std_text(acc('grpo'))},"
       f" GRPO+OPD {metrics.mean_std_text(acc('grpo_opd'))} ({gap:+.3f}, "
-      f"{'beyond' if abs(gap) > spread else 'within'} one std). GRPO+OPD reaches GRPO's final "
-      + (f"accuracy at update {reached} of {total}" if reached is not None else "accuracy never")
+      f"{'beyond' if abs(gap) > spread else 'within'} one std). GRPO+OPD "
+      + (
+          f"reaches GRPO's final accuracy at update {reached} of {total}"
+          if reached is not None
+          else "never reaches GRPO's final accuracy"
+      )
       + f". The claim {'holds' if faster and gap > -spread else 'is not supported'} at this scale."
   )
 
