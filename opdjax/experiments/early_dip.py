@@ -59,27 +59,29 @@ separate "Adam" from "too large a step"). In `exopd_reward_correction`, with a 0
 the same rate showed no dip: a stronger teacher's targets are closer to the warm start's
 correct answers.
 
-Result on the chain (2-core CPU; the variants 4 min 36 s, `python -m opdjax.train --exp
-early_dip:modular_chain`, on the teacher and warm start of `compare_objectives`' run, which
-have the same configs; experiments/results/early_dip_modular_chain.{json,png}). Warm start:
+Result on the chain (2-core CPU, `python -m opdjax.train --exp early_dip:modular_chain`: 10
+min 31 s from an empty workdir, the variants alone 4 min 36 s on the teacher and warm start
+of `compare_objectives`' run, which have the same configs; experiments/results/early_dip_modular_chain.{json,png}). Warm start:
 step credit 0.141, sequence reverse KL 52.0; mean curves over 3 seeds, 60 updates:
 
     variant        KL rise   credit dip  final step credit  final seq. reverse KL
-    adam           +15.5     0.074       0.098 ± 0.006       52.2 ± 2.5
-    adam_lr_third    0       0.045       0.102 ± 0.001       48.5 ± 0.8
-    adam_warmup50   +9.3     0.055       0.086 ± 0.009       60.5 ± 0.4
-    sgd_matched   +103.1     0.129       0.015 ± 0.003      133.0 ± 6.1
-    adam_batch8    +53.4     0.097       0.047 ± 0.004      105.4 ± 6.4
+    adam           +18.0     0.067       0.098 ± 0.007       52.7 ± 4.8
+    adam_lr_third    0       0.045       0.102 ± 0.002       47.7 ± 0.7
+    adam_warmup50   +4.9     0.052       0.089 ± 0.013       53.9 ± 1.4
+    sgd_matched   +103.0     0.131       0.012 ± 0.006      124.2 ± 1.8
+    adam_batch8    +60.1     0.108       0.040 ± 0.010      101.0 ± 10.6
 
 Verdict on the chain: the KL rise is the step size and the gradient noise. A third of the
-rate removes it (the KL falls from the first evaluation, 52.0 → 48.5), 50 warm-up steps
-shrink it and move it later, and a quarter of the batch makes it 3.4× larger and does not
+rate removes it (the KL falls from the first evaluation, 52.0 → 47.7), 50 warm-up steps
+shrink it and move it later, and a quarter of the batch makes it 3.3× larger and does not
 recover in 60 updates: with the sampled estimator on 24-token answers, fewer tokens per
 update do matter here, unlike on addition's full-vocabulary loss. Plain SGD at the norm of
 Adam's sign-like steps is far worse (KL 52 → 155), so Adam's per-coordinate scaling is not
 what causes the rise; steps of that size along the raw gradient are more harmful still.
-No variant keeps the warm start's step credit: every one first drops it (to 0.087-0.109
-for Adam) and none is back at 0.141 after 60 updates.
+No variant keeps the warm start's step credit: every one first drops it and none is back
+at 0.141 after 60 updates. An earlier run of the same configuration, before the sampled
+loss's backward was reorganised (the same sums in another order), gave the same picture
+with other digits: rises of +15.5, 0, +9.3, +103.1 and +53.4 in the order of the table.
 """
 
 from __future__ import annotations

@@ -62,29 +62,34 @@ experiment's training half does not run it (its teacher and warm start alone tak
 minutes).
 
 On the long-horizon task (2-core CPU, `python -m opdjax.train --exp
-gamma_variance:modular_chain`: 6 min 23 s on `compare_objectives`' teacher and warm start,
-which have the same configs; experiments/results/gamma_variance_modular_chain.{json,png}).
+gamma_variance:modular_chain`: 11 min 43 s from an empty workdir, 6 min 23 s on
+`compare_objectives`' teacher and warm start, which have the same configs; experiments/results/gamma_variance_modular_chain.{json,png}).
 64 rollouts of 64 held-out prompts at the warm start (teacher 1.000 held-out greedy
 accuracy); training: 100 updates at lr 1e-3, batch 32, 3 seeds, mean ± std:
 
     γ    grad variance  SNR    cos to full  step credit    seq. rev. KL  token rev. KL  length  KL rise
-    0        23.3      0.059     0.884     0.099 ± 0.010   50.3 ± 3.1     2.08          24.0    +16
-    0.5      33.4      0.053     0.846     0.099 ± 0.011   57.3 ± 4.1     2.39          24.0    +27
-    0.9     186.6      0.025     0.597     0.011 ± 0.003   21.9 ± 4.5    11.85           1.9   +106
-    1       578.9      0.018     0.392     0.007 ± 0.003   25.8 ± 0.9    12.85           2.0     +8
+    0        23.3      0.059     0.884     0.101 ± 0.012   50.6 ± 1.1     2.13          24.0    +11
+    0.5      33.4      0.053     0.846     0.082 ± 0.010   61.7 ± 2.3     2.56          24.0    +30
+    0.9     186.6      0.025     0.597     0.009 ± 0.003   22.5 ± 4.0    12.48           1.8    +54
+    1       578.9      0.018     0.392     0.008 ± 0.006   56.3 ± 48.5   10.76           8.6     +6
     full-vocabulary reverse KL: variance 2.87 (8× below the sampled estimator at γ = 0)
 
 Verdict there: both halves hold. The variance rises 25× from γ = 0 to 1 (against 12% on
 addition) and one batch's signal-to-noise falls 3×; the mean gradient turns away from the
 per-token one (cosine 0.88 → 0.39), since γ > 0 targets the sequence-level KL. In training,
-γ = 0 ties with 0.5 in step credit (0.099) and ends closer to the teacher (sequence reverse
-KL 50.3 ± 3.1 against 57.3 ± 4.1), and γ ≥ 0.9 collapses: those students stop
+γ = 0 ends with the highest step credit (0.101 ± 0.012 against 0.082 ± 0.010 at γ = 0.5,
+beyond one std) and closest to the teacher (sequence reverse KL 50.6 ± 1.1 against 61.7 ±
+2.3), and γ ≥ 0.9 collapses: every γ = 0.9 student and two of the three at γ = 1 stop
 after about 2 tokens (EOS where the chain should go on), because a sequence-level return
-rewards a completion with fewer log-ratios to sum. That lowers their sequence reverse KL
-(22-26 against 50) while the per-token KL rises 6× and step credit falls to 0.01, so the
-sequence KL alone would rank them best: the completion length is reported for this
-reason. γ = 0 also has the smallest early KL rise of the two that do not collapse. (An
-earlier variance-only run with the 1200-step teacher gave the same trend: 34.5 → 810, 23×.)
+rewards a completion with fewer log-ratios to sum; the third γ = 1 student keeps its length
+(22 tokens) but ends far from the teacher (sequence KL 125). Stopping lowers the sequence
+reverse KL (17-27 against 50) while the per-token KL rises ~6× and step credit falls to
+0.01, so the sequence KL alone would rank those students best: the completion length is
+reported for this reason. γ = 0 also has the smallest early KL rise of the two that do not
+collapse. An earlier run of the same configuration, before the sampled loss's backward was
+reorganised (the same sums in another order), had γ = 0 and 0.5 level (0.099) and all six
+γ ≥ 0.9 students stopping early; the variance half is the same to every digit. (An earlier
+variance-only run with the 1200-step teacher gave the same trend: 34.5 → 810, 23×.)
 """
 
 from __future__ import annotations
