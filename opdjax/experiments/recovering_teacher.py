@@ -32,15 +32,15 @@ the diagnostics ½; the same numbers as the result below); `:tiny` ≈ 30 second
     python -m opdjax.train --exp recovering_teacher
     python -m opdjax.train --exp recovering_teacher:tiny
 
-Result (2-core CPU; `python -m opdjax.train --exp recovering_teacher`, 7 min 1 s on the
-teacher and warm start of `compare_objectives`' run and its own earlier consistent-teacher
-runs, which have the same configs; experiments/results/recovering_teacher.{json,png}).
+Result (2-core CPU; `python -m opdjax.train --exp recovering_teacher`, 14 min 3 s from an
+empty workdir, 7 min 1 s on the teacher and warm start of `compare_objectives`' run and its
+own earlier consistent-teacher runs, which have the same configs; experiments/results/recovering_teacher.{json,png}).
 256 held-out prefixes with a wrong last value; OPD runs mean ± std over 3 seeds after 200
 updates (warm start: step credit 0.141):
 
     teacher      clean acc  after a mistake: continues / returns / entropy  student credit  KL rise
-    consistent   1.000      1.000 / 0.000 / 0.008                            0.102 ± 0.003   +29.9 (52.0 → 82.0)
-    recovering   0.938      0.664 / 0.195 / 0.993                            0.102 ± 0.003    +6.2 (20.2 → 26.4)
+    consistent   1.000      1.000 / 0.000 / 0.008                            0.108 ± 0.005   +11.4 (52.0 → 63.4)
+    recovering   0.938      0.664 / 0.195 / 0.993                            0.104 ± 0.000    +5.3 (20.2 → 25.5)
 
 Verdict: no test of the claim at this budget: the fine-tuned teacher did not learn to
 recover. It returns to the true chain after 20% of mistakes and still continues from the
@@ -49,10 +49,13 @@ some clean accuracy (0.938). The first try (300 updates at 1e-3 on half corrupte
 problems) returned after 5%. Only the first answer token after the wrong value differs from
 the rule the teacher already follows, so the recovery signal is a small share of the loss;
 learning it needs more updates (or a teacher trained on the mix from the start) than a
-20-minute run leaves. What the runs do show: the student's step credit is the same with
-either teacher (0.102 ± 0.003 both; 0.122 ± 0.002 with the first try's teacher), and the
-reverse KL to the less confident teacher rises far less early on (+6 against +30; KLs to
-different teachers, so only their shapes compare).
+20-minute run leaves. What the runs do show: the student's step credit is about the same with
+either teacher (0.108 ± 0.005 and 0.104 ± 0.000; 0.122 ± 0.002 with the first try's
+teacher), and the reverse KL to the less confident teacher rises less early on (+5 against
++11; KLs to different teachers, so only their shapes compare). An earlier run of the same
+configuration, before the sampled loss's backward was reorganised (the same sums in another
+order), gave 0.102 ± 0.003 with both teachers and rises of +6 against +30; the teachers'
+own numbers are the same to every digit.
 """
 
 from __future__ import annotations
