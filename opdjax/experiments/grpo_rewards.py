@@ -16,8 +16,9 @@ held-out greedy accuracy and step credit, the mean training reward, and `zero_st
 the fraction of groups whose samples all got the same reward (they teach nothing).
 
 Results go to `grpo_rewards.{json,png}`; `experiments/results/` holds the measured ones.
-Time on a 2-core CPU: full 9 min 11 s from an empty workdir (measured, one command; warm
-start 3½, 2 rewards × 3 seeds × 200 updates 5½); `:tiny` ≈ 20 seconds.
+Time on a 2-core CPU: full 6 min 42 s from an empty workdir in the committed run (9 min 11 s
+in an earlier one; warm start about two fifths of it, 2 rewards × 3 seeds × 200 updates the
+rest); `:tiny` ≈ 20 seconds.
 
     python -m opdjax.train --exp grpo_rewards
     python -m opdjax.train --exp grpo_rewards:tiny
@@ -30,13 +31,13 @@ end (mean ± std), the gradient norm the largest before clipping:
 
     reward       groups without signal  training reward  step credit      greedy accuracy  max grad norm
     exact        0.997                  0.001            0.095 ± 0.005    0.000 ± 0.000    0.095
-    step_credit  0.179                  0.100            0.101 ± 0.009    0.005 ± 0.004    1.52
+    step_credit  0.179                  0.100            0.101 ± 0.009    0.005 ± 0.004    1.51
 
 Verdict: the premise holds and the claim is not supported at this scale. With exact match
 99.7% of the groups are all wrong and teach nothing; with step credit 18% are uniform. But
 neither run keeps the warm start's held-out step credit: both fall within 25 updates
 (0.126 → 0.107–0.109) and end within one std of each other, and step credit's own
-training reward stays flat (0.088 at the first logged step, 0.099 at the last, inside its
+training reward stays flat (0.088 at the first logged step, 0.100 at the last, inside its
 step-to-step noise). The exact-match run falls although only about one update in twenty
 has a group with a signal: Adam normalises the gradient, so those few groups still move
 the weights at the full rate (the step-size dip `early_dip` diagnosed). A denser reward is
