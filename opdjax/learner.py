@@ -338,9 +338,11 @@ def sampler_copy_bytes(config, run_setup: Setup) -> int:
         if before.get(p) != (v.shape, v.dtype)
     )
     whole = sum(v.size * v.dtype.itemsize for v in jax.tree.leaves(state))
+    held = memory.per_device_bytes(state)
     laid_out = resharded_student(config, run_setup) if name == "student" else None
-    held = memory.per_device_bytes(state if laid_out is None else laid_out)
-    return math.ceil(added * max(held, memory.per_device_bytes(state)) / whole)
+    if laid_out is not None:  # split as the sampling layout's copy, if that holds more
+      held = max(held, memory.per_device_bytes(laid_out))
+    return math.ceil(added * held / whole)
 
   return max((size(name) for name in {u[0] for u in sampled_models(config, run_setup)}), default=0)
 

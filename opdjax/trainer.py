@@ -168,17 +168,11 @@ def _run(config, workdir, *, quiet: bool, compile_clock: metrics.CompileClock) -
       )
   )
   writer = metrics.Writer(workdir, tensorboard=config.train.tensorboard, enabled=main_process)
-  start = 0
+  start = restored.step if restored else 0
   if restored:
-    start, params, opt_state, extra = (
-        restored.step,
-        restored.params,
-        restored.opt_state,
-        restored.extra,
-    )
-    data.set_state(
-        restored.meta["data_state"]
-    )  # a position in the global stream: one for all processes
+    params, opt_state, extra = restored.params, restored.opt_state, restored.extra
+    # A position in the global stream: one for all processes.
+    data.set_state(restored.meta["data_state"])
   # Lines past the checkpoint are redone; a run that stopped before its first has none to keep.
   writer.truncate_after(start if restored else -1)
   total = config.train.steps
