@@ -59,6 +59,14 @@ MODEL_PRESETS = {
 
 
 ASYNC_CHECKPOINTING = ("auto", "on", "off")
+SCAN_LAYERS = ("auto", "on", "off")
+# `scan_layers="auto"` stacks the layers of a model this deep or deeper. Per-layer programs
+# grow with depth and a scan's do not: the gradient of a hidden-256 model lowers and
+# compiles in 1.7 s per-layer against 2.1 s scanned at 8 layers, 2.7 s against 2.1 s at 16
+# and 4.0 s against 2.1 s at 28 on a 2-core CPU (`benchmarks/compile_depth.py`). The
+# synthetic experiments' presets (2–3 layers) stay per-layer: their committed results were
+# computed so, and a scan reproduces them only to float32 rounding.
+SCAN_LAYERS_FROM = 16
 
 
 def dtype_of(name: str):
@@ -156,7 +164,7 @@ def build_model(
   Parameters are stored in the section's `param_dtype` and computed in its `dtype`, with
   its layer layout (`scan_layers`, `remat`); a checkpoint saved in the other layer layout is
   converted on restore. Parameters are laid out on `mesh` by the partition `rules`."""
-  kwargs = model_kwargs(model_config, mesh)
+  kwargs = model_kwargs(model_config, config_of, mesh)
   if model_config.hf_path:
     model, _ = load_pretrained(model_config.hf_path, rules=rules, with_tokenizer=False, **kwargs)
     return model
@@ -441,6 +449,8 @@ def setup(config) -> Setup:
     for role, _ in recipe.self_teacher.weights:
       sections[role] = config.student
   model_configs = {role: model_config_of(section, tokenizer) for role, section in sections.items()}
+  for role, section in sections.items():
+    scans_layers(section, model_configs[role], role=role)  # a bad setting fails before a build
   validate(config, recipe, mesh, model_configs)
   return Setup(recipe, tokenizer, mesh, rules, sections, model_configs, routes)
 
@@ -467,12 +477,24 @@ def members(run_setup: "Setup", role: str) -> list[str]:
   return [role]
 
 
-def model_kwargs(section, mesh) -> dict:
+def scans_layers(section, model_config: ModelConfig, *, role: str = "student") -> bool:
+  """Whether the model of config `section` (role `role`, named in the error) stacks its
+  layers in one scan: `scan_layers` is "on", or "auto" and the model has at least
+  `SCAN_LAYERS_FROM` layers."""
+  setting = section.get("scan_layers", "auto")
+  if setting not in SCAN_LAYERS:
+    field = role.replace("teacher/", "teachers.") + ".scan_layers"
+    raise ConfigError(f"{field} must be one of {SCAN_LAYERS}, got {setting!r}")
+  return setting == "on" or (setting == "auto" and model_config.num_layers >= SCAN_LAYERS_FROM)
+
+
+def model_kwargs(section, model_config: ModelConfig, mesh) -> dict:
+  """`Decoder`'s keyword arguments for the model of config `section`."""
   return dict(
       dtype=dtype_of(section.dtype),
       param_dtype=dtype_of(section.param_dtype),
       attention=section.attention,
-      scan_layers=bool(section.get("scan_layers", False)),
+      scan_layers=scans_layers(section, model_config),
       remat=section.get("remat", "none"),
       mesh=mesh,  # where "splash" attention runs its shard_map
   )
@@ -490,7 +512,9 @@ def format_layout(run_setup: Setup) -> str:
   _, state = nnx.split(
       abstract_model(
           run_setup.model_configs["student"],
-          **model_kwargs(run_setup.sections["student"], run_setup.mesh),
+          **model_kwargs(
+              run_setup.sections["student"], run_setup.model_configs["student"], run_setup.mesh
+          ),
       )
   )
   placed = {}
@@ -513,8 +537,10 @@ def routed_kernel_sharding(run_setup: Setup, width: int):
 def abstract_split(run_setup: Setup, role: str):
   """`(graphdef, ShapeDtypeStructs with shardings)` of the model section `role`: its layout
   on the run's mesh, from shapes alone."""
-  section = run_setup.sections[role]
+  model_config = run_setup.model_configs[role]
   graphdef, state = nnx.split(
-      abstract_model(run_setup.model_configs[role], **model_kwargs(section, run_setup.mesh))
+      abstract_model(
+          model_config, **model_kwargs(run_setup.sections[role], model_config, run_setup.mesh)
+      )
   )
   return graphdef, sharding.abstract_state(state, run_setup.mesh, run_setup.rules)

@@ -32,7 +32,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.student.dtype = "bfloat16"  # compute dtype (activations, KV cache)
   c.student.param_dtype = "float32"  # master weights and optimizer state
   c.student.attention = "auto"  # auto (cuDNN on GPU for 16-bit, else XLA) | xla | cudnn
-  c.student.scan_layers = False  # stacked layers in one lax.scan: flat compile time in depth
+  # auto | on | off: the layers stacked in one lax.scan, so compile time stays flat in depth
+  # (auto: from 16 layers, `build.SCAN_LAYERS_FROM`; per-layer for the small presets)
+  c.student.scan_layers = "auto"
   c.student.remat = "none"  # none | full | save_dots: recompute layers in backward
 
   c.teacher = ml_collections.ConfigDict()
@@ -42,7 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.teacher.dtype = "bfloat16"  # the teacher is bfloat16 throughout
   c.teacher.param_dtype = "bfloat16"
   c.teacher.attention = "auto"
-  c.teacher.scan_layers = False
+  c.teacher.scan_layers = "auto"
 
   # Several teachers, each example scored by the one it names (its JSONL "teacher" field, or
   # the task name for synthetic tasks): name -> a section like `teacher` (`teacher_section`).
@@ -56,7 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.reference.dtype = "bfloat16"
   c.reference.param_dtype = "bfloat16"
   c.reference.attention = "auto"
-  c.reference.scan_layers = False
+  c.reference.scan_layers = "auto"
 
   c.recipe = ml_collections.ConfigDict()
   c.recipe.name = "opd"  # sft | seqkd | supervised_kd | gkd | opd | gopd | grpo | self_distill

@@ -90,7 +90,7 @@ def test_every_recipe_runs(variant, teacher_dir, tmp_path, monkeypatch):
   if variant in ("opd_sampled", "grpo_opd"):
     config.train.updates_per_rollout = 2  # reuse each rollout: exercises the IS correction
   if variant == "opd_full":  # scanned layers throughout; the teacher was saved per-layer
-    config.student.scan_layers = config.teacher.scan_layers = True
+    config.student.scan_layers = config.teacher.scan_layers = "on"
     config.student.remat = "save_dots"
   else:  # evaluation does not depend on the recipe: one variant evaluates (suite time)
     config.eval.every = 0
@@ -148,7 +148,7 @@ def assert_restores_in_both_layouts(config, workdir):
   section.init_from = str(workdir)
   scanned = nnx.state(build.build_model(section, model_config, seed=0, mesh=mesh), nnx.Param)
   assert scanned["layers"]["attn"]["q_proj"]["kernel"].get_value().ndim == 3
-  section.scan_layers = False
+  section.scan_layers = "off"
   per_layer = nnx.state(build.build_model(section, model_config, seed=0, mesh=mesh), nnx.Param)
   assert 0 in per_layer["layers"]
   for a, b in zip(jax.tree.leaves(stack_layers(per_layer)), jax.tree.leaves(scanned)):
@@ -273,6 +273,29 @@ def test_sampling_fuse_projections_reaches_the_rollouts_and_evaluation(teacher_d
     trainer.run(config, tmp_path / "bad", quiet=True)
 
 
+def test_scan_layers_auto_stacks_deep_models_only(tmp_path):
+  """`scan_layers="auto"` (the default) scans a model of `SCAN_LAYERS_FROM` layers or more
+  and keeps a shallower one per-layer; "on" and "off" override it for either."""
+  config = tiny("opd")
+  student_cfg = build.setup(tiny("sft")).model_configs["student"]
+  checkpoint.write_model_config(  # the layout is decided from shapes alone
+      tmp_path, dataclasses.replace(student_cfg, num_layers=build.SCAN_LAYERS_FROM)
+  )
+  config.teacher.checkpoint = str(tmp_path)
+
+  def stacked(role):
+    _, state = build.abstract_split(build.setup(config), role)
+    return 0 not in state["layers"]  # per-layer: state["layers"][i], i = 0, 1, ...
+
+  assert student_cfg.num_layers < build.SCAN_LAYERS_FROM
+  assert config.student.scan_layers == config.teacher.scan_layers == "auto"
+  assert stacked("teacher") and not stacked("student")
+  config.student.scan_layers, config.teacher.scan_layers = "on", "off"
+  assert stacked("student") and not stacked("teacher")
+  deeper = dataclasses.replace(student_cfg, num_layers=build.SCAN_LAYERS_FROM - 1)
+  assert not build.scans_layers(tiny().teacher, deeper)
+
+
 def test_memory_plan_kv_cache_is_what_generate_allocates_for_the_model_that_samples(tmp_path):
   """SeqKD samples its rollouts from the teacher: the plan's KV cache term is the cache
   `generate` allocates for the teacher (its layers and KV heads, both lengths rounded up to
@@ -327,7 +350,7 @@ def test_memory_plan_kv_cache_is_what_generate_allocates_for_the_model_that_samp
   assert learner.sampler_copy_bytes(config, run_setup) == added
   # A CPU unrolls a scanned model's layers to sample (`UNROLL_LAYERS`): a copy of them all.
   config.sampling.fuse_projections = "off"
-  config.teacher.scan_layers = True
+  config.teacher.scan_layers = "on"
   run_setup = build.setup(config)
   layers = nnx.state(Decoder(big, dtype=jnp.float32, rngs=nnx.Rngs(0)).layers, nnx.Param)
   assert learner.sampler_copy_bytes(config, run_setup) == sum(
@@ -649,6 +672,10 @@ def test_cli_runs_a_users_own_experiment_file(capsys, tmp_path):
         (
             ("--exp", "teacher_sft", "--exp.sampling.layout=fsdp"),
             "sampling.layout must be one of ('train', 'tensor', 'replicated'), got 'fsdp'",
+        ),
+        (
+            ("--exp", "teacher_sft", "--exp.student.scan_layers=True"),
+            "student.scan_layers must be one of ('auto', 'on', 'off'), got 'True'",
         ),
         (
             ("--exp", "teacher_sft", "--exp.train.async_checkpointing=yes"),
