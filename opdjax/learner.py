@@ -310,9 +310,9 @@ def sampler_copy_bytes(config, run_setup: Setup) -> int:
   backend unrolls them (`sampling.UNROLL_LAYERS`, `Decoder.unroll_layers`), and where it
   merges projections (`sampling.fuse_projections` in the config, as for the run;
   `Decoder.fuse_projections`) the merged q/k/v and gate/up kernels and the matmul weights
-  cast to the compute dtype. Every array the two make that the model did not hold counts
-  (an unrolled layer's separate q/k/v slices too, though a merged decode leaves them
-  unread). They are taken to be split over the devices as the model's parameters are where
+  cast to the compute dtype. Every array the two leave in the copy that the model did not
+  hold counts (merging drops the separate projections, so an unrolled layer's q/k/v and
+  gate/up slices do not). They are taken to be split over the devices as the model's parameters are where
   it samples, on average (the student's `sampling.layout` copy where its rollouts use one).
   """
   fuse = sampling.fuses_projections(sampling.FUSE_SETTINGS[config.sampling.fuse_projections])

@@ -359,6 +359,18 @@ def test_memory_plan_kv_cache_is_what_generate_allocates_for_the_model_that_samp
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(sampling, "UNROLL_LAYERS", {jax.default_backend(): False})
     assert learner.sampler_copy_bytes(config, run_setup) == 0
+  # Both: the merged arrays replace the unrolled slices of q/k/v and gate/up.
+  config.sampling.fuse_projections = "on"
+  separate = sum(
+      x.nbytes
+      for layer in Decoder(big, dtype=jnp.float32, rngs=nnx.Rngs(0)).layers
+      for module in (layer.attn.q_proj, layer.attn.k_proj, layer.attn.v_proj)
+      + (layer.mlp.gate_proj, layer.mlp.up_proj)
+      for x in jax.tree.leaves(nnx.state(module))
+  )
+  assert learner.sampler_copy_bytes(config, run_setup) == (
+      sum(x.nbytes for x in jax.tree.leaves(layers)) - separate + added
+  )
 
 
 def test_memory_plan_counts_the_copy_a_sampling_layout_holds(tmp_path):

@@ -141,7 +141,7 @@ class Attention(nnx.Module):
 
   def fuse_projections(self) -> None:
     """Replaces the q, k and v matmuls by one, in place (the sampler's layout; see
-    `Decoder.fuse_projections`).
+    `Decoder.fuse_projections`): the separate projections are dropped from the module.
 
     `qkv.kernel` is `[..., D, K, G + 2, Dh]`: for each key-value head, the G query heads
     that read it, then its key and its value. Grouped by key-value head, a "tensor" sharding
@@ -154,6 +154,7 @@ class Attention(nnx.Module):
         [grouped(getattr(p, name)[...], n).astype(dtype) for p, n in parts], axis=-2
     )
     self.qkv = _Fused(merge("kernel"), merge("bias") if self.q_proj.use_bias else None)
+    self.q_proj = self.k_proj = self.v_proj = nnx.data(None)
 
   def _project(self, x):
     """`x [B, T, D]` -> q `[B, T, H, Dh]`, k and v `[B, T, K, Dh]`."""
@@ -223,13 +224,14 @@ class MLP(nnx.Module):
     self.gate_up = nnx.data(None)  # set by `fuse_projections`
 
   def fuse_projections(self) -> None:
-    """Replaces the gate and up matmuls by one, in place: `gate_up.kernel` is
-    `[..., D, 2, I]` (a "tensor" sharding of I stays whole)."""
+    """Replaces the gate and up matmuls by one, in place (the separate ones are dropped):
+    `gate_up.kernel` is `[..., D, 2, I]` (a "tensor" sharding of I stays whole)."""
     dtype = self.gate_proj.dtype
     merge = lambda name: jnp.stack(
         [getattr(p, name)[...].astype(dtype) for p in (self.gate_proj, self.up_proj)], axis=-2
     )
     self.gate_up = _Fused(merge("kernel"), merge("bias") if self.gate_proj.use_bias else None)
+    self.gate_proj = self.up_proj = nnx.data(None)
 
   def __call__(self, x):
     if self.gate_up is None:
@@ -407,7 +409,8 @@ class Decoder(nnx.Module):
     the per-step cast of float32 master weights out of the loop; it is the one each matmul
     applied anyway, so it changes no result. Call it on a copy that only decodes (the
     sampler calls it inside its jitted function): the fused weights are an extra copy of
-    five of a layer's seven matrices, and training reads the separate ones.
+    five of a layer's seven matrices, and training reads the separate ones, which the copy
+    no longer holds.
     """
     layers = [self.layers] if self.scan_layers else list(self.layers)
     for layer in layers:  # a scanned model's one module holds every layer's weights
