@@ -38,7 +38,7 @@ from opdjax import sharding as sharding_lib
 from opdjax.distributed import to_host
 from opdjax.errors import ConfigError
 from opdjax.models.config import ModelConfig
-from opdjax.models.decoder import Decoder, stack_layers, unstack_layers
+from opdjax.models.decoder import Decoder, unstack_layers
 
 # (Hugging Face name, opdjax path, transposed). {i} is a layer index, {p} a projection name.
 NAME_TABLE: tuple[tuple[str, str, bool], ...] = (
@@ -221,10 +221,11 @@ def load_pretrained(
           mesh=mesh,
       )
   )
-  # The files hold per-layer tensors: read into that layout, stack at the end if scanned.
-  abstract_state = jax.eval_shape(unstack_layers, target) if scan_layers else target
-  expected = {}  # hf name -> (opdjax path tuple, shape, transposed)
-  for path_tuple, variable in nnx.to_flat_state(abstract_state):
+  # The files hold per-layer tensors (`layers/{i}/...`); a scanned model reads each layer's
+  # tensor straight into its slot of the stacked parameter.
+  per_layer = jax.eval_shape(unstack_layers, target) if scan_layers else target
+  expected = {}  # hf name -> (opdjax per-layer path tuple, shape, transposed)
+  for path_tuple, variable in nnx.to_flat_state(per_layer):
     name, transposed = hf_name(sharding_lib.path_string(path_tuple))
     expected[name] = (path_tuple, variable.get_value().shape, transposed)
 
@@ -257,7 +258,7 @@ def load_pretrained(
           f"{unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
       )
 
-    leaves = {}
+    tensors = {}  # per-layer path tuple -> (safetensors slice, transposed)
     for name, (path_tuple, shape, transposed) in expected.items():
       file = key_file[name]
       tensor = handles[file].get_slice(name)
@@ -267,41 +268,52 @@ def load_pretrained(
         raise ConfigError(
             f"{file}: tensor {name!r} has shape {stored}, but config.json implies " f"{want}"
         )
-      leaves[path_tuple] = _read(
-          tensor,
-          shape,
-          transposed,
-          param_dtype,
+      tensors[path_tuple] = (tensor, transposed)
+
+    leaves = []
+    for path_tuple, variable in nnx.to_flat_state(target):
+      shape = variable.get_value().shape
+      stacked = scan_layers and path_tuple[0] == "layers"
+      parts = (
+          [tensors[("layers", i) + path_tuple[1:]] for i in range(config.num_layers)]
+          if stacked
+          else [tensors[path_tuple]]
+      )
+      where = (
           None
           if mesh is None
-          else sharding_lib.sharding_for(sharding_lib.path_string(path_tuple), shape, mesh, rules),
+          else sharding_lib.sharding_for(sharding_lib.path_string(path_tuple), shape, mesh, rules)
+      )
+      leaves.append(
+          (path_tuple, variable.replace(_read(parts, shape, param_dtype, where, stacked=stacked)))
       )
   finally:
     handles.clear()
 
-  state = nnx.from_flat_state(
-      [(p, v.replace(leaves[p])) for p, v in nnx.to_flat_state(abstract_state)]
-  )
-  if scan_layers:
-    state = stack_layers(state)
-    if mesh is not None:
-      state = sharding_lib.place_state(state, mesh, rules)
-  model = nnx.merge(graphdef, state)
+  model = nnx.merge(graphdef, nnx.from_flat_state(leaves))
   tokenizer = load_tokenizer(directory, config) if with_tokenizer else None
   return model, tokenizer
 
 
-def _read(tensor, shape, transposed: bool, dtype, sharding):
-  if sharding is None:
-    array = tensor[:]
+def _read(parts, shape, dtype, sharding, *, stacked: bool):
+  """A parameter of `shape` from its `(safetensors slice, transposed)` parts: the one part,
+  or with `stacked` one per layer along a leading axis. With a `sharding`, each device
+  reads only its own slice of each file (and of each layer), never the whole tensor."""
+
+  def read_one(part, index):
+    tensor, transposed = part
+    index = tuple(reversed(index)) if transposed else index
+    array = tensor[index]
     return (array.T if transposed else array).astype(dtype)
 
-  def read_slice(index):
-    index = tuple(reversed(index)) if transposed else index
-    part = tensor[index]
-    return (part.T if transposed else part).astype(dtype)
+  def read(index):
+    if not stacked:
+      return read_one(parts[0], index)
+    return np.stack([read_one(parts[i], index[1:]) for i in range(len(parts))[index[0]]])
 
-  return jax.make_array_from_callback(tuple(shape), sharding, read_slice)
+  if sharding is None:
+    return jnp.asarray(read(tuple(slice(None) for _ in shape)))
+  return jax.make_array_from_callback(tuple(shape), sharding, read)
 
 
 def load_tokenizer(path: str | os.PathLike, config: ModelConfig | None = None):

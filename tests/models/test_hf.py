@@ -3,6 +3,7 @@ clear errors for broken checkpoints. Needs the `parity` extra (PyTorch CPU); nev
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -123,15 +124,37 @@ def test_load_into_mesh_reads_slices(checkpoints):
   )
 
 
-def test_scanned_layers_load_with_parity_shard_and_save_per_layer(checkpoints, tmp_path):
-  """`scan_layers=True` stacks the files' per-layer tensors (sharded with the layer axis
-  whole), keeps transformers parity at 1e-5, and saves back the per-layer names."""
+def test_scanned_layers_load_with_parity_shard_and_save_per_layer(
+    checkpoints, tmp_path, monkeypatch
+):
+  """`scan_layers=True` reads the files' per-layer tensors straight into the stacked
+  parameters (sharded with the layer axis whole; one device array per parameter, no
+  per-layer copy to stack), keeps transformers parity at 1e-5, and saves back the
+  per-layer names."""
   hf_model, directory = checkpoints["qwen3"]
   mesh = sharding.make_mesh((2, 4), ("fsdp", "tensor"))
+  made = []
+  make = jax.make_array_from_callback
+  monkeypatch.setattr(
+      jax,
+      "make_array_from_callback",
+      lambda shape, *a, **k: made.append(shape) or make(shape, *a, **k),
+  )
   model, _ = load_pretrained(directory, mesh=mesh, scan_layers=True, remat="full")
+  monkeypatch.undo()
+  params = jax.tree.leaves(nnx.state(model, nnx.Param))
+  assert sorted(made) == sorted(x.shape for x in params)
   q_kernel = model.layers.attn.q_proj.kernel.get_value()
   assert q_kernel.shape[0] == hf_model.config.num_hidden_layers
   assert q_kernel.sharding.spec == P(None, "fsdp", "tensor")
+  layers, width, heads = q_kernel.shape
+  assert q_kernel.addressable_shards[0].data.shape == (layers, width // 2, heads // 4)
+  unsharded, _ = load_pretrained(directory, scan_layers=True)  # no mesh: device arrays too
+  got_params = jax.tree.leaves(nnx.state(unsharded, nnx.Param))
+  assert len(got_params) == len(params)
+  for got, want in zip(got_params, params):
+    assert isinstance(got, jax.Array)
+    np.testing.assert_array_equal(got, want)
   tokens, mask = padded_batch()
   ours = np.asarray(model(jnp.asarray(tokens), attention_mask=jnp.asarray(mask)))
   assert np.abs(ours - hf_logits(hf_model, tokens, mask))[mask].max() <= 1e-5
