@@ -60,13 +60,15 @@ MODEL_PRESETS = {
 
 ASYNC_CHECKPOINTING = ("auto", "on", "off")
 SCAN_LAYERS = ("auto", "on", "off")
-# `scan_layers="auto"` stacks the layers of a model this deep or deeper. Per-layer programs
-# grow with depth and a scan's do not: the gradient of a hidden-256 model lowers and
-# compiles in 1.7 s per-layer against 2.1 s scanned at 8 layers, 2.7 s against 2.1 s at 16
-# and 4.0 s against 2.1 s at 28 on a 2-core CPU (`benchmarks/compile_depth.py`). The
-# synthetic experiments' presets (2–3 layers) stay per-layer: their committed results were
-# computed so, and a scan reproduces them only to float32 rounding.
-SCAN_LAYERS_FROM = 16
+# `scan_layers="auto"`, by backend: stack the layers of a model this deep or deeper (a
+# backend not named keeps every model per-layer). Per-layer programs grow with depth and a
+# scan's do not: the update of a Qwen3-0.6B-shaped model (28 layers) compiles in 5.2 s
+# scanned against 16.4 s per-layer on a 2-core CPU (`benchmarks/opd_step_scale.py`), and
+# an H200 ran the small OPD step at least as fast scanned (20–21 ms against 22–30 ms,
+# `benchmarks/opd_step.py`). A CPU keeps per-layer: there the same scanned update runs
+# 1.23× slower (29.4 against 23.9 s) with 2.1 GB more temporaries. The synthetic
+# experiments' presets (2–3 layers) stay per-layer everywhere.
+SCAN_LAYERS_FROM = {"gpu": 16, "tpu": 16}
 
 
 def dtype_of(name: str):
@@ -479,13 +481,16 @@ def members(run_setup: "Setup", role: str) -> list[str]:
 
 def scans_layers(section, model_config: ModelConfig, *, role: str = "student") -> bool:
   """Whether the model of config `section` (role `role`, named in the error) stacks its
-  layers in one scan: `scan_layers` is "on", or "auto" and the model has at least
-  `SCAN_LAYERS_FROM` layers."""
+  layers in one scan: `scan_layers` is "on", or "auto" and the model has at least the
+  backend's `SCAN_LAYERS_FROM` layers."""
   setting = section.get("scan_layers", "auto")
   if setting not in SCAN_LAYERS:
     field = role.replace("teacher/", "teachers.") + ".scan_layers"
     raise ConfigError(f"{field} must be one of {SCAN_LAYERS}, got {setting!r}")
-  return setting == "on" or (setting == "auto" and model_config.num_layers >= SCAN_LAYERS_FROM)
+  depth = SCAN_LAYERS_FROM.get(jax.default_backend())
+  return setting == "on" or (
+      setting == "auto" and depth is not None and model_config.num_layers >= depth
+  )
 
 
 def model_kwargs(section, model_config: ModelConfig, mesh) -> dict:

@@ -33,7 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.student.param_dtype = "float32"  # master weights and optimizer state
   c.student.attention = "auto"  # auto (cuDNN on GPU for 16-bit, else XLA) | xla | cudnn
   # auto | on | off: the layers stacked in one lax.scan, so compile time stays flat in depth
-  # (auto: from 16 layers, `build.SCAN_LAYERS_FROM`; per-layer for the small presets)
+  # (auto: from 16 layers on a GPU or TPU, `build.SCAN_LAYERS_FROM`; per-layer on a CPU)
   c.student.scan_layers = "auto"
   c.student.remat = "none"  # none | full | save_dots: recompute layers in backward
 

@@ -273,13 +273,15 @@ def test_sampling_fuse_projections_reaches_the_rollouts_and_evaluation(teacher_d
     trainer.run(config, tmp_path / "bad", quiet=True)
 
 
-def test_scan_layers_auto_stacks_deep_models_only(tmp_path):
-  """`scan_layers="auto"` (the default) scans a model of `SCAN_LAYERS_FROM` layers or more
-  and keeps a shallower one per-layer; "on" and "off" override it for either."""
+def test_scan_layers_auto_stacks_deep_models_only(tmp_path, monkeypatch):
+  """`scan_layers="auto"` (the default) scans a model of the backend's `SCAN_LAYERS_FROM`
+  layers or more and keeps a shallower one per-layer, and every model per-layer on a
+  backend it does not name (a CPU); "on" and "off" override it for either."""
   config = tiny("opd")
   student_cfg = build.setup(tiny("sft")).model_configs["student"]
+  depth = student_cfg.num_layers + 1
   checkpoint.write_model_config(  # the layout is decided from shapes alone
-      tmp_path, dataclasses.replace(student_cfg, num_layers=build.SCAN_LAYERS_FROM)
+      tmp_path, dataclasses.replace(student_cfg, num_layers=depth)
   )
   config.teacher.checkpoint = str(tmp_path)
 
@@ -287,13 +289,13 @@ def test_scan_layers_auto_stacks_deep_models_only(tmp_path):
     _, state = build.abstract_split(build.setup(config), role)
     return 0 not in state["layers"]  # per-layer: state["layers"][i], i = 0, 1, ...
 
-  assert student_cfg.num_layers < build.SCAN_LAYERS_FROM
   assert config.student.scan_layers == config.teacher.scan_layers == "auto"
+  assert jax.default_backend() not in build.SCAN_LAYERS_FROM
+  assert not stacked("teacher") and not stacked("student")
+  monkeypatch.setitem(build.SCAN_LAYERS_FROM, jax.default_backend(), depth)
   assert stacked("teacher") and not stacked("student")
   config.student.scan_layers, config.teacher.scan_layers = "on", "off"
   assert stacked("student") and not stacked("teacher")
-  deeper = dataclasses.replace(student_cfg, num_layers=build.SCAN_LAYERS_FROM - 1)
-  assert not build.scans_layers(tiny().teacher, deeper)
 
 
 def test_memory_plan_kv_cache_is_what_generate_allocates_for_the_model_that_samples(tmp_path):
