@@ -60,15 +60,14 @@ MODEL_PRESETS = {
 
 ASYNC_CHECKPOINTING = ("auto", "on", "off")
 SCAN_LAYERS = ("auto", "on", "off")
-# `scan_layers="auto"`, by backend: stack the layers of a model this deep or deeper (a
-# backend not named keeps every model per-layer). Per-layer programs grow with depth and a
-# scan's do not: the update of a Qwen3-0.6B-shaped model (28 layers) compiles in 5.2 s
-# scanned against 16.4 s per-layer on a 2-core CPU (`benchmarks/opd_step_scale.py`), and
-# an H200 ran the small OPD step at least as fast scanned (20–21 ms against 22–30 ms,
-# `benchmarks/opd_step.py`). A CPU keeps per-layer: there the same scanned update runs
-# 1.23× slower (29.4 against 23.9 s) with 2.1 GB more temporaries. The synthetic
-# experiments' presets (2–3 layers) stay per-layer everywhere.
-SCAN_LAYERS_FROM = {"gpu": 16, "tpu": 16}
+REMAT_SETTINGS = ("auto", *REMAT_POLICIES)
+# `scan_layers="auto"` stacks the layers of a model this deep or deeper. Per-layer programs
+# grow with depth and a scan's do not. One update of a Qwen3-0.6B-shaped model (28 layers,
+# `benchmarks/opd_step_scale.py`, 2-core CPU): per-layer 16.4 s to compile, 23.9 s a step,
+# 7.2 GB of temporaries; scanned with `remat="auto"` (save_dots) 4.1 s, 22.0 s, 4.9 GB.
+# An H200 ran the small OPD step at least as fast scanned (20–21 ms against 22–30 ms). The
+# synthetic experiments' presets (2–3 layers) stay per-layer, as their results were made.
+SCAN_LAYERS_FROM = 16
 
 
 def dtype_of(name: str):
@@ -296,10 +295,8 @@ def validate(config, recipe, mesh, model_configs: dict[str, ModelConfig]):
           "Pallas's interpret mode (exact, and far slower: for tests)",
           stacklevel=2,
       )
-    if config[role].get("remat", "none") not in REMAT_POLICIES:
-      raise ConfigError(
-          f"{role}.remat must be one of {tuple(REMAT_POLICIES)}, got " f"{config[role].remat!r}"
-      )
+    if config[role].get("remat", "auto") not in REMAT_SETTINGS:
+      raise ConfigError(f"{role}.remat must be one of {REMAT_SETTINGS}, got {config[role].remat!r}")
   if recipe.needs_teacher or recipe.source == "teacher":
     if not any(role.partition("/")[0] == "teacher" for role in model_configs):
       raise ConfigError(
@@ -481,26 +478,44 @@ def members(run_setup: "Setup", role: str) -> list[str]:
 
 def scans_layers(section, model_config: ModelConfig, *, role: str = "student") -> bool:
   """Whether the model of config `section` (role `role`, named in the error) stacks its
-  layers in one scan: `scan_layers` is "on", or "auto" and the model has at least the
-  backend's `SCAN_LAYERS_FROM` layers."""
+  layers in one scan: `scan_layers` is "on", or "auto" and the model has at least
+  `SCAN_LAYERS_FROM` layers."""
   setting = section.get("scan_layers", "auto")
   if setting not in SCAN_LAYERS:
     field = role.replace("teacher/", "teachers.") + ".scan_layers"
     raise ConfigError(f"{field} must be one of {SCAN_LAYERS}, got {setting!r}")
-  depth = SCAN_LAYERS_FROM.get(jax.default_backend())
-  return setting == "on" or (
-      setting == "auto" and depth is not None and model_config.num_layers >= depth
-  )
+  return setting == "on" or (setting == "auto" and model_config.num_layers >= SCAN_LAYERS_FROM)
+
+
+def remat_of(section, *, scanned: bool) -> str:
+  """The `REMAT_POLICIES` name of config `section`: its `remat`, where "auto" is
+  "save_dots" for scanned layers and "none" per-layer.
+
+  A scan's backward reads every intermediate it kept from the forward loop as a stacked
+  residual, elementwise ones included, which XLA cannot fuse away across the loop as it
+  does per-layer: the gradient of an 8-layer, hidden-512 model over 256 tokens holds
+  207 MB of temporaries scanned against 93 MB per-layer in float32 (303 against 123 MB in
+  bfloat16) and runs 1.3–1.5× slower on a CPU. Keeping only the matmuls' outputs and
+  recomputing the rest ("save_dots") makes it 69 MB (66 MB) at 1.1–1.2× per-layer's time;
+  at Qwen3-0.6B's shape the scanned update with "save_dots" is faster than per-layer (22.0
+  against 23.9 s; with "none" 29.4 s) and holds 4.9 GB of temporaries (7.2 GB; 9.3 GB).
+  Per-layer, "none" is as small and as fast as "save_dots".
+  """
+  setting = section.get("remat", "auto")
+  if setting == "auto":
+    return "save_dots" if scanned else "none"
+  return setting
 
 
 def model_kwargs(section, model_config: ModelConfig, mesh) -> dict:
   """`Decoder`'s keyword arguments for the model of config `section`."""
+  scanned = scans_layers(section, model_config)
   return dict(
       dtype=dtype_of(section.dtype),
       param_dtype=dtype_of(section.param_dtype),
       attention=section.attention,
-      scan_layers=scans_layers(section, model_config),
-      remat=section.get("remat", "none"),
+      scan_layers=scanned,
+      remat=remat_of(section, scanned=scanned),
       mesh=mesh,  # where "splash" attention runs its shard_map
   )
 

@@ -33,9 +33,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.student.param_dtype = "float32"  # master weights and optimizer state
   c.student.attention = "auto"  # auto (cuDNN on GPU for 16-bit, else XLA) | xla | cudnn
   # auto | on | off: the layers stacked in one lax.scan, so compile time stays flat in depth
-  # (auto: from 16 layers on a GPU or TPU, `build.SCAN_LAYERS_FROM`; per-layer on a CPU)
+  # (auto: from 16 layers, `build.SCAN_LAYERS_FROM`; the small presets stay per-layer)
   c.student.scan_layers = "auto"
-  c.student.remat = "none"  # none | full | save_dots: recompute layers in backward
+  # auto | none | full | save_dots: what each layer's backward recomputes (auto: save_dots
+  # for scanned layers, none per-layer; `build.remat_of`)
+  c.student.remat = "auto"
 
   c.teacher = ml_collections.ConfigDict()
   c.teacher.preset = "teacher-small"

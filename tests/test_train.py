@@ -274,9 +274,9 @@ def test_sampling_fuse_projections_reaches_the_rollouts_and_evaluation(teacher_d
 
 
 def test_scan_layers_auto_stacks_deep_models_only(tmp_path, monkeypatch):
-  """`scan_layers="auto"` (the default) scans a model of the backend's `SCAN_LAYERS_FROM`
-  layers or more and keeps a shallower one per-layer, and every model per-layer on a
-  backend it does not name (a CPU); "on" and "off" override it for either."""
+  """`scan_layers="auto"` (the default) scans a model of `SCAN_LAYERS_FROM` layers or more
+  and keeps a shallower one per-layer; "on" and "off" override it for either. `remat=
+  "auto"` keeps only the matmuls' outputs (save_dots) where the layers are scanned."""
   config = tiny("opd")
   student_cfg = build.setup(tiny("sft")).model_configs["student"]
   depth = student_cfg.num_layers + 1
@@ -289,13 +289,21 @@ def test_scan_layers_auto_stacks_deep_models_only(tmp_path, monkeypatch):
     _, state = build.abstract_split(build.setup(config), role)
     return 0 not in state["layers"]  # per-layer: state["layers"][i], i = 0, 1, ...
 
+  def remat():
+    run_setup = build.setup(config)
+    section, model_config = config.student, run_setup.model_configs["student"]
+    return build.model_kwargs(section, model_config, run_setup.mesh)["remat"]
+
   assert config.student.scan_layers == config.teacher.scan_layers == "auto"
-  assert jax.default_backend() not in build.SCAN_LAYERS_FROM
-  assert not stacked("teacher") and not stacked("student")
-  monkeypatch.setitem(build.SCAN_LAYERS_FROM, jax.default_backend(), depth)
+  assert config.student.remat == "auto"
+  assert build.SCAN_LAYERS_FROM > depth  # the presets are per-layer as they are
+  assert not stacked("teacher") and not stacked("student") and remat() == "none"
+  monkeypatch.setattr(build, "SCAN_LAYERS_FROM", depth)
   assert stacked("teacher") and not stacked("student")
   config.student.scan_layers, config.teacher.scan_layers = "on", "off"
-  assert stacked("student") and not stacked("teacher")
+  assert stacked("student") and not stacked("teacher") and remat() == "save_dots"
+  config.student.remat = "none"
+  assert remat() == "none"
 
 
 def test_memory_plan_kv_cache_is_what_generate_allocates_for_the_model_that_samples(tmp_path):
@@ -610,7 +618,7 @@ def test_cli_runs_a_users_own_experiment_file(capsys, tmp_path):
         (("--exp", "teacher_sft", "--exp.recipe.name=ppo"), "unknown recipe 'ppo'; valid: "),
         (
             ("--exp", "teacher_sft", "--exp.student.remat=some"),
-            "student.remat must be one of ('none', 'full', 'save_dots'), got 'some'",
+            "student.remat must be one of ('auto', 'none', 'full', 'save_dots'), got 'some'",
         ),
         (
             ("--exp", "teacher_sft", "--exp.train.memory_limit_gb=0.001", "--dry_run"),

@@ -269,6 +269,29 @@ def test_scanned_program_size_is_flat_in_depth():
   assert scanned < 1.2 and per_layer > 4, (scanned, per_layer)
 
 
+def test_a_scanned_backward_keeps_only_the_matmuls_with_save_dots():
+  """Without remat a layer scan keeps every intermediate of its body for the backward,
+  elementwise ones too (per-layer, XLA fuses those away), so a scanned gradient holds more
+  temporaries than the per-layer one; "save_dots" (what `remat="auto"` picks for scanned
+  layers, `build.remat_of`) keeps only the matmuls' outputs and holds fewer than both."""
+
+  def temporaries(scan_layers, remat):
+    config = tiny_config("qwen3", num_layers=4)
+    graphdef, state = nnx.split(
+        nnx.eval_shape(
+            lambda: Decoder(config, rngs=nnx.Rngs(0), scan_layers=scan_layers, remat=remat)
+        )
+    )
+    tokens = jax.ShapeDtypeStruct((2, 64), jnp.int32)
+    loss = lambda state, tokens: jnp.mean(nnx.merge(graphdef, state).hidden_states(tokens))
+    compiled = jax.jit(jax.grad(loss)).lower(state, tokens).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  per_layer, scanned = temporaries(False, "none"), temporaries(True, "none")
+  save_dots = temporaries(True, "save_dots")
+  assert save_dots < per_layer < scanned, (save_dots, per_layer, scanned)
+
+
 def test_scanned_rematerialised_decoder_with_splash_on_a_mesh_equals_xla(monkeypatch):
   """The configuration a TPU run would use: scanned layers, full remat, splash attention per
   shard on a 2 × 2 fsdp × tensor mesh (the scanned layers keep the mesh: the kernel sees
