@@ -73,7 +73,7 @@ def main(argv=None):
   p.add_argument("--loss_chunk_size", type=int, default=0)
   p.add_argument("--microbatches", type=int, default=1)
   p.add_argument("--scan_layers", action="store_true")
-  p.add_argument("--remat", default="none", choices=["none", "full", "save_dots"])
+  p.add_argument("--remat", default="auto", choices=["auto", "none", "full", "save_dots"])
   p.add_argument("--sample", action="store_true", help="also time sampling the completion")
   p.add_argument("--repeats", type=int, default=2)
   p.add_argument("--out", default=None)

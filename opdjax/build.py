@@ -24,7 +24,7 @@ from opdjax.data import (
 from opdjax.errors import ConfigError
 from opdjax.models import Decoder, ModelConfig, load_pretrained, load_tokenizer, read_config
 from opdjax.models.attention import ATTENTION_IMPLEMENTATIONS
-from opdjax.models.decoder import REMAT_POLICIES, stack_layers, unstack_layers
+from opdjax.models.decoder import REMAT_SETTINGS, stack_layers, unstack_layers
 from opdjax.models.hf import abstract_model
 from opdjax.sampling import FUSE_SETTINGS
 
@@ -60,11 +60,11 @@ MODEL_PRESETS = {
 
 ASYNC_CHECKPOINTING = ("auto", "on", "off")
 SCAN_LAYERS = ("auto", "on", "off")
-REMAT_SETTINGS = ("auto", *REMAT_POLICIES)
 # `scan_layers="auto"` stacks the layers of a model this deep or deeper. Per-layer programs
 # grow with depth and a scan's do not. One update of a Qwen3-0.6B-shaped model (28 layers,
 # `benchmarks/opd_step_scale.py`, 2-core CPU): per-layer 16.4 s to compile, 23.9 s a step,
-# 7.2 GB of temporaries; scanned with `remat="auto"` (save_dots) 4.1 s, 22.0 s, 4.9 GB.
+# 7.2 GB of temporaries; scanned with `remat="auto"` (save_dots, `Decoder`) 4.1 s, 22.0 s,
+# 4.9 GB.
 # An H200 ran the small OPD step at least as fast scanned (20–21 ms against 22–30 ms). The
 # synthetic experiments' presets (2–3 layers) stay per-layer, as their results were made.
 SCAN_LAYERS_FROM = 16
@@ -487,35 +487,14 @@ def scans_layers(section, model_config: ModelConfig, *, role: str = "student") -
   return setting == "on" or (setting == "auto" and model_config.num_layers >= SCAN_LAYERS_FROM)
 
 
-def remat_of(section, *, scanned: bool) -> str:
-  """The `REMAT_POLICIES` name of config `section`: its `remat`, where "auto" is
-  "save_dots" for scanned layers and "none" per-layer.
-
-  A scan's backward reads every intermediate it kept from the forward loop as a stacked
-  residual, elementwise ones included, which XLA cannot fuse away across the loop as it
-  does per-layer: the gradient of an 8-layer, hidden-512 model over 256 tokens holds
-  207 MB of temporaries scanned against 93 MB per-layer in float32 (303 against 123 MB in
-  bfloat16) and runs 1.3–1.5× slower on a CPU. Keeping only the matmuls' outputs and
-  recomputing the rest ("save_dots") makes it 69 MB (66 MB) at 1.1–1.2× per-layer's time;
-  at Qwen3-0.6B's shape the scanned update with "save_dots" is faster than per-layer (22.0
-  against 23.9 s; with "none" 29.4 s) and holds 4.9 GB of temporaries (7.2 GB; 9.3 GB).
-  Per-layer, "none" is as small and as fast as "save_dots".
-  """
-  setting = section.get("remat", "auto")
-  if setting == "auto":
-    return "save_dots" if scanned else "none"
-  return setting
-
-
 def model_kwargs(section, model_config: ModelConfig, mesh) -> dict:
   """`Decoder`'s keyword arguments for the model of config `section`."""
-  scanned = scans_layers(section, model_config)
   return dict(
       dtype=dtype_of(section.dtype),
       param_dtype=dtype_of(section.param_dtype),
       attention=section.attention,
-      scan_layers=scanned,
-      remat=remat_of(section, scanned=scanned),
+      scan_layers=scans_layers(section, model_config),
+      remat=section.get("remat", "auto"),
       mesh=mesh,  # where "splash" attention runs its shard_map
   )
 

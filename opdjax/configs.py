@@ -36,7 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
   # (auto: from 16 layers, `build.SCAN_LAYERS_FROM`; the small presets stay per-layer)
   c.student.scan_layers = "auto"
   # auto | none | full | save_dots: what each layer's backward recomputes (auto: save_dots
-  # for scanned layers, none per-layer; `build.remat_of`)
+  # for scanned layers, none per-layer; `models.decoder.remat_policy_name`)
   c.student.remat = "auto"
 
   c.teacher = ml_collections.ConfigDict()

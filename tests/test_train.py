@@ -289,10 +289,11 @@ def test_scan_layers_auto_stacks_deep_models_only(tmp_path, monkeypatch):
     _, state = build.abstract_split(build.setup(config), role)
     return 0 not in state["layers"]  # per-layer: state["layers"][i], i = 0, 1, ...
 
-  def remat():
+  def remat():  # the policy the student's model is built with
     run_setup = build.setup(config)
-    section, model_config = config.student, run_setup.model_configs["student"]
-    return build.model_kwargs(section, model_config, run_setup.mesh)["remat"]
+    model_config = run_setup.model_configs["student"]
+    kwargs = build.model_kwargs(config.student, model_config, run_setup.mesh)
+    return build.abstract_model(model_config, **kwargs).remat
 
   assert config.student.scan_layers == config.teacher.scan_layers == "auto"
   assert config.student.remat == "auto"

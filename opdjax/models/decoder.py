@@ -282,6 +282,28 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,  # recompute each layer in backward
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep projections
 }
+REMAT_SETTINGS = ("auto", *REMAT_POLICIES)  # auto: `remat_policy_name`
+
+
+def remat_policy_name(remat: str, *, scan_layers: bool) -> str:
+  """The `REMAT_POLICIES` name for setting `remat`, where "auto" is "save_dots" for
+  scanned layers and "none" per-layer.
+
+  A scan's backward reads every intermediate it kept from the forward loop as a stacked
+  residual, elementwise ones included, which XLA cannot fuse away across the loop as it
+  does per-layer: the gradient of an 8-layer, hidden-512 model over 256 tokens holds
+  207 MB of temporaries scanned against 93 MB per-layer in float32 (303 against 123 MB in
+  bfloat16) and runs 1.3–1.5× slower on a CPU. Keeping only the matmuls' outputs and
+  recomputing the rest ("save_dots") makes it 69 MB (66 MB) at 1.1–1.2× per-layer's time;
+  at Qwen3-0.6B's shape the scanned update with "save_dots" is faster than per-layer (22.0
+  against 23.9 s; with "none" 29.4 s) and holds 4.9 GB of temporaries (7.2 GB; 9.3 GB).
+  Per-layer, "none" is as small and as fast as "save_dots".
+  """
+  if remat not in REMAT_SETTINGS:
+    raise ValueError(f"remat must be one of {REMAT_SETTINGS}, got {remat!r}")
+  if remat == "auto":
+    return "save_dots" if scan_layers else "none"
+  return remat
 
 
 def _layer_fn(graphdef, remat: str):
@@ -310,7 +332,9 @@ class Decoder(nnx.Module):
   `[L, D, H·Dh]`) and runs them with one `lax.scan`, so compile time and program size do
   not grow with depth; `stack_layers`/`unstack_layers` convert states between the layouts
   (HF files and `save_pretrained` use the per-layer one). `remat` ("none", "full",
-  "save_dots") rematerialises each layer in the backward pass (`REMAT_POLICIES`).
+  "save_dots") rematerialises each layer in the backward pass (`REMAT_POLICIES`); "auto",
+  the default, is "save_dots" for scanned layers and "none" per-layer
+  (`remat_policy_name`).
   Parameters are stored in `param_dtype` (default `dtype`) and the computation runs in
   `dtype`: float32 master weights with bfloat16 compute is `param_dtype=jnp.float32,
   dtype=jnp.bfloat16`. RMSNorm statistics, attention softmax and logits are float32.
@@ -325,15 +349,13 @@ class Decoder(nnx.Module):
       rngs: nnx.Rngs,
       attention: str = "auto",
       scan_layers: bool = False,
-      remat: str = "none",
+      remat: str = "auto",
       mesh=None,
   ):
-    if remat not in REMAT_POLICIES:
-      raise ValueError(f"remat must be one of {tuple(REMAT_POLICIES)}, got {remat!r}")
     self.config = config
     self.dtype = dtype
     self.scan_layers = scan_layers
-    self.remat = remat
+    self.remat = remat_policy_name(remat, scan_layers=scan_layers)
     param_dtype = param_dtype or dtype
     self.embed = nnx.Embed(
         config.vocab_size,

@@ -150,7 +150,7 @@ def abstract_model(
     param_dtype=None,
     attention: str = "auto",
     scan_layers: bool = False,
-    remat: str = "none",
+    remat: str = "auto",
     mesh: Mesh | None = None,
 ) -> Decoder:
   """The model's structure with `ShapeDtypeStruct` leaves (allocates no parameters)."""
@@ -184,7 +184,7 @@ def load_pretrained(
     with_tokenizer: bool = True,
     attention: str = "auto",
     scan_layers: bool = False,
-    remat: str = "none",
+    remat: str = "auto",
 ):
   """Loads a Hugging Face directory (`config.json` + `*.safetensors`, sharded or not).
 

@@ -273,7 +273,7 @@ def test_a_scanned_backward_keeps_only_the_matmuls_with_save_dots():
   """Without remat a layer scan keeps every intermediate of its body for the backward,
   elementwise ones too (per-layer, XLA fuses those away), so a scanned gradient holds more
   temporaries than the per-layer one; "save_dots" (what `remat="auto"` picks for scanned
-  layers, `build.remat_of`) keeps only the matmuls' outputs and holds fewer than both."""
+  layers, `remat_policy_name`) keeps only the matmuls' outputs and holds fewer than both."""
 
   def temporaries(scan_layers, remat):
     config = tiny_config("qwen3", num_layers=4)
@@ -290,6 +290,10 @@ def test_a_scanned_backward_keeps_only_the_matmuls_with_save_dots():
   per_layer, scanned = temporaries(False, "none"), temporaries(True, "none")
   save_dots = temporaries(True, "save_dots")
   assert save_dots < per_layer < scanned, (save_dots, per_layer, scanned)
+  default = lambda scan_layers: nnx.eval_shape(
+      lambda: Decoder(tiny_config("qwen3"), rngs=nnx.Rngs(0), scan_layers=scan_layers)
+  ).remat
+  assert (default(True), default(False)) == ("save_dots", "none")
 
 
 def test_scanned_rematerialised_decoder_with_splash_on_a_mesh_equals_xla(monkeypatch):
