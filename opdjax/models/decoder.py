@@ -460,6 +460,7 @@ class Decoder(nnx.Module):
     layer = lambda i: nnx.merge(graphdef, jax.tree.map(lambda x: x[i], state))
     self.layers = nnx.List([layer(i) for i in range(self.config.num_layers)])
     self.scan_layers = False
+    self.remat = "none"  # the copy only samples: nothing to recompute
 
   def init_cache(self, batch_size: int, max_length: int) -> KVCache:
     return KVCache.create(self.config, batch_size, max_length, self.dtype, stacked=self.scan_layers)
