@@ -500,7 +500,8 @@ def model_kwargs(section, model_config: ModelConfig, mesh) -> dict:
 
 
 def format_layout(run_setup: Setup) -> str:
-  """The mesh, the partition rules and where each student parameter lands (`--dry_run`)."""
+  """The mesh, the partition rules, each model's layer layout and where each student
+  parameter lands (`--dry_run`)."""
   mesh, rules = run_setup.mesh, run_setup.rules
   lines = [
       f"mesh {dict(mesh.shape)}: {mesh.devices.size} device(s), {jax.process_count()} "
@@ -508,6 +509,15 @@ def format_layout(run_setup: Setup) -> str:
       "partition rules (first match wins):",
   ]
   lines += [f"  {pattern:34s} {spec}" for pattern, spec in rules]
+  lines.append("layer layouts (scan_layers, remat):")
+  for role, model_config in run_setup.model_configs.items():
+    model = abstract_model(
+        model_config, **model_kwargs(run_setup.sections[role], model_config, mesh)
+    )
+    layout = "scanned" if model.scan_layers else "per-layer"
+    remat = f", remat {model.remat}" if role == "student" else ""  # frozen: no backward
+    setting = run_setup.sections[role].get("scan_layers", "auto")
+    lines.append(f"  {role}: {model_config.num_layers} layers, {layout} ({setting}){remat}")
   _, state = nnx.split(
       abstract_model(
           run_setup.model_configs["student"],

@@ -554,6 +554,11 @@ def test_cli_list_and_dry_run(capsys):
     assert name in out
   code, out, _ = run_cli(capsys, "--exp", "teacher_sft", "--exp.train.steps=7", "--dry_run")
   assert code == 0 and "steps: 7" in out
+  assert "  student: 3 layers, per-layer (auto), remat none\n" in out
+  code, out, _ = run_cli(
+      capsys, "--exp", "teacher_sft", "--exp.student.scan_layers=on", "--dry_run"
+  )
+  assert code == 0 and "  student: 3 layers, scanned (on), remat save_dots\n" in out
 
 
 def test_dry_run_shows_only_the_settings_a_run_reads():
