@@ -64,9 +64,9 @@ SCAN_LAYERS = ("auto", "on", "off")
 # grow with depth and a scan's do not. One update of a Qwen3-0.6B-shaped model (28 layers,
 # `benchmarks/opd_step_scale.py`, 2-core CPU): per-layer 16.4 s to compile, 23.9 s a step,
 # 7.2 GB of temporaries; scanned with `remat="auto"` (save_dots, `Decoder`) 4.1 s, 22.0 s,
-# 4.9 GB.
-# An H200 ran the small OPD step at least as fast scanned (20–21 ms against 22–30 ms). The
-# synthetic experiments' presets (2–3 layers) stay per-layer, as their results were made.
+# 4.9 GB. An H200 ran the small OPD step at least as fast scanned (20–21 ms against 22–30
+# ms). The synthetic experiments' presets (2–3 layers) stay per-layer, as their results
+# were made so.
 SCAN_LAYERS_FROM = 16
 
 

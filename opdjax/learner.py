@@ -312,8 +312,9 @@ def sampler_copy_bytes(config, run_setup: Setup) -> int:
   `Decoder.fuse_projections`) the merged q/k/v and gate/up kernels and the matmul weights
   cast to the compute dtype. Every array the two leave in the copy that the model did not
   hold counts (merging drops the separate projections, so an unrolled layer's q/k/v and
-  gate/up slices do not). They are taken to be split over the devices as the model's parameters are where
-  it samples, on average (the student's `sampling.layout` copy where its rollouts use one).
+  gate/up slices do not). They are taken to be split over the devices as the model's
+  parameters are where it samples, on average (the student's `sampling.layout` copy where
+  its rollouts use one).
   """
   fuse = sampling.fuses_projections(sampling.FUSE_SETTINGS[config.sampling.fuse_projections])
   unroll = sampling.UNROLL_LAYERS.get(jax.default_backend(), False)
