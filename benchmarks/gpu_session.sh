@@ -21,7 +21,7 @@
 set -u
 OUT=${OUT:-benchmarks/results/gpu}
 BUDGET=${BUDGET:-100000}
-PARTS=${PARTS:-"decode_fused decode_scanned fused opd_step opd_vs_trl opd_vs_trl_scanned first_step first_step_flags rollout_ahead sampler sampler_grid decode_flags decode_compare decode_profile decode_long fused_sweep compile_depth sampler_large cli"}
+PARTS=${PARTS:-"decode_fused decode_scanned fused opd_step opd_step_layouts opd_vs_trl opd_vs_trl_scanned first_step first_step_flags rollout_ahead sampler sampler_grid decode_flags decode_compare decode_profile decode_long fused_sweep compile_depth sampler_large cli"}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-}:$PWD
 log() { echo "=== $(date +%T) $*"; }
@@ -57,6 +57,13 @@ part_fused_sweep() {
 part_opd_step() {
   log "one OPD step, Qwen3-0.6B shape, B=1 T=512, sampling included"
   budget 150 python3 benchmarks/opd_step_scale.py --sample --repeats 3 --out "$OUT/opd_step_scale.jsonl"
+}
+part_opd_step_layouts() {
+  log "one OPD step, Qwen3-0.6B shape: scanned with save_dots (the default from 16 layers) against per-layer"
+  budget 150 python3 benchmarks/opd_step_scale.py --sample --repeats 3 --scan_layers \
+    --out "$OUT/opd_step_scale.jsonl"
+  budget 150 python3 benchmarks/opd_step_scale.py --sample --repeats 3 --scan_layers --remat none \
+    --out "$OUT/opd_step_scale.jsonl"
 }
 part_opd_vs_trl() {
   log "one on-policy JSD(0.5) step against TRL's GKDTrainer (needs trl), float32, small shapes"
