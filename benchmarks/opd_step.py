@@ -315,7 +315,7 @@ def main(argv=None):
   p.add_argument(
       "--scan_layers",
       action="store_true",
-      help="opdjax models scan over their layers (`scan_layers=True`): one layer traced",
+      help="opdjax models scan over their layers (`scan_layers=True`, remat auto: save_dots)",
   )
   p.add_argument(
       "--serial_compile",
@@ -373,6 +373,7 @@ def main(argv=None):
             "jax": jax.__version__,
             "compilation_cache": args.use_cache,
             "scan_layers": args.scan_layers,
+            "remat": opdjax_models[0].remat,  # "auto": save_dots scanned (since session 17)
             "background_compile": not args.serial_compile,
             "first_step_events_s": events,
         }
