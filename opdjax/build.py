@@ -509,23 +509,19 @@ def format_layout(run_setup: Setup) -> str:
       "partition rules (first match wins):",
   ]
   lines += [f"  {pattern:34s} {spec}" for pattern, spec in rules]
+  models = {
+      role: abstract_model(
+          model_config, **model_kwargs(run_setup.sections[role], model_config, mesh)
+      )
+      for role, model_config in run_setup.model_configs.items()
+  }
   lines.append("layer layouts (scan_layers, remat):")
-  for role, model_config in run_setup.model_configs.items():
-    model = abstract_model(
-        model_config, **model_kwargs(run_setup.sections[role], model_config, mesh)
-    )
+  for role, model in models.items():
     layout = "scanned" if model.scan_layers else "per-layer"
     remat = f", remat {model.remat}" if role == "student" else ""  # frozen: no backward
     setting = run_setup.sections[role].get("scan_layers", "auto")
-    lines.append(f"  {role}: {model_config.num_layers} layers, {layout} ({setting}){remat}")
-  _, state = nnx.split(
-      abstract_model(
-          run_setup.model_configs["student"],
-          **model_kwargs(
-              run_setup.sections["student"], run_setup.model_configs["student"], run_setup.mesh
-          ),
-      )
-  )
+    lines.append(f"  {role}: {model.config.num_layers} layers, {layout} ({setting}){remat}")
+  _, state = nnx.split(models["student"])
   placed = {}
   for path, variable in nnx.to_flat_state(state):
     name = sharding.path_string(path)
