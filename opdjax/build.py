@@ -24,7 +24,7 @@ from opdjax.data import (
 from opdjax.errors import ConfigError
 from opdjax.models import Decoder, ModelConfig, load_pretrained, load_tokenizer, read_config
 from opdjax.models.attention import ATTENTION_IMPLEMENTATIONS
-from opdjax.models.decoder import REMAT_SETTINGS, stack_layers, unstack_layers
+from opdjax.models.decoder import REMAT_SETTINGS, shared_layer_path, stack_layers, unstack_layers
 from opdjax.models.hf import abstract_model
 from opdjax.sampling import FUSE_SETTINGS
 
@@ -164,7 +164,8 @@ def build_model(
 
   Parameters are stored in the section's `param_dtype` and computed in its `dtype`, with
   its layer layout (`scan_layers`, `remat`); a checkpoint saved in the other layer layout is
-  converted on restore. Parameters are laid out on `mesh` by the partition `rules`."""
+  converted on restore, one parameter at a time (`restore_either_layout`). Parameters are laid out on `mesh` by the partition `rules`.
+  """
   kwargs = model_kwargs(model_config, config_of, mesh)
   if model_config.hf_path:
     model, _ = load_pretrained(model_config.hf_path, rules=rules, with_tokenizer=False, **kwargs)
@@ -206,14 +207,24 @@ def build_frozen_models(config, run_setup: Setup, teacher, *, mesh, rules) -> di
 
 def restore_either_layout(source, abstract, mesh, rules=sharding.DEFAULT_RULES, *, scanned: bool):
   """A run's parameters restored into `abstract`'s layer layout (`scanned` or per-layer),
-  whichever of the two layouts the checkpoint was saved in."""
+  whichever of the two layouts the checkpoint was saved in.
+
+  A checkpoint in the other layout is read one parameter at a time (all its layers), each
+  converted and placed before the next is read, so the conversion holds the model once
+  plus one parameter in both layouts."""
   try:
     return checkpoint.restore_params(source, sharding.abstract_state(abstract, mesh, rules))
   except (ValueError, KeyError):
     convert, back = (unstack_layers, stack_layers) if scanned else (stack_layers, unstack_layers)
-    other = jax.eval_shape(convert, abstract)
-    restored = checkpoint.restore_params(source, sharding.abstract_state(other, mesh, rules))
-    return sharding.place_state(back(restored), mesh, rules)
+    saved = sharding.abstract_state(jax.eval_shape(convert, abstract), mesh, rules)
+    groups = {}  # the saved entries of each parameter: a stacked one, or its layers
+    for path, variable in nnx.to_flat_state(saved):
+      groups.setdefault(shared_layer_path(path), []).append((path, variable))
+    parts = (nnx.from_flat_state(group) for group in groups.values())
+    converted = []
+    for part in checkpoint.restore_param_parts(source, parts):
+      converted += nnx.to_flat_state(sharding.place_state(back(part), mesh, rules))
+    return nnx.from_flat_state(converted)
 
 
 def build_mesh(config):

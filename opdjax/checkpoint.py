@@ -16,10 +16,12 @@ one before it is used.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import warnings
+from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -169,12 +171,41 @@ def restore_params(workdir: str | os.PathLike, params_like, *, step: int | None 
     params_like: a params tree (or abstract tree) with the target structure and shardings.
     step: which checkpoint; the latest by default.
   """
+  parts = restore_param_parts(workdir, [params_like], step=step, partial=False)
+  with contextlib.closing(parts):  # closes the manager
+    return next(parts)
+
+
+def restore_param_parts(
+    workdir: str | os.PathLike, parts_like: Iterable, *, step: int | None = None, partial=True
+) -> Iterator:
+  """Restores the parameters of one checkpoint a part at a time, each part when it is asked
+  for, so a caller that converts each part before taking the next holds one part's arrays in
+  two forms, never the whole tree's.
+
+  Args:
+    workdir: an earlier run's directory.
+    parts_like: (abstract) trees with the target shardings, each a subset of the saved
+      parameter tree (`partial`) or all of it.
+    step: which checkpoint; the latest by default.
+    partial: whether a part may leave out saved entries.
+  """
   manager = ocp.CheckpointManager(resolve(workdir) / "checkpoints")
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {resolve(workdir) / 'checkpoints'}")
-  restored = manager.restore(
-      step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_like(params_like)))
-  )
-  manager.close()
-  return restored["params"]
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {resolve(workdir) / 'checkpoints'}")
+    for part in parts_like:
+      target = abstract_like(part)
+      restore = (
+          ocp.args.PyTreeRestore(
+              target,
+              restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+              partial_restore=True,
+          )
+          if partial
+          else ocp.args.StandardRestore(target)
+      )
+      yield manager.restore(step, args=ocp.args.Composite(params=restore))["params"]
+  finally:
+    manager.close()

@@ -135,12 +135,14 @@ def test_every_recipe_runs(variant, teacher_dir, tmp_path, monkeypatch):
   again = trainer.run(config, tmp_path, quiet=True)
   assert again.history == result.history
   if variant == "opd_full":
-    assert_restores_in_both_layouts(config, tmp_path)
+    assert_restores_in_both_layouts(config, tmp_path, monkeypatch)
 
 
-def assert_restores_in_both_layouts(config, workdir):
-  """A scanned run's checkpoint restores into a per-layer model (and back) unchanged."""
+def assert_restores_in_both_layouts(config, workdir, monkeypatch):
+  """A scanned run's checkpoint restores into a per-layer model (and back) unchanged, read
+  one parameter (all its layers) at a time when it converts."""
   from opdjax.models import stack_layers
+  from opdjax.models.decoder import shared_layer_path
 
   mesh = build.build_mesh(config)
   model_config = checkpoint.read_model_config(workdir)
@@ -149,10 +151,21 @@ def assert_restores_in_both_layouts(config, workdir):
   scanned = nnx.state(build.build_model(section, model_config, seed=0, mesh=mesh), nnx.Param)
   assert scanned["layers"]["attn"]["q_proj"]["kernel"].get_value().ndim == 3
   section.scan_layers = "off"
+  restore_parts, parts = checkpoint.restore_param_parts, []
+
+  def recording(workdir, parts_like, **kwargs):
+    for part in restore_parts(workdir, parts_like, **kwargs):
+      parts.append((kwargs.get("partial", True), part))
+      yield part
+
+  monkeypatch.setattr(checkpoint, "restore_param_parts", recording)
   per_layer = nnx.state(build.build_model(section, model_config, seed=0, mesh=mesh), nnx.Param)
   assert 0 in per_layer["layers"]
   for a, b in zip(jax.tree.leaves(stack_layers(per_layer)), jax.tree.leaves(scanned)):
     np.testing.assert_array_equal(a, b)
+  read = [nnx.to_flat_state(part) for partial, part in parts if partial]
+  assert [len({shared_layer_path(path) for path, _ in part}) for part in read] == [1] * len(read)
+  assert sum(len(part) for part in read) == len(jax.tree.leaves(scanned))  # each read once
 
 
 @pytest.mark.parametrize("mesh_shape", [(4,)])

@@ -553,14 +553,21 @@ class Decoder(nnx.Module):
     return hidden if cache is None else (hidden, tuple(keys), tuple(values))
 
 
+def shared_layer_path(path: tuple) -> tuple:
+  """A state path without its layer index: `("layers", i, *rest)` (per-layer) becomes
+  `("layers", *rest)`, the path of the scanned layout's stacked entry; others are kept."""
+  if len(path) > 2 and path[0] == "layers" and isinstance(path[1], int):
+    return ("layers",) + tuple(path[2:])
+  return tuple(path)
+
+
 def stack_layers(state):
   """A per-layer NNX state (`layers/{i}/...`) in the scanned layout (`layers/...` with a
   leading layer axis). Other entries pass through."""
-  flat = nnx.to_flat_state(state)
   groups, rest = {}, []
-  for path, variable in flat:
-    if len(path) > 2 and path[0] == "layers" and isinstance(path[1], int):
-      groups.setdefault(("layers",) + tuple(path[2:]), []).append((path[1], variable))
+  for path, variable in nnx.to_flat_state(state):
+    if shared_layer_path(path) != tuple(path):
+      groups.setdefault(shared_layer_path(path), []).append((path[1], variable))
     else:
       rest.append((path, variable))
   stacked = [
