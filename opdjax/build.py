@@ -164,8 +164,8 @@ def build_model(
 
   Parameters are stored in the section's `param_dtype` and computed in its `dtype`, with
   its layer layout (`scan_layers`, `remat`); a checkpoint saved in the other layer layout is
-  converted on restore, one parameter at a time (`restore_either_layout`). Parameters are laid out on `mesh` by the partition `rules`.
-  """
+  converted on restore, one parameter at a time (`restore_either_layout`). Parameters are
+  laid out on `mesh` by the partition `rules`."""
   kwargs = model_kwargs(model_config, config_of, mesh)
   if model_config.hf_path:
     model, _ = load_pretrained(model_config.hf_path, rules=rules, with_tokenizer=False, **kwargs)

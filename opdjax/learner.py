@@ -357,7 +357,7 @@ def check_memory(config, run_setup: Setup, *, quiet: bool, background: bool = Fa
   rollout (XLA compiles without holding Python's lock); the first call of
   `Plan.train_step` waits for it, then prints and checks the whole plan before the first
   update. A run's first step then costs about the longest of its compilations rather than
-  their sum.
+  their sum where the host has cores to spare (on two cores the compilations share them).
   """
   limit = int(config.train.memory_limit_gb * 1e9) or memory.device_limit_bytes()
   terms, lower = shape_terms(config, run_setup)
