@@ -296,6 +296,36 @@ def test_a_scanned_backward_keeps_only_the_matmuls_with_save_dots():
   assert (default(True), default(False)) == ("save_dots", "none")
 
 
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scanned", "per-layer"])
+def test_a_model_on_a_mesh_keeps_the_batch_rows_split_between_layers(scan_layers):
+  """FSDP: with the rows of a batch split over 8 devices and the weights' hidden dimension
+  split too (`sharding.DEFAULT_RULES`), each device holds its rows' activations, about an
+  eighth of one device's. Without the constraint between layers (`Decoder._rows`) XLA
+  propagated the weights' sharding into a layer scan's carry, and each device computed
+  every row on a slice of the hidden dimension: 0.61 of one device's temporaries."""
+  from opdjax import sharding
+
+  config = tiny_config("qwen3", vocab_size=64, hidden_size=64, intermediate_size=128)
+
+  def temporaries(mesh):
+    model = nnx.eval_shape(
+        lambda: Decoder(config, rngs=nnx.Rngs(0), scan_layers=scan_layers, mesh=mesh)
+    )
+    graphdef, state = nnx.split(model)
+    tokens = jax.ShapeDtypeStruct((64, 128), jnp.int32)
+    if mesh is not None:
+      state = sharding.abstract_state(state, mesh)
+      tokens = jax.ShapeDtypeStruct(
+          tokens.shape, tokens.dtype, sharding=sharding.batch_sharding(mesh)
+      )
+    loss = lambda state, tokens: jnp.sum(nnx.merge(graphdef, state).hidden_states(tokens))
+    compiled = jax.jit(jax.grad(loss)).lower(state, tokens).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  ratio = temporaries(sharding.make_mesh((8,), ("fsdp",))) / temporaries(None)
+  assert ratio < 0.2, ratio
+
+
 def test_scanned_rematerialised_decoder_with_splash_on_a_mesh_equals_xla(monkeypatch):
   """The configuration a TPU run would use: scanned layers, full remat, splash attention per
   shard on a 2 × 2 fsdp × tensor mesh (the scanned layers keep the mesh: the kernel sees
