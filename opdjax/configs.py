@@ -110,9 +110,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.updates_per_rollout = 1
   c.train.rollout_ahead = False  # sample the next rollout before this update (one update stale)
   c.train.microbatches = 1  # row blocks per step, gradients summed (same update)
-  c.train.loss_chunk_size = (
-      0  # tokens per fused-loss chunk; 0 = auto (4M logits CPU, 1,024 tokens GPU, 16M logits TPU)
-  )
+  # Positions per fused-loss chunk on each device; 0 = auto (4M logits CPU, 1,024 tokens GPU,
+  # 16M logits TPU).
+  c.train.loss_chunk_size = 0
   c.train.memory_limit_gb = 0.0  # per-device plan limit; 0 = the device's own (none on CPU)
   c.train.log_every = 10
   c.train.save_every = 50

@@ -105,7 +105,13 @@ def accuracy(tokenizer, gen: Generation, answers) -> float:
 
 @functools.partial(
     jax.jit,
-    static_argnames=("student_graphdef", "teacher_graphdef", "chunk_size", "completion_length"),
+    static_argnames=(
+        "student_graphdef",
+        "teacher_graphdef",
+        "chunk_size",
+        "row_shards",
+        "completion_length",
+    ),
 )
 def _sequence_scores(
     student_graphdef,
@@ -116,6 +122,7 @@ def _sequence_scores(
     teacher_seq,
     *,
     chunk_size,
+    row_shards,
     completion_length,
 ):
   """Per-row `Σ_t log p(a_t) − log q(a_t)` on `seq`'s completions, plus token metrics. The
@@ -139,20 +146,32 @@ def _sequence_scores(
       obj.Head(teacher_hidden, teacher.head_kernel()),
   ]
   values = obj.token_values(
-      sampled_token_values, heads[0], targets.tokens, teacher=heads[1], chunk_size=chunk_size
+      sampled_token_values,
+      heads[0],
+      targets.tokens,
+      teacher=heads[1],
+      chunk_size=chunk_size,
+      row_shards=row_shards,
   )
   log_ratio = values["log_p"] - values["log_q"]
   per_row = jnp.sum(jnp.where(targets.mask, log_ratio, 0.0), axis=1)
   return per_row, metric_pairs(values, targets.mask)
 
 
-def _score_completions(models, prompts, teacher_prompts, gen: Generation, *, chunk_size):
+def _score_completions(
+    models, prompts, teacher_prompts, gen: Generation, *, chunk_size, row_shards
+):
   """`_sequence_scores` of `gen`'s completions after `prompts` (`(tokens, mask)`), the
   teacher's after `teacher_prompts` (None: the same prompts)."""
   seq = join(*prompts, gen.tokens, gen.mask)
   teacher_seq = None if teacher_prompts is None else join(*teacher_prompts, gen.tokens, gen.mask)
   return _sequence_scores(
-      *models, seq, teacher_seq, chunk_size=chunk_size, completion_length=gen.tokens.shape[1]
+      *models,
+      seq,
+      teacher_seq,
+      chunk_size=chunk_size,
+      row_shards=row_shards,
+      completion_length=gen.tokens.shape[1],
   )
 
 
@@ -245,6 +264,7 @@ def evaluate(
         (prompt_tokens, prompt_mask),
         teacher_prompts,
         chunk_size=chunk_size,
+        row_shards=splits,
     )
     per_row, token_metrics = score(without_padding(sampled))
     reverse += local_rows(per_row).tolist()

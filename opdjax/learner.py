@@ -68,6 +68,7 @@ def make_train_step(
     *,
     microbatches: int = 1,
     chunk_size: int = 0,
+    row_shards: int = 1,
 ):
   """`(params, opt_state, seq, frozen) -> (params, opt_state, metrics)`, jitted.
 
@@ -77,7 +78,9 @@ def make_train_step(
   names its `loss_value`, else a rematerialised scan), so no `[B, T, V]` array is formed.
   With `microbatches = M` the batch is split into M row blocks whose gradients are summed
   in a `lax.scan`; the loss is normalised by the whole batch's completion tokens (or rows,
-  for a recipe's sequence mean), so the update equals the whole-batch one.
+  for a recipe's sequence mean), so the update equals the whole-batch one. `chunk_size` is
+  the loss's positions per chunk on each device, and `row_shards` the number of devices
+  the batch's rows are split over (`sharding.row_splits`), which sizes the chunks.
   """
 
   def grads_of(params, seq, frozen_hidden, frozen_kernels, num_tokens, num_rows):
@@ -96,6 +99,7 @@ def make_train_step(
           num_tokens=num_tokens,
           num_rows=num_rows,
           chunk_size=chunk_size,
+          row_shards=row_shards,
       )
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -240,6 +244,7 @@ def shape_terms(config, run_setup: Setup) -> tuple[dict[str, int], Callable]:
       jax.tree.map(lambda x: x.sharding, opt_state),
       microbatches=config.train.microbatches,
       chunk_size=config.train.loss_chunk_size,
+      row_shards=sharding.row_splits(mesh),
   )
   return terms, lambda: step.lower(params, opt_state, seq, frozen or None)
 

@@ -4,8 +4,9 @@ Every training loss and logged metric in opdjax is a function of the logits at o
 position and the token that follows (a divergence to the teacher, `log p(a_t)`, an
 entropy, a top-K overlap). Anything that mixes positions (reward-to-go, group advantages,
 reductions) acts on the resulting `[B, T]` values, which are small. So one routine serves
-every objective: `token_values(fn, student, tokens, teacher=...)` flattens the `B·T`
-positions, pads them to a multiple of `chunk_size`, and `lax.scan`s over chunks; each chunk
+every objective: `token_values(fn, student, tokens, teacher=...)` cuts the sequence axis
+into chunks of a few positions of every row (padding the last) and `lax.scan`s over them, so
+where the rows are split over devices each device works on its own rows; each chunk
 computes `hidden @ kernel` for the student (and the teacher), applies `fn`, and keeps only
 `fn`'s per-token outputs. Its `custom_vjp` keeps only the inputs, and its backward pass
 recomputes one chunk's logits at a time: peak memory is O(chunk · V) whatever B·T is, and
@@ -172,27 +173,31 @@ def _is_head(x) -> bool:
 
 
 class _Chunks(NamedTuple):
-  """How `B·T` positions are cut into `count` chunks of `size` (the last one zero-padded)."""
+  """How `[B, T]` positions are cut into `count` chunks, each of `size` consecutive
+  positions of every row (the last chunk zero-padded). A chunk keeps all rows, so where
+  the batch's rows are split over devices each device computes its own rows' part of every
+  chunk; chunks of the flattened `B·T` positions would each lie on one device, and XLA
+  would gather the whole batch onto every device to scan them."""
 
   batch: int
   length: int
-  size: int
+  size: int  # positions of each row in a chunk
   count: int
 
   def split(self, x):
-    """`[B, T, ...] -> [count, size, ...]`."""
-    num = self.batch * self.length
-    x = x.reshape((num,) + x.shape[2:])
-    x = jnp.pad(x, [(0, self.count * self.size - num)] + [(0, 0)] * (x.ndim - 1))
-    return x.reshape((self.count, self.size) + x.shape[1:])
+    """`[B, T, ...] -> [count, B·size, ...]`."""
+    pad = self.count * self.size - self.length
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    x = jnp.swapaxes(x.reshape((self.batch, self.count, self.size) + x.shape[2:]), 0, 1)
+    return x.reshape((self.count, self.batch * self.size) + x.shape[3:])
 
   def join(self, v):
-    """`[count, size, ...] -> [B, T, ...]`, dropping the padding."""
-    v = v.reshape((self.count * self.size,) + v.shape[2:])[: self.batch * self.length]
-    return v.reshape((self.batch, self.length) + v.shape[1:])
+    """`[count, B·size, ...] -> [B, T, ...]`, dropping the padding."""
+    v = jnp.swapaxes(v.reshape((self.count, self.batch, self.size) + v.shape[2:]), 0, 1)
+    return v.reshape((self.batch, self.count * self.size) + v.shape[3:])[:, : self.length]
 
 
-def _chunked(student: Head, tokens, teacher, vocab_mask, chunk_size):
+def _chunked(student: Head, tokens, teacher, vocab_mask, chunk_size, row_shards):
   """Validates the inputs shared by `token_values` and `weighted_token_sum`; returns the
   chunking, the vocabulary mask as a function of logits, the (stop-gradiented) teachers'
   logits as a function of their hidden states in one chunk, and those hidden states cut
@@ -219,8 +224,12 @@ def _chunked(student: Head, tokens, teacher, vocab_mask, chunk_size):
     raise ValueError(f"vocab_mask must have shape ({vocab},), got {vocab_mask.shape}")
   if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 0:
     raise ValueError(f"chunk_size must be an integer >= 0 (0 = auto), got {chunk_size!r}")
-  size = chunk_size or auto_chunk_size(vocab, batch * length)
-  chunks = _Chunks(batch, length, size, -(-(batch * length) // size))
+  if isinstance(row_shards, bool) or not isinstance(row_shards, int) or row_shards < 1:
+    raise ValueError(f"row_shards must be an integer >= 1, got {row_shards!r}")
+  rows = -(-batch // row_shards)  # on each device
+  per_device = chunk_size or auto_chunk_size(vocab, rows * length)
+  size = min(length, -(-per_device // rows))  # positions of each row in a chunk
+  chunks = _Chunks(batch, length, size, -(-length // size))
 
   teacher = jax.tree.map(jax.lax.stop_gradient, teacher)
   teacher_kernels = jax.tree.map(lambda h: h.kernel, teacher, is_leaf=_is_head)
@@ -243,8 +252,9 @@ def token_values(
     teacher=None,
     vocab_mask: jax.Array | None = None,
     chunk_size: int = 0,
+    row_shards: int = 1,
 ) -> dict:
-  """Applies the per-token function `fn` to chunks of `B·T` positions.
+  """Applies the per-token function `fn` to chunks of positions.
 
   Under `jax.grad` only the inputs are kept: the backward pass computes each chunk's
   logits again, differentiates `fn` at them and runs the head's backward as
@@ -262,13 +272,16 @@ def token_values(
       receives the same pytree of `[C, V]` logits. All are stop-gradiented.
     vocab_mask: optional `[V]` bool; False entries get `-inf` logits for both models
       (for example the padded rows of a checkpoint's embedding).
-    chunk_size: positions per chunk; 0 picks `auto_chunk_size(V, B·T)`.
+    chunk_size: positions per chunk on each device (rounded up to whole positions of
+      each row); 0 picks `auto_chunk_size(V, positions on a device)`.
+    row_shards: over how many devices the batch's rows are split (`sharding.row_splits`);
+      it only sizes the chunks, whose positions of every row stay where their row is.
 
   Returns:
     `{name: [B, T]}`: `fn`'s outputs at every position, equal to `fn` on full logits.
   """
   chunks, masked, teacher_logits, teacher_hidden = _chunked(
-      student, tokens, teacher, vocab_mask, chunk_size
+      student, tokens, teacher, vocab_mask, chunk_size, row_shards
   )
   hidden, kernel = student
   xs = (teacher_hidden, chunks.split(tokens))
@@ -317,6 +330,7 @@ def weighted_token_sum(
     teacher=None,
     vocab_mask: jax.Array | None = None,
     chunk_size: int = 0,
+    row_shards: int = 1,
 ):
   """`Σ_t weights_t · fn(...)[key]_t` in one pass, with its gradient formed on the way.
 
@@ -330,7 +344,7 @@ def weighted_token_sum(
   outputs of `fn` are returned as `[B, T]` values without gradient (metrics).
 
   Args:
-    fn, student, tokens, teacher, vocab_mask, chunk_size: as in `token_values`.
+    fn, student, tokens, teacher, vocab_mask, chunk_size, row_shards: as in `token_values`.
     weights: `[B, T]` float weights (not differentiated).
     key: the output of `fn` that is summed.
 
@@ -339,7 +353,7 @@ def weighted_token_sum(
     dict of all `[B, T]` outputs of `fn` (constants).
   """
   chunks, masked, teacher_logits, teacher_hidden = _chunked(
-      student, tokens, teacher, vocab_mask, chunk_size
+      student, tokens, teacher, vocab_mask, chunk_size, row_shards
   )
   hidden, kernel = student
   if weights.shape != hidden.shape[:2]:

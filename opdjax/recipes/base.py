@@ -261,13 +261,25 @@ def frozen_argument(recipe: Recipe, by_role: dict):
 
 
 def loss_from_hidden(
-    recipe: Recipe, student: obj.Head, frozen, targets: Targets, *, chunk_size: int = 0
+    recipe: Recipe,
+    student: obj.Head,
+    frozen,
+    targets: Targets,
+    *,
+    chunk_size: int = 0,
+    row_shards: int = 1,
 ):
-  """`recipe`'s `(per-token loss [B, T], metrics)` from hidden states, in token chunks.
+  """`recipe`'s `(per-token loss [B, T], metrics)` from hidden states, in token chunks
+  (`chunk_size`, `row_shards`: `objectives.token_values`).
 
   `frozen` is `frozen_argument(recipe, {role: Head})`."""
   values = obj.token_values(
-      recipe.token_values, student, targets.tokens, teacher=frozen, chunk_size=chunk_size
+      recipe.token_values,
+      student,
+      targets.tokens,
+      teacher=frozen,
+      chunk_size=chunk_size,
+      row_shards=row_shards,
   )
   return recipe.loss(values, targets)
 
@@ -293,6 +305,7 @@ def batch_loss(
     num_tokens,
     num_rows=None,
     chunk_size: int = 0,
+    row_shards: int = 1,
 ):
   """The scalar the trainer minimises, `Σ token_weights·per_token_loss`, and metrics.
 
@@ -302,7 +315,9 @@ def batch_loss(
   num_rows = targets.mask.shape[0] if num_rows is None else num_rows
   weights = token_weights(recipe, targets.mask, num_tokens=num_tokens, num_rows=num_rows)
   if recipe.loss_value is None:
-    per_token, metrics = loss_from_hidden(recipe, student, frozen, targets, chunk_size=chunk_size)
+    per_token, metrics = loss_from_hidden(
+        recipe, student, frozen, targets, chunk_size=chunk_size, row_shards=row_shards
+    )
     return obj.masked_sum(per_token, weights), metrics
   loss, values = obj.fused.weighted_token_sum(
       recipe.token_values,
@@ -312,6 +327,7 @@ def batch_loss(
       key=recipe.loss_value,
       teacher=frozen,
       chunk_size=chunk_size,
+      row_shards=row_shards,
   )
   return loss, recipe.loss(values, targets)[1]
 

@@ -2,6 +2,7 @@
 its compiled train step holds no `[B·T, V]` buffer."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -19,8 +20,8 @@ from opdjax.recipes.base import (
     loss_from_logits,
 )
 
-B, T, D, DT, V = 3, 7, 8, 12, 19  # B·T = 21 positions: not a multiple of the chunk (4)
-CHUNK = 4
+B, T, D, DT, V = 3, 7, 8, 12, 19  # T = 7: not a multiple of a chunk's 2 positions a row
+CHUNK = 4  # positions per chunk: 2 of each of the 3 rows
 
 
 def _problem(seed=0):
@@ -266,12 +267,46 @@ def test_chunk_size_does_not_change_values():
           targets.tokens,
           teacher=obj.Head(t_hidden, t_kernel),
           chunk_size=c,
+          row_shards=shards,
       )
-      for c in (1, 5, B * T, 64, 0)
+      for c, shards in ((1, 1), (5, 1), (B * T, 1), (64, 1), (0, 1), (2, 2), (4, 3), (0, 3))
   ]
   for out in outs[1:]:
     for name in ("lp", "kl"):
       np.testing.assert_allclose(out[name], outs[0][name], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("one_pass", [True, False], ids=["weighted_token_sum", "token_values"])
+def test_rows_split_over_devices_are_chunked_where_they_lie(one_pass):
+  """With the batch's rows split over 8 devices, each device computes the chunks of its own
+  rows: the compiled loss gathers nothing and only sums the head's gradient over devices
+  (chunks of the flattened `B·T` positions each lay on one device, so XLA gathered the
+  whole batch onto every device and each computed every chunk)."""
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from opdjax import sharding
+
+  mesh = sharding.make_mesh((8,), ("fsdp",))
+  rows, whole = NamedSharding(mesh, P("fsdp")), NamedSharding(mesh, P())
+  hidden = jax.ShapeDtypeStruct((16, 24, 32), jnp.float32, sharding=rows)
+  kernel = jax.ShapeDtypeStruct((32, 64), jnp.float32, sharding=whole)
+  tokens = jax.ShapeDtypeStruct((16, 24), jnp.int32, sharding=rows)
+  fn = lambda s, t, a: {"kl": obj.reverse_kl(s, t)}
+
+  def loss(hidden, kernel, t_hidden, t_kernel, tokens):
+    student = obj.Head(hidden, kernel)
+    # 2 rows × 16 positions of each chunk on each device
+    kwargs = dict(teacher=obj.Head(t_hidden, t_kernel), chunk_size=32, row_shards=8)
+    if one_pass:
+      weights = jnp.ones(tokens.shape)
+      return obj.fused.weighted_token_sum(fn, student, tokens, weights, key="kl", **kwargs)[0]
+    return jnp.sum(obj.token_values(fn, student, tokens, **kwargs)["kl"])
+
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+  text = grad.lower(hidden, kernel, hidden, kernel, tokens).compile().as_text()
+  collectives = r"(all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)"
+  assert set(re.findall(collectives + r"(?:-start)?\(", text)) == {"all-reduce"}
 
 
 def test_auto_chunk_size_by_backend(monkeypatch):
@@ -294,6 +329,8 @@ def test_bad_input_names_the_value():
   fn = lambda s, t, a: {"lp": obj.token_log_probs(s, a)}
   with pytest.raises(ValueError, match="chunk_size must be an integer >= 0"):
     obj.token_values(fn, obj.Head(hidden, kernel), targets.tokens, chunk_size=-1)
+  with pytest.raises(ValueError, match="row_shards must be an integer >= 1, got 0"):
+    obj.token_values(fn, obj.Head(hidden, kernel), targets.tokens, row_shards=0)
   with pytest.raises(ValueError, match=r"tokens \(3, 6\) must be \[B, T\]"):
     obj.token_values(fn, obj.Head(hidden, kernel), targets.tokens[:, :6])
   with pytest.raises(ValueError, match="teacher hidden"):
