@@ -116,7 +116,10 @@ def head_backward(
 
   Returns `(grad_logits @ kernelᵀ, grad_kernel + hidden_cᵀ @ grad_logits)`: the chunk's
   hidden-state gradient (`[C, D]`, in `hidden_c`'s dtype) and the head gradient summed so
-  far (`[D, V]`, float32).
+  far (`[D, V]`, float32). A `grad_kernel` of `[S, D, V]` keeps S partial sums, one per
+  block of `C / S` consecutive positions (`_Chunks.row_blocks`: the rows each device holds),
+  so where the rows are split over devices each device adds only its own rows' products and
+  the sum over devices happens once, after the last chunk, rather than once per chunk.
 
   `block` defaults to `HEAD_BLOCK` for the backend. With `block = 0` both are one product
   each. On a GPU or TPU XLA folds the sum into the matrix product (a GEMM that accumulates
@@ -136,19 +139,34 @@ def head_backward(
   """
   if block is None:
     block = HEAD_BLOCK.get(jax.default_backend(), 0)
-  if not block or block >= kernel.shape[1]:
+  partial = grad_kernel.ndim == 3
+  if not partial and (not block or block >= kernel.shape[1]):
     _, vjp = jax.vjp(logits_of, hidden_c, kernel)
     grad_hidden_c, grad_kernel_c = vjp(grad_logits)
     return grad_hidden_c, grad_kernel + grad_kernel_c
+
+  def kernel_product(g):  # hidden_cᵀ @ g, by row block where the sums are partial
+    if not partial:
+      return jnp.einsum("cd,cv->dv", hidden_c, g, preferred_element_type=jnp.float32)
+    by_block = lambda x: x.reshape((grad_kernel.shape[0], -1) + x.shape[1:])
+    return jnp.einsum(
+        "scd,scv->sdv", by_block(hidden_c), by_block(g), preferred_element_type=jnp.float32
+    )
+
+  if not block or block >= kernel.shape[1]:
+    grad_hidden_c = jnp.einsum("cv,dv->cd", grad_logits, kernel, preferred_element_type=jnp.float32)
+    return grad_hidden_c.astype(hidden_c.dtype), grad_kernel + kernel_product(grad_logits)
 
   def add_block(start, size, carry):
     grad_hidden_c, grad_kernel = carry
     g = jax.lax.dynamic_slice_in_dim(grad_logits, start, size, axis=1)
     w = jax.lax.dynamic_slice_in_dim(kernel, start, size, axis=1)
-    acc = jax.lax.dynamic_slice_in_dim(grad_kernel, start, size, axis=1)
-    acc = acc + jnp.einsum("cd,cv->dv", hidden_c, g, preferred_element_type=jnp.float32)
+    vocab_axis = grad_kernel.ndim - 1
+    acc = jax.lax.dynamic_slice_in_dim(grad_kernel, start, size, axis=vocab_axis)
+    acc = acc + kernel_product(g)
     grad_hidden_c += jnp.einsum("cv,dv->cd", g, w, preferred_element_type=jnp.float32)
-    return grad_hidden_c, jax.lax.dynamic_update_slice_in_dim(grad_kernel, acc, start, axis=1)
+    grad_kernel = jax.lax.dynamic_update_slice_in_dim(grad_kernel, acc, start, axis=vocab_axis)
+    return grad_hidden_c, grad_kernel
 
   vocab = kernel.shape[1]
   carry = (jnp.zeros(hidden_c.shape, jnp.float32), grad_kernel)
@@ -183,6 +201,16 @@ class _Chunks(NamedTuple):
   length: int
   size: int  # positions of each row in a chunk
   count: int
+  row_blocks: int  # the devices the rows are split over, where they divide the rows, else 1
+
+  def head_gradient(self, kernel):
+    """A zero head gradient: `[D, V]`, or `[row_blocks, D, V]` partial sums, one per block
+    of rows (`head_backward`); `total` sums them."""
+    lead = () if self.row_blocks == 1 else (self.row_blocks,)
+    return jnp.zeros(lead + kernel.shape, jnp.float32)
+
+  def total(self, grad_kernel):
+    return grad_kernel if self.row_blocks == 1 else jnp.sum(grad_kernel, axis=0)
 
   def split(self, x):
     """`[B, T, ...] -> [count, B·size, ...]`."""
@@ -229,7 +257,8 @@ def _chunked(student: Head, tokens, teacher, vocab_mask, chunk_size, row_shards)
   rows = -(-batch // row_shards)  # on each device
   per_device = chunk_size or auto_chunk_size(vocab, rows * length)
   size = min(length, -(-per_device // rows))  # positions of each row in a chunk
-  chunks = _Chunks(batch, length, size, -(-length // size))
+  blocks = row_shards if batch % row_shards == 0 else 1
+  chunks = _Chunks(batch, length, size, -(-length // size), blocks)
 
   teacher = jax.tree.map(jax.lax.stop_gradient, teacher)
   teacher_kernels = jax.tree.map(lambda h: h.kernel, teacher, is_leaf=_is_head)
@@ -310,10 +339,11 @@ def token_values(
 
     grad_kernel, grad_hidden = jax.lax.scan(
         body,
-        jnp.zeros(kernel.shape, jnp.float32),
+        chunks.head_gradient(kernel),
         (chunks.split(hidden), jax.tree.map(chunks.split, grad_values)) + xs,
     )
-    return chunks.join(grad_hidden).astype(hidden.dtype), grad_kernel.astype(kernel.dtype)
+    grad_kernel = chunks.total(grad_kernel).astype(kernel.dtype)
+    return chunks.join(grad_hidden).astype(hidden.dtype), grad_kernel
 
   rematerialised = jax.custom_vjp(values)
   rematerialised.defvjp(lambda hidden, kernel: (values(hidden, kernel), (hidden, kernel)), backward)
@@ -386,8 +416,9 @@ def weighted_token_sum(
       return grad_kernel, (total, out, grad_hidden_c)
 
     grad_kernel, (totals, out, grad_hidden) = jax.lax.scan(
-        body, jnp.zeros(kernel.shape, jnp.float32), (chunks.split(hidden),) + xs
+        body, chunks.head_gradient(kernel), (chunks.split(hidden),) + xs
     )
+    grad_kernel = chunks.total(grad_kernel)
     grad_hidden = chunks.join(grad_hidden.astype(hidden.dtype))
     return (jnp.sum(totals), jax.tree.map(chunks.join, out)), (grad_hidden, grad_kernel)
 

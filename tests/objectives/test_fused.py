@@ -276,12 +276,62 @@ def test_chunk_size_does_not_change_values():
       np.testing.assert_allclose(out[name], outs[0][name], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("block", [0, 2, 5, 64])
+def test_head_backward_partial_sums_by_row_block_add_up_to_the_whole(block):
+  """`head_backward` with `[S, D, V]` partial sums (one per block of rows) adds each block's
+  product to its own sum, whole or in vocabulary blocks; their total is the `[D, V]` one."""
+  ks = jax.random.split(jax.random.key(3), 4)
+  hidden_c, kernel = jax.random.normal(ks[0], (6, D)), jax.random.normal(ks[1], (D, V))
+  grad_logits = jax.random.normal(ks[2], (6, V))
+  start = jax.random.normal(ks[3], (3, D, V))
+  whole_h, whole_k = obj.fused.head_backward(
+      hidden_c, kernel, grad_logits, start.sum(0), block=block
+  )
+  partial_h, partial_k = obj.fused.head_backward(hidden_c, kernel, grad_logits, start, block=block)
+  np.testing.assert_allclose(partial_h, whole_h, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(partial_k.sum(0), whole_k, rtol=1e-5, atol=1e-5)
+  for s in range(3):  # rows 2s and 2s + 1 went to sum s
+    rows = slice(2 * s, 2 * s + 2)
+    np.testing.assert_allclose(
+        partial_k[s] - start[s], hidden_c[rows].T @ grad_logits[rows], rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("one_pass", [True, False], ids=["weighted_token_sum", "token_values"])
+def test_row_shards_change_no_gradient(one_pass):
+  """Split into row blocks (`row_shards` = 3 divides B = 3: the head gradient is summed per
+  block, then over blocks), values and gradients equal one block's."""
+  hidden, kernel, t_hidden, t_kernel, vocab_mask, targets = _problem(4)
+  fn = lambda s, t, a: {"kl": obj.reverse_kl(s, t)}
+  weights = targets.mask / jnp.sum(targets.mask)
+
+  def loss(hidden, kernel, row_shards):
+    kwargs = dict(
+        teacher=obj.Head(t_hidden, t_kernel),
+        vocab_mask=vocab_mask,
+        chunk_size=CHUNK,
+        row_shards=row_shards,
+    )
+    student = obj.Head(hidden, kernel)
+    if one_pass:
+      return obj.fused.weighted_token_sum(fn, student, targets.tokens, weights, key="kl", **kwargs)[
+          0
+      ]
+    return obj.masked_sum(obj.token_values(fn, student, targets.tokens, **kwargs)["kl"], weights)
+
+  one = jax.value_and_grad(loss, argnums=(0, 1))(hidden, kernel, 1)
+  three = jax.value_and_grad(loss, argnums=(0, 1))(hidden, kernel, 3)
+  for a, b in zip(jax.tree.leaves(three), jax.tree.leaves(one)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("one_pass", [True, False], ids=["weighted_token_sum", "token_values"])
 def test_rows_split_over_devices_are_chunked_where_they_lie(one_pass):
   """With the batch's rows split over 8 devices, each device computes the chunks of its own
-  rows: the compiled loss gathers nothing and only sums the head's gradient over devices
-  (chunks of the flattened `B·T` positions each lay on one device, so XLA gathered the
-  whole batch onto every device and each computed every chunk)."""
+  rows: the compiled loss gathers nothing and sums the head's gradient over devices once,
+  outside the chunk loop. (Chunks of the flattened `B·T` positions each lay on one device,
+  so XLA gathered the whole batch onto every device and each computed every chunk; a
+  replicated `[D, V]` accumulator was summed over devices in every chunk.)"""
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
 
@@ -305,8 +355,16 @@ def test_rows_split_over_devices_are_chunked_where_they_lie(one_pass):
 
   grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
   text = grad.lower(hidden, kernel, hidden, kernel, tokens).compile().as_text()
-  collectives = r"(all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)"
-  assert set(re.findall(collectives + r"(?:-start)?\(", text)) == {"all-reduce"}
+  loop_bodies = set(re.findall(r"body=%?([\w.\-]+)", text))
+  collectives = r"(all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)(?:-start)?\("
+  found, computation = set(), None
+  for line in text.splitlines():
+    header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) ", line)
+    if header and line.rstrip().endswith("{"):
+      computation = header[1]
+    where = "in a loop" if computation in loop_bodies else "once"
+    found |= {(op, where) for op in re.findall(collectives, line)}
+  assert found == {("all-reduce", "once")}, found
 
 
 def test_auto_chunk_size_by_backend(monkeypatch):
