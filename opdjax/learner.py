@@ -59,6 +59,25 @@ def make_optimizer(config) -> optax.GradientTransformation:
   return optax.chain(optax.clip_by_global_norm(opt.grad_clip), update)
 
 
+def strided_blocks(x: jax.Array, *, count: int, unit: int = 1) -> jax.Array:
+  """`x [B, ...]` as `count` blocks of rows `[count, B / count, ...]`, taking runs of `unit`
+  rows (a GRPO group) in turn: block m holds runs m, m + count, m + 2·count, ...
+
+  Where the batch's rows are split over devices in consecutive runs, each device then holds
+  its share of every block, so a micro-batch is computed by all devices without moving rows;
+  blocks of consecutive rows would each lie on a few devices, and XLA moved rows between
+  devices to split each one (all-to-alls and collective permutes of the rollout and the
+  teacher's hidden states in every step).
+
+  >>> strided_blocks(jnp.arange(8), count=2).tolist()
+  [[0, 2, 4, 6], [1, 3, 5, 7]]
+  >>> strided_blocks(jnp.arange(8), count=2, unit=2).tolist()
+  [[0, 1, 4, 5], [2, 3, 6, 7]]
+  """
+  runs = x.reshape((x.shape[0] // (count * unit), count, unit) + x.shape[1:])
+  return jnp.swapaxes(runs, 0, 1).reshape((count, x.shape[0] // count) + x.shape[1:])
+
+
 def make_train_step(
     graphdef,
     recipe,
@@ -76,9 +95,10 @@ def make_train_step(
   once per rollout), or None. The student runs to its final hidden states and the loss is
   computed from them in token chunks (`recipes.base.batch_loss`: one pass when the recipe
   names its `loss_value`, else a rematerialised scan), so no `[B, T, V]` array is formed.
-  With `microbatches = M` the batch is split into M row blocks whose gradients are summed
-  in a `lax.scan`; the loss is normalised by the whole batch's completion tokens (or rows,
-  for a recipe's sequence mean), so the update equals the whole-batch one. `chunk_size` is
+  With `microbatches = M` the batch is split into M row blocks (`strided_blocks`) whose
+  gradients are summed in a `lax.scan`; the loss is normalised by the whole batch's
+  completion tokens (or rows, for a recipe's sequence mean), so the update equals the
+  whole-batch one. `chunk_size` is
   the loss's positions per chunk on each device, and `row_shards` the number of devices
   the batch's rows are split over (`sharding.row_splits`), which sizes the chunks.
   """
@@ -115,7 +135,7 @@ def make_train_step(
     if microbatches == 1:
       loss, step_metrics, grads = grads_of(params, seq, hidden, kernels, num_tokens, num_rows)
     else:
-      split = lambda x: x.reshape((microbatches, x.shape[0] // microbatches) + x.shape[1:])
+      split = functools.partial(strided_blocks, count=microbatches, unit=recipe.group_size)
       blocks = jax.tree.map(split, (seq, hidden))
 
       def accumulate(total, block):

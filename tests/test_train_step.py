@@ -426,3 +426,44 @@ def test_sampled_recipes_declare_their_correction_and_full_ones_none():
       dict(name="gopd", estimator="full"),
   ):
     assert recipe_of(**kwargs).correction is None, kwargs
+
+
+def test_microbatches_of_rows_split_over_devices_move_no_rows():
+  """On 8 devices with the rows split over them, a step of 4 micro-batches (GRPO groups of
+  2, kept whole) takes each block from every device's own rows (`learner.strided_blocks`):
+  its compiled program moves no rows between devices; the only exchange is the embedding
+  lookup's (its gather and, backward, its scatter-add, as in the whole-batch step's
+  parts). Blocks of consecutive rows each lay on two devices, and XLA moved the rollout and
+  the teacher's hidden states with collective permutes in every step."""
+  import re
+
+  mesh = sharding.make_mesh((8,), ("fsdp",))
+  config = tiny_config("qwen3", vocab_size=64, hidden_size=64, intermediate_size=128)
+  model = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0), scan_layers=True, mesh=mesh))
+  graphdef, params = nnx.split(model)
+  params = sharding.abstract_state(params, mesh)
+  tx = optax.adam(1e-3)
+  opt_state = learner.abstract_optimizer_state(tx, params, mesh)
+  shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
+  step = learner.make_train_step(
+      graphdef,
+      recipe_of(name="grpo", group_size=2, opd_weight=0.5),
+      tx,
+      shardings(params),
+      shardings(opt_state),
+      microbatches=4,
+      row_shards=8,
+  )
+  rows = sharding.batch_sharding(mesh)
+  seq = recipes.Sequences.spec(64, 33, rows)
+  hidden = jax.ShapeDtypeStruct((64, 32, 48), jnp.float32, sharding=rows)
+  whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  kernel = jax.ShapeDtypeStruct((48, 64), jnp.float32, sharding=whole)
+  text = step.lower(params, opt_state, seq, {"teacher": obj.Head(hidden, kernel)}).compile()
+  moves = [
+      (op, re.search(r'op_name="([^"]*)"', line)[1])
+      for line in text.as_text().splitlines()
+      for op in re.findall(r"(all-to-all|collective-permute)(?:-start)?\(", line)
+  ]
+  rows_moved = [(op, name) for op, name in moves if "jit(_take)" not in name]
+  assert moves and not rows_moved, rows_moved
