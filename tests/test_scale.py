@@ -1,5 +1,6 @@
-"""Real-vocabulary scale through the CLI: a run at Qwen3's vocabulary never forms a
-`[B, T, V]` tensor, measured as the peak RSS of the training process."""
+"""Real scale: a run through the CLI at Qwen3's vocabulary never forms a `[B, T, V]` tensor
+(the peak RSS of the training process), and a step at Qwen3's widths split over 8 devices
+plans one device's share of the batch."""
 
 import json
 import os
@@ -7,8 +8,10 @@ import re
 import subprocess
 import sys
 
+import transformers
 from flax import nnx
 
+from opdjax import build, configs, learner
 from opdjax.models import Decoder, save_pretrained, tiny_config
 from tests.models.hf_fixtures import save_tiny_tokenizer
 
@@ -108,3 +111,40 @@ def test_cli_run_at_qwen3_vocabulary_peaks_far_below_one_btv_tensor(tmp_path):
   print(f"train step temporaries {temporaries:.3f} GB")
   assert temporaries * 1e9 < 0.1 * one_tensor
   assert peak - baseline < 0.5 * one_tensor
+
+
+def test_a_step_at_qwen3_widths_on_8_devices_plans_one_devices_share(tmp_path):
+  """FSDP at real widths: the memory plan of an OPD step with Qwen3-1.7B's student and
+  Qwen3-8B's teacher widths (2 scanned layers each, V = 151,936, 1,279 positions a row)
+  holds no more per device for 64 rows on 8 devices than one device does for 8 rows (0.84×
+  here). Before the decoder kept its rows split between layers (`Decoder._rows`), every
+  device computed every row on a slice of the hidden dimension: 2.1×."""
+  widths = {
+      "student": dict(hidden_size=2048, intermediate_size=6144, num_attention_heads=16),
+      "teacher": dict(hidden_size=4096, intermediate_size=12288, num_attention_heads=32),
+  }
+  for name, kwargs in widths.items():  # the plan reads shapes only: config.json, no weights
+    transformers.Qwen3Config(
+        vocab_size=VOCAB,
+        head_dim=128,
+        num_hidden_layers=2,
+        num_key_value_heads=8,
+        tie_word_embeddings=name == "student",
+        **kwargs,
+    ).save_pretrained(tmp_path / name)
+    save_tiny_tokenizer(tmp_path / name, 64)
+  (tmp_path / "train.jsonl").write_text(json.dumps({"prompt": "w3 w4", "answer": "w5"}) + "\n")
+
+  def temporaries(devices, rows):
+    c = configs.base_config()  # bfloat16 compute, float32 master weights
+    c.student.hf_path, c.teacher.hf_path = str(tmp_path / "student"), str(tmp_path / "teacher")
+    c.student.scan_layers = "on"
+    c.recipe.update(dict(name="opd", estimator="full", divergence="reverse_kl"))
+    c.task.train_jsonl = str(tmp_path / "train.jsonl")
+    c.task.prompt_length, c.task.completion_length = 256, 1024
+    c.train.batch_size, c.mesh.shape = rows, (devices,)
+    return learner.memory_plan(c, build.setup(c)).terms["train step temporaries"]
+
+  ratio = temporaries(8, 64) / temporaries(1, 8)
+  print(f"per device on 8 devices / one device's share: {ratio:.2f}")
+  assert ratio < 1.25, ratio
