@@ -2,6 +2,7 @@
 the statistics they report checked against direct computations."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -444,3 +445,25 @@ def test_recovering_teacher_tiny(capsys, tmp_path, copy_finished_stages):
   for key in ("recipe", "optimizer", "student"):
     assert consistent[key] == recovering[key], key
   assert consistent["recipe"]["estimator"] == "sampled"
+
+
+def test_qwen3_opd_plans_its_step_from_the_checkpoints_config_files(tmp_path, capsys):
+  """The real-scale experiment takes its three paths as its argument (without them, one
+  line naming the form), and `--dry_run` plans its step from the checkpoints'
+  `config.json` files alone: Qwen3-1.7B's and Qwen3-8B's widths, at 2 layers each here."""
+  from opdjax.experiments import qwen3_opd
+  from tests.models.hf_fixtures import save_qwen3_shapes
+
+  with pytest.raises(ConfigError, match=r"qwen3_opd takes STUDENT_DIR,TEACHER_DIR,TRAIN_JSONL"):
+    qwen3_opd.get_config(None)
+  save_qwen3_shapes(tmp_path / "student", "1.7B", num_layers=2)
+  save_qwen3_shapes(tmp_path / "teacher", "8B", num_layers=2)
+  (tmp_path / "train.jsonl").write_text(json.dumps({"prompt": "w3 w4", "answer": "w5"}) + "\n")
+  paths = ",".join(str(tmp_path / name) for name in ("student", "teacher", "train.jsonl"))
+  code = cli_main(["--exp", f"qwen3_opd:{paths}", "--workdir", str(tmp_path / "run"), "--dry_run"])
+  out = capsys.readouterr().out
+  assert code == 0, out[-2000:]
+  assert f"hf_path: {tmp_path / 'teacher'}" in out
+  assert "student: 2 layers, per-layer (auto), remat none" in out
+  assert re.search(r"train step temporaries\s+[0-9.]+ GB", out)
+  assert not (tmp_path / "run").exists()  # a dry run writes nothing

@@ -8,12 +8,11 @@ import re
 import subprocess
 import sys
 
-import transformers
 from flax import nnx
 
 from opdjax import build, configs, learner
 from opdjax.models import Decoder, save_pretrained, tiny_config
-from tests.models.hf_fixtures import save_tiny_tokenizer
+from tests.models.hf_fixtures import save_qwen3_shapes, save_tiny_tokenizer
 
 VOCAB = 151_936
 
@@ -119,20 +118,8 @@ def test_a_step_at_qwen3_widths_on_8_devices_plans_one_devices_share(tmp_path):
   holds no more per device for 64 rows on 8 devices than one device does for 8 rows (0.84×
   here). Before the decoder kept its rows split between layers (`Decoder._rows`), every
   device computed every row on a slice of the hidden dimension: 2.1×."""
-  widths = {
-      "student": dict(hidden_size=2048, intermediate_size=6144, num_attention_heads=16),
-      "teacher": dict(hidden_size=4096, intermediate_size=12288, num_attention_heads=32),
-  }
-  for name, kwargs in widths.items():  # the plan reads shapes only: config.json, no weights
-    transformers.Qwen3Config(
-        vocab_size=VOCAB,
-        head_dim=128,
-        num_hidden_layers=2,
-        num_key_value_heads=8,
-        tie_word_embeddings=name == "student",
-        **kwargs,
-    ).save_pretrained(tmp_path / name)
-    save_tiny_tokenizer(tmp_path / name, 64)
+  save_qwen3_shapes(tmp_path / "student", "1.7B", num_layers=2)
+  save_qwen3_shapes(tmp_path / "teacher", "8B", num_layers=2)
   (tmp_path / "train.jsonl").write_text(json.dumps({"prompt": "w3 w4", "answer": "w5"}) + "\n")
 
   def temporaries(devices, rows):
