@@ -98,9 +98,9 @@ def make_train_step(
   With `microbatches = M` the batch is split into M row blocks (`strided_blocks`) whose
   gradients are summed in a `lax.scan`; the loss is normalised by the whole batch's
   completion tokens (or rows, for a recipe's sequence mean), so the update equals the
-  whole-batch one. `chunk_size` is
-  the loss's positions per chunk on each device, and `row_shards` the number of devices
-  the batch's rows are split over (`sharding.row_splits`), which sizes the chunks.
+  whole-batch one. `chunk_size` is the loss's positions per chunk on each device, and
+  `row_shards` the number of devices the batch's rows are split over
+  (`sharding.row_splits`), which sizes the chunks.
   """
 
   def grads_of(params, seq, frozen_hidden, frozen_kernels, num_tokens, num_rows):

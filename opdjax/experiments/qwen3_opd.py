@@ -27,7 +27,10 @@ temporaries (66.9 GB in one micro-batch): 31.4 GB in all.
 from opdjax import configs
 from opdjax.errors import ConfigError
 
-USAGE = "STUDENT_DIR,TEACHER_DIR,TRAIN_JSONL (--exp qwen3_opd:/ckpt/Qwen3-1.7B,/ckpt/Qwen3-8B,/data/train.jsonl)"
+USAGE = (
+    "STUDENT_DIR,TEACHER_DIR,TRAIN_JSONL "
+    "(--exp qwen3_opd:/ckpt/Qwen3-1.7B,/ckpt/Qwen3-8B,/data/train.jsonl)"
+)
 
 
 def get_config(arg=None):
