@@ -568,8 +568,9 @@ class Decoder(nnx.Module):
     Without it XLA propagates the FSDP weights' sharding (their hidden dimension split over
     `fsdp`) into the activations: each device then computed every row of the batch with a
     slice of the hidden dimension, holding the whole batch's activations (a Qwen3-1.7B step
-    of 64 rows × 2,560 tokens on 8 devices: 302 GB of temporaries per device), where
-    splitting the rows and gathering each layer's weights is FSDP."""
+    of 64 rows × 2,560 tokens on 8 devices: 305 GB of temporaries per device, 66.9 GB with
+    the constraint; `benchmarks/data_parallel.py`), where splitting the rows and gathering
+    each layer's weights is FSDP."""
     return x if self.rows is None else jax.lax.with_sharding_constraint(x, self.rows)
 
 
