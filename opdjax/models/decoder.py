@@ -358,7 +358,9 @@ class Decoder(nnx.Module):
     self.scan_layers = scan_layers
     self.remat = remat_policy_name(remat, scan_layers=scan_layers)
     # The residual stream's rows split over the mesh's data axes between layers (`_rows`).
-    self.rows = None if mesh is None or mesh.devices.size == 1 else sharding.batch_sharding(mesh)
+    self.row_sharding = (
+        None if mesh is None or mesh.devices.size == 1 else sharding.batch_sharding(mesh)
+    )
     param_dtype = param_dtype or dtype
     self.embed = nnx.Embed(
         config.vocab_size,
@@ -571,7 +573,9 @@ class Decoder(nnx.Module):
     of 64 rows × 2,560 tokens on 8 devices: 305 GB of temporaries per device, 66.9 GB with
     the constraint; `benchmarks/data_parallel.py`), where splitting the rows and gathering
     each layer's weights is FSDP."""
-    return x if self.rows is None else jax.lax.with_sharding_constraint(x, self.rows)
+    if self.row_sharding is None:
+      return x
+    return jax.lax.with_sharding_constraint(x, self.row_sharding)
 
 
 def shared_layer_path(path: tuple) -> tuple:
