@@ -11,8 +11,10 @@ constraint that keeps the residual stream's rows split between layers) turned of
     python benchmarks/data_parallel.py --without_row_constraint \\
         --out benchmarks/results/data_parallel_cpu8.jsonl
 
-About 2 minutes on 2 CPU cores. The plan's attention is XLA's, which keeps its scores
-(cuDNN on a GPU and splash on a TPU do not), so accelerator plans are smaller.
+About 25 seconds on 2 CPU cores. The plan's attention there is XLA's, which keeps its
+scores (cuDNN on a GPU and splash on a TPU do not); on an accelerator the variants that
+need more devices than it has are skipped (`gpu_session.sh`'s `plan_qwen3` plans one GPU's
+8 rows).
 """
 
 from __future__ import annotations
