@@ -294,11 +294,11 @@ def remat_policy_name(remat: str, *, scan_layers: bool) -> str:
   residual, elementwise ones included, which XLA cannot fuse away across the loop as it
   does per-layer: the gradient of an 8-layer, hidden-512 model over 256 tokens holds
   207 MB of temporaries scanned against 93 MB per-layer in float32 (303 against 123 MB in
-  bfloat16) and runs 1.3–1.5× slower on a CPU (`benchmarks/layer_layouts.py`). Keeping only the matmuls' outputs and
-  recomputing the rest ("save_dots") makes it 69 MB (66 MB) at 1.1–1.2× per-layer's time;
-  at Qwen3-0.6B's shape the scanned update with "save_dots" is faster than per-layer (22.0
-  against 23.9 s; with "none" 29.4 s) and holds 4.9 GB of temporaries (7.2 GB; 9.3 GB).
-  Per-layer, "none" is as small and as fast as "save_dots".
+  bfloat16) and runs 1.3–1.5× slower on a CPU (`benchmarks/layer_layouts.py`). Keeping
+  only the matmuls' outputs and recomputing the rest ("save_dots") makes it 69 MB (66 MB)
+  at 1.1–1.2× per-layer's time; at Qwen3-0.6B's shape the scanned update with "save_dots"
+  is faster than per-layer (22.0 against 23.9 s; with "none" 29.4 s) and holds 4.9 GB of
+  temporaries (7.2 GB; 9.3 GB). Per-layer, "none" is as small and as fast as "save_dots".
   """
   if remat not in REMAT_SETTINGS:
     raise ValueError(f"remat must be one of {REMAT_SETTINGS}, got {remat!r}")
