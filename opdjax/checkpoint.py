@@ -177,7 +177,11 @@ def restore_params(workdir: str | os.PathLike, params_like, *, step: int | None 
 
 
 def restore_param_parts(
-    workdir: str | os.PathLike, parts_like: Iterable, *, step: int | None = None, partial=True
+    workdir: str | os.PathLike,
+    parts_like: Iterable,
+    *,
+    step: int | None = None,
+    partial: bool = True,
 ) -> Iterator:
   """Restores the parameters of one checkpoint a part at a time, each part when it is asked
   for, so a caller that converts each part before taking the next holds one part's arrays in
