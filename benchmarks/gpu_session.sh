@@ -21,7 +21,7 @@
 set -u
 OUT=${OUT:-benchmarks/results/gpu}
 BUDGET=${BUDGET:-100000}
-PARTS=${PARTS:-"decode_fused decode_scanned fused opd_step opd_step_layouts plan_qwen3 opd_vs_trl opd_vs_trl_scanned first_step first_step_flags rollout_ahead sampler sampler_grid decode_flags decode_compare decode_profile decode_long fused_sweep compile_depth sampler_large cli"}
+PARTS=${PARTS:-"decode_fused decode_scanned fused opd_step opd_step_layouts plan_qwen3 attention_blocks opd_vs_trl opd_vs_trl_scanned first_step first_step_flags rollout_ahead sampler sampler_grid decode_flags decode_compare decode_profile decode_long fused_sweep compile_depth sampler_large cli"}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-}:$PWD
 log() { echo "=== $(date +%T) $*"; }
@@ -68,6 +68,11 @@ part_opd_step_layouts() {
 part_plan_qwen3() {
   log "the qwen3_opd step's memory plan on this device (8 rows, cuDNN attention), from shapes"
   budget 120 python3 benchmarks/data_parallel.py --devices 1 --out "$OUT/data_parallel.jsonl"
+}
+part_attention_blocks() {
+  log "XLA's attention in blocks of 512 queries against one block (float32: cuDNN takes bfloat16)"
+  budget 150 python3 benchmarks/attention_blocks.py --tokens 2048 4096 8192 --dtypes float32 \
+    --out "$OUT/attention_blocks.jsonl"
 }
 part_opd_vs_trl() {
   log "one on-policy JSD(0.5) step against TRL's GKDTrainer (needs trl), float32, small shapes"

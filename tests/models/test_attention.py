@@ -1,5 +1,6 @@
 """Attention: the decode step's windows over the filled cache, and the full-sequence kernels
-(XLA, cuDNN's even lengths, Pallas splash) against a plain float32 reference."""
+(XLA in query blocks, cuDNN's even lengths, Pallas splash) against a plain float32
+reference."""
 
 import jax
 import jax.numpy as jnp
@@ -119,6 +120,46 @@ def test_dot_product_attention_equals_the_einsum_reference():
   )
   with pytest.raises(ValueError, match="one of .*'auto', 'xla', 'cudnn'.*got 'flash'"):
     attention.attend(q, k, v, jnp.asarray(mask), implementation="flash")
+
+
+@pytest.mark.parametrize("block", [3, 5, 10])
+def test_attention_in_query_blocks_equals_one_block_in_values_and_gradients(block):
+  """Blocks of 3 (the last one padded), 5 (two whole blocks) and 10 (the whole sequence)
+  against XLA's attention over all queries at once: outputs and the gradients in q, k and v,
+  with GQA, padded keys and a padding query that sees no key."""
+  ks = jax.random.split(jax.random.key(2), 4)
+  q = jax.random.normal(ks[0], (2, 10, 4, 8))
+  k = jax.random.normal(ks[1], (2, 12, 2, 8))
+  v = jax.random.normal(ks[2], (2, 12, 2, 8))
+  mask = np.tril(np.ones((10, 12), bool), k=2)[None].repeat(2, 0)
+  mask[1, :, :3] = False  # left padding
+  mask[0, 4, :] = False  # a padding query: no key
+  mask = jnp.asarray(mask)
+  cot = jax.random.normal(ks[3], q.shape)
+  whole = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
+  blocks = lambda q, k, v: attention.attend(q, k, v, mask, implementation="xla", query_block=block)
+  np.testing.assert_allclose(blocks(q, k, v), whole(q, k, v), atol=1e-6)  # one softmax each
+  loss = lambda f: jax.grad(lambda *a: jnp.sum(f(*a) * cot), argnums=(0, 1, 2))(q, k, v)
+  for got, want in zip(loss(blocks), loss(whole)):  # k and v: summed over blocks
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_attention_in_query_blocks_holds_one_blocks_scores():
+  """The backward pass of 1,024 queries in blocks of 128 holds under one `[B, H, T, S]`
+  float32 buffer of temporaries (`memory_analysis`); all queries at once hold four."""
+  batch, length, heads = 1, 1024, 4
+  q = jax.ShapeDtypeStruct((batch, length, heads, 16), jnp.float32)
+  kv = jax.ShapeDtypeStruct((batch, length, 2, 16), jnp.float32)
+  mask = jax.ShapeDtypeStruct((batch, length, length), bool)
+  scores = batch * heads * length * length * 4
+
+  def temporaries(block):
+    loss = lambda *a: jnp.sum(attention.attend(*a, implementation="xla", query_block=block))
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    return grad.lower(q, kv, kv, mask).compile().memory_analysis().temp_size_in_bytes
+
+  assert temporaries(length) > 3 * scores
+  assert temporaries(128) < scores
 
 
 @pytest.mark.parametrize("length,slots", [(5, 7), (5, 6), (4, 7)])

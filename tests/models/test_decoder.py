@@ -234,6 +234,33 @@ def test_scanned_layers_equal_the_per_layer_model(remat):
   np.testing.assert_allclose(a.model_logprobs, b.model_logprobs, atol=1e-5)
 
 
+def test_a_model_attending_in_query_blocks_computes_what_it_does_in_one(monkeypatch):
+  """With `attention.QUERY_BLOCK = 4`, a scanned, rematerialised (save_dots) model's forward
+  over 11 padded tokens (a loop over 3 blocks in each layer) and its prefill of 6 (2 blocks)
+  equal the model's in one block, and so do its parameter gradients."""
+  config = tiny_config("qwen3")  # 2 layers
+  graphdef, state = nnx.split(Decoder(config, rngs=nnx.Rngs(0), scan_layers=True))
+  prompts, prompt_mask, completion = padded_prompts(config.vocab_size)
+  tokens = jnp.concatenate([prompts, completion], axis=1)
+  mask = jnp.concatenate([prompt_mask, jnp.ones(completion.shape, bool)], axis=1)
+
+  def run(block):
+    monkeypatch.setattr(attention, "QUERY_BLOCK", block)
+    forward = lambda s: nnx.merge(graphdef, s)(tokens, attention_mask=mask)  # a new trace
+    model = nnx.merge(graphdef, state)
+    cache = model.init_cache(4, 11)
+    positions = positions_from_mask(prompt_mask)
+    prefill, _ = model.prefill(prompts, positions, cache, token_mask=prompt_mask)
+    grads = jax.grad(lambda s: jnp.mean(forward(s)[mask] ** 2))(state)
+    return forward(state), prefill, grads, "length=3" in str(jax.make_jaxpr(forward)(state))
+
+  (logits, prefill, grads, looped), (logits1, prefill1, grads1, looped1) = run(4), run(64)
+  assert looped and not looped1
+  np.testing.assert_allclose(logits[mask], logits1[mask], atol=1e-6)
+  np.testing.assert_allclose(prefill[prompt_mask], prefill1[prompt_mask], atol=1e-6)
+  assert _max_diff(grads, grads1) < 1e-6
+
+
 def test_a_scanned_decode_step_carries_the_stacked_cache_through_its_layers():
   """Scanned layers must carry the stacked KV cache and write their slots in place. Passed
   through the layer scan as inputs and outputs, every layer's whole cache was copied in
