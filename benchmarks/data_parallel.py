@@ -1,6 +1,6 @@
 """The memory plan of a Qwen3-1.7B-from-Qwen3-8B OPD step with its rows split over devices.
 
-Writes the released checkpoints' shapes (`config.json` only, with a tiny tokenizer) and
+Writes the released checkpoints' shapes (`config.json` only: `qwen3_opd.save_shapes`) and
 plans the `qwen3_opd` experiment's step on simulated CPU devices (`--devices`), from
 shapes alone: one JSON line per variant with the plan's per-device terms. Each device
 should hold its share of the batch: 64 rows on 8 devices about what 8 rows take on one.
@@ -11,10 +11,12 @@ constraint that keeps the residual stream's rows split between layers) turned of
     python benchmarks/data_parallel.py --without_row_constraint \\
         --out benchmarks/results/data_parallel_cpu8.jsonl
 
-About 25 seconds on 2 CPU cores. The plan's attention there is XLA's, which keeps its
-scores (cuDNN on a GPU and splash on a TPU do not); on an accelerator the variants that
-need more devices than it has are skipped (`gpu_session.sh`'s `plan_qwen3` plans one GPU's
-8 rows).
+About 25 seconds on 2 CPU cores. The plan's attention there is XLA's, in blocks of
+`--query_block` queries (default `attention.QUERY_BLOCK`; lines without
+`attention_query_block` predate the blocks, and `--query_block 4096` plans them again);
+cuDNN on a GPU and splash on a TPU hold less. On an accelerator the variants that need
+more devices than it has are skipped (`gpu_session.sh`'s `plan_qwen3` plans one GPU's 8
+rows).
 """
 
 from __future__ import annotations
@@ -25,36 +27,15 @@ import os
 import sys
 import tempfile
 
-WIDTHS = {  # the released checkpoints' config.json values
-    "student": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
-                    num_attention_heads=16, tie_word_embeddings=True),  # Qwen3-1.7B
-    "teacher": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-                    num_attention_heads=32, tie_word_embeddings=False),  # Qwen3-8B
-}  # fmt: skip
 # (devices, rows, micro-batches, student remat)
 VARIANTS = [(8, 64, 1, "auto"), (8, 64, 4, "auto"), (8, 64, 1, "full"), (1, 8, 1, "auto")]
-
-
-def write_shapes(directory: str, widths: dict) -> None:
-  """A Hugging Face directory with a Qwen3 `config.json` and a 64-word tokenizer."""
-  import transformers
-  from tokenizers import Tokenizer, models, pre_tokenizers
-
-  transformers.Qwen3Config(
-      vocab_size=151_936, head_dim=128, num_key_value_heads=8, **widths
-  ).save_pretrained(directory)
-  vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2} | {f"w{i}": i for i in range(3, 64)}
-  words = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-  words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-  transformers.PreTrainedTokenizerFast(
-      tokenizer_object=words, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>"
-  ).save_pretrained(directory)
 
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--devices", type=int, default=8)
   p.add_argument("--without_row_constraint", action="store_true")
+  p.add_argument("--query_block", type=int, default=None)
   p.add_argument("--out", default=None)
   args = p.parse_args(argv)
   os.environ["XLA_FLAGS"] = (
@@ -65,13 +46,16 @@ def main(argv=None):
 
   from opdjax import build, learner
   from opdjax.experiments import qwen3_opd
+  from opdjax.models import attention
   from opdjax.models.decoder import Decoder
 
   if args.without_row_constraint:
     Decoder._rows = lambda self, x: x
+  if args.query_block:
+    attention.QUERY_BLOCK = args.query_block
   with tempfile.TemporaryDirectory() as tmp:
-    for name, widths in WIDTHS.items():
-      write_shapes(f"{tmp}/{name}", widths)
+    qwen3_opd.save_shapes(f"{tmp}/student", "1.7B")
+    qwen3_opd.save_shapes(f"{tmp}/teacher", "8B")
     with open(f"{tmp}/train.jsonl", "w") as f:
       f.write(json.dumps({"prompt": "w3 w4", "answer": "w5"}) + "\n")
     for devices, rows, microbatches, remat in VARIANTS:
@@ -91,6 +75,7 @@ def main(argv=None):
               tokens_per_row=config.task.prompt_length + config.task.completion_length - 1,
               microbatches=microbatches,
               remat=remat,
+              attention_query_block=attention.QUERY_BLOCK,
               per_device_gb={k: round(v / 1e9, 3) for k, v in terms.items()},
               total_gb=round(sum(terms.values()) / 1e9, 3),
               jax=jax.__version__,

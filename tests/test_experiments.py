@@ -452,12 +452,11 @@ def test_qwen3_opd_plans_its_step_from_the_checkpoints_config_files(tmp_path, ca
   line naming the form), and `--dry_run` plans its step from the checkpoints'
   `config.json` files alone: Qwen3-1.7B's and Qwen3-8B's widths, at 2 layers each here."""
   from opdjax.experiments import qwen3_opd
-  from tests.models.hf_fixtures import save_qwen3_shapes
 
   with pytest.raises(ConfigError, match=r"qwen3_opd takes STUDENT_DIR,TEACHER_DIR,TRAIN_JSONL"):
     qwen3_opd.get_config(None)
-  save_qwen3_shapes(tmp_path / "student", "1.7B", num_layers=2)
-  save_qwen3_shapes(tmp_path / "teacher", "8B", num_layers=2)
+  qwen3_opd.save_shapes(tmp_path / "student", "1.7B", num_layers=2)
+  qwen3_opd.save_shapes(tmp_path / "teacher", "8B", num_layers=2)
   (tmp_path / "train.jsonl").write_text(json.dumps({"prompt": "w3 w4", "answer": "w5"}) + "\n")
   paths = ",".join(str(tmp_path / name) for name in ("student", "teacher", "train.jsonl"))
   code = cli_main(["--exp", f"qwen3_opd:{paths}", "--workdir", str(tmp_path / "run"), "--dry_run"])

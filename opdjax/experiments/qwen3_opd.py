@@ -15,8 +15,9 @@ Check the memory plan before the run: `--dry_run` prints it for the devices at h
 simulated CPU devices (the real checkpoints' `config.json` files; XLA's attention, which
 keeps its scores where cuDNN and splash do not) it plans per device 0.86 GB of student
 parameters, 1.72 GB of optimizer state, 2.05 GB of teacher, 0.17 GB of teacher hidden
-states, 3.02 GB of KV cache, 1.74 GB of the sampler's weight copies and 21.8 GB of step
-temporaries (66.9 GB in one micro-batch): 31.4 GB in all.
+states, 3.02 GB of KV cache, 1.74 GB of the sampler's weight copies and 19.2 GB of step
+temporaries (59.0 GB in one micro-batch): 28.7 GB in all. To plan before downloading the
+checkpoints, `save_shapes` writes directories with their `config.json` files alone.
 
     python -m opdjax.train --exp qwen3_opd:/ckpt/Qwen3-1.7B,/ckpt/Qwen3-8B,/data/train.jsonl \\
         --dry_run
@@ -26,6 +27,13 @@ temporaries (66.9 GB in one micro-batch): 31.4 GB in all.
 
 from opdjax import configs
 from opdjax.errors import ConfigError
+
+RELEASED_WIDTHS = {  # the released checkpoints' config.json values
+    "1.7B": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                 num_attention_heads=16, tie_word_embeddings=True),
+    "8B": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+               num_attention_heads=32, tie_word_embeddings=False),
+}  # fmt: skip
 
 USAGE = (
     "STUDENT_DIR,TEACHER_DIR,TRAIN_JSONL "
@@ -47,3 +55,31 @@ def get_config(arg=None):
   c.optimizer.learning_rate, c.optimizer.warmup_steps = 1e-6, 10
   c.eval.every, c.eval.batch_size = 50, 64
   return c
+
+
+def save_shapes(directory: str, size: str, *, num_layers: int | None = None) -> None:
+  """Writes a Hugging Face directory with Qwen3-`size`'s `config.json` (vocabulary 151,936;
+  at `num_layers` layers if given) and the synthetic tasks' character tokenizer, without
+  weights: what `--dry_run` reads to plan this experiment's memory.
+
+  >>> import json, os, tempfile
+  >>> with tempfile.TemporaryDirectory() as tmp:
+  ...   save_shapes(tmp, "8B", num_layers=2)
+  ...   config = json.load(open(os.path.join(tmp, "config.json")))
+  >>> config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]
+  (4096, 2, 151936)
+  """
+  import transformers
+
+  from opdjax.data.tokenizer import char_tokenizer
+
+  if size not in RELEASED_WIDTHS:
+    raise ValueError(f"size must be one of {tuple(RELEASED_WIDTHS)}, got {size!r}")
+  widths = dict(RELEASED_WIDTHS[size])
+  if num_layers is not None:
+    widths["num_hidden_layers"] = num_layers
+  config = transformers.Qwen3Config(
+      vocab_size=151_936, head_dim=128, num_key_value_heads=8, **widths
+  )
+  config.save_pretrained(directory)
+  char_tokenizer().save_pretrained(directory)

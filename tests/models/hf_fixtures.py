@@ -93,23 +93,3 @@ def save_tiny_tokenizer(directory, num_tokens: int = VOCAB):
   )
   fast.save_pretrained(str(directory))
   return fast
-
-
-QWEN3_WIDTHS = {  # the released checkpoints' config.json values, vocabulary 151,936
-    "1.7B": dict(hidden_size=2048, intermediate_size=6144, num_attention_heads=16),
-    "8B": dict(hidden_size=4096, intermediate_size=12288, num_attention_heads=32),
-}
-
-
-def save_qwen3_shapes(directory, size: str, *, num_layers: int):
-  """A Hugging Face directory with Qwen3-`size`'s `config.json` at `num_layers` layers and a
-  tiny tokenizer, no weights: enough for what reads shapes only (`--dry_run`, the plan)."""
-  transformers.Qwen3Config(
-      vocab_size=151_936,
-      head_dim=128,
-      num_hidden_layers=num_layers,
-      num_key_value_heads=8,
-      tie_word_embeddings=size == "1.7B",
-      **QWEN3_WIDTHS[size],
-  ).save_pretrained(str(directory))
-  save_tiny_tokenizer(directory, 64)
