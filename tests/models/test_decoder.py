@@ -323,15 +323,24 @@ def test_a_scanned_backward_keeps_only_the_matmuls_with_save_dots():
   assert (default(True), default(False)) == ("save_dots", "none")
 
 
-@pytest.mark.parametrize("scan_layers", [True, False], ids=["scanned", "per-layer"])
-def test_a_model_on_a_mesh_keeps_the_batch_rows_split_between_layers(scan_layers):
+@pytest.mark.parametrize(
+    "scan_layers,query_block",
+    [(True, None), (False, None), (True, 32)],
+    ids=["scanned", "per-layer", "scanned-query-blocks"],
+)
+def test_a_model_on_a_mesh_keeps_the_batch_rows_split_between_layers(
+    monkeypatch, scan_layers, query_block
+):
   """FSDP: with the rows of a batch split over 8 devices and the weights' hidden dimension
   split too (`sharding.DEFAULT_RULES`), each device holds its rows' activations, about an
   eighth of one device's. Without the constraint between layers (`Decoder._rows`) XLA
   propagated the weights' sharding into a layer scan's carry, and each device computed
-  every row on a slice of the hidden dimension: 0.61 of one device's temporaries."""
+  every row on a slice of the hidden dimension: 0.61 of one device's temporaries. The
+  attention's loop over query blocks keeps the rows split too."""
   from opdjax import sharding
 
+  if query_block:
+    monkeypatch.setattr(attention, "QUERY_BLOCK", query_block)  # 128 tokens: 4 blocks
   config = tiny_config("qwen3", vocab_size=64, hidden_size=64, intermediate_size=128)
 
   def temporaries(mesh):
