@@ -13,13 +13,13 @@ opdjax has not run this configuration on an accelerator: its settings are starti
 not tuned results (the learning rate is a usual one for full fine-tuning at this size).
 Check the memory plan before the run: `--dry_run` prints it for the devices at hand. On 8
 simulated CPU devices (the real checkpoints' `config.json` files; XLA's attention in
-blocks of 512 queries, which holds more than cuDNN's or splash's) it plans per device 0.86 GB of student
-parameters, 1.72 GB of optimizer state, 2.05 GB of teacher, 0.17 GB of teacher hidden
-states, 3.02 GB of KV cache, 1.74 GB of the sampler's weight copies and 19.2 GB of step
-temporaries (59.0 GB in one micro-batch): 28.7 GB in all. To plan before downloading the
-checkpoints, `save_shapes` writes directories with their `config.json` files alone, and
-simulated CPU devices stand in for the accelerators (about 10 s on a 2-core CPU;
-`--exp.train.memory_limit_gb=80` checks the plan against an 80 GB card):
+blocks of 512 queries, which holds more than cuDNN's or splash's) it plans per device
+0.86 GB of student parameters, 1.72 GB of optimizer state, 2.05 GB of teacher, 0.17 GB of
+teacher hidden states, 3.02 GB of KV cache, 1.74 GB of the sampler's weight copies and
+19.2 GB of step temporaries (59.0 GB in one micro-batch): 28.7 GB in all. To plan before
+downloading the checkpoints, `save_shapes` writes directories with their `config.json`
+files alone, and simulated CPU devices stand in for the accelerators (about 10 s on a
+2-core CPU; `--exp.train.memory_limit_gb=80` checks the plan against an 80 GB card):
 
     python -c "from opdjax.experiments import qwen3_opd as q
     q.save_shapes('/tmp/s', '1.7B'); q.save_shapes('/tmp/t', '8B')"
@@ -34,6 +34,8 @@ The run itself:
     python -m opdjax.train --exp qwen3_opd:/ckpt/Qwen3-1.7B,/ckpt/Qwen3-8B,/data/train.jsonl \\
         --workdir gs://BUCKET/qwen3_opd
 """
+
+import os
 
 from opdjax import configs
 from opdjax.errors import ConfigError
@@ -67,12 +69,12 @@ def get_config(arg=None):
   return c
 
 
-def save_shapes(directory: str, size: str, *, num_layers: int | None = None) -> None:
+def save_shapes(directory: str | os.PathLike, size: str, *, num_layers: int | None = None) -> None:
   """Writes a Hugging Face directory with Qwen3-`size`'s `config.json` (vocabulary 151,936;
   at `num_layers` layers if given) and the synthetic tasks' character tokenizer, without
   weights: what `--dry_run` reads to plan this experiment's memory.
 
-  >>> import json, os, tempfile
+  >>> import json, tempfile
   >>> with tempfile.TemporaryDirectory() as tmp:
   ...   save_shapes(tmp, "8B", num_layers=2)
   ...   config = json.load(open(os.path.join(tmp, "config.json")))

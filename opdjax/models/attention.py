@@ -167,10 +167,10 @@ def attend_query_blocks(q, k, v, mask, *, block: int) -> jax.Array:
 
   Every query still attends all S keys in one softmax, so each output equals the whole
   sequence's to rounding (XLA may tile a smaller product differently); the keys' and
-  values' gradients are summed over blocks. Queries are padded to a whole number of blocks (the padding attends
-  nothing and is dropped). This is the query-chunking half of the memory-efficient
-  attention of Rabe & Staats; it computes every score, masked or not, as XLA's attention
-  does (a flash kernel skips the blocks a causal mask hides).
+  values' gradients are summed over blocks. Queries are padded to a whole number of blocks
+  with fully masked rows, which are dropped. This is the query-chunking half of the
+  memory-efficient attention of Rabe & Staats; it computes every score, masked or not, as
+  XLA's attention does (a flash kernel skips the blocks a causal mask hides).
 
   References:
     Rabe & Staats, "Self-attention Does Not Need O(n²) Memory", 2021.
