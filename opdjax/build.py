@@ -22,7 +22,14 @@ from opdjax.data import (
     synthetic_records,
 )
 from opdjax.errors import ConfigError
-from opdjax.models import Decoder, ModelConfig, load_pretrained, load_tokenizer, read_config
+from opdjax.models import (
+    Decoder,
+    ModelConfig,
+    attention,
+    load_pretrained,
+    load_tokenizer,
+    read_config,
+)
 from opdjax.models.attention import ATTENTION_IMPLEMENTATIONS
 from opdjax.models.decoder import REMAT_SETTINGS, shared_layer_path, stack_layers, unstack_layers
 from opdjax.models.hf import abstract_model
@@ -526,12 +533,16 @@ def format_layout(run_setup: Setup) -> str:
       )
       for role, model_config in run_setup.model_configs.items()
   }
-  lines.append("layer layouts (scan_layers, remat):")
+  lines.append("layer layouts (scan_layers, remat, full-sequence attention):")
   for role, model in models.items():
+    section = run_setup.sections[role]
     layout = "scanned" if model.scan_layers else "per-layer"
     remat = f", remat {model.remat}" if role == "student" else ""  # frozen: no backward
-    setting = run_setup.sections[role].get("scan_layers", "auto")
-    lines.append(f"  {role}: {model.config.num_layers} layers, {layout} ({setting}){remat}")
+    setting = section.get("scan_layers", "auto")
+    lines.append(
+        f"  {role}: {model.config.num_layers} layers, {layout} ({setting}){remat}, "
+        f"attention {describe_attention(section, model.config)}"
+    )
   _, state = nnx.split(models["student"])
   placed = {}
   for path, variable in nnx.to_flat_state(state):
@@ -542,6 +553,18 @@ def format_layout(run_setup: Setup) -> str:
   lines.append("student parameters (shape -> spec on this mesh):")
   lines += [f"  {name:40s} {str(shape):18s} {spec}" for name, (shape, spec) in placed.items()]
   return "\n".join(lines)
+
+
+def describe_attention(section, model_config: ModelConfig) -> str:
+  """The full-sequence attention the model of config `section` runs on this backend, and
+  its setting: "xla in blocks of 512 queries (auto)", "cudnn (auto)", "splash"."""
+  setting = section.attention
+  if setting == "splash":
+    return "splash"
+  kernel = attention.resolve_implementation(setting, dtype_of(section.dtype), model_config.head_dim)
+  if kernel == "xla":
+    kernel = f"xla in blocks of {attention.QUERY_BLOCK} queries"
+  return f"{kernel} ({setting})"
 
 
 def routed_kernel_sharding(run_setup: Setup, width: int):

@@ -27,7 +27,7 @@ from opdjax import (
     trainer,
 )
 from opdjax.errors import ConfigError
-from opdjax.models import Decoder, save_pretrained, splash, tiny_config
+from opdjax.models import Decoder, attention, save_pretrained, splash, tiny_config
 from opdjax.models.attention import KVCache
 from opdjax.sampling import cache_slots, generate
 from opdjax.train import main as cli_main
@@ -567,11 +567,18 @@ def test_cli_list_and_dry_run(capsys):
     assert name in out
   code, out, _ = run_cli(capsys, "--exp", "teacher_sft", "--exp.train.steps=7", "--dry_run")
   assert code == 0 and "steps: 7" in out
-  assert "  student: 3 layers, per-layer (auto), remat none\n" in out
+  blocks = f"xla in blocks of {attention.QUERY_BLOCK} queries"
+  assert f"  student: 3 layers, per-layer (auto), remat none, attention {blocks} (auto)\n" in out
   code, out, _ = run_cli(
-      capsys, "--exp", "teacher_sft", "--exp.student.scan_layers=on", "--dry_run"
+      capsys,
+      "--exp",
+      "teacher_sft",
+      "--exp.student.scan_layers=on",
+      "--exp.student.attention=xla",
+      "--dry_run",
   )
-  assert code == 0 and "  student: 3 layers, scanned (on), remat save_dots\n" in out
+  assert code == 0
+  assert f"  student: 3 layers, scanned (on), remat save_dots, attention {blocks} (xla)\n" in out
 
 
 def test_dry_run_shows_only_the_settings_a_run_reads():

@@ -138,27 +138,32 @@ def attend(
   ("splash", the TPU kernel, serves full-sequence forwards through
   `splash.splash_attention`; for any other mask, here, it means "auto".)
   """
-  if implementation not in ATTENTION_IMPLEMENTATIONS:
-    raise ValueError(
-        f"attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, "
-        f"got {implementation!r}"
-    )
-  head_dim = q.shape[-1]
-  if implementation in ("auto", "splash"):
-    implementation = (
-        "cudnn"
-        if jax.default_backend() == "gpu"
-        and head_dim <= 128
-        and head_dim % 8 == 0
-        and q.dtype in (jnp.bfloat16, jnp.float16)
-        else "xla"
-    )
-  if implementation != "cudnn":
+  if resolve_implementation(implementation, q.dtype, q.shape[-1]) != "cudnn":
     return attend_query_blocks(q, k, v, mask, block=query_block or QUERY_BLOCK)
   length = q.shape[1]
   q, k, v, mask = even_lengths(q, k, v, mask)
   out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")
   return out[:, :length]
+
+
+def resolve_implementation(implementation: str, dtype, head_dim: int) -> str:
+  """The kernel `attend` runs for setting `implementation` on this backend: "xla" or
+  "cudnn" ("auto" and "splash" are cuDNN on a GPU for 16-bit inputs and head dims up to
+  128 that are multiples of 8, XLA otherwise; an unknown name is an error)."""
+  if implementation not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(
+        f"attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, "
+        f"got {implementation!r}"
+    )
+  if implementation not in ("auto", "splash"):
+    return implementation
+  cudnn = (
+      jax.default_backend() == "gpu"
+      and head_dim <= 128
+      and head_dim % 8 == 0
+      and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+  )
+  return "cudnn" if cudnn else "xla"
 
 
 def attend_query_blocks(q, k, v, mask, *, block: int) -> jax.Array:

@@ -122,6 +122,23 @@ def test_dot_product_attention_equals_the_einsum_reference():
     attention.attend(q, k, v, jnp.asarray(mask), implementation="flash")
 
 
+def test_the_kernel_each_setting_resolves_to(monkeypatch):
+  """`resolve_implementation` (what `attend` runs and `--dry_run` prints): "auto" and
+  "splash" are cuDNN on a GPU for 16-bit inputs with head dims up to 128 in multiples of 8,
+  XLA otherwise; explicit kernels stay; an unknown name is an error."""
+  resolve = attention.resolve_implementation
+  assert resolve("auto", jnp.bfloat16, 128) == "xla"  # this CPU
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert resolve("auto", jnp.bfloat16, 128) == "cudnn"
+  assert resolve("splash", jnp.float16, 64) == "cudnn"
+  assert resolve("auto", jnp.float32, 128) == "xla"
+  assert resolve("auto", jnp.bfloat16, 256) == "xla"
+  assert resolve("auto", jnp.bfloat16, 100) == "xla"
+  assert resolve("xla", jnp.bfloat16, 128) == "xla"
+  with pytest.raises(ValueError, match="one of .*got 'flash'"):
+    resolve("flash", jnp.bfloat16, 128)
+
+
 @pytest.mark.parametrize("block", [3, 5, 10])
 def test_attention_in_query_blocks_equals_one_block_in_values_and_gradients(block):
   """Blocks of 3 (the last one padded), 5 (two whole blocks) and 10 (the whole sequence)
