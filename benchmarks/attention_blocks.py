@@ -2,15 +2,16 @@
 
 Compiles the value and gradient (in q, k and v) of causal attention over a padded batch
 (B = 2, 16 query heads over 8 key-value heads, head dim 128, Qwen3's) for each sequence
-length, once with all queries in one block and once in blocks of `--block` queries
-(`opdjax.models.attention.attend_query_blocks`, what `attend` runs for XLA), in float32
-and bfloat16, and prints one JSON line each: the compiled program's temporaries
-(`memory_analysis()`), the median seconds of `--repeats` calls, and the largest
-difference from the one-block gradients relative to their largest entry.
+length, with all queries in one block, in blocks of `--block` queries
+(`opdjax.models.attention.attend_query_blocks`, what `attend` runs for XLA) and in those
+blocks split into causal groups (`attend_causal_groups`, what a model's full-sequence
+forward runs), in float32 and bfloat16, and prints one JSON line each: the compiled
+program's temporaries (`memory_analysis()`), the median seconds of `--repeats` calls, and
+the largest difference from the one-block gradients relative to their largest entry.
 
     python benchmarks/attention_blocks.py --out benchmarks/results/attention_blocks_cpu_2core.jsonl
 
-About five and a half minutes on 2 CPU cores (the one-block gradient at 4,096 tokens
+About seven and a half minutes on 2 CPU cores (the one-block gradient at 4,096 tokens
 holds 10.8 GB of temporaries).
 """
 
@@ -29,7 +30,7 @@ from _jsonl import emit  # noqa: E402  (benchmarks/, next to this script)
 from opdjax.models import attention
 
 
-def measure(length: int, block: int, dtype, repeats: int, reference=None):
+def measure(length: int, block: int, dtype, repeats: int, reference=None, causal=False):
   batch, heads, kv_heads, dim = 2, 16, 8, 128
   ks = jax.random.split(jax.random.key(0), 4)
   q = jax.random.normal(ks[0], (batch, length, heads, dim)).astype(dtype)
@@ -39,7 +40,7 @@ def measure(length: int, block: int, dtype, repeats: int, reference=None):
   cot = jax.random.normal(ks[3], q.shape) * valid[:, :, None, None]  # padding is never read
 
   def loss(q, k, v):
-    out = attention.attend(q, k, v, mask, implementation="xla", query_block=block)
+    out = attention.attend(q, k, v, mask, implementation="xla", query_block=block, causal=causal)
     return jnp.sum(out.astype(jnp.float32) * cot)
 
   compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile()
@@ -58,6 +59,7 @@ def measure(length: int, block: int, dtype, repeats: int, reference=None):
       tokens=length,
       dtype=jnp.dtype(dtype).name,
       query_block=block,
+      causal_groups=attention.CAUSAL_QUERY_GROUPS if causal else 1,
       temporaries_gb=round(compiled.memory_analysis().temp_size_in_bytes / 1e9, 3),
       median_s=round(statistics.median(seconds), 3),
   )
@@ -80,7 +82,9 @@ def main(argv=None):
     for length in args.tokens:
       whole, grads = measure(length, length, jnp.dtype(dtype), args.repeats)
       emit(whole, args.out)
-      emit(measure(length, args.block, jnp.dtype(dtype), args.repeats, grads)[0], args.out)
+      for causal in (False, True):
+        record = measure(length, args.block, jnp.dtype(dtype), args.repeats, grads, causal)[0]
+        emit(record, args.out)
 
 
 if __name__ == "__main__":

@@ -76,6 +76,7 @@ def main(argv=None):
               microbatches=microbatches,
               remat=remat,
               attention_query_block=attention.QUERY_BLOCK,
+              attention_causal_groups=attention.CAUSAL_QUERY_GROUPS,
               per_device_gb={k: round(v / 1e9, 3) for k, v in terms.items()},
               total_gb=round(sum(terms.values()) / 1e9, 3),
               jax=jax.__version__,

@@ -70,7 +70,7 @@ part_plan_qwen3() {
   budget 120 python3 benchmarks/data_parallel.py --devices 1 --out "$OUT/data_parallel.jsonl"
 }
 part_attention_blocks() {
-  log "XLA's attention in blocks of 512 queries against one block (float32: cuDNN takes bfloat16)"
+  log "XLA's attention in blocks of 512 queries and in causal groups against one block (float32: cuDNN takes bfloat16)"
   budget 150 python3 benchmarks/attention_blocks.py --tokens 2048 4096 8192 --dtypes float32 \
     --out "$OUT/attention_blocks.jsonl"
 }

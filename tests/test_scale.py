@@ -116,7 +116,7 @@ def test_cli_run_at_qwen3_vocabulary_peaks_far_below_one_btv_tensor(tmp_path):
 def test_a_step_at_qwen3_widths_on_8_devices_plans_one_devices_share(tmp_path):
   """FSDP at real widths: the memory plan of an OPD step with Qwen3-1.7B's student and
   Qwen3-8B's teacher widths (2 scanned layers each, V = 151,936, 1,279 positions a row)
-  holds no more per device for 64 rows on 8 devices than one device does for 8 rows (0.97×
+  holds no more per device for 64 rows on 8 devices than one device does for 8 rows (1.00×
   here). Before the decoder kept its rows split between layers (`Decoder._rows`), every
   device computed every row on a slice of the hidden dimension: 2.1×."""
   save_shapes(tmp_path / "student", "1.7B", num_layers=2)

@@ -16,7 +16,7 @@ simulated CPU devices (the real checkpoints' `config.json` files; XLA's attentio
 blocks of 512 queries, which holds more than cuDNN's or splash's) it plans per device
 0.86 GB of student parameters, 1.72 GB of optimizer state, 2.05 GB of teacher, 0.17 GB of
 teacher hidden states, 3.02 GB of KV cache, 1.74 GB of the sampler's weight copies and
-19.2 GB of step temporaries (59.0 GB in one micro-batch): 28.7 GB in all. To plan before
+19.2 GB of step temporaries (59.0 GB in one micro-batch): 28.8 GB in all. To plan before
 downloading the checkpoints, `save_shapes` writes directories with their `config.json`
 files alone, and simulated CPU devices stand in for the accelerators (about 10 s on a
 2-core CPU; `--exp.train.memory_limit_gb=80` checks the plan against an 80 GB card):

@@ -172,7 +172,9 @@ class Attention(nnx.Module):
 
   def __call__(self, x, cos, sin, mask, cache: LayerCache | None = None):
     """x `[B, T, D]`, mask `[B, T, S]` -> `(out [B, T, D], cache)`; with a `cache`, the new
-    keys and values are written at its index and attention reads the cache."""
+    keys and values are written at its index and attention reads the cache. Without one
+    the mask is causal (token t attends no later token; `Decoder.hidden_states`), which
+    lets XLA's attention skip keys (`attention.attend_causal_groups`)."""
     batch, length, _ = x.shape
     q, k, v = self._project(x)
     if self.q_norm is not None:
@@ -182,7 +184,7 @@ class Attention(nnx.Module):
       if self.implementation == "splash":  # the mask is causal & valid: valid is its diagonal
         out = splash_attention(q, k, v, jnp.diagonal(mask, axis1=1, axis2=2), mesh=self.mesh)
       else:
-        out = attend(q, k, v, mask, implementation=self.implementation)
+        out = attend(q, k, v, mask, implementation=self.implementation, causal=True)
       return self.o_proj(out.reshape(batch, length, -1).astype(x.dtype)), cache
     cache = cache.write(k, v)
     if length == 1:  # a decode step

@@ -161,6 +161,33 @@ def test_attention_in_query_blocks_equals_one_block_in_values_and_gradients(bloc
     np.testing.assert_allclose(got, want, atol=1e-6)
 
 
+def test_causal_groups_attend_only_the_keys_up_to_their_last_query():
+  """10 causal queries in blocks of 3 form two groups (queries 0-5, 6-9). The first group
+  must not read the values of slots 6 and on (they hold NaN here, which a masked score
+  still multiplies by zero), and on finite inputs the groups equal the ungrouped blocks in
+  every real query's output and in the gradients."""
+  ks = jax.random.split(jax.random.key(3), 4)
+  q = jax.random.normal(ks[0], (2, 10, 4, 8))
+  k = jax.random.normal(ks[1], (2, 10, 2, 8))
+  v = jax.random.normal(ks[2], (2, 10, 2, 8))
+  valid = np.ones((2, 10), bool)
+  valid[1, :3] = False  # left padding: queries 0-2 of row 1 see no key
+  mask = jnp.asarray(np.tril(np.ones((10, 10), bool))[None] & valid[:, None, :])
+  attend = lambda causal, q, k, v: attention.attend(
+      q, k, v, mask, implementation="xla", query_block=3, causal=causal
+  )
+  poisoned = attend(True, q, k, v.at[:, 6:].set(jnp.nan))
+  assert np.isfinite(poisoned[:, :6]).all() and np.isnan(poisoned[:, 6:]).all()
+  real = jnp.asarray(valid)[:, :, None, None]
+  np.testing.assert_allclose(attend(True, q, k, v) * real, attend(False, q, k, v) * real, atol=1e-6)
+  cot = jax.random.normal(ks[3], q.shape) * real  # padding outputs are never read
+  loss = lambda causal: jax.grad(lambda *a: jnp.sum(attend(causal, *a) * cot), argnums=(0, 1, 2))(
+      q, k, v
+  )
+  for got, want in zip(loss(True), loss(False)):
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
 def test_attention_in_query_blocks_holds_one_blocks_scores():
   """The backward pass of 1,024 queries in blocks of 128 holds under one `[B, H, T, S]`
   float32 buffer of temporaries (`memory_analysis`); all queries at once hold four."""

@@ -236,8 +236,9 @@ def test_scanned_layers_equal_the_per_layer_model(remat):
 
 def test_a_model_attending_in_query_blocks_computes_what_it_does_in_one(monkeypatch):
   """With `attention.QUERY_BLOCK = 4`, a scanned, rematerialised (save_dots) model's forward
-  over 11 padded tokens (a loop over 3 blocks in each layer) and its prefill of 6 (2 blocks)
-  equal the model's in one block, and so do its parameter gradients."""
+  over 11 padded tokens (two causal groups: a loop over 2 blocks and a block of 3 queries,
+  in each layer) and its prefill of 6 (2 blocks) equal the model's in one block, and so do
+  its parameter gradients."""
   config = tiny_config("qwen3")  # 2 layers
   graphdef, state = nnx.split(Decoder(config, rngs=nnx.Rngs(0), scan_layers=True))
   prompts, prompt_mask, completion = padded_prompts(config.vocab_size)
@@ -252,7 +253,8 @@ def test_a_model_attending_in_query_blocks_computes_what_it_does_in_one(monkeypa
     positions = positions_from_mask(prompt_mask)
     prefill, _ = model.prefill(prompts, positions, cache, token_mask=prompt_mask)
     grads = jax.grad(lambda s: jnp.mean(forward(s)[mask] ** 2))(state)
-    return forward(state), prefill, grads, "length=3" in str(jax.make_jaxpr(forward)(state))
+    loops = str(jax.make_jaxpr(forward)(state)).count("scan[")  # the layers' and the blocks'
+    return forward(state), prefill, grads, loops > 1
 
   (logits, prefill, grads, looped), (logits1, prefill1, grads1, looped1) = run(4), run(64)
   assert looped and not looped1
