@@ -196,7 +196,7 @@ def attend_query_blocks(q, k, v, mask, *, block: int) -> jax.Array:
   if length <= block:
     return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="xla")
   count = -(-length // block)
-  pad = lambda x: jnp.pad(x, [(0, count * block - length if a == 1 else 0) for a in range(x.ndim)])
+  pad = lambda x: pad_end(x, 1, count * block - length)
   blocks = lambda x: x.reshape((batch, count, block) + x.shape[2:]).swapaxes(0, 1)
 
   @jax.checkpoint
@@ -371,6 +371,11 @@ def attend_one(q, cache: LayerCache, mask) -> jax.Array:
   return out.reshape(batch, 1, heads, head_dim)
 
 
+def pad_end(x: jax.Array, axis: int, n: int) -> jax.Array:
+  """`x` with `n` zeros (False) appended along `axis`."""
+  return jnp.pad(x, [(0, n if a == axis else 0) for a in range(x.ndim)])
+
+
 def even_lengths(q, k, v, mask):
   """Pads odd query and key lengths by one slot (cuDNN's masked training kernels need even
   lengths). The extra key is masked for every real query, and the extra query sees only the
@@ -379,9 +384,8 @@ def even_lengths(q, k, v, mask):
   pad_q, pad_k = q.shape[1] % 2, k.shape[1] % 2
   if not (pad_q or pad_k):
     return q, k, v, mask
-  along = lambda x, axis, n: jnp.pad(x, [(0, n if a == axis else 0) for a in range(x.ndim)])
-  q, k, v = along(q, 1, pad_q), along(k, 1, pad_k), along(v, 1, pad_k)
-  mask = along(along(mask, 1, pad_q), 2, pad_k)
+  q, k, v = pad_end(q, 1, pad_q), pad_end(k, 1, pad_k), pad_end(v, 1, pad_k)
+  mask = pad_end(pad_end(mask, 1, pad_q), 2, pad_k)
   if pad_q and pad_k:
     mask = mask.at[:, -1, -1].set(True)
   elif pad_q:  # the extra query row attends the first key (its output is dropped)
