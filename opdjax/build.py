@@ -30,7 +30,6 @@ from opdjax.models import (
     load_tokenizer,
     read_config,
 )
-from opdjax.models.attention import ATTENTION_IMPLEMENTATIONS
 from opdjax.models.decoder import REMAT_SETTINGS, shared_layer_path, stack_layers, unstack_layers
 from opdjax.models.hf import abstract_model
 from opdjax.sampling import FUSE_SETTINGS
@@ -302,9 +301,9 @@ def validate(config, recipe, mesh, model_configs: dict[str, ModelConfig]):
           "from the student's weights when the rollout is scored, which would be a step stale"
       )
   for role in ("student", "teacher", "reference"):
-    if config[role].attention not in ATTENTION_IMPLEMENTATIONS:
+    if config[role].attention not in attention.ATTENTION_IMPLEMENTATIONS:
       raise ConfigError(
-          f"{role}.attention must be one of {ATTENTION_IMPLEMENTATIONS}, got "
+          f"{role}.attention must be one of {attention.ATTENTION_IMPLEMENTATIONS}, got "
           f"{config[role].attention!r}"
       )
     if config[role].attention == "splash" and jax.default_backend() != "tpu":
