@@ -77,7 +77,8 @@ def attend(kind, q, k_cache, v_cache, position):
   Pallas GPU kernel, interpreted off a GPU) over slots `[0, position]`."""
   if kind == "pallas":
     batch, kv_heads, group, head_dim = q.shape
-    cache = LayerCache(k_cache, v_cache, position[0], start=jnp.zeros((batch,), jnp.int32))
+    keys = k_cache.swapaxes(-1, -2)  # the model's cache keeps keys [B, K, Dh, S]
+    cache = LayerCache(keys, v_cache, position[0], start=jnp.zeros((batch,), jnp.int32))
     out = attend_range(q.reshape(batch, 1, kv_heads * group, head_dim), cache)
     return out.reshape(q.shape)
   s = jnp.einsum("bkgd,bksd->bkgs", q, k_cache, preferred_element_type=jnp.float32)

@@ -19,7 +19,9 @@ that capture the decode loop as one CUDA graph) can be told apart:
 `lax.switch` between window sizes in each layer (on a GPU a conditional outside a command
 buffer waits for its branch index on the host), to weigh the windows' saved cache reads
 against that cost; `--windowed_decode_min_mb 0` makes a GPU use windows, where by default
-it reads the cache whole (`attention.WINDOWED_DECODE_MIN_BYTES`).
+it reads the cache whole (`attention.WINDOWED_DECODE_MIN_BYTES`); `--decode_windows_up_to
+1.0` lets the windows grow to the whole cache rather than stop at half of it
+(`attention.DECODE_WINDOWS_UP_TO`).
 `--fuse_projections on|off` overrides the backend's choice of merged q/k/v and gate/up
 matmuls in the decode (`sampling.FUSE_PROJECTIONS`), and `--decode_kernel xla|pallas` its
 decode attention (`attention.DECODE_KERNEL`).
@@ -152,14 +154,21 @@ def time_transformers(directory, prompts, new_tokens, repeats, dtype):
 
 
 def add_decode_flags(parser: argparse.ArgumentParser) -> None:
-  """The decode's backend settings as flags: the windows' two (`attention.MAX_DECODE_WINDOWS`
-  and `attention.WINDOWED_DECODE_MIN_BYTES`), `sampling.FUSE_PROJECTIONS`,
+  """The decode's backend settings as flags: the windows' three (`attention.MAX_DECODE_WINDOWS`,
+  `attention.DECODE_WINDOWS_UP_TO` and `attention.WINDOWED_DECODE_MIN_BYTES`),
+  `sampling.FUSE_PROJECTIONS`,
   `sampling.UNROLL_LAYERS` and `attention.DECODE_KERNEL`."""
   parser.add_argument(
       "--max_decode_windows",
       type=int,
       default=attention.MAX_DECODE_WINDOWS,
       help="window sizes a decode step may attend over (1: the whole cache, no lax.switch)",
+  )
+  parser.add_argument(
+      "--decode_windows_up_to",
+      type=float,
+      default=attention.DECODE_WINDOWS_UP_TO,
+      help="the largest window short of the whole cache, as a fraction of its slots",
   )
   parser.add_argument(
       "--windowed_decode_min_mb",
@@ -191,6 +200,7 @@ def apply_decode_flags(args) -> dict:
   """Sets the flags of `add_decode_flags`; returns them as fields of a JSON line."""
   backend = jax.default_backend()
   attention.MAX_DECODE_WINDOWS = args.max_decode_windows
+  attention.DECODE_WINDOWS_UP_TO = args.decode_windows_up_to
   if args.windowed_decode_min_mb is not None:
     attention.WINDOWED_DECODE_MIN_BYTES = {
         backend: None
@@ -205,6 +215,7 @@ def apply_decode_flags(args) -> dict:
     attention.DECODE_KERNEL = {backend: args.decode_kernel}
   return dict(
       max_decode_windows=args.max_decode_windows,
+      decode_windows_up_to=args.decode_windows_up_to,
       windowed_decode_min_bytes=attention.WINDOWED_DECODE_MIN_BYTES.get(backend, 0),
       fuse_projections=sampling.fuses_projections(),
       unroll_layers=sampling.UNROLL_LAYERS.get(backend, False),

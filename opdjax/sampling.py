@@ -109,7 +109,7 @@ class DecodeState(NamedTuple):
   """The decode loop's carry (B rows, N = bucketed new tokens, S cache slots, V vocab)."""
 
   step: jax.Array  # [] int32, the next decode step (= completion index)
-  cache: KVCache  # per layer [B, K, S, Dh] keys/values, valid [B, S], index []
+  cache: KVCache  # per layer keys [B, K, Dh, S], values [B, K, S, Dh], valid [B, S], index []
   next_logits: jax.Array  # [B, V] float32 logits of the token to draw at `step`
   next_position: jax.Array  # [B] int32 RoPE position of that token in its own row
   done: jax.Array  # [B] bool, row has emitted EOS (or is past max_new_tokens)
@@ -191,7 +191,7 @@ def _draw(logits, key, sampling: SamplingParams):
 def _repeat_rows(cache: KVCache, count: int, stacked: bool) -> KVCache:
   """Each prompt's cache rows `count` times in a row (the samples of a prompt are adjacent)."""
   repeat = lambda x, axis: jnp.repeat(x, count, axis=axis)
-  kv_axis = 1 if stacked else 0  # [L, B, K, S, Dh] or per layer [B, K, S, Dh]
+  kv_axis = 1 if stacked else 0  # [L, B, K, ...] or per layer [B, K, ...]
   return cache._replace(
       keys=jax.tree.map(lambda k: repeat(k, kv_axis), cache.keys),
       values=jax.tree.map(lambda v: repeat(v, kv_axis), cache.values),

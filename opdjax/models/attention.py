@@ -27,10 +27,12 @@ class KVCache(NamedTuple):
   """Per-layer key/value buffers plus the bookkeeping that makes padding exact.
 
   Attributes:
-    keys: tuple over layers of `[B, K, S, Dh]`, or one `[L, B, K, S, Dh]` array for a
-      model with scanned layers. Heads before slots: a decode step reads each head's
-      filled slots as one contiguous block (see `attend_one`).
-    values: the same layout as `keys`.
+    keys: tuple over layers of `[B, K, Dh, S]`, or one `[L, B, K, Dh, S]` array for a
+      model with scanned layers. Slots last: a decode step's scores `Σ_d q_d k_{d,s}` add
+      whole vectors of slots, one head dimension at a time, where slots before head
+      dimensions would reduce each slot's few head dimensions (see `attend_one`).
+    values: `[B, K, S, Dh]` per layer, or `[L, B, K, S, Dh]`: the weighted sum over slots
+      adds whole rows of head dimensions.
     valid: `[B, S]` bool, True where a slot holds a real token.
     index: int32 scalar, the next slot to write.
     start: `[B]` int32 where each row's tokens fill slots `[start, index)` without a hole,
@@ -55,14 +57,14 @@ class KVCache(NamedTuple):
       *,
       stacked: bool = False,
   ) -> "KVCache":
-    shape = (batch_size, config.num_kv_heads, max_length, config.head_dim)
+    heads = (batch_size, config.num_kv_heads)
     if stacked:
-      make = lambda: jnp.zeros((config.num_layers,) + shape, dtype)
+      make = lambda *shape: jnp.zeros((config.num_layers,) + heads + shape, dtype)
     else:
-      make = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+      make = lambda *shape: tuple(jnp.zeros(heads + shape, dtype) for _ in range(config.num_layers))
     return cls(
-        keys=make(),
-        values=make(),
+        keys=make(config.head_dim, max_length),
+        values=make(max_length, config.head_dim),
         valid=jnp.zeros((batch_size, max_length), bool),
         index=jnp.zeros((), jnp.int32),
     )
@@ -76,11 +78,11 @@ class LayerCache(NamedTuple):
   """One layer's part of a `KVCache` in a cached forward pass.
 
   Attributes:
-    keys: that layer's `[B, K, S, Dh]` buffer, or, with `layer` set, every layer's
-      stacked `[L, B, K, S, Dh]` buffer (scanned layers: the stack is the scan's carry and
+    keys: that layer's `[B, K, Dh, S]` buffer, or, with `layer` set, every layer's
+      stacked `[L, B, K, Dh, S]` buffer (scanned layers: the stack is the scan's carry and
       each layer writes its row in place; passing rows in and out of the scan would copy
       the whole cache in every step).
-    values: the same layout as `keys`.
+    values: the same for `[B, K, S, Dh]` (`[L, B, K, S, Dh]`).
     index: int32 scalar, the first slot to write.
     layer: int32 scalar row of the stacked buffers, or None.
     start: the `KVCache`'s `start` (`[B]` or None).
@@ -95,23 +97,29 @@ class LayerCache(NamedTuple):
   def write(self, k, v) -> "LayerCache":
     """Writes `k, v [B, T, K, Dh]` at slots `[index, index + T)`."""
     lead = () if self.layer is None else (self.layer,)
+    zero = jnp.zeros((), jnp.int32)
 
-    def put(cache, new):
-      new = new.swapaxes(1, 2).astype(cache.dtype)  # [B, K, T, Dh]
-      zero = jnp.zeros((), jnp.int32)
-      start = lead + (zero, zero, self.index, zero)
-      return jax.lax.dynamic_update_slice(cache, new.reshape((1,) * len(lead) + new.shape), start)
+    def put(cache, new, start):
+      new = new.astype(cache.dtype).reshape((1,) * len(lead) + new.shape)
+      return jax.lax.dynamic_update_slice(cache, new, lead + start)
 
-    return self._replace(keys=put(self.keys, k), values=put(self.values, v))
+    return self._replace(
+        keys=put(self.keys, k.transpose(0, 2, 3, 1), (zero, zero, zero, self.index)),
+        values=put(self.values, v.swapaxes(1, 2), (zero, zero, self.index, zero)),
+    )
 
   def read(self, slots: int | None = None) -> tuple[jax.Array, jax.Array]:
-    """This layer's keys and values `[B, K, slots, Dh]`: its first `slots` (default all)."""
+    """This layer's keys `[B, K, Dh, slots]` and values `[B, K, slots, Dh]`: its first
+    `slots` (default all)."""
     if self.layer is None:
-      return self.keys[:, :, :slots], self.values[:, :, :slots]
-    size = (1,) + self.keys.shape[1:3] + (slots or self.keys.shape[3],) + self.keys.shape[4:]
-    start = (self.layer,) + (jnp.zeros((), jnp.int32),) * 4
-    row = lambda x: jax.lax.dynamic_slice(x, start, size)[0]
-    return row(self.keys), row(self.values)
+      return self.keys[..., :slots], self.values[:, :, :slots]
+    slots = slots or self.values.shape[-2]
+    zeros = (jnp.zeros((), jnp.int32),) * 4
+    row = lambda x, size: jax.lax.dynamic_slice(x, (self.layer,) + zeros, (1,) + size)[0]
+    heads = self.values.shape[1:3]
+    return row(self.keys, heads + (self.keys.shape[-2], slots)), row(
+        self.values, heads + (slots, self.values.shape[-1])
+    )
 
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
@@ -242,6 +250,14 @@ def attend_causal_groups(q, k, v, mask, *, block: int) -> jax.Array:
 
 DECODE_WINDOW = 128  # slots per step of the decode attention's window (see `attend_one`)
 MAX_DECODE_WINDOWS = 8  # at most this many window sizes (one compiled branch each)
+# The largest window short of the whole cache, as a fraction of its slots. XLA's CPU
+# backend copies a window out of the cache before reducing it, and past about half the
+# cache the copy costs more than the slots it skips: over 640 slots (batch 64, 4 KV heads,
+# head dim 32) a 384-slot window took 2.18 ms a step against 1.56 ms for the whole cache,
+# and the CPU sampler at 512 new tokens ran 1.07–1.24x faster with windows up to half the
+# cache than up to all of it; windows up to 30% of it, or none, were slower
+# (benchmarks/results/decode_attention_cpu_2core.jsonl, sampler_cpu_2core.jsonl).
+DECODE_WINDOWS_UP_TO = 0.5
 # The smallest layer cache (keys and values of every row, in bytes) whose decode steps use
 # windows, by backend (absent: 0, always; None: never). Each layer picks its window with a
 # `lax.switch`, and XLA's GPU backend runs a conditional from the host. On an H200 a
@@ -255,14 +271,21 @@ WINDOWED_DECODE_MIN_BYTES = {"gpu": None}
 
 def decode_windows(max_length: int, layer_bytes: int | None = None) -> tuple[int, ...]:
   """The window sizes a decode step may attend over in a cache of `max_length` slots:
-  multiples of `DECODE_WINDOW` (coarser for long caches, at most `MAX_DECODE_WINDOWS`), the
-  last one `max_length`; only `max_length` where the backend's `WINDOWED_DECODE_MIN_BYTES`
-  is None or above a layer cache of `layer_bytes`."""
+  multiples of `DECODE_WINDOW` up to `DECODE_WINDOWS_UP_TO` of the cache (coarser for long
+  caches, at most `MAX_DECODE_WINDOWS` in all), then `max_length`; only `max_length` where
+  the backend's `WINDOWED_DECODE_MIN_BYTES` is None or above a layer cache of
+  `layer_bytes`.
+
+  >>> decode_windows(528), decode_windows(200)
+  ((128, 256, 528), (200,))
+  """
   threshold = WINDOWED_DECODE_MIN_BYTES.get(jax.default_backend(), 0)
-  if threshold is None or (layer_bytes is not None and layer_bytes < threshold):
+  largest = min(int(max_length * DECODE_WINDOWS_UP_TO), max_length - 1)
+  small = threshold is None or (layer_bytes is not None and layer_bytes < threshold)
+  if small or MAX_DECODE_WINDOWS < 2 or largest < DECODE_WINDOW:
     return (max_length,)
-  step = max(DECODE_WINDOW, -(-max_length // MAX_DECODE_WINDOWS))
-  return tuple(range(step, max_length, step)) + (max_length,)
+  step = max(DECODE_WINDOW, -(-largest // (MAX_DECODE_WINDOWS - 1)))
+  return tuple(range(step, largest + 1, step)) + (max_length,)
 
 
 # The decode step's attention kernel by backend (absent: "xla"): "xla" (`attend_one`'s
@@ -297,7 +320,8 @@ def attend_range(q, cache: LayerCache) -> jax.Array:
   from jax.experimental.pallas.ops.gpu import decode_attention  # Triton: only where used
 
   batch, _, heads, head_dim = q.shape
-  keys, values = cache.read()  # [B, K, S, Dh]
+  keys, values = cache.read()  # [B, K, Dh, S], [B, K, S, Dh]
+  keys = keys.swapaxes(-1, -2)  # the kernel reads [S, Dh] per head
   kv_heads, slots = keys.shape[1], keys.shape[2]
   block = math.gcd(slots, 128)  # the kernel's blocks are powers of two that divide S
   if block < 16:
@@ -337,25 +361,27 @@ def attend_one(q, cache: LayerCache, mask) -> jax.Array:
   the backend's `WINDOWED_DECODE_MIN_BYTES` allows: a GPU reads the cache whole, cheaper
   there than the conditional that picks the window). The
   slots left out are masked, so the result is the same as over the whole cache. Scores and
-  the weighted sum are multiply-and-reduce over the contiguous head dimension and slots:
-  a batched `dot_general` of one query row costs more on a CPU and no less elsewhere, where
-  a decode step is bound by reading the cache. Softmax in float32. A cache with `start`
-  set (the sampler's layout for the "pallas" `DECODE_KERNEL`) goes to `attend_range`.
+  the weighted sum are multiply-and-add over whole vectors of slots (keys `[Dh, S]`) and of
+  head dimensions (values `[S, Dh]`): a batched `dot_general` of one query row costs more
+  on a CPU and no less elsewhere, where a decode step is bound by reading the cache.
+  Softmax in float32. A cache with `start` set (the sampler's layout for the "pallas"
+  `DECODE_KERNEL`) goes to `attend_range`.
   """
   if cache.start is not None:
     return attend_range(q, cache)
   batch, _, heads, head_dim = q.shape
-  kv_heads = cache.keys.shape[-3]
-  q = q.reshape(batch, kv_heads, heads // kv_heads, 1, head_dim).astype(jnp.float32)
+  kv_heads = cache.values.shape[-3]
+  q = q.reshape(batch, kv_heads, heads // kv_heads, head_dim, 1).astype(jnp.float32)
   scale = head_dim**-0.5
 
   def over(window):
-    k, v = (x[:, :, None].astype(jnp.float32) for x in cache.read(window))  # [B, K, 1, W, Dh]
+    k, v = (x[:, :, None].astype(jnp.float32) for x in cache.read(window))
     seen = mask[:, None, None, 0, :window]  # [B, 1, 1, W]
-    scores = jnp.where(seen, jnp.sum(q * k, axis=-1) * scale, -jnp.inf)  # [B, K, G, W]
+    scores = jnp.sum(q * k, axis=-2)  # q [B, K, G, Dh, 1], k [B, K, 1, Dh, W] -> [B, K, G, W]
+    scores = jnp.where(seen, scores * scale, -jnp.inf)
     scores = jnp.where(jnp.any(seen, axis=-1, keepdims=True), scores, 0.0)  # padding rows
     weights = jax.nn.softmax(scores, axis=-1)
-    return jnp.sum(weights[..., None] * v, axis=3)  # [B, K, G, Dh]
+    return jnp.sum(weights[..., None] * v, axis=3)  # v [B, K, 1, W, Dh] -> [B, K, G, Dh]
 
   slots = mask.shape[-1]
   windows = decode_windows(

@@ -189,8 +189,9 @@ class Attention(nnx.Module):
     cache = cache.write(k, v)
     if length == 1:  # a decode step
       out = attend_one(q, cache, mask)
-    else:  # a prefill: once per generation, so the cache's transpose costs little
-      k, v = (c.swapaxes(1, 2).astype(q.dtype) for c in cache.read())
+    else:  # a prefill: once per generation, so the cache's transposes cost little
+      k, v = cache.read()  # [B, K, Dh, S], [B, K, S, Dh]
+      k, v = k.transpose(0, 3, 1, 2).astype(q.dtype), v.swapaxes(1, 2).astype(q.dtype)
       out = attend(q, k, v, mask, implementation=self.implementation)
     return self.o_proj(out.reshape(batch, length, -1).astype(x.dtype)), cache
 

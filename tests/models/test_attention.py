@@ -10,10 +10,19 @@ import pytest
 from opdjax.models import attention
 
 
-def test_decode_windows():
+def test_decode_windows(monkeypatch):
+  """Multiples of `DECODE_WINDOW` up to `DECODE_WINDOWS_UP_TO` of the cache, coarser where
+  there would be more than `MAX_DECODE_WINDOWS`, then the whole cache."""
   assert attention.decode_windows(80) == (80,)
+  assert attention.decode_windows(255) == (255,)  # no window short of half the cache
+  assert attention.decode_windows(256) == (128, 256)
+  assert attention.decode_windows(528) == (128, 256, 528)
+  assert attention.decode_windows(4096) == (293, 586, 879, 1172, 1465, 1758, 4096)
+  monkeypatch.setattr(attention, "DECODE_WINDOWS_UP_TO", 1.0)  # up to the whole cache
   assert attention.decode_windows(528) == (128, 256, 384, 512, 528)
-  assert attention.decode_windows(4096) == (512, 1024, 1536, 2048, 2560, 3072, 3584, 4096)
+  assert attention.decode_windows(512) == (128, 256, 384, 512)
+  monkeypatch.setattr(attention, "DECODE_WINDOWS_UP_TO", 0.0)  # none
+  assert attention.decode_windows(4096) == (4096,)
 
 
 def test_decode_windows_where_a_conditional_costs_more_than_a_small_cache(monkeypatch):
@@ -21,8 +30,8 @@ def test_decode_windows_where_a_conditional_costs_more_than_a_small_cache(monkey
   host) reads a small layer cache whole: its decode step traces to no conditional."""
   monkeypatch.setattr(attention, "DECODE_WINDOW", 2)
   q = jnp.ones((3, 1, 4, 8), jnp.float32)
-  keys = jnp.ones((3, 2, 12, 8), jnp.float32)  # 2 * 3 * 2 * 12 * 8 * 4 = 4,608 bytes a layer
-  cache = attention.LayerCache(keys, keys, index=jnp.int32(4))
+  keys = jnp.ones((3, 2, 8, 12), jnp.float32)  # 2 * 3 * 2 * 12 * 8 * 4 = 4,608 bytes a layer
+  cache = attention.LayerCache(keys, keys.swapaxes(-1, -2), index=jnp.int32(4))
   mask = jnp.ones((3, 1, 12), bool)
 
   def conditionals(threshold):
@@ -30,11 +39,11 @@ def test_decode_windows_where_a_conditional_costs_more_than_a_small_cache(monkey
     jaxpr = jax.make_jaxpr(lambda *args: attention.attend_one(*args))(q, cache, mask)  # no cache
     return sum(e.primitive.name == "cond" for e in jaxpr.jaxpr.eqns)
 
-  assert len(attention.decode_windows(528, 1 << 20)) == 8  # no threshold for the backend
+  assert len(attention.decode_windows(528, 1 << 20)) == 7  # no threshold for the backend
   assert conditionals(4_609) == 0
   assert attention.decode_windows(12, 4_608) == (12,)
   assert conditionals(4_608) == 1
-  assert attention.decode_windows(12, 4_608 + 1) == (2, 4, 6, 8, 10, 12)
+  assert attention.decode_windows(12, 4_608 + 1) == (2, 4, 6, 12)
   assert conditionals(None) == 0  # never (a GPU's setting)
   assert attention.decode_windows(528) == (528,)
 
@@ -42,18 +51,21 @@ def test_decode_windows_where_a_conditional_costs_more_than_a_small_cache(monkey
 @pytest.mark.parametrize("filled,window", [(5, 6), (6, 6), (7, 8)])
 def test_a_decode_step_reads_only_its_window(monkeypatch, filled, window):
   """Slots past the chosen window hold NaN: a step that read them would return NaN (a
-  masked slot still multiplies its value by a zero weight)."""
+  masked slot still multiplies its value by a zero weight). Windows of 2 slots up to half
+  of 24: 2, 4, ..., 12, then 24."""
   monkeypatch.setattr(attention, "DECODE_WINDOW", 2)
+  assert attention.decode_windows(24) == (2, 4, 6, 8, 10, 12, 24)
   rng = np.random.default_rng(0)
   q = jnp.asarray(rng.normal(size=(3, 1, 4, 8)), jnp.float32)
-  keys, values = (jnp.asarray(rng.normal(size=(3, 2, 12, 8)), jnp.float32) for _ in range(2))
-  mask = np.arange(12)[None, None, :] < filled
+  keys, values = (jnp.asarray(rng.normal(size=(3, 2, 24, 8)), jnp.float32) for _ in range(2))
+  mask = np.arange(24)[None, None, :] < filled
   mask = jnp.asarray(np.repeat(mask, 3, axis=0))
   mask = mask.at[1, 0, 0].set(False)  # a hole, as padding leaves
   mask = mask.at[2].set(False)  # a fully masked row (a finished row's padding)
   expected = attention.attend(q, keys.swapaxes(1, 2), values.swapaxes(1, 2), mask)
-  poison = lambda x: x.at[:, :, window:].set(jnp.nan)
-  cache = attention.LayerCache(poison(keys), poison(values), index=jnp.int32(filled - 1))
+  poison = lambda x: x.at[:, :, window:].set(jnp.nan)  # slots on axis 2: [B, K, S, Dh]
+  keys = poison(keys).swapaxes(-1, -2)  # the cache's layout: [B, K, Dh, S]
+  cache = attention.LayerCache(keys, poison(values), index=jnp.int32(filled - 1))
   out = attention.attend_one(q, cache, mask)
   np.testing.assert_allclose(out[:2], expected[:2], atol=1e-6)
   assert np.isfinite(out[2]).all()  # its output is never read, but must not be NaN
@@ -75,7 +87,7 @@ def test_the_pallas_decode_kernel_attends_each_rows_range(stacked):
   expected = attention.attend(
       q, jnp.asarray(keys).swapaxes(1, 2), jnp.asarray(values).swapaxes(1, 2), inside[:, None]
   )
-  keys, values = jnp.asarray(keys), jnp.asarray(values)
+  keys, values = jnp.asarray(keys).swapaxes(-1, -2), jnp.asarray(values)  # keys [B, K, Dh, S]
   if stacked:  # a scanned model's cache: every layer's rows, this layer's selected
     keys, values = jnp.stack([keys * 0, keys]), jnp.stack([values * 0, values])
   cache = attention.LayerCache(

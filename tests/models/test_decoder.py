@@ -95,16 +95,17 @@ def test_fused_projections_compute_what_the_separate_ones_do(kind, overrides, sc
 
 
 def test_decode_with_many_windows_equals_full_forward(monkeypatch):
-  """Windows of 2 slots in a 16-slot cache: every decode step picks a different branch,
-  and an off-by-one in the choice would drop the newest token."""
-  monkeypatch.setattr(attention, "DECODE_WINDOW", 2)
+  """Windows of 1 slot up to half of a 24-slot cache: every decode step picks a different
+  branch, and an off-by-one in the choice would drop the newest token."""
+  monkeypatch.setattr(attention, "DECODE_WINDOW", 1)
+  monkeypatch.setattr(attention, "MAX_DECODE_WINDOWS", 16)
   model = make_model()
   prompts, prompt_mask, completion = padded_prompts(model.config.vocab_size, seed=2)
   full_tokens = jnp.concatenate([prompts, completion], axis=1)
   full_mask = jnp.concatenate([prompt_mask, jnp.ones(completion.shape, bool)], axis=1)
   full = model(full_tokens, attention_mask=full_mask)
-  cache = model.init_cache(4, 16)
-  assert len(attention.decode_windows(cache.max_length)) == 8
+  cache = model.init_cache(4, 24)
+  assert attention.decode_windows(cache.max_length) == tuple(range(1, 13)) + (24,)
   _, cache = model.prefill(prompts, positions_from_mask(prompt_mask), cache, token_mask=prompt_mask)
   lengths = jnp.sum(prompt_mask, axis=1)
   decode = nnx.jit(lambda m, t, p, c: m.decode(t, p, c))
@@ -273,7 +274,8 @@ def test_a_scanned_decode_step_carries_the_stacked_cache_through_its_layers():
   step = lambda cache: model.decode(jnp.zeros(2, jnp.int32), jnp.zeros(2, jnp.int32), cache)
   (scan,) = [e for e in jax.make_jaxpr(step)(cache).eqns if e.primitive.name == "scan"]
   consts, carried = scan.params["num_consts"], scan.params["num_carry"]
-  stacked = lambda variables: sum(v.aval.shape == cache.keys.shape for v in variables)
+  shapes = (cache.keys.shape, cache.values.shape)
+  stacked = lambda variables: sum(v.aval.shape in shapes for v in variables)
   assert stacked(scan.invars[consts : consts + carried]) == 2  # keys and values
   assert stacked(scan.invars[consts + carried :]) == stacked(scan.outvars[carried:]) == 0
 
