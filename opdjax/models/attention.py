@@ -253,10 +253,10 @@ MAX_DECODE_WINDOWS = 8  # at most this many window sizes (one compiled branch ea
 # The largest window short of the whole cache, as a fraction of its slots. XLA's CPU
 # backend copies a window out of the cache before reducing it, and past about half the
 # cache the copy costs more than the slots it skips: over 640 slots (batch 64, 4 KV heads,
-# head dim 32) a 384-slot window took 2.18 ms a step against 1.56 ms for the whole cache,
-# and the CPU sampler at 512 new tokens ran 1.07–1.24x faster with windows up to half the
-# cache than up to all of it; windows up to 30% of it, or none, were slower
-# (benchmarks/results/decode_attention_cpu_2core.jsonl, sampler_cpu_2core.jsonl).
+# head dim 32, 300 filled) a 384-slot window took 6.65 ms a step against 4.65 ms for the
+# whole cache, and the CPU sampler at 512 new tokens ran 1.09-1.42x faster with windows up
+# to half the cache than up to all of it (benchmarks/results/decode_attention_cpu_2core.jsonl,
+# decode_windows_cpu_2core.jsonl; docs/benchmarks.md).
 DECODE_WINDOWS_UP_TO = 0.5
 # The smallest layer cache (keys and values of every row, in bytes) whose decode steps use
 # windows, by backend (absent: 0, always; None: never). Each layer picks its window with a
