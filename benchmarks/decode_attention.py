@@ -92,7 +92,9 @@ def main():
       head_dim=args.head_dim,
       slots=args.slots,
   )
-  windows = attention.decode_windows(args.slots)
+  # The windows `attend_one` picks from: it passes its float32 keys' and values' bytes.
+  layer_bytes = 2 * 4 * args.batch * args.kv_heads * args.slots * args.head_dim
+  windows = attention.decode_windows(args.slots, layer_bytes)
   for filled in args.filled:
     window = next(w for w in windows if w >= filled)
     for impl, ms in time_both(filled, args.repeats, **shape).items():
