@@ -22,8 +22,6 @@ per KV head, head dim 16) with a 640-slot cache. Milliseconds are the best of `-
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 
 import jax
 import jax.numpy as jnp
@@ -111,8 +109,6 @@ def main():
               ),
               ms=round(ms, 3),
               device=str(jax.devices()[0].device_kind) if impl == "opdjax" else "cpu",
-              cpus=os.cpu_count(),
-              machine=platform.machine(),
           ),
           args.out,
       )
