@@ -64,3 +64,24 @@ def fixture_copy_finished_stages(tmp_path_factory):
       shutil.copytree(run_dir, workdir / name)
 
   return copy
+
+
+@pytest.fixture(scope="session", name="two_stages_reference")
+def fixture_two_stages_reference(tmp_path_factory):
+  """The workdir of `tests/experiments/two_stages.py` run uninterrupted in a test process (8
+  CPU devices, one process): the run that the multi-process run and the run on a bucket
+  must each equal. It runs once per test session, shared by the xdist workers (the first to
+  take the lock runs it; `done` marks it finished). Tests read it and write nothing there."""
+  import fcntl
+
+  from tests.experiments.two_stages import get_config, main
+
+  base = tmp_path_factory.getbasetemp()
+  root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+  workdir = root / "two_stages_reference"
+  with open(f"{workdir}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not (workdir / "done").exists():
+      main(get_config(), workdir)
+      (workdir / "done").touch()
+  return workdir

@@ -5,7 +5,8 @@ the same losses and final parameters, for SFT and for OPD with the sampler (the 
 of `tests/experiments/two_stages.py`; the second routes its rows between two teachers, so
 each process's rows reach their own teacher's forward pass through the gathered route, and
 each teacher is evaluated on a share of the held-out rows that does not split evenly over
-the devices: 7 and 1 of 8). Only process 0 writes the run's files, and a run whose
+the devices: 7 and 1 of 8; the one-process run is `two_stages_reference` in
+tests/conftest.py, which the run on a bucket shares). Only process 0 writes the run's files, and a run whose
 processes are all killed after a checkpoint resumes to the parameters of an uninterrupted one
 (bitwise resume on one process: `test_torn_checkpoint_falls_back_to_the_previous_one`).
 """
@@ -38,8 +39,9 @@ def _free_port() -> int:
 
 
 def launch(workdir: Path, processes: int, devices: int, cache: Path) -> list[subprocess.Popen]:
-  """`processes` CLI processes of the two-stage experiment, `devices` CPU devices each,
-  sharing the compilation cache `cache` (a rerun loads what an earlier run compiled)."""
+  """`processes` (two or more) CLI processes of the two-stage experiment, `devices` CPU
+  devices each, sharing the compilation cache `cache` (a rerun loads what an earlier run
+  compiled)."""
   env = dict(
       os.environ,
       JAX_PLATFORMS="cpu",
@@ -56,12 +58,6 @@ def launch(workdir: Path, processes: int, devices: int, cache: Path) -> list[sub
       "--workdir",
       str(workdir),
   ]
-  if processes == 1:
-    return [
-        subprocess.Popen(
-            command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-    ]
   address = f"127.0.0.1:{_free_port()}"
   return [
       subprocess.Popen(
@@ -129,13 +125,11 @@ def check_written_once(workdir: Path, stage: str, *, runs: int = 1) -> None:
   assert (workdir / "curves.png").exists() == (stage == "opd")  # the stage that evaluates
 
 
-def test_two_processes_killed_and_resumed_equal_one(tmp_path):
-  """One test (so one xdist worker pays for the runs): 1 x 8 devices and 2 x 4 devices run
-  together; the 2 x 4 run is SIGKILLed once its SFT stage has a checkpoint, then rerun, so it
+def test_two_processes_killed_and_resumed_equal_one(two_stages_reference, tmp_path):
+  """The 2 x 4 run is SIGKILLed once its SFT stage has a checkpoint, then rerun, so it
   resumes (each process its own data position) and goes on to the OPD stage. Both stages
-  must equal the uninterrupted 1 x 8 run."""
+  must equal the uninterrupted run of one process with 8 devices (`two_stages_reference`)."""
   cache = tmp_path / "xla"  # the rerun loads what the killed run compiled
-  one = launch(tmp_path / "one", 1, 8, cache)
   two = launch(tmp_path / "two", 2, 4, cache)
   checkpoints = tmp_path / "two" / "sft" / "checkpoints"
   deadline = time.time() + 600
@@ -149,8 +143,7 @@ def test_two_processes_killed_and_resumed_equal_one(tmp_path):
       saved() and not (checkpoints / "4").exists()
   ), "the run was not interrupted between its first checkpoint and its end"
   finish(launch(tmp_path / "two", 2, 4, cache))
-  finish(one)
   for stage in STAGES:
-    check_equal(tmp_path / "one" / stage, tmp_path / "two" / stage, stage)
+    check_equal(two_stages_reference / stage, tmp_path / "two" / stage, stage)
     check_written_once(tmp_path / "two" / stage, stage, runs=2 if stage == "sft" else 1)
   assert any(p.name.startswith("jit_step-") for p in cache.iterdir())  # the step was cached

@@ -66,17 +66,16 @@ def _history(text: str) -> list[dict]:
   return [{k: v for k, v in row.items() if k not in metrics.CLOCK_KEYS} for row in rows]
 
 
-def test_a_run_on_gcs_writes_everything_to_the_bucket_and_resumes_there(gcs_url, tmp_path):
+def test_a_run_on_gcs_writes_everything_to_the_bucket_and_resumes_there(
+    gcs_url, two_stages_reference, tmp_path
+):
   """`two_stages` (SFT, then OPD whose two teachers load the SFT checkpoint and whose
   prompts are JSONL files in the workdir) on `gs://bucket/run`, killed with SIGKILL after
   the OPD stage's checkpoint at step 2 and run again, logs exactly what an uninterrupted
   run in a local directory logs (every value but the clock's, bitwise), and
   the bucket holds each stage's files. An object store cannot append: writing
   `metrics.jsonl` by appending kept only its last line. Nothing is written locally."""
-  from tests.experiments.two_stages import get_config, main
-
-  main(get_config(), tmp_path / "local")
-
+  local = two_stages_reference
   env = {**os.environ, **gcs_emulator.environment(gcs_url)}
   cwd = tmp_path / "cwd"
   cwd.mkdir()
@@ -96,18 +95,17 @@ def test_a_run_on_gcs_writes_everything_to_the_bucket_and_resumes_there(gcs_url,
   fs.invalidate_cache()  # gcsfs caches listings
 
   for stage in ("sft", "opd"):
-    local = tmp_path / "local" / stage
-    want = _history((local / "metrics.jsonl").read_text())
+    want = _history((local / stage / "metrics.jsonl").read_text())
     assert [r["step"] for r in want if r["split"] == "train"] == [2, 4]
     got = _history(fs.cat(f"bucket/run/{stage}/metrics.jsonl").decode())
     assert got == want, stage
     model_config = fs.cat(f"bucket/run/{stage}/model_config.json")
-    assert model_config == (local / "model_config.json").read_bytes()
+    assert model_config == (local / stage / "model_config.json").read_bytes()
     assert fs.ls(f"bucket/run/{stage}/tensorboard"), stage
     assert fs.exists(f"bucket/run/{stage}/checkpoints/4"), stage
   config = json.loads(fs.cat("bucket/run/opd/config.json"))
   assert config["teachers"]["a"]["checkpoint"] == "gs://bucket/run/sft"
   assert config["task"]["train_jsonl"] == "gs://bucket/run/train.jsonl"
   assert fs.cat("bucket/run/opd/curves.png").startswith(b"\x89PNG")
-  assert fs.cat("bucket/run/train.jsonl") == (tmp_path / "local" / "train.jsonl").read_bytes()
+  assert fs.cat("bucket/run/train.jsonl") == (local / "train.jsonl").read_bytes()
   assert not list(cwd.iterdir())  # no `gs:` directory, no local staging left behind
