@@ -16,6 +16,7 @@ needs a local file), and saving writes locally, then copies the files up.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -153,17 +154,29 @@ def abstract_model(
     remat: str = "auto",
     mesh: Mesh | None = None,
 ) -> Decoder:
-  """The model's structure with `ShapeDtypeStruct` leaves (allocates no parameters)."""
-  return nnx.eval_shape(
-      lambda: Decoder(
-          config,
-          dtype=dtype,
-          param_dtype=param_dtype,
-          rngs=nnx.Rngs(0),
-          attention=attention,
-          scan_layers=scan_layers,
-          remat=remat,
-          mesh=mesh,
+  """The model's structure with `ShapeDtypeStruct` leaves (allocates no parameters). Each
+  call returns a new module; the trace that builds it runs once per distinct arguments (a
+  run asks for each model's structure several times, and tracing a `Decoder` costs ~0.15 s)."""
+  return nnx.merge(
+      *_abstract_split(config, dtype, param_dtype, attention, scan_layers, remat, mesh),
+      copy=True,
+  )
+
+
+@functools.lru_cache(maxsize=32)
+def _abstract_split(config, dtype, param_dtype, attention, scan_layers, remat, mesh):
+  return nnx.split(
+      nnx.eval_shape(
+          lambda: Decoder(
+              config,
+              dtype=dtype,
+              param_dtype=param_dtype,
+              rngs=nnx.Rngs(0),
+              attention=attention,
+              scan_layers=scan_layers,
+              remat=remat,
+              mesh=mesh,
+          )
       )
   )
 

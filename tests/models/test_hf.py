@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from opdjax import sharding
 from opdjax.models import Decoder, load_pretrained, load_tokenizer, save_pretrained, tiny_config
+from opdjax.models.hf import abstract_model
 from tests.models.hf_fixtures import build_hf_model, hf_logits, padded_batch, save_tiny_tokenizer
 
 KINDS = ("qwen3", "llama", "qwen2")
@@ -226,6 +227,21 @@ def test_uri_directories_save_and_load_through_a_local_cache(checkpoints, tmp_pa
 
 
 # ---------------------------------------------------------------- broken checkpoints
+
+
+def test_abstract_models_of_equal_arguments_are_separate_modules():
+  """The structure is traced once per distinct arguments, but each call gets its own module
+  and variables: loading into one (as `load_pretrained` does) leaves the next call's
+  abstract leaves as they were."""
+  config = tiny_config("qwen3")
+  first, second = (abstract_model(config, jnp.float32) for _ in range(2))
+  assert first is not second and first.embed.embedding is not second.embed.embedding
+  shape = first.embed.embedding.value.shape
+  first.embed.embedding.value = jnp.zeros(shape)
+  assert isinstance(abstract_model(config, jnp.float32).embed.embedding.value, jax.ShapeDtypeStruct)
+  assert isinstance(second.embed.embedding.value, jax.ShapeDtypeStruct)
+  bf16 = abstract_model(config, jnp.bfloat16, param_dtype=jnp.bfloat16)
+  assert bf16.embed.embedding.value.dtype == jnp.bfloat16  # other arguments, another trace
 
 
 def test_missing_config_or_weights(checkpoints, tmp_path):
