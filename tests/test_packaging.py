@@ -26,10 +26,13 @@ def test_wheel_install_lists_and_dry_runs_experiments(tmp_path):
   )
   (wheel,) = (tmp_path / "dist").glob("opdjax-*.whl")
   venv = tmp_path / "venv"
-  subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+  # No pip of its own (ensurepip takes ~7 s): this environment's pip installs into it.
+  subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
   python = venv / "bin" / "python"
   subprocess.run(
-      [str(python), "-m", "pip", "install", "--quiet", "--no-deps", str(wheel)], check=True
+      [sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-deps"]
+      + [str(wheel)],
+      check=True,
   )
   # Dependencies come from this environment's site-packages, which holds no opdjax package
   # of its own (the editable install is a .pth hook, and PYTHONPATH entries run no .pth).
