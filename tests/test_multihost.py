@@ -6,9 +6,10 @@ of `tests/experiments/two_stages.py`; the second routes its rows between two tea
 each process's rows reach their own teacher's forward pass through the gathered route, and
 each teacher is evaluated on a share of the held-out rows that does not split evenly over
 the devices: 7 and 1 of 8; the one-process run is `two_stages_reference` in
-tests/conftest.py, which the run on a bucket shares). Only process 0 writes the run's files, and a run whose
-processes are all killed after a checkpoint resumes to the parameters of an uninterrupted one
-(bitwise resume on one process: `test_torn_checkpoint_falls_back_to_the_previous_one`).
+tests/conftest.py, which the run on a bucket shares). Only process 0 writes the run's
+files, and a run whose processes are all killed after a checkpoint resumes to the
+parameters of an uninterrupted one (bitwise resume on one process:
+`test_torn_checkpoint_falls_back_to_the_previous_one`).
 """
 
 import json
