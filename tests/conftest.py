@@ -20,7 +20,26 @@ FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters
 if FAST_COMPILE not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " " + FAST_COMPILE
 
+import contextlib  # noqa: E402
+import fcntl  # noqa: E402
+
 import pytest  # noqa: E402
+
+
+def shared_dir(tmp_path_factory, name: str):
+  """`name` in the directory the xdist workers of this test session share (the session's
+  own temporary directory without xdist)."""
+  base = tmp_path_factory.getbasetemp()
+  return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+
+
+@contextlib.contextmanager
+def locked(path):
+  """Holds an exclusive lock on `path.lock` across the xdist workers: one works, the others
+  wait, then find its result."""
+  with open(f"{path}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    yield
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -43,14 +62,12 @@ def fixture_copy_finished_stages(tmp_path_factory):
   workers (a lock file per config), and is copied from there; an experiment run in `workdir`
   then reuses it as it reuses any finished stage. For the stages several `:tiny` experiments
   and notebooks have in common (a teacher, a warm start), which only need to exist."""
-  import fcntl
   import hashlib
   import shutil
 
   from opdjax import trainer
 
-  base = tmp_path_factory.getbasetemp()
-  root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "finished_stages"
+  root = shared_dir(tmp_path_factory, "finished_stages")
   root.mkdir(exist_ok=True)
 
   def copy(stages, workdir):
@@ -58,8 +75,7 @@ def fixture_copy_finished_stages(tmp_path_factory):
       text = config.to_json(sort_keys=True)
       assert '"@' not in text, f"stage {name} names another stage; share only standalone ones"
       run_dir = root / hashlib.sha256(text.encode()).hexdigest()[:16]
-      with open(f"{run_dir}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one worker trains; the other waits, then reuses
+      with locked(run_dir):
         trainer.run(config, run_dir, quiet=True)  # returns at once once finished
       shutil.copytree(run_dir, workdir / name)
 
@@ -72,15 +88,10 @@ def fixture_two_stages_reference(tmp_path_factory):
   CPU devices, one process): the run that the multi-process run and the run on a bucket
   must each equal. It runs once per test session, shared by the xdist workers (the first to
   take the lock runs it; `done` marks it finished). Tests read it and write nothing there."""
-  import fcntl
-
   from tests.experiments.two_stages import get_config, main
 
-  base = tmp_path_factory.getbasetemp()
-  root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-  workdir = root / "two_stages_reference"
-  with open(f"{workdir}.lock", "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
+  workdir = shared_dir(tmp_path_factory, "two_stages_reference")
+  with locked(workdir):
     if not (workdir / "done").exists():
       main(get_config(), workdir)
       (workdir / "done").touch()
