@@ -1,11 +1,11 @@
 """Meshes and partition rules: which parameter lives where.
 
-Rules are data: an ordered list of `(regex on the parameter path, PartitionSpec)`; the
-first match wins. A path is the parameter's NNX path joined with '/', e.g.
-`layers/3/attn/q_proj/kernel`; with scanned layers (`layers/attn/q_proj/kernel`, a leading
-layer axis) the rule's spec applies to the dimensions after the layer axis. Mesh axis names a rule uses but the mesh lacks, and
-dimensions a mesh axis does not divide, are replicated, so one rule set serves one CPU,
-simulated devices, a GPU and a TPU pod slice.
+Rules are data: an ordered list of `(regex on the parameter path, PartitionSpec)`; the first match
+wins. A path is the parameter's NNX path joined with '/', e.g. `layers/3/attn/q_proj/kernel`; with
+scanned layers (`layers/attn/q_proj/kernel`, a leading layer axis) the rule's spec applies to the
+dimensions after the layer axis. Mesh axis names a rule uses but the mesh lacks, and dimensions a
+mesh axis does not divide, are replicated, so one rule set serves one CPU, simulated devices, a GPU
+and a TPU pod slice.
 """
 
 from __future__ import annotations

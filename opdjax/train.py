@@ -1,10 +1,10 @@
 """`python -m opdjax.train --exp NAME[:ARG] [--exp.key=value ...] [--workdir DIR]`.
 
-`--list` prints every experiment with its one-line description; `--dry_run` prints the
-resolved config and, for a one-run experiment, its per-device memory plan, and exits. Experiments are the modules of `opdjax.experiments` (they ship
-in the wheel), or any file given as `--exp path/to/my_exp.py[:ARG]`. Each defines
-`get_config(arg) -> ConfigDict` and optionally `main(config, workdir)` (multi-stage
-experiments); otherwise the config is one `opdjax.trainer.run`.
+`--list` prints every experiment with its one-line description; `--dry_run` prints the resolved
+config and, for a one-run experiment, its per-device memory plan, and exits. Experiments are the
+modules of `opdjax.experiments` (they ship in the wheel), or any file given as `--exp
+path/to/my_exp.py[:ARG]`. Each defines `get_config(arg) -> ConfigDict` and optionally `main(config,
+workdir)` (multi-stage experiments); otherwise the config is one `opdjax.trainer.run`.
 """
 
 from __future__ import annotations

@@ -153,10 +153,10 @@ def _encode_one(
 class PromptSource:
   """Records tokenised when read: a grain random-access source of `PromptSet`-like rows.
 
-  A process of a multi-host run reads (so tokenises) only the rows of its share of each
-  batch. With `privileged=(template, length)` each row also holds the self-distillation
-  teacher's prompt, `template.format(prompt=..., answer=...)` left-padded to `length`. `check(rows)` tokenises rows up front, so a bad record stops the run at start-up
-  instead of at the step that first draws it.
+  A process of a multi-host run reads (so tokenises) only the rows of its share of each batch. With
+  `privileged=(template, length)` each row also holds the self-distillation teacher's prompt,
+  `template.format(prompt=..., answer=...)` left-padded to `length`. `check(rows)` tokenises rows up
+  front, so a bad record stops the run at start-up instead of at the step that first draws it.
   """
 
   def __init__(

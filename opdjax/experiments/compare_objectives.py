@@ -47,18 +47,18 @@ rule to whatever it is given, so the targets OPD gets on the student's own mista
 prefixes are consistent ones, not arbitrary. (`recovering_teacher` tries a teacher that
 returns to the true chain instead.)
 
-Verdict: not shown at this budget. No method makes the jump in 200 updates, and every one
-ends at or below the warm start's step credit (0.141) after first dropping to 0.06-0.11.
-Full-vocabulary OPD ends with the highest step credit (0.138 ± 0.002 against SFT's 0.123 ±
-0.013, ahead by just over one std), and is the only method that moves toward the teacher
-in sequence reverse KL (52.0 → 42.8, −18%), at the cost of the forward KL (9.1 → 16.4: mode
-seeking). The sampled estimator shows the early dip again: its held-out reverse KL rises
-from 52 to 63 in the first 50 updates before coming back to 49.1 (`early_dip:modular_chain`
-diagnoses it). Its path is sensitive to float32 rounding: an earlier run of the same
-configuration, before the loss's head backward was reorganised (the same sums in another
-order), gave it 0.102 ± 0.003 step credit and a KL rising 52 → 82, with every other method's
-numbers the same to every digit. Testing the claim properly needs more updates than this CPU budget allows (the
-warm start alone made the jump between 1,000 and 1,250 SFT steps at a higher rate).
+Verdict: not shown at this budget. No method makes the jump in 200 updates, and every one ends at or
+below the warm start's step credit (0.141) after first dropping to 0.06-0.11. Full-vocabulary OPD
+ends with the highest step credit (0.138 ± 0.002 against SFT's 0.123 ± 0.013, ahead by just over one
+std), and is the only method that moves toward the teacher in sequence reverse KL (52.0 → 42.8,
+−18%), at the cost of the forward KL (9.1 → 16.4: mode seeking). The sampled estimator shows the
+early dip again: its held-out reverse KL rises from 52 to 63 in the first 50 updates before coming
+back to 49.1 (`early_dip:modular_chain` diagnoses it). Its path is sensitive to float32 rounding: an
+earlier run of the same configuration, before the loss's head backward was reorganised (the same
+sums in another order), gave it 0.102 ± 0.003 step credit and a KL rising 52 → 82, with every other
+method's numbers the same to every digit. Testing the claim properly needs more updates than this
+CPU budget allows (the warm start alone made the jump between 1,000 and 1,250 SFT steps at a higher
+rate).
 
 An earlier run of this configuration with a 1200-step teacher (23 minutes, over the budget)
 gave the same picture: SFT 0.123 ± 0.013 step credit, full-vocabulary OPD 0.138 ± 0.016,

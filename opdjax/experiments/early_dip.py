@@ -60,9 +60,10 @@ the same rate showed no dip: a stronger teacher's targets are closer to the warm
 correct answers.
 
 Result on the chain (2-core CPU, `python -m opdjax.train --exp early_dip:modular_chain`: 10
-min 31 s from an empty workdir, the variants alone 4 min 36 s on the teacher and warm start
-of `compare_objectives`' run, which have the same configs; experiments/results/early_dip_modular_chain.{json,png}). Warm start:
-step credit 0.141, sequence reverse KL 52.0; mean curves over 3 seeds, 60 updates:
+min 31 s from an empty workdir, the variants alone 4 min 36 s on the teacher and warm start of
+`compare_objectives`' run, which have the same configs;
+experiments/results/early_dip_modular_chain.{json,png}). Warm start: step credit 0.141, sequence
+reverse KL 52.0; mean curves over 3 seeds, 60 updates:
 
     variant        KL rise   credit dip  final step credit  final seq. reverse KL
     adam           +18.0     0.067       0.098 ± 0.007       52.7 ± 4.8

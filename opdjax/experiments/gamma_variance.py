@@ -61,11 +61,11 @@ rollouts. The long-horizon task (answers of 24 tokens) is where γ should matter
 experiment's training half does not run it (its teacher and warm start alone take ~13
 minutes).
 
-On the long-horizon task (2-core CPU, `python -m opdjax.train --exp
-gamma_variance:modular_chain`: 11 min 43 s from an empty workdir, 6 min 23 s on
-`compare_objectives`' teacher and warm start, which have the same configs; experiments/results/gamma_variance_modular_chain.{json,png}).
-64 rollouts of 64 held-out prompts at the warm start (teacher 1.000 held-out greedy
-accuracy); training: 100 updates at lr 1e-3, batch 32, 3 seeds, mean ± std:
+On the long-horizon task (2-core CPU, `python -m opdjax.train --exp gamma_variance:modular_chain`:
+11 min 43 s from an empty workdir, 6 min 23 s on `compare_objectives`' teacher and warm start, which
+have the same configs; experiments/results/gamma_variance_modular_chain.{json,png}). 64 rollouts of
+64 held-out prompts at the warm start (teacher 1.000 held-out greedy accuracy); training: 100
+updates at lr 1e-3, batch 32, 3 seeds, mean ± std:
 
     γ    grad variance  SNR    cos to full  step credit    seq. rev. KL  token rev. KL  length  KL rise
     0        23.3      0.059     0.884     0.101 ± 0.012   50.6 ± 1.1     2.13          24.0    +11

@@ -33,10 +33,10 @@ the diagnostics ½; the same numbers as the result below); `:tiny` ≈ 30 second
     python -m opdjax.train --exp recovering_teacher:tiny
 
 Result (2-core CPU; `python -m opdjax.train --exp recovering_teacher`, 14 min 3 s from an
-empty workdir, 7 min 1 s on the teacher and warm start of `compare_objectives`' run and its
-own earlier consistent-teacher runs, which have the same configs; experiments/results/recovering_teacher.{json,png}).
-256 held-out prefixes with a wrong last value; OPD runs mean ± std over 3 seeds after 200
-updates (warm start: step credit 0.141):
+empty workdir, 7 min 1 s on the teacher and warm start of `compare_objectives`' run and its own
+earlier consistent-teacher runs, which have the same configs;
+experiments/results/recovering_teacher.{json,png}). 256 held-out prefixes with a wrong last value;
+OPD runs mean ± std over 3 seeds after 200 updates (warm start: step credit 0.141):
 
     teacher      clean acc  after a mistake: continues / returns / entropy  student credit  KL rise
     consistent   1.000      1.000 / 0.000 / 0.008                            0.108 ± 0.005   +11.4 (52.0 → 63.4)

@@ -29,9 +29,9 @@ updates ≈ 6); `:tiny` ≈ 30 seconds.
     python -m opdjax.train --exp self_distill_teachers:tiny
 
 Result (2-core CPU; `python -m opdjax.train --exp self_distill_teachers`, 4 min 29 s from an
-empty workdir; experiments/results/self_distill_teachers.{json,png}). The warm start solves 0.164 of the
-plain held-out prompts and 1.000 when the answer is in its prompt, so the teacher is an
-oracle on correct prefixes. 200 updates at lr 1e-3, JSD(0.5), 3 seeds:
+empty workdir; experiments/results/self_distill_teachers.{json,png}). The warm start solves 0.164 of
+the plain held-out prompts and 1.000 when the answer is in its prompt, so the teacher is an oracle
+on correct prefixes. 200 updates at lr 1e-3, JSD(0.5), 3 seeds:
 
     teacher       greedy accuracy  sampled accuracy  drop from best  final drift KL
     trust_region  0.128 ± 0.015    0.096 ± 0.022        0.036          0.104
@@ -238,7 +238,8 @@ def main(config, workdir):
   start = next(h["accuracy_greedy"] for h in warm if h["split"] == "eval" and h["step"] == 0)
   reads_context = privileged_accuracy(stages["warmstart"], workdir)
   print(
-      f"\nwarm start, held-out greedy accuracy: {start:.3f} plain, {reads_context:.3f} with the answer"
+      f"\nwarm start, held-out greedy accuracy: {start:.3f} plain,"
+      f" {reads_context:.3f} with the answer"
   )
   result = {
       "claim": CLAIM,
