@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -179,8 +178,6 @@ def one(impl: str, bt: int, h: int, v: int, repeats: int, dtype: str, chunk: int
       dtype=dtype,
       repeats=repeats,
       chunk_size=chunk,
-      machine=platform.machine(),
-      cpus=os.cpu_count(),
       forward_flops=2 * bt * h * v,
       matmul_tflop_per_s=flops / result["median_s"] / 1e12,
       **result,

@@ -29,8 +29,6 @@ from __future__ import annotations
 import argparse
 import functools
 import math
-import os
-import platform
 
 import jax
 import jax.numpy as jnp
@@ -171,8 +169,6 @@ def main():
               ms_per_chunk=round(seconds * 1e3, 2),
               seconds_all_chunks=round(seconds * chunks, 2),
               device=device_name(framework),
-              cpus=os.cpu_count(),
-              machine=platform.machine(),
           ),
           args.out,
       )

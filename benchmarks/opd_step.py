@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -351,8 +350,6 @@ def main(argv=None):
       beta=BETA,
       dtype="float32",
       device=jax.devices()[0].device_kind,
-      cpus=os.cpu_count(),
-      machine=platform.machine(),
       xla_flags=os.environ.get("XLA_FLAGS", ""),
   )
   with tempfile.TemporaryDirectory() as tmp:

@@ -17,8 +17,6 @@ peak on an accelerator).
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import resource
 import statistics
 import sys
@@ -159,8 +157,6 @@ def main(argv=None):
       benchmark="opd_step_scale",
       device=jax.devices()[0].device_kind,
       platform=jax.devices()[0].platform,
-      cpus=os.cpu_count(),
-      machine=platform.machine(),
       layers=args.layers,
       hidden=args.hidden,
       vocab=args.vocab,
