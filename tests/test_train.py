@@ -30,6 +30,7 @@ from opdjax.errors import ConfigError
 from opdjax.models import Decoder, attention, save_pretrained, splash, tiny_config
 from opdjax.models.attention import KVCache
 from opdjax.sampling import cache_slots, generate
+from opdjax.train import experiment_names, load_experiment
 from opdjax.train import main as cli_main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -625,6 +626,13 @@ def test_cli_runs_a_users_own_experiment_file(capsys, tmp_path):
   assert code == 0 and "steps: 9" in out
   code, _, err = run_cli(capsys, "--exp", str(tmp_path / "missing.py"))
   assert code == 2 and "missing.py' does not exist" in err
+
+
+def test_every_shipped_experiment_rejects_an_argument_it_does_not_take():
+  # `--exp NAME:ARG` names the workdir after ARG, so an ignored typo would train from scratch
+  for name in experiment_names():
+    with pytest.raises(ConfigError, match="'bogus'"):
+      load_experiment(name).get_config("bogus")
 
 
 @pytest.mark.parametrize(

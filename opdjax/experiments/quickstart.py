@@ -15,11 +15,13 @@ import ml_collections
 
 from opdjax import checkpoint, distributed, metrics
 from opdjax.configs import distill_config, teacher_config, warmstart_config
+from opdjax.errors import ConfigError
 from opdjax.stages import run_stages
 
 
 def get_config(arg=None):
-  del arg
+  if arg is not None:  # a typo such as `quickstart:tiny` would train in a workdir of its own
+    raise ConfigError(f"quickstart takes no argument, got {arg!r}")
   opd = distill_config(dict(name="opd", estimator="full", divergence="reverse_kl"))
   opd.train.steps = 400
   opd.train.batch_size = 64
