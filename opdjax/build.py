@@ -388,6 +388,11 @@ def validate(config, recipe, mesh, model_configs: dict[str, ModelConfig]):
     raise ConfigError(f"train.loss_chunk_size must be >= 0 (0 = auto), got {train.loss_chunk_size}")
   if config.eval.batch_size < 1:
     raise ConfigError(f"eval.batch_size must be >= 1, got {config.eval.batch_size}")
+  if config.eval.every < 0:
+    raise ConfigError(f"eval.every must be >= 0 (0 = no evaluation), got {config.eval.every}")
+  for name in ("prompt_length", "completion_length"):
+    if config.task[name] < 1:
+      raise ConfigError(f"task.{name} must be >= 1, got {config.task[name]}")
   if train.save_every % train.updates_per_rollout:
     raise ConfigError(
         f"train.save_every={train.save_every} must be a multiple of "

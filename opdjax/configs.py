@@ -100,9 +100,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.learning_rate = 1e-3
   c.optimizer.warmup_steps = 10
   c.optimizer.schedule = "cosine"  # cosine | constant
-  c.optimizer.final_lr_fraction = 0.1
-  c.optimizer.weight_decay = 0.0
-  c.optimizer.grad_clip = 1.0
+  c.optimizer.final_lr_fraction = 0.1  # cosine: the rate at the last step / learning_rate
+  c.optimizer.weight_decay = 0.0  # adamw's decoupled decay
+  c.optimizer.grad_clip = 1.0  # the gradient's global norm is clipped to this (> 0)
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 100

@@ -35,6 +35,15 @@ def make_optimizer(config) -> optax.GradientTransformation:
     raise ConfigError(f"optimizer.schedule must be 'cosine' or 'constant', got {opt.schedule!r}")
   if opt.warmup_steps < 0:
     raise ConfigError(f"optimizer.warmup_steps must be >= 0, got {opt.warmup_steps}")
+  # A negative rate or clip norm would flip every update's sign without an error.
+  if not opt.learning_rate >= 0:
+    raise ConfigError(f"optimizer.learning_rate must be >= 0, got {opt.learning_rate}")
+  if not opt.grad_clip > 0:
+    raise ConfigError(f"optimizer.grad_clip (a global norm) must be > 0, got {opt.grad_clip}")
+  if not opt.weight_decay >= 0:
+    raise ConfigError(f"optimizer.weight_decay must be >= 0, got {opt.weight_decay}")
+  if not 0 <= opt.final_lr_fraction <= 1:
+    raise ConfigError(f"optimizer.final_lr_fraction must be in [0, 1], got {opt.final_lr_fraction}")
   decay_steps = max(config.train.steps - opt.warmup_steps, 1)
   after_warmup = (
       optax.cosine_decay_schedule(opt.learning_rate, decay_steps, alpha=opt.final_lr_fraction)

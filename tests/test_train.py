@@ -4,6 +4,7 @@ multi-stage experiments, several teachers. (Resume after SIGKILL: tests/test_mul
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import jax
@@ -671,6 +672,18 @@ def test_every_shipped_experiment_rejects_an_argument_it_does_not_take():
         (("--exp", "teacher_sft", "--exp.task.name=sorting"), "unknown task 'sorting'; valid: "),
         (("--exp", "teacher_sft", "--exp.sampling.top_p=1.5"), "top_p must be in (0, 1], got 1.5"),
         (
+            ("--exp", "teacher_sft", "--exp.eval.every=-1"),
+            "eval.every must be >= 0 (0 = no evaluation), got -1",
+        ),
+        (
+            ("--exp", "teacher_sft", "--exp.task.completion_length=0"),
+            "task.completion_length must be >= 1, got 0",
+        ),
+        (
+            ("--exp", "teacher_sft", "--exp.optimizer.learning_rate=-0.001"),
+            "optimizer.learning_rate must be >= 0, got -0.001",
+        ),
+        (
             ("--exp", "compare_objectives:huge"),
             "takes 'tiny', 'full' and a task ('modular_chain' or 'addition'), got ['huge']",
         ),
@@ -1123,6 +1136,24 @@ def test_sgd_takes_a_plain_clipped_gradient_step_and_unknown_optimizers_are_name
   np.testing.assert_allclose(optax.apply_updates(params, updates)["w"], [1.0 - 0.3, -2.0 - 0.4])
   config.optimizer.name = "lion"
   with pytest.raises(ConfigError, match="optimizer.name must be 'adamw' or 'sgd', got 'lion'"):
+    learner.make_optimizer(config)
+
+
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("learning_rate", -1e-3, "optimizer.learning_rate must be >= 0, got -0.001"),
+        ("grad_clip", -1.0, "optimizer.grad_clip (a global norm) must be > 0, got -1.0"),
+        ("grad_clip", 0.0, "optimizer.grad_clip (a global norm) must be > 0, got 0.0"),
+        ("weight_decay", -0.1, "optimizer.weight_decay must be >= 0, got -0.1"),
+        ("final_lr_fraction", 1.5, "optimizer.final_lr_fraction must be in [0, 1], got 1.5"),
+    ],
+)
+def test_optimizer_settings_that_would_flip_or_stop_updates_are_refused(key, value, message):
+  # optax takes them silently: a negative clip norm scales every gradient by a negative factor
+  config = configs.base_config()
+  config.optimizer[key] = value
+  with pytest.raises(ConfigError, match=re.escape(message)):
     learner.make_optimizer(config)
 
 
