@@ -1157,6 +1157,31 @@ def test_optimizer_settings_that_would_flip_or_stop_updates_are_refused(key, val
     learner.make_optimizer(config)
 
 
+@pytest.mark.parametrize(
+    "recipe,message",
+    [
+        (
+            dict(estimator="topk", top_k=-2),
+            "recipe.estimator='topk' needs recipe.top_k >= 1, got -2",
+        ),
+        (
+            dict(divergence="generalized_jsd", divergence_kwargs={"beta": 1.5}),
+            "recipe.divergence / recipe.divergence_kwargs: beta must be in [0.0, 1.0], got 1.5",
+        ),
+        (
+            dict(divergence_kwargs={"temperature": 0.0}),
+            "recipe.divergence / recipe.divergence_kwargs: temperature must be > 0, got 0.0",
+        ),
+    ],
+)
+def test_recipe_values_out_of_range_are_config_errors_before_tracing(recipe, message):
+  # raised from inside the traced step, the divergence's own check was a ValueError traceback
+  config = configs.base_config()
+  config.recipe.update(recipe)
+  with pytest.raises(ConfigError, match=re.escape(message)):
+    recipes.build(config.recipe)
+
+
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])
 def test_without_warm_up_the_first_update_takes_the_full_rate(schedule):
   """`optimizer.warmup_steps=0` means no warm-up: update 0 moves by the full rate (it used to

@@ -343,7 +343,9 @@ DIVERGENCES: dict[str, Divergence] = {
 
 
 def get_divergence(name: str, **hyperparameters) -> Divergence:
-  """The divergence called `name` with its hyperparameters bound (for configs).
+  """The divergence called `name` with its hyperparameters bound (for configs). An unknown
+  name or hyperparameter, or a value out of its range, raises `ValueError` here rather than
+  when the divergence is first traced.
 
   Example: `get_divergence("generalized_jsd", beta=0.5)(student_logits, teacher_logits)`.
   """
@@ -360,4 +362,6 @@ def get_divergence(name: str, **hyperparameters) -> Divergence:
 
   bound.__name__ = name
   bound.__doc__ = fn.__doc__
+  two = jax.ShapeDtypeStruct((2,), jnp.float32)
+  jax.eval_shape(bound, two, two)  # the values' checks run at trace time: raise them here
   return bound

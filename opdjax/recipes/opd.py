@@ -91,8 +91,8 @@ def build(config) -> Recipe:
     )
   else:
     loss_value = "divergence"
-    if estimator == "topk" and not int(config.top_k):
-      raise ConfigError("recipe.estimator='topk' needs recipe.top_k >= 1")
+    if estimator == "topk" and int(config.top_k) < 1:
+      raise ConfigError(f"recipe.estimator='topk' needs recipe.top_k >= 1, got {config.top_k}")
     if estimator == "full" and int(config.get("top_k", 0) or 0):
       raise ConfigError("recipe.top_k is set but recipe.estimator='full'; use estimator='topk'")
     token_values, loss = divergence_token_values(config), divergence_loss

@@ -244,6 +244,10 @@ def test_get_divergence_binds_hyperparameters():
       r"valid: \['beta', 'scaled', 'temperature'\]",
   ):
     obj.get_divergence("generalized_jsd", bta=0.3)  # a typo fails when the config is read
+  with pytest.raises(ValueError, match=r"beta must be in \[0.0, 1.0\], got 1.5"):
+    obj.get_divergence("generalized_jsd", beta=1.5)  # so does a value out of range
+  with pytest.raises(ValueError, match="temperature must be > 0, got -1.0"):
+    obj.get_divergence("reverse_kl", temperature=-1.0)
 
 
 # ---------------------------------------------------------------- numerics
