@@ -350,6 +350,7 @@ def validate(config, recipe, mesh, model_configs: dict[str, ModelConfig]):
       "save_every",
       "log_every",
       "microbatches",
+      "keep_checkpoints",
   ):
     if train[name] < 1:
       raise ConfigError(f"train.{name} must be >= 1, got {train[name]}")
@@ -390,6 +391,11 @@ def validate(config, recipe, mesh, model_configs: dict[str, ModelConfig]):
     raise ConfigError(f"eval.batch_size must be >= 1, got {config.eval.batch_size}")
   if config.eval.every < 0:
     raise ConfigError(f"eval.every must be >= 0 (0 = no evaluation), got {config.eval.every}")
+  if config.eval.every and config.task.eval_size < 1:
+    raise ConfigError(
+        f"task.eval_size must be >= 1 when eval.every={config.eval.every} evaluates, got "
+        f"{config.task.eval_size}"
+    )
   for name in ("prompt_length", "completion_length"):
     if config.task[name] < 1:
       raise ConfigError(f"task.{name} must be >= 1, got {config.task[name]}")

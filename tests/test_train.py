@@ -676,6 +676,10 @@ def test_every_shipped_experiment_rejects_an_argument_it_does_not_take():
             "eval.every must be >= 0 (0 = no evaluation), got -1",
         ),
         (
+            ("--exp", "teacher_sft", "--exp.task.eval_size=0"),
+            "task.eval_size must be >= 1 when eval.every=200 evaluates, got 0",
+        ),
+        (
             ("--exp", "teacher_sft", "--exp.task.completion_length=0"),
             "task.completion_length must be >= 1, got 0",
         ),
