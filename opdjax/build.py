@@ -32,7 +32,7 @@ from opdjax.models import (
 )
 from opdjax.models.decoder import REMAT_SETTINGS, shared_layer_path, stack_layers, unstack_layers
 from opdjax.models.hf import abstract_model
-from opdjax.sampling import FUSE_SETTINGS
+from opdjax.sampling import FUSE_SETTINGS, SamplingParams
 
 # Model shapes for the synthetic experiments (vocabulary and special ids come from the
 # tokenizer). Width, depth and heads only: a Qwen3-style decoder.
@@ -264,12 +264,19 @@ def build_rules(config):
     raise ConfigError(f"sharding.rules: {e}") from None
 
 
+def sampling_params(config) -> SamplingParams:
+  """How the student draws its rollouts, from `config.sampling` (whose values it checks)."""
+  s = config.sampling
+  return SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
+
+
 def validate(config, recipe, mesh, model_configs: dict[str, ModelConfig]):
   """Every check that needs no parameters; `model_configs` maps each model role (`student`,
   `teacher` or `teacher/NAME` per routed teacher, `reference`) to its `ModelConfig`."""
   train = config.train
   student_cfg = model_configs["student"]
   sampler = config.sampling
+  sampling_params(config)  # a bad value is named as itself, before the checks that read it
   off_policy = [
       why
       for why, on in (

@@ -20,11 +20,11 @@ from flax import nnx
 
 from opdjax import distributed, evaluation, recipes
 from opdjax import objectives as obj
-from opdjax.build import members, routed_kernel_sharding
+from opdjax.build import members, routed_kernel_sharding, sampling_params
 from opdjax.evaluation import forward_hidden, forward_hidden_rows, own_rows, privileged_hidden
 from opdjax.learner import head_kernel
 from opdjax.recipes.base import join
-from opdjax.sampling import FUSE_SETTINGS, Generation, SamplingParams, generate
+from opdjax.sampling import FUSE_SETTINGS, Generation, generate
 
 
 def repeat_rows(batch: dict, group: int) -> dict:
@@ -107,11 +107,7 @@ class Rollouts:
     self.data, self.train_set = data, train_set
     self.batch_sharding, self.sample_shardings = batch_sharding, sample_shardings
     self.key = jax.random.key(config.seed)
-    self.sampling = SamplingParams(
-        temperature=config.sampling.temperature,
-        top_k=config.sampling.top_k,
-        top_p=config.sampling.top_p,
-    )
+    self.sampling = sampling_params(config)
     self.routed_kernels = {  # routed teachers' heads stacked once: [ΣD, V] (route_hidden)
         role: jax.device_put(
             jnp.concatenate([frozen[n].kernel for n in members(run_setup, role)]),
