@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm.auto import tqdm
 
 from opdjax import objectives as obj
 from opdjax.data import PromptSet, step_credit, verify
@@ -196,7 +197,8 @@ def evaluate(
   `sequence_reverse_kl` is `E_{y~student}[Σ_t log p/q]` and `sequence_forward_kl`
   `E_{y~teacher}[Σ_t log q/p]` (Monte Carlo over the held-out prompts); the `token_*` KLs
   are full-vocabulary per-token values at the student's sampled prefixes. Rows go
-  `batch_size` at a time; block i samples with `fold_in(key, i)`.
+  `batch_size` at a time, with a progress bar where there are several blocks; block i
+  samples with `fold_in(key, i)`.
 
   With a `batch_sharding` (`opdjax.sharding.batch_sharding(mesh)`), each
   block is laid out by it (its size rounded to a multiple of the devices it splits over);
@@ -221,7 +223,10 @@ def evaluate(
   batch_size = max(splits, batch_size // splits * splits)
   processes, me = jax.process_count(), jax.process_index()
   unit = math.lcm(splits, processes)  # a block's rows must split over devices and processes
-  for block, start in enumerate(range(0, len(prompts.answers), batch_size)):
+  starts = range(0, len(prompts.answers), batch_size)
+  quiet = len(starts) < 2 or jax.process_index() != 0
+  progress = tqdm(starts, desc="held-out evaluation", unit="block", leave=False, disable=quiet)
+  for block, start in enumerate(progress):
     stop = min(start + batch_size, len(prompts.answers))
     size = -(-(stop - start) // unit) * unit  # a short last block (or a routed teacher's
     share = size // processes  # rows) repeats its last row

@@ -132,6 +132,20 @@ def test_evaluation_compares_the_plain_student_with_the_privileged_teacher():
     run(encode_records(records, tok, prompt_length=6, answer_length=4), privileged=True)
 
 
+def test_evaluation_in_several_blocks_shows_its_progress(capsys):
+  tok = char_tokenizer()
+  records = synthetic_records("addition", difficulty=1, size=4, held_out=True)
+  student = Decoder(tiny_config("qwen3", vocab_size=tok.vocab_size), rngs=nnx.Rngs(0))
+  prompts = encode_records(records, tok, prompt_length=6, answer_length=4)
+  run = lambda batch_size: evaluation.evaluate(
+      student, prompts, tok, key=jax.random.key(0), max_new_tokens=4, batch_size=batch_size
+  )
+  run(4)
+  assert "held-out evaluation" not in capsys.readouterr().err  # one block: no bar
+  run(2)
+  assert "held-out evaluation:   0%|          | 0/2" in capsys.readouterr().err
+
+
 def test_ema_and_trust_region_formulas():
   ema = {"w": jnp.array([1.0, 2.0])}
   params = {"w": jnp.array([3.0, -2.0])}
