@@ -1,8 +1,9 @@
 """Sampler throughput: opdjax `generate` vs Hugging Face `transformers` `generate`.
 
 Prints one JSON line per (model, batch, implementation): tokens/s in steady state
-(median of `--repeats` runs), and for opdjax the first call's compile-plus-run time
-separately. Both implementations decode greedily with the same config and weights, and
+(median of `--repeats` runs, the two implementations' runs taken in turn, so a machine
+whose speed drifts slows both alike), and for opdjax the first call's compile-plus-run
+time separately. Both implementations decode greedily with the same config and weights, and
 the line reports the fraction of generated tokens on which they agree.
 
     python benchmarks/sampler.py                    # CPU, tiny and small models
@@ -46,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from _jsonl import emit  # benchmarks/ is the script's directory
+from _timing import alternating_medians
 from flax import nnx
 
 from opdjax import sampling
@@ -100,28 +102,27 @@ def decode_bytes(config, params_bytes, batch, prompt_len, new_tokens, itemsize) 
   return params_bytes + kv
 
 
-def time_opdjax(model, prompts, mask, new_tokens, repeats):
-  run = lambda seed: generate(
-      model,
-      prompts,
-      mask,
-      key=jax.random.key(seed),
-      max_new_tokens=new_tokens,
-      sampling=SamplingParams(greedy=True),
+def opdjax_run(model, prompts, mask, new_tokens):
+  """opdjax's greedy generation of `new_tokens` for `prompts`, compiled and run once: its
+  tokens, the first call's seconds (compilation included) and a call that repeats it."""
+  run = lambda: jax.block_until_ready(
+      generate(
+          model,
+          prompts,
+          mask,
+          key=jax.random.key(0),
+          max_new_tokens=new_tokens,
+          sampling=SamplingParams(greedy=True),
+      ).tokens
   )
   start = time.perf_counter()
-  out = run(0)
-  jax.block_until_ready(out.tokens)
-  first = time.perf_counter() - start
-  times = []
-  for seed in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(run(seed).tokens)
-    times.append(time.perf_counter() - start)
-  return np.asarray(out.tokens), first, statistics.median(times)
+  tokens = run()
+  return np.asarray(tokens), time.perf_counter() - start, run
 
 
-def time_transformers(directory, prompts, new_tokens, repeats, dtype):
+def transformers_run(directory, prompts, new_tokens, dtype):
+  """`transformers.generate`'s greedy generation of the same tokens from the checkpoint in
+  `directory`, run once: its tokens and a call that repeats it."""
   import torch
   import transformers
 
@@ -141,16 +142,15 @@ def time_transformers(directory, prompts, new_tokens, repeats, dtype):
       eos_token_id=None,
       pad_token_id=0,
   )
-  with torch.no_grad():
+
+  @torch.no_grad()
+  def run():
     out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
-    times = []
-    for _ in range(repeats):
-      start = time.perf_counter()
-      model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
-      if device == "cuda":
-        torch.cuda.synchronize()
-      times.append(time.perf_counter() - start)
-  return out[:, ids.shape[1] :].cpu().numpy(), statistics.median(times)
+    if device == "cuda":
+      torch.cuda.synchronize()
+    return out
+
+  return run()[:, ids.shape[1] :].cpu().numpy(), run
 
 
 def add_decode_flags(parser: argparse.ArgumentParser) -> None:
@@ -262,7 +262,14 @@ def main(argv=None):
           jax.random.key(batch), (batch, args.prompt_len), 1, config.vocab_size
       )
       mask = jnp.ones(prompts.shape, bool)
-      ours, first, steady = time_opdjax(model, prompts, mask, args.new_tokens, args.repeats)
+      ours, first, runs = opdjax_run(model, prompts, mask, args.new_tokens)
+      runs = {"opdjax": runs}
+      if not args.no_transformers:
+        theirs, runs["transformers"] = transformers_run(
+            directory, prompts, args.new_tokens, args.dtype
+        )
+      seconds = alternating_medians(runs, args.repeats)  # opdjax, transformers, opdjax, ...
+      steady = seconds["opdjax"]
       generated = batch * args.new_tokens
       rows = [
           dict(
@@ -284,14 +291,11 @@ def main(argv=None):
             copy_bandwidth_gb_s=bandwidth / 1e9,
         )
       if not args.no_transformers:
-        theirs, hf_steady = time_transformers(
-            directory, prompts, args.new_tokens, args.repeats, args.dtype
-        )
         rows.append(
             dict(
                 impl="transformers",
-                tokens_per_s=generated / hf_steady,
-                steady_s=hf_steady,
+                tokens_per_s=generated / seconds["transformers"],
+                steady_s=seconds["transformers"],
                 greedy_token_agreement=float(np.mean(ours == theirs)),
             )
         )

@@ -65,3 +65,18 @@ def test_decode_profile_takes_a_gpu_streams_kernels_whole(monkeypatch):
   kernels, lines = decode_profile.kernel_events(trace)
   assert [e["name"] for e in kernels] == ["gemm_fusion_dot", "loop_multiply_fusion"]
   assert lines == {"Stream #13(Compute)": [2, 5.0], "XLA Modules": [1, 5.0]}
+
+
+def test_alternating_medians_takes_the_sides_in_turn(monkeypatch):
+  """Two implementations timed in turn, not one's repeats then the other's: a machine that
+  slows down halfway (a shared VM) would otherwise charge the slowdown to one side."""
+  monkeypatch.syspath_prepend(str(BENCHMARKS))
+  import _timing
+
+  calls, clock = [], iter(range(100))
+  monkeypatch.setattr(_timing.time, "perf_counter", lambda: float(next(clock)) ** 2)
+  fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+  medians = _timing.alternating_medians(fns, repeats=3)
+  assert calls == ["a", "b"] * 3
+  # the clock reads 0, 1, 4, 9, 16, ...: a's calls take 1, 9, 17 ticks and b's 5, 13, 21
+  assert medians == {"a": 9.0, "b": 13.0}
