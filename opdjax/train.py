@@ -5,6 +5,9 @@ config and, for a one-run experiment, its per-device memory plan, and exits. Exp
 modules of `opdjax.experiments` (they ship in the wheel), or any file given as `--exp
 path/to/my_exp.py[:ARG]`. Each defines `get_config(arg) -> ConfigDict` and optionally `main(config,
 workdir)` (multi-stage experiments); otherwise the config is one `opdjax.trainer.run`.
+
+SIGTERM or Ctrl-C stops a run after its current step with a checkpoint (`opdjax.stopping`);
+the CLI then exits with 128 + the signal's number, and the same command resumes.
 """
 
 from __future__ import annotations
@@ -192,6 +195,7 @@ def main(argv=None) -> int:
     workdir = args.workdir or str(Path("workdirs") / (name + (f"_{arg}" if arg else "")))
     enable_compilation_cache()
     from opdjax import build, learner, trainer  # heavy imports only when training
+    from opdjax.stopping import Stopped
 
     try:
       if args.dry_run:
@@ -208,6 +212,9 @@ def main(argv=None) -> int:
     except trainer.NonFiniteLossError as e:
       print(f"error: {e}", file=sys.stderr)
       return 3
+    except Stopped as e:  # a signal: the checkpoint is saved, the same command resumes
+      print(e, file=sys.stderr)
+      return e.exit_code
     except (ConfigError, FileNotFoundError) as e:  # anything else is a bug: traceback
       if args.debug:
         raise

@@ -12,6 +12,9 @@ starts from and dispatched before that update, so its host work (reading the com
 back, verifying rewards, the next batch) runs while the device updates. It is then one
 update stale, and the recipe's importance correction accounts for it. The rollout after a
 checkpoint is sampled on-policy, as a resumed run would, so a resume is exact.
+
+SIGTERM or Ctrl-C ends the loop after its current step with a checkpoint and raises
+`opdjax.stopping.Stopped` (whose docstring says how several processes agree on the step).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import signal
 import time
 from pathlib import Path
 
@@ -48,6 +52,7 @@ from opdjax.learner import (
 from opdjax.recipes.self_distill import ema_update
 from opdjax.rollouts import FrozenModel, Rollouts, self_teacher_weights
 from opdjax.sampling import FUSE_SETTINGS
+from opdjax.stopping import StopOnSignal, Stopped
 
 
 class NonFiniteLossError(RuntimeError):
@@ -266,71 +271,81 @@ def _run(config, workdir, *, quiet: bool, compile_clock: metrics.CompileClock) -
       accumulator.add(values)
     pending.clear()
 
-  for step in range(start, total):
-    fresh = step % config.train.updates_per_rollout == 0 or rollout is None
-    if fresh:
-      sampled = ahead if ahead is not None else rollouts.sample(step, params)
-      rollout = rollouts.score(sampled, params, extra)
-      ahead = None
-    upcoming = step + 1
-    if (  # sample the next rollout now, from the parameters this update starts from
-        config.train.rollout_ahead
-        and upcoming < total
-        and upcoming % config.train.updates_per_rollout == 0
-        and upcoming % config.train.save_every  # after a checkpoint: on-policy, as a resume is
-    ):
-      ahead = rollouts.sample(upcoming, params)
-    params, opt_state, step_metrics = train_step(params, opt_state, rollout.seq, rollout.frozen)
-    if ema_step is not None:
-      extra = {"ema": ema_step(extra["ema"], params)}
-    if fresh and rollout.drift is not None:
-      step_metrics = dict(step_metrics, teacher_drift_kl=rollout.drift)
-    done = step + 1
-    pending.append((done, step_metrics))
-    progress.update(1)
-    log_now = done % config.train.log_every == 0 or done == total
-    eval_now = bool(config.eval.every) and (done % config.eval.every == 0 or done == total)
-    save_now = done % config.train.save_every == 0 or done == total
-    if log_now or eval_now or save_now:
-      read_back()
-    if log_now:
-      means = accumulator.means()
-      elapsed = max(time.perf_counter() - started, 1e-9)
-      means["steps_per_s"] = (done - logged) / elapsed
-      means["tokens_per_s"] = accumulator.sums["completion_tokens"] / elapsed  # trained tokens
-      means["compile_s"] = compile_clock.lap()
-      started, logged = time.perf_counter(), done
-      writer.write(done, "train", means)
-      accumulator.reset()
-      progress.set_postfix(
-          {k: f"{means[k]:.3g}" for k in ("loss", "token_reverse_kl", "nll") if k in means}
-          | (
-              {"acc": f"{last_eval['accuracy_greedy']:.2f}"}
-              if "accuracy_greedy" in last_eval
-              else {}
-          )
-      )
-    if eval_now:
-      evaluating = time.perf_counter()
-      with compile_clock.excluded():
-        last_eval = run_eval(done, params, extra)
-      started += time.perf_counter() - evaluating  # the rates count training time only
-    if save_now:
-      if not all_finite(params):
-        fail(f"non-finite parameters after step {done}")
-      writer.flush()  # every line up to the checkpoint is stored before it
-      ckpt.save(
-          done,
-          params,
-          opt_state,
-          {"step": done, "data_state": data.get_state(), "seed": config.seed},
-          extra=extra,
-      )
+  stopping = False
+  with StopOnSignal() as stop:
+    for step in range(start, total):
+      fresh = step % config.train.updates_per_rollout == 0 or rollout is None
+      if fresh:
+        sampled = ahead if ahead is not None else rollouts.sample(step, params)
+        rollout = rollouts.score(sampled, params, extra)
+        ahead = None
+      upcoming = step + 1
+      if (  # sample the next rollout now, from the parameters this update starts from
+          config.train.rollout_ahead
+          and upcoming < total
+          and upcoming % config.train.updates_per_rollout == 0
+          and upcoming % config.train.save_every  # after a checkpoint: on-policy, as a resume is
+      ):
+        ahead = rollouts.sample(upcoming, params)
+      params, opt_state, step_metrics = train_step(params, opt_state, rollout.seq, rollout.frozen)
+      if ema_step is not None:
+        extra = {"ema": ema_step(extra["ema"], params)}
+      if fresh and rollout.drift is not None:
+        step_metrics = dict(step_metrics, teacher_drift_kl=rollout.drift)
+      done = step + 1
+      pending.append((done, step_metrics))
+      progress.update(1)
+      log_now = done % config.train.log_every == 0 or done == total
+      eval_now = bool(config.eval.every) and (done % config.eval.every == 0 or done == total)
+      save_now = done % config.train.save_every == 0 or done == total
+      # A signal stops the run where a rollout begins, with a checkpoint (opdjax.stopping),
+      # after logging the steps since the last line (a resumed run's lines start after it).
+      stopping = done < total and done % config.train.updates_per_rollout == 0 and stop.reached()
+      log_now, save_now = log_now or stopping, save_now or stopping
+      eval_now = eval_now and not stopping
+      if log_now or eval_now or save_now:
+        read_back()
+      if log_now:
+        means = accumulator.means()
+        elapsed = max(time.perf_counter() - started, 1e-9)
+        means["steps_per_s"] = (done - logged) / elapsed
+        means["tokens_per_s"] = accumulator.sums["completion_tokens"] / elapsed  # trained tokens
+        means["compile_s"] = compile_clock.lap()
+        started, logged = time.perf_counter(), done
+        writer.write(done, "train", means)
+        accumulator.reset()
+        progress.set_postfix(
+            {k: f"{means[k]:.3g}" for k in ("loss", "token_reverse_kl", "nll") if k in means}
+            | (
+                {"acc": f"{last_eval['accuracy_greedy']:.2f}"}
+                if "accuracy_greedy" in last_eval
+                else {}
+            )
+        )
+      if eval_now:
+        evaluating = time.perf_counter()
+        with compile_clock.excluded():
+          last_eval = run_eval(done, params, extra)
+        started += time.perf_counter() - evaluating  # the rates count training time only
+      if save_now:
+        if not all_finite(params):
+          fail(f"non-finite parameters after step {done}")
+        writer.flush()  # every line up to the checkpoint is stored before it
+        ckpt.save(
+            done,
+            params,
+            opt_state,
+            {"step": done, "data_state": data.get_state(), "seed": config.seed},
+            extra=extra,
+        )
+      if stopping:
+        break
   progress.close()
   ckpt.close()  # waits for an asynchronous save
   writer.close()
   distributed.barrier("opdjax_run_end")  # process 0 has written everything
-
+  if stopping:  # on several processes JAX's preemption service caught a SIGTERM
+    raise Stopped(stop.received or signal.SIGTERM, done, ckpt.directory)
   return report(workdir, recipe.name, quiet=quiet or not main_process, redraw=True)
 
 

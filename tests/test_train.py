@@ -4,7 +4,9 @@ multi-stage experiments, several teachers. (Resume after SIGKILL: tests/test_mul
 
 import dataclasses
 import json
+import os
 import re
+import signal
 from pathlib import Path
 
 import jax
@@ -514,6 +516,98 @@ def test_torn_checkpoint_falls_back_to_the_previous_one(teacher_dir, tmp_path, m
     np.testing.assert_array_equal(
         np.asarray(b.get_value()), np.asarray(a.get_value()), err_msg=str(path)
     )
+
+
+def test_a_signal_stops_the_run_after_its_step_and_the_rerun_resumes_exactly(
+    teacher_dir, tmp_path, monkeypatch
+):
+  """SIGTERM during step 3 (a preemption notice): the run finishes the step, logs and saves
+  it (not a regular checkpoint: those are every 2), raises `Stopped` and leaves no handler
+  behind; the same call then resumes from step 3 and ends with the parameters of the
+  uninterrupted run (the teacher fixture's, same config) to the bit."""
+  from opdjax.rollouts import Rollouts
+  from opdjax.stopping import Stopped
+
+  sample = Rollouts.sample
+
+  def sample_and_signal(self, step, params):
+    if step == 2:  # the third step's rollout
+      os.kill(os.getpid(), signal.SIGTERM)
+    return sample(self, step, params)
+
+  monkeypatch.setattr(Rollouts, "sample", sample_and_signal)
+  config = tiny("sft")  # the teacher fixture's config
+  config.train.steps = 6
+  config.eval.every = 0
+  workdir = tmp_path / "stopped"
+  handler = signal.getsignal(signal.SIGTERM)
+  with pytest.raises(Stopped, match="stopped by SIGTERM after step 3; its checkpoint is in"):
+    trainer.run(config, workdir, quiet=True)
+  assert signal.getsignal(signal.SIGTERM) is handler
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [2, 3]
+  monkeypatch.setattr(Rollouts, "sample", sample)
+  result = trainer.run(config, workdir, quiet=True)
+  # step 3's line holds the steps since the last (logged every 2); none is lost or repeated
+  assert [r["step"] for r in result.history] == [2, 3, 4, 6]
+  abstract = nnx.state(Decoder(checkpoint.read_model_config(workdir), rngs=nnx.Rngs(0)))
+  want = checkpoint.restore_params(teacher_dir, abstract)
+  got = checkpoint.restore_params(workdir, abstract)
+  for (path, a), (_, b) in zip(nnx.to_flat_state(want), nnx.to_flat_state(got)):
+    np.testing.assert_array_equal(
+        np.asarray(b.get_value()), np.asarray(a.get_value()), err_msg=str(path)
+    )
+
+
+def test_the_cli_exits_with_the_signals_code_when_a_run_stops(capsys, tmp_path, monkeypatch):
+  from opdjax.stopping import Stopped
+
+  def stopped(config, workdir):
+    raise Stopped(signal.SIGTERM, 3, workdir)
+
+  monkeypatch.setattr(trainer, "run", stopped)
+  code, _, err = run_cli(capsys, "--exp", "teacher_sft", "--workdir", str(tmp_path))
+  assert code == 143  # 128 + SIGTERM, as a shell reports a process a signal ended
+  assert err == (
+      f"stopped by SIGTERM after step 3; its checkpoint is in {tmp_path}: "
+      "run the same command to resume\n"
+  )
+
+
+def test_a_second_ctrl_c_interrupts_at_once():
+  from opdjax.stopping import StopOnSignal
+
+  with StopOnSignal() as stop:
+    assert not stop.reached()
+    os.kill(os.getpid(), signal.SIGINT)  # the first asks for a stop after the step
+    assert stop.reached() and stop.received == signal.SIGINT
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_on_several_processes_jaxs_preemption_service_decides_with_one_count(monkeypatch):
+  """Several processes leave SIGTERM to JAX's preemption service and ask it at each check,
+  numbered by one count that keeps growing across runs (stages), as its protocol needs: a
+  count restarting per run could name a step a later stage never reaches."""
+  from jax.experimental import multihost_utils
+
+  from opdjax import stopping
+
+  asked = []
+  monkeypatch.setattr(stopping.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(
+      multihost_utils,
+      "reached_preemption_sync_point",
+      lambda i: asked.append(i) or len(asked) == 4,  # the service names the 4th check
+  )
+  handlers = {s: signal.getsignal(s) for s in stopping.StopOnSignal.SIGNALS}
+  answers = []
+  for _ in range(2):  # two stages
+    with stopping.StopOnSignal() as stop:
+      assert {s: signal.getsignal(s) for s in handlers} == handlers  # none installed
+      answers += [stop.reached(), stop.reached()]
+  assert answers == [False, False, False, True]
+  assert asked == list(range(asked[0], asked[0] + 4))
 
 
 def test_workdir_uris_keep_their_scheme(tmp_path):
