@@ -277,6 +277,10 @@ def validate(config, recipe, mesh, model_configs: dict[str, ModelConfig]):
   student_cfg = model_configs["student"]
   sampler = config.sampling
   sampling_params(config)  # a bad value is named as itself, before the checks that read it
+  if not 0 <= config.seed < 2**32:  # grain's shuffle takes an unsigned 32-bit seed
+    raise ConfigError(f"seed must be in [0, 2**32), got {config.seed}")
+  if not config.eval.temperature >= 0:  # checked here, not at the first evaluation
+    raise ConfigError(f"eval.temperature must be >= 0 (0 = greedy), got {config.eval.temperature}")
   off_policy = [
       why
       for why, on in (

@@ -773,6 +773,11 @@ def test_every_shipped_experiment_rejects_an_argument_it_does_not_take():
             ("--exp", "teacher_sft", "--exp.eval.every=-1"),
             "eval.every must be >= 0 (0 = no evaluation), got -1",
         ),
+        (("--exp", "teacher_sft", "--exp.seed=-1"), "seed must be in [0, 2**32), got -1"),
+        (
+            ("--exp", "teacher_sft", "--exp.eval.temperature=-1.0"),
+            "eval.temperature must be >= 0 (0 = greedy), got -1.0",
+        ),
         (
             ("--exp", "teacher_sft", "--exp.task.eval_size=0"),
             "task.eval_size must be >= 1 when eval.every=200 evaluates, got 0",
