@@ -775,6 +775,16 @@ def test_every_shipped_experiment_rejects_an_argument_it_does_not_take():
         ),
         (("--exp", "teacher_sft", "--exp.seed=-1"), "seed must be in [0, 2**32), got -1"),
         (
+            (
+                "--exp",
+                "teacher_sft",
+                "--exp.recipe.name=self_distill",
+                "--exp.recipe.privileged=hint {hint}; {prompt}",
+            ),
+            "recipe.privileged may use only {prompt} and {answer} (a literal brace is doubled), "
+            "got 'hint {hint}; {prompt}': KeyError 'hint'",
+        ),
+        (
             ("--exp", "teacher_sft", "--exp.eval.temperature=-1.0"),
             "eval.temperature must be >= 0 (0 = greedy), got -1.0",
         ),

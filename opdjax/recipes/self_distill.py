@@ -81,6 +81,13 @@ def build(config) -> Recipe:
     raise ConfigError(
         f"recipe.privileged must contain {{prompt}} (and usually {{answer}}), " f"got {template!r}"
     )
+  try:  # any other field, or a lone brace, would fail when the first batch is read
+    template.format(prompt="", answer="")
+  except (KeyError, IndexError, ValueError) as e:
+    raise ConfigError(
+        f"recipe.privileged may use only {{prompt}} and {{answer}} (a literal brace is "
+        f"doubled), got {template!r}: {type(e).__name__} {e}"
+    ) from None
   rate = float(config.ema_rate) if mode == "ema" else 0.0  # each mode reads its own setting
   if mode == "ema" and not 0.0 < rate <= 1.0:
     raise ConfigError(f"recipe.ema_rate must be in (0, 1], got {rate}")
