@@ -44,7 +44,7 @@ class Stopped(Exception):
     self.signum, self.step, self.directory = signum, step, directory
     super().__init__(
         f"stopped by {signal.Signals(signum).name} after step {step}; its checkpoint is in "
-        f"{directory}: run the same command to resume"
+        f"{directory}; the same command (or call) resumes from it"
     )
 
   @property

@@ -568,8 +568,8 @@ def test_the_cli_exits_with_the_signals_code_when_a_run_stops(capsys, tmp_path, 
   code, _, err = run_cli(capsys, "--exp", "teacher_sft", "--workdir", str(tmp_path))
   assert code == 143  # 128 + SIGTERM, as a shell reports a process a signal ended
   assert err == (
-      f"stopped by SIGTERM after step 3; its checkpoint is in {tmp_path}: "
-      "run the same command to resume\n"
+      f"stopped by SIGTERM after step 3; its checkpoint is in {tmp_path}; "
+      "the same command (or call) resumes from it\n"
   )
 
 
