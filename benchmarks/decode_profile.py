@@ -26,10 +26,9 @@ import jax
 import jax.numpy as jnp
 from _jsonl import emit  # benchmarks/ is the script's directory
 from flax import nnx
-from sampler import CONFIGS, add_decode_flags, apply_decode_flags
+from sampler import CONFIGS, add_decode_flags, apply_decode_flags, opdjax_run
 
 from opdjax.models import Decoder
-from opdjax.sampling import SamplingParams, generate
 
 # Markers and a CPU executor's waits, which overlap the work they wait for.
 NOT_WORK = ("end: ", "ThunkExecutor::", "SlinkyThreadPool::", "ThreadpoolListener::")
@@ -116,17 +115,7 @@ def main(argv=None):
   shape = (args.batch, args.prompt_len)
   prompts = jax.random.randint(jax.random.key(0), shape, 1, config.vocab_size)
   mask = jnp.ones(prompts.shape, bool)
-  run = lambda: jax.block_until_ready(
-      generate(
-          model,
-          prompts,
-          mask,
-          key=jax.random.key(0),
-          max_new_tokens=args.new_tokens,
-          sampling=SamplingParams(greedy=True),
-      ).tokens
-  )
-  run()  # compiles
+  _, _, run = opdjax_run(model, prompts, mask, args.new_tokens)  # compiled, run once
   with tempfile.TemporaryDirectory() as directory:
     jax.profiler.start_trace(directory)
     start = time.perf_counter()
