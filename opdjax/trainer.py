@@ -76,7 +76,10 @@ def run(config, workdir: str | Path, *, quiet: bool = False) -> RunResult:
   Each logged training line's `compile_s` is the time JAX spent tracing and compiling since
   the line before, evaluation's programs left out: the first line's includes the memory
   plan's compilation of the update and the first rollout's programs; later lines read 0
-  unless something recompiled."""
+  unless something recompiled.
+
+  SIGTERM or Ctrl-C during training ends it after the current step with a checkpoint and
+  raises `opdjax.stopping.Stopped`; calling `run` again resumes."""
   with metrics.CompileClock() as compile_clock:
     return _run(config, workdir, quiet=quiet, compile_clock=compile_clock)
 
