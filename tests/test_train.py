@@ -775,6 +775,10 @@ def test_every_shipped_experiment_rejects_an_argument_it_does_not_take():
         ),
         (("--exp", "teacher_sft", "--exp.seed=-1"), "seed must be in [0, 2**32), got -1"),
         (
+            ("--exp", "teacher_sft", "--exp.train.keep_checkpoints=0"),
+            "train.keep_checkpoints must be >= 1, got 0",
+        ),
+        (
             (
                 "--exp",
                 "teacher_sft",
