@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import ml_collections
 
 from opdjax.errors import ConfigError
@@ -342,3 +344,52 @@ def applicable(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if section in shown and not kept:
       del shown[section]
   return shown
+
+
+# Settings a rerun in the same workdir may change without changing what its checkpoint
+# trained: how long it goes on, how it is watched and saved, and how the same update is laid
+# out on the devices. Keys ending in a model section's layout settings are also free.
+RERUN_MAY_CHANGE = (
+    "train.steps",
+    "train.log_every",
+    "train.save_every",
+    "train.keep_checkpoints",
+    "train.tensorboard",
+    "train.memory_limit_gb",
+    "train.async_checkpointing",
+    "train.loss_chunk_size",
+    "train.microbatches",
+    "eval.",
+    "task.eval_size",
+    "task.eval_jsonl",
+    "mesh.",
+    "sharding.",
+    "sampling.layout",
+    "sampling.fuse_projections",
+)
+_LAYOUT_SUFFIXES = (".attention", ".scan_layers", ".remat")
+
+
+def changed_settings(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
+  """`key: old -> new` for each setting in which `config` differs from `saved` (a run's
+  `config.json`), leaving out those a rerun may change (`RERUN_MAY_CHANGE`).
+
+  >>> c = base_config()
+  >>> saved = json.loads(c.to_json_best_effort())
+  >>> c.optimizer.learning_rate, c.train.steps = 2e-3, 500
+  >>> changed_settings(saved, c)
+  ['optimizer.learning_rate: 0.001 -> 0.002']
+  """
+
+  def flat(tree, prefix=""):
+    if not isinstance(tree, dict):
+      return {prefix[:-1]: tree}
+    return {k: v for key, sub in tree.items() for k, v in flat(sub, f"{prefix}{key}.").items()}
+
+  before, now = flat(saved), flat(json.loads(config.to_json_best_effort()))
+  free = lambda key: key.startswith(RERUN_MAY_CHANGE) or key.endswith(_LAYOUT_SUFFIXES)
+  return [
+      f"{key}: {before.get(key, '(unset)')} -> {now.get(key, '(unset)')}"
+      for key in sorted(before.keys() | now.keys())
+      if not free(key) and before.get(key) != now.get(key)
+  ]

@@ -21,16 +21,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import signal
 import time
+import warnings
 from pathlib import Path
 
 import jax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from opdjax import checkpoint, distributed, metrics, sharding
+from opdjax import checkpoint, configs, distributed, metrics, sharding
 from opdjax.build import (
     abstract_split,
     build_data,
@@ -127,6 +129,17 @@ def _run(config, workdir, *, quiet: bool, compile_clock: metrics.CompileClock) -
       abstract_optimizer_state(tx, abstract_params, mesh),
       {"ema": abstract_params} if keeps_ema else {},
   )
+  saved_config = workdir / "config.json"
+  if restored and saved_config.exists():  # a rerun with other settings: say what it reuses
+    changed = configs.changed_settings(json.loads(saved_config.read_text()), config)
+    if changed:
+      finished = restored.step >= config.train.steps
+      warnings.warn(
+          f"{workdir} holds a run trained with other settings ({'; '.join(changed)}); its "
+          f"step-{restored.step} checkpoint is {'reported' if finished else 'resumed'} as it "
+          "is. Give another --workdir to train with these settings.",
+          stacklevel=2,
+      )
   if restored and restored.step >= config.train.steps:
     ckpt.close()
     return report(workdir, recipe.name, quiet=quiet or not main_process)

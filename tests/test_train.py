@@ -610,6 +610,33 @@ def test_on_several_processes_jaxs_preemption_service_decides_with_one_count(mon
   assert asked == list(range(asked[0], asked[0] + 4))
 
 
+def test_a_rerun_with_other_settings_says_which_run_it_reuses(teacher_dir, tmp_path):
+  """A finished workdir rerun with another learning rate would print the old run's results
+  as if they were the new setting's: it warns, naming the setting. Running longer or
+  evaluating more often are what a rerun is for, and stay silent."""
+  import shutil
+  import warnings
+
+  workdir = tmp_path / "rerun"
+  shutil.copytree(teacher_dir, workdir)
+  config = tiny("sft")  # the teacher fixture's config
+  config.train.steps = 6
+  config.eval.every = 0
+  config.optimizer.learning_rate = 2e-3
+  with pytest.warns(
+      UserWarning,
+      match=r"optimizer.learning_rate: 0.001 -> 0.002\); its step-6 "
+      r"checkpoint is reported as it is",
+  ):
+    trainer.run(config, workdir, quiet=True)
+  config.optimizer.learning_rate = 1e-3
+  config.eval.every, config.train.log_every = 3, 1
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    trainer.run(config, workdir, quiet=True)
+  assert not [w for w in caught if "other settings" in str(w.message)]
+
+
 def test_workdir_uris_keep_their_scheme(tmp_path):
   """`gs://...` stays a cloud path (not `$PWD/gs:/...`); a local one becomes absolute.
   (tests/test_object_store.py runs training into a bucket.)"""
