@@ -264,10 +264,20 @@ def build_rules(config):
     raise ConfigError(f"sharding.rules: {e}") from None
 
 
+def _named(section: str, make):
+  """`make()`, with its `ConfigError` prefixed by the config section whose values it read."""
+  try:
+    return make()
+  except ConfigError as e:
+    raise ConfigError(f"{section}.{e}") from None
+
+
 def sampling_params(config) -> SamplingParams:
   """How the student draws its rollouts, from `config.sampling` (whose values it checks)."""
   s = config.sampling
-  return SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
+  return _named(
+      "sampling", lambda: SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
+  )
 
 
 def validate(config, recipe, mesh, model_configs: dict[str, ModelConfig]):
@@ -279,8 +289,8 @@ def validate(config, recipe, mesh, model_configs: dict[str, ModelConfig]):
   sampling_params(config)  # a bad value is named as itself, before the checks that read it
   if not 0 <= config.seed < 2**32:  # grain's shuffle takes an unsigned 32-bit seed
     raise ConfigError(f"seed must be in [0, 2**32), got {config.seed}")
-  if not config.eval.temperature >= 0:  # checked here, not at the first evaluation
-    raise ConfigError(f"eval.temperature must be >= 0 (0 = greedy), got {config.eval.temperature}")
+  # the held-out sampler's, checked here rather than at the first evaluation
+  _named("eval", lambda: SamplingParams(temperature=config.eval.temperature))
   off_policy = [
       why
       for why, on in (

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from opdjax import objectives as obj
 from opdjax.data import PromptSet, step_credit, verify
-from opdjax.distributed import all_rows, global_batch, local_rows
+from opdjax.distributed import all_rows, global_batch, is_main, local_rows
 from opdjax.recipes.base import (
     Sequences,
     inputs_of,
@@ -224,7 +224,7 @@ def evaluate(
   processes, me = jax.process_count(), jax.process_index()
   unit = math.lcm(splits, processes)  # a block's rows must split over devices and processes
   starts = range(0, len(prompts.answers), batch_size)
-  quiet = len(starts) < 2 or jax.process_index() != 0
+  quiet = len(starts) < 2 or not is_main()
   progress = tqdm(starts, desc="held-out evaluation", unit="block", leave=False, disable=quiet)
   for block, start in enumerate(progress):
     stop = min(start + batch_size, len(prompts.answers))

@@ -791,10 +791,13 @@ def test_every_shipped_experiment_rejects_an_argument_it_does_not_take():
         ),
         (("--exp", "teacher_sft", "--exp.recipe.name=opd"), "recipe 'opd' needs a teacher"),
         (("--exp", "teacher_sft", "--exp.task.name=sorting"), "unknown task 'sorting'; valid: "),
-        (("--exp", "teacher_sft", "--exp.sampling.top_p=1.5"), "top_p must be in (0, 1], got 1.5"),
+        (
+            ("--exp", "teacher_sft", "--exp.sampling.top_p=1.5"),
+            "sampling.top_p must be in (0, 1], got 1.5",
+        ),
         (
             ("--exp", "teacher_sft", "--exp.recipe.name=grpo", "--exp.sampling.top_k=-3"),
-            "error: top_k must be an integer >= 0 (0 = off), got -3",
+            "error: sampling.top_k must be an integer >= 0 (0 = off), got -3",
         ),
         (
             ("--exp", "teacher_sft", "--exp.eval.every=-1"),
