@@ -129,18 +129,18 @@ def _run(config, workdir, *, quiet: bool, compile_clock: metrics.CompileClock) -
       abstract_optimizer_state(tx, abstract_params, mesh),
       {"ema": abstract_params} if keeps_ema else {},
   )
+  finished = bool(restored) and restored.step >= config.train.steps
   saved_config = workdir / "config.json"
   if restored and saved_config.exists():  # a rerun with other settings: say what it reuses
     changed = configs.changed_settings(json.loads(saved_config.read_text()), config)
     if changed:
-      finished = restored.step >= config.train.steps
       warnings.warn(
           f"{workdir} holds a run trained with other settings ({'; '.join(changed)}); its "
           f"step-{restored.step} checkpoint is {'reported' if finished else 'resumed'} as it "
           "is. Give another --workdir to train with these settings.",
           stacklevel=2,
       )
-  if restored and restored.step >= config.train.steps:
+  if finished:
     ckpt.close()
     return report(workdir, recipe.name, quiet=quiet or not main_process)
   # Compiled in a thread while the models are built and the first rollout is sampled.
